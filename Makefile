@@ -1,0 +1,30 @@
+# Fresh machine:  make demo   (set up, then generate with the bundled model)
+#                 make test   (set up, then run the whole test suite)
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test chat clean
+
+setup: $(STAMP)
+
+# torch is pinned and installed first: a bare requirement would fetch a CUDA build.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/edgemoe generate --prompt "def fibonacci(n):" --max-tokens 80 --temperature 0
+
+chat: setup
+	$(BIN)/edgemoe chat
+
+test: setup
+	$(BIN)/python -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,212 @@
+"""Reading a Hugging Face model directory: config.json plus single or sharded
+safetensors, one tensor at a time.
+
+`HFCheckpoint` validates the directory up front and streams sanitized tensors, so the
+in-RAM loader and the offline converter share one reader and one set of error
+messages. Pickle checkpoints (*.bin, *.pt) are refused: we never unpickle files.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Iterator
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from .errors import ModelLoadError
+from .models import get_family
+from .models.base import EXPERT_KEY, BaseModelArgs, Transformer
+from .models.moe import DenseExpert, InRAMProvider
+
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def read_config(path: Path) -> dict:
+    """Parse `path/config.json`, naming the file in every error."""
+    if not path.exists():
+        raise ModelLoadError(f"{path}: model directory does not exist")
+    if not path.is_dir():
+        raise ModelLoadError(f"{path}: not a directory")
+    cfg_file = path / "config.json"
+    if not cfg_file.exists():
+        raise ModelLoadError(f"{cfg_file}: missing (not a Hugging Face model directory?)")
+    try:
+        config = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"{cfg_file}: invalid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{cfg_file}: expected a JSON object")
+    return config
+
+
+def config_dtype(config: dict) -> torch.dtype:
+    """Compute dtype implied by the checkpoint: fp32 stays fp32, half types run in bf16
+    (fp16 matmuls are slow on most CPUs)."""
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    return torch.float32 if DTYPES.get(str(name)) == torch.float32 else torch.bfloat16
+
+
+def parse_dtype(name: str | torch.dtype | None, config: dict) -> torch.dtype:
+    if name is None or name == "auto":
+        return config_dtype(config)
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise ModelLoadError(f"unknown dtype {name!r} (choose from auto, {', '.join(DTYPES)})")
+    return DTYPES[name]
+
+
+@dataclass
+class TensorRef:
+    name: str  # name in the checkpoint
+    file: Path
+
+
+class HFCheckpoint:
+    """A validated Hugging Face directory. Nothing but the safetensors headers is read
+    until tensors are requested."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.config = read_config(self.path)
+        cfg_file = self.path / "config.json"
+        self.family: ModuleType = get_family(self.config.get("model_type"), str(cfg_file))
+        self.args: BaseModelArgs = self.family.ModelArgs.from_dict(self.config, str(cfg_file))
+        self.refs = self._index()
+
+    def _index(self) -> list[TensorRef]:
+        index = self.path / "model.safetensors.index.json"
+        single = self.path / "model.safetensors"
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ModelLoadError(f"{index}: not a valid safetensors index ({e})") from None
+            files = sorted(set(weight_map.values()))
+        elif single.exists():
+            files = [single.name]
+        else:
+            shards = sorted(p.name for p in self.path.glob("*.safetensors"))
+            if not shards:
+                pickles = [p.name for p in self.path.glob("*.bin")] + [p.name for p in self.path.glob("*.pt")]
+                hint = " (pickle checkpoints are not loaded; convert them to safetensors)" if pickles else ""
+                raise ModelLoadError(f"{self.path}: no *.safetensors weights found{hint}")
+            files = shards
+        refs = []
+        for name in files:
+            file = self.path / name
+            if not file.exists():
+                raise ModelLoadError(f"{file}: weight shard listed in the index is missing")
+            try:
+                with safe_open(str(file), "pt") as f:
+                    refs += [TensorRef(k, file) for k in f.keys()]
+            except (SafetensorError, OSError) as e:
+                raise ModelLoadError(f"{file}: unreadable safetensors file (truncated or corrupted?): {e}") from None
+        return refs
+
+    def tensors(self, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield (canonical_name, tensor) pairs, one checkpoint tensor at a time."""
+        by_file: dict[Path, list[str]] = {}
+        for r in self.refs:
+            by_file.setdefault(r.file, []).append(r.name)
+        for file, names in by_file.items():
+            try:
+                with safe_open(str(file), "pt") as f:
+                    for name in names:
+                        tensor = f.get_tensor(name)
+                        if dtype is not None and tensor.is_floating_point():
+                            tensor = tensor.to(dtype)
+                        try:
+                            yield from self.family.sanitize(name, tensor)
+                        except ModelLoadError as e:
+                            raise ModelLoadError(f"{file}: {e}") from None
+            except (SafetensorError, OSError) as e:
+                raise ModelLoadError(f"{file}: cannot read tensor data (truncated or corrupted?): {e}") from None
+
+    def build(self) -> Transformer:
+        """The family's model with weights on the meta device (no memory)."""
+        with torch.device("meta"):
+            return self.family.build(self.args)
+
+
+def expected_expert_shape(args: BaseModelArgs, part: str) -> tuple[int, int]:
+    H, I = args.hidden_size, args.expert_dim
+    return (H, I) if part == "down" else (I, H)
+
+
+def check_expert_tensor(args: BaseModelArgs, key: str, tensor: torch.Tensor, source: str) -> tuple[int, int, str]:
+    """Validate a canonical expert tensor name and shape; returns (layer, expert, part)."""
+    m = EXPERT_KEY.match(key)
+    layer, expert, part = int(m.group(1)), int(m.group(2)), m.group(3)
+    if layer not in set(args.moe_layers()) or not 0 <= expert < args.experts_per_layer:
+        raise ModelLoadError(f"{source}: tensor for layer {layer} expert {expert} does not fit the config")
+    want = expected_expert_shape(args, part)
+    if tuple(tensor.shape) != want:
+        raise ModelLoadError(
+            f"{source}: layer {layer} expert {expert} {part} has shape {tuple(tensor.shape)}, expected {want}"
+        )
+    return layer, expert, part
+
+
+def load_resident(model: Transformer, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Assign resident tensors to a meta-device model, checking names and shapes."""
+    params = dict(model.named_parameters())
+    if model.args.tie_word_embeddings:
+        tensors.pop("lm_head.weight", None)
+    unknown = sorted(set(tensors) - set(params))
+    if unknown:
+        raise ModelLoadError(f"{source}: tensors that do not fit the config: {', '.join(unknown[:5])}")
+    missing = sorted(set(params) - set(tensors))
+    if missing:
+        more = f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise ModelLoadError(f"{source}: missing tensors: {', '.join(missing[:5])}{more}")
+    for name, t in tensors.items():
+        if tuple(t.shape) != tuple(params[name].shape):
+            raise ModelLoadError(
+                f"{source}: tensor {name} has shape {tuple(t.shape)}, expected {tuple(params[name].shape)}"
+            )
+    model.load_state_dict(tensors, strict=True, assign=True)
+    model.eval().requires_grad_(False)
+
+
+def attach_provider(model: Transformer, provider) -> None:
+    for block in model.moe_blocks():
+        block.provider = provider
+
+
+def load_hf(path: str | Path, dtype: str | torch.dtype | None = None) -> tuple[Transformer, HFCheckpoint]:
+    """Load a Hugging Face MoE checkpoint entirely into RAM, experts included."""
+    ckpt = HFCheckpoint(path)
+    args = ckpt.args
+    dt = parse_dtype(dtype, ckpt.config)
+    model = ckpt.build()
+    resident: dict[str, torch.Tensor] = {}
+    parts: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+    for key, tensor in ckpt.tensors(dt):
+        if EXPERT_KEY.match(key):
+            layer, expert, part = check_expert_tensor(args, key, tensor, str(ckpt.path))
+            parts.setdefault((layer, expert), {})[part] = tensor
+        else:
+            resident[key] = tensor
+    load_resident(model, resident, str(ckpt.path))
+    experts = {}
+    for layer in args.moe_layers():
+        for e in range(args.experts_per_layer):
+            p = parts.get((layer, e), {})
+            lacking = [n for n in ("gate", "up", "down") if n not in p]
+            if lacking:
+                raise ModelLoadError(f"{ckpt.path}: layer {layer} expert {e} is missing {', '.join(lacking)} weights")
+            experts[(layer, e)] = DenseExpert(p["gate"], p["up"], p["down"], args.hidden_act)
+    attach_provider(model, InRAMProvider(experts))
+    return model, ckpt

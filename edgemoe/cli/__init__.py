@@ -1,0 +1,48 @@
+"""`edgemoe` command line. Each subcommand lives in its own module with `main(argv)`;
+they are imported only when used so that `edgemoe --help` stays fast."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from ..errors import EdgeMoEError
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "generate": ("edgemoe.cli.generate", "generate text from a prompt"),
+    "chat": ("edgemoe.cli.chat", "interactive chat with the chat template"),
+}
+
+
+def usage() -> str:
+    width = max(len(n) for n in COMMANDS)
+    lines = [f"  {n.ljust(width)}  {h}" for n, (_, h) in COMMANDS.items()]
+    return "usage: edgemoe COMMAND [options]\n\ncommands:\n" + "\n".join(lines) + "\n\nRun 'edgemoe COMMAND -h' for a command's options."
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from .. import __version__
+
+        print(f"edgemoe {__version__}")
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"edgemoe: error: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    try:
+        return int(module.main(rest) or 0)
+    except EdgeMoEError as e:
+        print(f"edgemoe: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0

@@ -1,0 +1,21 @@
+"""Exceptions that carry a message meant for the user.
+
+The CLI prints these as one line (``edgemoe: error: ...``) and exits non-zero; anything
+else is a bug and keeps its traceback.
+"""
+
+
+class EdgeMoEError(Exception):
+    """Base class for errors caused by bad input rather than by a bug."""
+
+
+class ModelLoadError(EdgeMoEError):
+    """A model directory, its config or its weights cannot be used."""
+
+
+class StoreError(EdgeMoEError):
+    """A converted expert store is missing, truncated, corrupted or inconsistent."""
+
+
+class BudgetError(EdgeMoEError):
+    """A memory budget cannot hold what the model needs."""

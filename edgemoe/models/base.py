@@ -1,0 +1,481 @@
+"""Building blocks shared by every model family: config parsing, norms, RoPE, attention
+with a KV cache, the dense gated MLP, the decoder layer and the decoder stack.
+
+A family file (mixtral.py, qwen3_moe.py, ...) only says how these blocks are wired
+and how checkpoint tensor names map onto ours.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ModelLoadError
+
+# ----------------------------------------------------------------------------- config
+
+
+@dataclass
+class BaseModelArgs:
+    """Fields every family has. Families subclass this and add their own."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    hidden_act: str = "silu"
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # normalised rope parameters, or None for plain RoPE
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+
+    @classmethod
+    def from_dict(cls, config: dict, source: str = "config.json") -> "BaseModelArgs":
+        """Build the dataclass from a parsed config.json, ignoring keys we do not use."""
+        config = dict(config)
+        theta, scaling = _rope_from_config(config, source)
+        config["rope_theta"], config["rope_scaling"] = theta, scaling
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in config.items() if k in names}
+        missing = [
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.name not in kwargs
+            and f.default is dataclasses.MISSING
+            and f.default_factory is dataclasses.MISSING
+        ]
+        if missing:
+            raise ModelLoadError(f"{source}: missing required key(s): {', '.join(missing)}")
+        try:
+            args = cls(**kwargs)
+        except (TypeError, ValueError) as e:
+            raise ModelLoadError(f"{source}: {e}") from None
+        if args.num_key_value_heads is None:
+            args.num_key_value_heads = args.num_attention_heads
+        if args.head_dim is None:
+            args.head_dim = args.hidden_size // args.num_attention_heads
+        args.validate(source)
+        return args
+
+    def validate(self, source: str) -> None:
+        """Reject configs whose numbers cannot describe a working model."""
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ModelLoadError(f"{source}: {name} must be a positive integer, got {value!r}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ModelLoadError(
+                f"{source}: num_attention_heads ({self.num_attention_heads}) is not a multiple "
+                f"of num_key_value_heads ({self.num_key_value_heads})"
+            )
+        if self.hidden_act not in ACTIVATIONS:
+            raise ModelLoadError(
+                f"{source}: hidden_act {self.hidden_act!r} is not supported "
+                f"(supported: {', '.join(sorted(ACTIVATIONS))})"
+            )
+
+    @property
+    def eos_ids(self) -> list[int]:
+        if self.eos_token_id is None:
+            return []
+        return list(self.eos_token_id) if isinstance(self.eos_token_id, list) else [self.eos_token_id]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    # Uniform view of the MoE shape, used by loaders, the expert store and the runtime.
+    # Families map their own config names onto these properties.
+    @property
+    def experts_per_layer(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def top_k(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def expert_dim(self) -> int:
+        """Intermediate size of one routed expert."""
+        raise NotImplementedError
+
+    def moe_layers(self) -> list[int]:
+        """Indices of the decoder layers that have routed experts."""
+        raise NotImplementedError
+
+
+SUPPORTED_ROPE = ("default", "linear", "llama3", "yarn")
+
+
+def _rope_from_config(config: dict, source: str) -> tuple[float, dict | None]:
+    """Read rope theta and scaling from either the legacy (`rope_theta`, `rope_scaling`)
+    or the transformers-5 (`rope_parameters`) layout."""
+    params = dict(config.get("rope_parameters") or {})
+    legacy = config.get("rope_scaling") or {}
+    if not isinstance(params, dict) or not isinstance(legacy, dict):
+        raise ModelLoadError(f"{source}: rope_parameters / rope_scaling must be objects")
+    params = {**legacy, **params}
+    theta = float(params.pop("rope_theta", config.get("rope_theta", 10000.0)))
+    rope_type = params.pop("rope_type", params.pop("type", "default"))
+    if rope_type not in SUPPORTED_ROPE:
+        raise ModelLoadError(
+            f"{source}: rope type {rope_type!r} is not supported (supported: {', '.join(SUPPORTED_ROPE)})"
+        )
+    if rope_type == "default":
+        return theta, None
+    params["rope_type"] = rope_type
+    params.setdefault("original_max_position_embeddings", config.get("max_position_embeddings", 4096))
+    if params.get("factor") is None and rope_type != "yarn":
+        raise ModelLoadError(f"{source}: rope type {rope_type!r} needs a 'factor'")
+    return theta, params
+
+
+# ----------------------------------------------------------------------------- small blocks
+
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": F.silu,
+    "swish": F.silu,
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+}
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 and scale after casting back, as the reference models do.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class MLP(nn.Module):
+    """Gated feed-forward block: down(act(gate(x)) * up(x)). Used for dense layers and
+    shared experts."""
+
+    def __init__(self, hidden: int, intermediate: int, act: str):
+        super().__init__()
+        self.gate = nn.Linear(hidden, intermediate, bias=False)
+        self.up = nn.Linear(hidden, intermediate, bias=False)
+        self.down = nn.Linear(intermediate, hidden, bias=False)
+        self.act = ACTIVATIONS[act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(self.act(self.gate(x)) * self.up(x))
+
+
+# ----------------------------------------------------------------------------- RoPE
+
+
+def rope_frequencies(head_dim: int, theta: float, scaling: dict | None) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies (head_dim/2,) and the cos/sin scale for a rope configuration."""
+    # Explicit device: models are built under torch.device("meta") before weights load.
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device="cpu") / head_dim))
+    if scaling is None:
+        return inv, 1.0
+    kind, factor = scaling["rope_type"], scaling.get("factor")
+    if kind == "linear":
+        return inv / factor, 1.0
+    if kind == "llama3":
+        low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
+        old_ctx = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > old_ctx / low, inv / factor, inv)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
+        return torch.where(medium, smoothed, scaled), 1.0
+    # yarn: blend interpolated and extrapolated frequencies over a ramp of dimensions.
+    old_ctx = scaling["original_max_position_embeddings"]
+
+    def mscale(s: float, m: float = 1.0) -> float:
+        return 1.0 if s <= 1 else 0.1 * m * math.log(s) + 1.0
+
+    attn = scaling.get("attention_factor")
+    if attn is None:
+        m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+        attn = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+    beta_fast, beta_slow = scaling.get("beta_fast") or 32, scaling.get("beta_slow") or 1
+
+    def correction_dim(rotations: float) -> float:
+        return head_dim * math.log(old_ctx / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    lo, hi = correction_dim(beta_fast), correction_dim(beta_slow)
+    if scaling.get("truncate", True):
+        lo, hi = math.floor(lo), math.ceil(hi)
+    lo, hi = max(lo, 0), min(hi, head_dim - 1)
+    if lo == hi:
+        hi += 0.001
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32, device="cpu") - lo) / (hi - lo)).clamp(0, 1)
+    extrapolate = 1 - ramp
+    return (inv / factor) * (1 - extrapolate) + inv * extrapolate, float(attn)
+
+
+class RoPE:
+    """Rotary position embedding in the half-rotation layout used by HF checkpoints.
+    cos/sin tables are built once and grown on demand."""
+
+    def __init__(self, head_dim: int, theta: float, scaling: dict | None):
+        self.inv_freq, self.scale = rope_frequencies(head_dim, theta, scaling)
+        self._cos = self._sin = torch.empty(0, device="cpu")
+
+    def tables(self, end: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._cos.shape[0] < end or self._cos.dtype != dtype:
+            n = max(end, 2 * self._cos.shape[0], 256)
+            freqs = torch.outer(torch.arange(n, dtype=torch.float32), self.inv_freq)  # (n, D/2)
+            emb = torch.cat([freqs, freqs], dim=-1)  # (n, D)
+            self._cos = (emb.cos() * self.scale).to(dtype)
+            self._sin = (emb.sin() * self.scale).to(dtype)
+        return self._cos, self._sin
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+        T = q.shape[2]
+        cos, sin = self.tables(offset + T, q.dtype)
+        cos, sin = cos[offset : offset + T], sin[offset : offset + T]  # (T, D)
+        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+class KVCache:
+    """Preallocated keys and values of one attention layer. Grows in steps so that a
+    decode step never allocates."""
+
+    STEP = 256
+
+    def __init__(self):
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+        self.offset = 0
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        B, H, T, D = k.shape  # (B, KV, T, D)
+        end = self.offset + T
+        if self.k is None or end > self.k.shape[2]:
+            cap = (end + self.STEP - 1) // self.STEP * self.STEP
+            new_k = k.new_empty(B, H, cap, D)
+            new_v = v.new_empty(B, H, cap, v.shape[-1])
+            if self.k is not None:
+                new_k[:, :, : self.offset] = self.k[:, :, : self.offset]
+                new_v[:, :, : self.offset] = self.v[:, :, : self.offset]
+            self.k, self.v = new_k, new_v
+        self.k[:, :, self.offset : end] = k
+        self.v[:, :, self.offset : end] = v
+        self.offset = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+    def trim(self, n: int) -> None:
+        """Forget the last n positions (used to reuse a prompt prefix)."""
+        self.offset = max(0, self.offset - n)
+
+
+@dataclass
+class AttentionSpec:
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    qkv_bias: bool = False
+    o_bias: bool = False
+    qk_norm: str | None = None  # None, "head" (per head, Qwen3) or "full" (whole projection, OLMoE)
+    norm_eps: float = 1e-6
+    clip_qkv: float | None = None
+    sliding_window: int | None = None
+
+
+class Attention(nn.Module):
+    def __init__(self, spec: AttentionSpec, rope: RoPE):
+        super().__init__()
+        s = self.spec = spec
+        self.q = nn.Linear(s.hidden, s.heads * s.head_dim, bias=s.qkv_bias)
+        self.k = nn.Linear(s.hidden, s.kv_heads * s.head_dim, bias=s.qkv_bias)
+        self.v = nn.Linear(s.hidden, s.kv_heads * s.head_dim, bias=s.qkv_bias)
+        self.o = nn.Linear(s.heads * s.head_dim, s.hidden, bias=s.o_bias)
+        if s.qk_norm == "head":
+            self.q_norm, self.k_norm = RMSNorm(s.head_dim, s.norm_eps), RMSNorm(s.head_dim, s.norm_eps)
+        elif s.qk_norm == "full":
+            self.q_norm = RMSNorm(s.heads * s.head_dim, s.norm_eps)
+            self.k_norm = RMSNorm(s.kv_heads * s.head_dim, s.norm_eps)
+        self.rope = rope
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+        s = self.spec
+        B, T, _ = x.shape  # (B, T, H)
+        q, k, v = self.q(x), self.k(x), self.v(x)  # (B, T, heads*D), (B, T, kv*D) x2
+        if s.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if s.clip_qkv is not None:
+            q, k, v = (t.clamp(-s.clip_qkv, s.clip_qkv) for t in (q, k, v))
+        q = q.view(B, T, s.heads, s.head_dim)
+        k = k.view(B, T, s.kv_heads, s.head_dim)
+        if s.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, heads, T, D), (B, kv, T, D)
+        v = v.view(B, T, s.kv_heads, s.head_dim).transpose(1, 2)  # (B, kv, T, D)
+        offset = cache.offset if cache is not None else 0
+        q, k = self.rope(q, k, offset)
+        if cache is not None:
+            k, v = cache.update(k, v)  # (B, kv, offset+T, D)
+        mask, causal = self._mask(T, offset, x.device)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=s.heads != s.kv_heads
+        )  # (B, heads, T, D)
+        return self.o(out.transpose(1, 2).reshape(B, T, s.heads * s.head_dim))
+
+    def _mask(self, T: int, offset: int, device) -> tuple[torch.Tensor | None, bool]:
+        window = self.spec.sliding_window
+        total = offset + T
+        if (window is None or total <= window) and (T == 1 or offset == 0):
+            return None, T > 1
+        q_pos = torch.arange(offset, total, device=device)[:, None]  # (T, 1)
+        k_pos = torch.arange(total, device=device)[None, :]  # (1, offset+T)
+        allowed = k_pos <= q_pos
+        if window is not None:
+            allowed &= k_pos > q_pos - window
+        return allowed, False
+
+
+# ----------------------------------------------------------------------------- decoder
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: x + attn(norm1(x)), then + mlp(norm2(x)). `mlp` is a dense MLP
+    or an MoE block."""
+
+    def __init__(self, attn: Attention, mlp: nn.Module, hidden: int, eps: float):
+        super().__init__()
+        self.attn = attn
+        self.mlp = mlp
+        self.norm1 = RMSNorm(hidden, eps)
+        self.norm2 = RMSNorm(hidden, eps)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), cache)
+        return x + self.mlp(self.norm2(x))
+
+
+class Transformer(nn.Module):
+    """Embedding, decoder layers, final norm and LM head. Families build the layers."""
+
+    def __init__(self, args: BaseModelArgs, layers: list[DecoderLayer]):
+        super().__init__()
+        self.args = args
+        self.embed = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(layers)
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        if not args.tie_word_embeddings:
+            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+
+    def make_cache(self) -> list[KVCache]:
+        return [KVCache() for _ in self.layers]
+
+    def forward(
+        self, ids: torch.Tensor, cache: list[KVCache] | None = None, last_only: bool = False
+    ) -> torch.Tensor:
+        """ids (B, T) -> logits (B, T, V), or (B, 1, V) with last_only."""
+        x = self.embed(ids)  # (B, T, H)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cache[i] if cache is not None else None)
+        if last_only:
+            x = x[:, -1:]
+        x = self.norm(x)
+        head = self.embed.weight if self.args.tie_word_embeddings else self.lm_head.weight
+        return F.linear(x, head)  # (B, T, V)
+
+    def moe_blocks(self) -> Iterator[nn.Module]:
+        for layer in self.layers:
+            if hasattr(layer.mlp, "router"):
+                yield layer.mlp
+
+    def resident_names(self) -> set[str]:
+        """Names of the tensors the model itself owns (everything except routed experts)."""
+        return {name for name, _ in self.named_parameters()}
+
+
+# ----------------------------------------------------------------------------- sanitize
+
+# Canonical expert key: experts.<layer>.<expert>.<gate|up|down>
+EXPERT_KEY = re.compile(r"^experts\.(\d+)\.(\d+)\.(gate|up|down)$")
+
+# Tensor names shared by the Llama-style families, as regex -> our name.
+COMMON_RULES: list[tuple[str, str]] = [
+    (r"model\.embed_tokens\.weight", "embed.weight"),
+    (r"model\.norm\.weight", "norm.weight"),
+    (r"lm_head\.weight", "lm_head.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.([qkvo])_proj\.(weight|bias)", r"layers.\1.attn.\2.\3"),
+    (r"model\.layers\.(\d+)\.self_attn\.([qk])_norm\.weight", r"layers.\1.attn.\2_norm.weight"),
+    (r"model\.layers\.(\d+)\.input_layernorm\.weight", r"layers.\1.norm1.weight"),
+    (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", r"layers.\1.norm2.weight"),
+    # Dense MLP layers and shared experts.
+    (r"model\.layers\.(\d+)\.mlp\.(gate|up|down)_proj\.weight", r"layers.\1.mlp.\2.weight"),
+    (r"model\.layers\.(\d+)\.mlp\.shared_expert\.(gate|up|down)_proj\.weight", r"layers.\1.mlp.shared.\2.weight"),
+    (r"model\.layers\.(\d+)\.mlp\.shared_expert_gate\.weight", r"layers.\1.mlp.shared_gate.weight"),
+    # Router.
+    (r"model\.layers\.(\d+)\.mlp\.gate\.weight", r"layers.\1.mlp.router.weight"),
+    # Per-expert layout, as written on disk by HF.
+    (r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight", r"experts.\1.\2.\3"),
+]
+
+_FUSED = re.compile(r"model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(gate_up_proj|down_proj)")
+
+
+def make_sanitizer(rules: list[tuple[str, str]]) -> Callable[[str, torch.Tensor], list[tuple[str, torch.Tensor]]]:
+    """Build a family's `sanitize(name, tensor)` from renaming rules (family rules first,
+    then the common ones). Fused 3-D expert tensors are split into per-expert tensors."""
+    compiled = [(re.compile(p + "$"), r) for p, r in rules + COMMON_RULES]
+
+    def sanitize(name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        fused = _FUSED.match(name)
+        if fused:
+            return _split_fused(int(fused.group(1)), fused.group(2), name, tensor)
+        for pattern, repl in compiled:
+            if pattern.match(name):
+                return [(pattern.sub(repl, name), tensor)]
+        if name.endswith("rotary_emb.inv_freq"):
+            return []  # derived from the config, never loaded
+        raise ModelLoadError(f"unexpected tensor {name!r} in checkpoint")
+
+    return sanitize
+
+
+def _split_fused(layer: int, kind: str, name: str, t: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    # transformers 5 in-memory layout: gate_up_proj (E, 2I, H), down_proj (E, H, I).
+    if t.dim() != 3:
+        raise ModelLoadError(f"fused expert tensor {name!r} should be 3-D, got shape {tuple(t.shape)}")
+    out = []
+    for e in range(t.shape[0]):
+        if kind == "gate_up_proj":
+            gate, up = t[e].chunk(2, dim=0)
+            out += [(f"experts.{layer}.{e}.gate", gate), (f"experts.{layer}.{e}.up", up)]
+        else:
+            out.append((f"experts.{layer}.{e}.down", t[e]))
+    return out
+
+
+def is_moe_layer(layer: int, num_experts: int, sparse_step: int = 1, mlp_only: Iterable[int] = ()) -> bool:
+    """Qwen-style rule for which layers are MoE (others are dense MLPs)."""
+    return layer not in set(mlp_only) and num_experts > 0 and (layer + 1) % max(sparse_step, 1) == 0

@@ -1,0 +1,98 @@
+"""Expert storage formats.
+
+A format turns an expert's float weights (gate, up: (I, H); down: (H, I)) into a list of
+named, contiguous tensors in the layout its compute kernel wants, and builds a callable
+`Expert` back from views of those tensors. The expert store lays the tensors out in one
+aligned blob and, at load time, hands back zero-copy views into its cache slab, so
+nothing is allocated or converted per load.
+
+Formats are named by strings recorded in the store manifest ("bf16", "int4", ...).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import EdgeMoEError
+from ..models.moe import DenseExpert, Expert
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One tensor of an encoded expert: how to view it inside the blob."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n * torch.empty(0, dtype=self.dtype).element_size()
+
+
+class Format:
+    """Base class. Subclasses set `name` and implement the three methods."""
+
+    name: str = ""
+
+    def layout(self, hidden: int, inter: int) -> list[TensorSpec]:
+        """The tensors one expert of this shape is stored as, in blob order."""
+        raise NotImplementedError
+
+    def encode(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Quantize/pack float weights into tensors matching `layout`."""
+        raise NotImplementedError
+
+    def expert(self, parts: dict[str, torch.Tensor], act: str, dtype: torch.dtype) -> Expert:
+        """An Expert computing with (views of) the encoded tensors; activations in `dtype`."""
+        raise NotImplementedError
+
+    def tag(self) -> str:
+        """Identifies a machine-dependent layout (e.g. a CPU-specific packing); the store
+        records it and refuses to use blobs written under a different tag."""
+        return ""
+
+    def bits_per_weight(self, hidden: int, inter: int) -> float:
+        return 8 * sum(s.nbytes for s in self.layout(hidden, inter)) / (3 * hidden * inter)
+
+
+class FloatFormat(Format):
+    """Unquantized experts in bf16, fp16 or fp32: gate and up stacked as w13 (2I, H)."""
+
+    def __init__(self, name: str, dtype: torch.dtype):
+        self.name, self.dtype = name, dtype
+
+    def layout(self, hidden: int, inter: int) -> list[TensorSpec]:
+        return [TensorSpec("w13", self.dtype, (2 * inter, hidden)), TensorSpec("w2", self.dtype, (hidden, inter))]
+
+    def encode(self, gate, up, down):
+        return {"w13": torch.cat([gate, up], 0).to(self.dtype).contiguous(), "w2": down.to(self.dtype).contiguous()}
+
+    def expert(self, parts, act, dtype):
+        w13, w2 = parts["w13"], parts["w2"]
+        if w13.dtype != dtype:  # e.g. fp16 storage computed in bf16: one conversion per load
+            w13, w2 = w13.to(dtype), w2.to(dtype)
+        return DenseExpert.from_stacked(w13, w2, act)
+
+
+FORMATS: dict[str, Format] = {
+    "bf16": FloatFormat("bf16", torch.bfloat16),
+    "fp16": FloatFormat("fp16", torch.float16),
+    "fp32": FloatFormat("fp32", torch.float32),
+}
+
+
+def register(fmt: Format) -> Format:
+    FORMATS[fmt.name] = fmt
+    return fmt
+
+
+def get_format(name: str) -> Format:
+    if name not in FORMATS:
+        raise EdgeMoEError(f"unknown expert format {name!r} (known: {', '.join(sorted(FORMATS))})")
+    return FORMATS[name]
