@@ -19,3 +19,7 @@ class StoreError(EdgeMoEError):
 
 class BudgetError(EdgeMoEError):
     """A memory budget cannot hold what the model needs."""
+
+
+class InvalidArgument(EdgeMoEError, ValueError):
+    """An option value is out of range (temperature < 0, top_p > 1, ...)."""

@@ -68,7 +68,11 @@ class ExpertProvider:
         """Called once at the start of every model forward."""
 
     def stats(self) -> dict:
+        """Counters since the last reset (hits, misses, bytes read, ...), JSON-ready."""
         return {}
+
+    def reset_stats(self) -> None:
+        pass
 
     def close(self) -> None:
         pass

@@ -1,0 +1,188 @@
+"""Generation in layers: `generate_step` yields token ids from a model and a KV cache;
+`stream_generate` adds detokenized text, stop conditions and statistics."""
+
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+
+from .models.base import KVCache, Transformer
+from .sample import LogitsProcessor, Sampler, make_sampler
+from .tokenizer import Tokenizer
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def provider_of(model: Transformer):
+    return next((b.provider for b in model.moe_blocks()), None)
+
+
+class PromptCache:
+    """A KV cache plus the token ids it holds, so that a follow-up prompt sharing a prefix
+    (the next chat turn) only prefills the new part."""
+
+    def __init__(self, model: Transformer):
+        self.layers: list[KVCache] = model.make_cache()
+        self.tokens: list[int] = []
+
+    def reuse(self, prompt: Sequence[int]) -> int:
+        """Trim the cache to its longest common prefix with `prompt`; returns its length.
+        At least one prompt token is always left to prefill."""
+        n = 0
+        limit = min(len(self.tokens), len(prompt) - 1)
+        while n < limit and self.tokens[n] == prompt[n]:
+            n += 1
+        for c in self.layers:
+            c.trim(c.offset - n)
+        self.tokens = list(prompt[:n])
+        return n
+
+
+@torch.inference_mode()
+def generate_step(
+    model: Transformer,
+    prompt: Sequence[int],
+    sampler: Sampler | None = None,
+    logits_processors: Sequence[LogitsProcessor] = (),
+    max_tokens: int = 256,
+    cache: PromptCache | None = None,
+    prefill_chunk: int = 512,
+) -> Iterator[int]:
+    """Yield up to `max_tokens` sampled token ids after `prompt`.
+
+    The next forward pass runs only when the caller asks for the next token, so stopping
+    early (EOS, stop string) costs nothing extra.
+    """
+    if not prompt:
+        raise ValueError("the prompt must contain at least one token")
+    sampler = sampler or make_sampler(0.0)
+    cache = cache or PromptCache(model)
+    start = cache.reuse(prompt)
+    context = list(prompt)
+    todo = torch.tensor([context[start:]], dtype=torch.long)  # (1, T)
+    provider = provider_of(model)
+    logits = None
+    for i in range(0, todo.shape[1], prefill_chunk):
+        chunk = todo[:, i : i + prefill_chunk]
+        if provider is not None:
+            provider.begin_forward(chunk.shape[1])
+        logits = model(chunk, cache.layers, last_only=True)  # (1, 1, V)
+    cache.tokens = list(context)
+    for n in range(max_tokens):
+        scores = logits[0, -1].float()  # (V,)
+        for proc in logits_processors:
+            scores = proc(context, scores)
+        token = sampler(scores)
+        yield token
+        if n == max_tokens - 1:
+            break
+        context.append(token)
+        if provider is not None:
+            provider.begin_forward(1)
+        logits = model(torch.tensor([[token]]), cache.layers)  # (1, 1, V)
+        cache.tokens.append(token)
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    prefill_s: float = 0.0  # prompt processing and the first token
+    decode_s: float = 0.0  # every token after the first
+    peak_rss_bytes: int = 0
+    extra: dict = field(default_factory=dict)  # provider statistics (cache hits, bytes read, ...)
+
+    @property
+    def prompt_tps(self) -> float:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
+
+    @property
+    def decode_tps(self) -> float:
+        n = self.generated_tokens - 1
+        return n / self.decode_s if n > 0 and self.decode_s > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "generated_tokens": self.generated_tokens,
+            "prefill_s": round(self.prefill_s, 6),
+            "decode_s": round(self.decode_s, 6),
+            "prompt_tps": round(self.prompt_tps, 3),
+            "decode_tps": round(self.decode_tps, 3),
+            "peak_rss_bytes": self.peak_rss_bytes,
+            **self.extra,
+        }
+
+
+@dataclass
+class GenerationResponse:
+    text: str  # text completed by this step (may be empty)
+    token: int | None  # the token of this step; None on the final flush
+    finish_reason: str | None  # "stop" (EOS or stop string), "length", or None while running
+    stats: GenerationStats
+
+
+def _hold_back(text: str, stops: Sequence[str]) -> int:
+    """How many trailing characters of `text` could be the start of a stop string."""
+    hold = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:k]):
+                hold = max(hold, k)
+                break
+    return hold
+
+
+def stream_generate(
+    model: Transformer,
+    tokenizer: Tokenizer,
+    prompt: str | Sequence[int],
+    max_tokens: int = 256,
+    sampler: Sampler | None = None,
+    logits_processors: Sequence[LogitsProcessor] = (),
+    stop: Sequence[str] = (),
+    ignore_eos: bool = False,
+    cache: PromptCache | None = None,
+) -> Iterator[GenerationResponse]:
+    """Stream text. The last response has a finish_reason and the final statistics."""
+    ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    stats = GenerationStats(prompt_tokens=len(ids))
+    provider = provider_of(model)
+    detok = tokenizer.detokenizer()
+    stops = [s for s in stop if s]
+    pending = ""  # decoded text not yet emitted because it may begin a stop string
+    finish, cut = "length", False
+    t0 = time.perf_counter()
+    t_first = None
+    for token in generate_step(model, ids, sampler, logits_processors, max_tokens, cache):
+        if t_first is None:
+            t_first = time.perf_counter()
+            stats.prefill_s = t_first - t0
+        stats.generated_tokens += 1
+        if not ignore_eos and token in tokenizer.eos_ids:
+            finish = "stop"
+            break
+        pending += detok.add(token)
+        if stops:
+            hit = min((pending.find(s) for s in stops if s in pending), default=-1)
+            if hit >= 0:
+                pending, finish, cut = pending[:hit], "stop", True
+                break
+        emit = len(pending) - _hold_back(pending, stops)
+        text, pending = pending[:emit], pending[emit:]
+        stats.decode_s = time.perf_counter() - t_first
+        yield GenerationResponse(text, token, None, stats)
+    if t_first is not None:
+        stats.decode_s = time.perf_counter() - t_first
+    tail = pending if cut else pending + detok.flush()
+    stats.peak_rss_bytes = peak_rss_bytes()
+    if provider is not None:
+        stats.extra = provider.stats()
+    yield GenerationResponse(tail, None, finish, stats)
