@@ -1,0 +1,137 @@
+"""Generation layers: stop conditions, streaming text, stats and prompt-cache reuse."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import edgemoe
+from edgemoe.generate import PromptCache, generate_step, stream_generate
+from edgemoe.models.base import KVCache
+from edgemoe.tokenizer import Tokenizer
+
+
+class ScriptedModel:
+    """Stands in for a Transformer: after the prompt it predicts `script` token by token,
+    and counts how many positions it was asked to process."""
+
+    def __init__(self, prompt_len: int, script: list[int], vocab: int):
+        self.prompt_len, self.script, self.vocab = prompt_len, script, vocab
+        self.args = SimpleNamespace(eos_ids=[])
+        self.positions_processed = 0
+
+    def make_cache(self):
+        return [KVCache()]
+
+    def moe_blocks(self):
+        return iter(())
+
+    def __call__(self, ids, cache, last_only=False):
+        T = ids.shape[1]
+        cache[0].offset += T
+        self.positions_processed += T
+        nxt = self.script[min(cache[0].offset - self.prompt_len, len(self.script) - 1)]
+        logits = torch.full((1, 1 if last_only else T, self.vocab), -10.0)
+        logits[0, -1, nxt] = 10.0
+        return logits
+
+
+@pytest.fixture(scope="module")
+def tok(tokenizer_dir):
+    return Tokenizer(tokenizer_dir)
+
+
+def run(tok, script_text, **kw):
+    prompt = tok.encode("def f():")
+    script = tok.encode(script_text, add_special_tokens=False) + [tok.token_to_id("<|eos|>")]
+    model = ScriptedModel(len(prompt), script, tok.vocab_size)
+    responses = list(stream_generate(model, tok, prompt, **kw))
+    return "".join(r.text for r in responses), responses, script
+
+
+def test_stops_at_eos(tok):
+    text, responses, script = run(tok, " return 1", max_tokens=50)
+    assert text == " return 1"
+    assert responses[-1].finish_reason == "stop"
+    assert responses[-1].stats.generated_tokens == len(script)
+
+
+def test_ignore_eos_runs_to_max_tokens(tok):
+    text, responses, _ = run(tok, " x", max_tokens=7, ignore_eos=True)
+    assert responses[-1].finish_reason == "length"
+    assert responses[-1].stats.generated_tokens == 7
+
+
+def test_max_tokens(tok):
+    _, responses, _ = run(tok, " return some_long_value + another_value", max_tokens=3)
+    assert responses[-1].finish_reason == "length"
+    assert len([r for r in responses if r.token is not None]) == 3
+
+
+def test_stop_string_cuts_text_and_is_never_streamed(tok):
+    text, responses, _ = run(tok, " alpha STOP beta", max_tokens=50, stop=["STOP"])
+    assert text == " alpha "
+    assert responses[-1].finish_reason == "stop"
+    assert all("ST" not in r.text for r in responses)
+
+
+def test_partial_stop_prefix_is_released_when_it_does_not_complete(tok):
+    text, _, _ = run(tok, " a ST b", max_tokens=50, stop=["STOP"])
+    assert text == " a ST b"
+
+
+def test_stream_never_yields_broken_utf8(tok):
+    text, responses, _ = run(tok, " 你好 ✓ wörld", max_tokens=50)
+    assert text == " 你好 ✓ wörld"
+    assert all("\ufffd" not in r.text for r in responses)
+
+
+def test_prompt_cache_prefills_only_the_new_suffix(tok):
+    prompt = tok.encode("def f(): return 1")
+    model = ScriptedModel(len(prompt), [5, 6, 7], tok.vocab_size)
+    cache = PromptCache(model)
+    list(generate_step(model, prompt, max_tokens=3, cache=cache))
+    first = model.positions_processed
+    assert first == len(prompt) + 2  # prompt + two decode steps (the third token needs no forward)
+    follow = prompt + [5, 6, 7] + tok.encode(" more", add_special_tokens=False)
+    model.prompt_len = len(follow)
+    list(generate_step(model, follow, max_tokens=1, cache=cache))
+    # the cache held prompt + 5 + 6, so only 7 and " more" are new
+    assert model.positions_processed - first == len(follow) - (len(prompt) + 2)
+
+
+def test_real_model_stream_equals_generate_and_reports_stats(tiny_mixtral):
+    engine = edgemoe.load(tiny_mixtral)
+    res = engine.generate("def add(a, b):", max_tokens=12, ignore_eos=True)
+    streamed = list(engine.stream("def add(a, b):", max_tokens=12, ignore_eos=True))
+    assert "".join(r.text for r in streamed) == res.text
+    assert [r.token for r in streamed if r.token is not None] == res.token_ids
+    assert len(res.token_ids) == 12
+    s = res.stats.to_dict()
+    assert s["prompt_tokens"] == len(engine.tokenizer.encode("def add(a, b):"))
+    assert s["generated_tokens"] == 12 and s["peak_rss_bytes"] > 0 and s["decode_s"] > 0
+
+
+def test_prompt_cache_gives_same_tokens_as_fresh_run(tiny_mixtral):
+    engine = edgemoe.load(tiny_mixtral)
+    cache = engine.new_cache()
+    first = engine.generate("def add(a, b):", max_tokens=6, ignore_eos=True, cache=cache)
+    prompt2 = engine.tokenizer.encode("def add(a, b):") + first.token_ids + engine.tokenizer.encode(
+        "\nclass", add_special_tokens=False)
+    cached = engine.generate(prompt2, max_tokens=8, ignore_eos=True, cache=cache)
+    fresh = engine.generate(prompt2, max_tokens=8, ignore_eos=True)
+    assert cached.token_ids == fresh.token_ids
+
+
+def test_seeded_sampling_is_reproducible(tiny_mixtral):
+    engine = edgemoe.load(tiny_mixtral)
+    a = engine.generate("x", max_tokens=10, temperature=1.0, seed=3, ignore_eos=True)
+    b = engine.generate("x", max_tokens=10, temperature=1.0, seed=3, ignore_eos=True)
+    assert a.token_ids == b.token_ids
+
+
+def test_chat_uses_template(tiny_mixtral):
+    engine = edgemoe.load(tiny_mixtral)
+    ids = engine.chat_prompt([{"role": "user", "content": "hi"}])
+    assert engine.tokenizer.decode(ids, skip_special_tokens=False) == "<|bos|><|user|>hi<|end|><|assistant|>"
+    assert len(engine.chat([{"role": "user", "content": "hi"}], max_tokens=3, ignore_eos=True).token_ids) == 3
