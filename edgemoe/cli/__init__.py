@@ -12,6 +12,7 @@ from ..errors import EdgeMoEError
 COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("edgemoe.cli.generate", "generate text from a prompt"),
     "chat": ("edgemoe.cli.chat", "interactive chat with the chat template"),
+    "serve": ("edgemoe.cli.serve", "OpenAI-compatible HTTP server"),
 }
 
 
