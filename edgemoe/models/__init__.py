@@ -11,6 +11,9 @@ from ..errors import ModelLoadError
 # config.json "model_type" -> module implementing the family.
 FAMILIES: dict[str, str] = {
     "mixtral": "edgemoe.models.mixtral",
+    "olmoe": "edgemoe.models.olmoe",
+    "qwen2_moe": "edgemoe.models.qwen2_moe",
+    "qwen3_moe": "edgemoe.models.qwen3_moe",
 }
 
 

@@ -81,6 +81,11 @@ class BaseModelArgs:
                 f"{source}: num_attention_heads ({self.num_attention_heads}) is not a multiple "
                 f"of num_key_value_heads ({self.num_key_value_heads})"
             )
+        if self.moe_layers() and not 0 < self.top_k <= self.experts_per_layer:
+            raise ModelLoadError(
+                f"{source}: num_experts_per_tok ({self.top_k}) must be between 1 and the number of experts "
+                f"({self.experts_per_layer})"
+            )
         if self.hidden_act not in ACTIVATIONS:
             raise ModelLoadError(
                 f"{source}: hidden_act {self.hidden_act!r} is not supported "
@@ -137,8 +142,11 @@ def _rope_from_config(config: dict, source: str) -> tuple[float, dict | None]:
         return theta, None
     params["rope_type"] = rope_type
     params.setdefault("original_max_position_embeddings", config.get("max_position_embeddings", 4096))
-    if params.get("factor") is None and rope_type != "yarn":
-        raise ModelLoadError(f"{source}: rope type {rope_type!r} needs a 'factor'")
+    if params.get("factor") is None:
+        if rope_type != "yarn":
+            raise ModelLoadError(f"{source}: rope type {rope_type!r} needs a 'factor'")
+        # As transformers does: yarn without a factor scales from the original context.
+        params["factor"] = config.get("max_position_embeddings", 4096) / params["original_max_position_embeddings"]
     return theta, params
 
 
