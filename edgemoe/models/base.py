@@ -411,8 +411,9 @@ class Transformer(nn.Module):
         if last_only:
             x = x[:, -1:]
         x = self.norm(x)
-        head = self.embed.weight if self.args.tie_word_embeddings else self.lm_head.weight
-        return F.linear(x, head)  # (B, T, V)
+        if self.args.tie_word_embeddings:
+            return F.linear(x, self.embed.weight)  # (B, T, V)
+        return self.lm_head(x)  # (B, T, V); a module, so it can be swapped for a quantized one
 
     def moe_blocks(self) -> Iterator[nn.Module]:
         for layer in self.layers:

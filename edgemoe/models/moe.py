@@ -48,8 +48,12 @@ class DenseExpert:
         self.nbytes = w13.nbytes + w2.nbytes
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        g, u = F.linear(x, self.w13).chunk(2, dim=-1)  # (N, I) x2
-        return F.linear(self.act(g) * u, self.w2)  # (N, H)
+        # Weights stored in another float type (fp16 experts, bf16 activations) are used as
+        # stored: converting them would keep a second copy outside the cache budget.
+        xin = x if x.dtype == self.w13.dtype else x.to(self.w13.dtype)
+        g, u = F.linear(xin, self.w13).chunk(2, dim=-1)  # (N, I) x2
+        y = F.linear(self.act(g) * u, self.w2)  # (N, H)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
 class ExpertProvider:

@@ -74,10 +74,8 @@ class FloatFormat(Format):
         return {"w13": torch.cat([gate, up], 0).to(self.dtype).contiguous(), "w2": down.to(self.dtype).contiguous()}
 
     def expert(self, parts, act, dtype):
-        w13, w2 = parts["w13"], parts["w2"]
-        if w13.dtype != dtype:  # e.g. fp16 storage computed in bf16: one conversion per load
-            w13, w2 = w13.to(dtype), w2.to(dtype)
-        return DenseExpert.from_stacked(w13, w2, act)
+        # Views are used as stored; DenseExpert casts activations when dtypes differ.
+        return DenseExpert.from_stacked(parts["w13"], parts["w2"], act)
 
 
 FORMATS: dict[str, Format] = {
@@ -93,6 +91,17 @@ def register(fmt: Format) -> Format:
 
 
 def get_format(name: str) -> Format:
+    """The format recorded under `name` in a manifest. Besides the registered names this
+    accepts any name of the quantized grammar (e.g. "int3-asym-g128", see experts.py)."""
     if name not in FORMATS:
-        raise EdgeMoEError(f"unknown expert format {name!r} (known: {', '.join(sorted(FORMATS))})")
+        from .experts import parse_format  # experts imports this module
+
+        try:
+            fmt = parse_format(name)
+        except ValueError as e:
+            raise EdgeMoEError(f"expert format {name!r}: {e}") from None
+        if fmt is None:
+            raise EdgeMoEError(f"unknown expert format {name!r} (known: {', '.join(sorted(FORMATS))})")
+        # A non-canonical spelling ("int4-g64") maps onto the registered canonical format.
+        return FORMATS.setdefault(fmt.name, fmt)
     return FORMATS[name]

@@ -1,0 +1,368 @@
+"""Benchmark the quantized expert kernels.
+
+For each expert format: GB/s of weight bytes through one expert call (gate/up and down)
+at batch 1 and batch 32, on a Mixtral-sized expert (hidden 4096, inter 14336) and a
+~1B-model expert (hidden 2048, inter 5632), with torch's own int4pack kernel and bf16 as
+baselines. Weights are memory-cold: calls rotate over enough copies of the expert to
+overflow the last-level cache, as in decode where other experts run in between.
+
+Then the question the low bit widths must answer: per token, is reading a 2/3-bit expert
+from disk (O_DIRECT, one thread) and computing it cheaper than reading and computing the
+same expert at 4 bits? And on a cache hit, how does its compute compare with 4-bit?
+
+Finally the batch sizes where dequantize-then-matmul overtakes the packed kernels.
+
+All timings are medians over rounds that interleave the variants, so contention from
+other work on a shared machine hits every variant alike; compare ratios within one run.
+
+    python bench/quant_kernels.py --out bench/results/quant_kernels.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import mmap
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from edgemoe.quant import kernels as K  # noqa: E402
+from edgemoe.quant.formats import get_format  # noqa: E402
+
+FORMATS = ["bf16", "int8", "int4", "int4-asym", "int3", "int3-asym", "int2", "int2-asym"]
+SHAPES = {"mixtral": (4096, 14336), "1b": (2048, 5632)}
+COLD_BYTES = 160 << 20  # rotate over copies until this many bytes (5x the 32 MiB L3)
+ALIGN = 4096
+# What the kernel tables time: wall clock by default; with --cpu-time, the calling
+# thread's CPU time on one thread, which time spent descheduled by other work does not count.
+CLOCK = time.perf_counter
+DISK_GBS = 1.66  # one-thread O_DIRECT read rate of this machine's disk (DEVELOPERS.md)
+
+
+def median_ms(times: list[float]) -> float:
+    return statistics.median(times) * 1e3
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+# ----------------------------------------------------------------------------- experts
+
+
+def random_expert(hidden: int, inter: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(*s, generator=g) * 0.02 for s in ((inter, hidden), (inter, hidden), (hidden, inter)))
+
+
+def slab_layout(fmt, hidden: int, inter: int):
+    """Offsets of the encoded tensors in one blob, 64-byte aligned, as the store lays them."""
+    specs, offs, off = fmt.layout(hidden, inter), [], 0
+    for s in specs:
+        off = -(-off // 64) * 64
+        offs.append(off)
+        off += s.nbytes
+    return specs, offs, -(-off // ALIGN) * ALIGN
+
+
+def to_slab(fmt, parts, hidden, inter, slab=None):
+    specs, offs, size = slab_layout(fmt, hidden, inter)
+    if slab is None:
+        slab = torch.zeros(size, dtype=torch.uint8)
+    for s, o in zip(specs, offs):
+        slab[o : o + s.nbytes] = parts[s.name].contiguous().view(-1).view(torch.uint8)
+    return slab
+
+
+def views(fmt, slab, hidden, inter):
+    specs, offs, _ = slab_layout(fmt, hidden, inter)
+    return {s.name: slab[o : o + s.nbytes].view(s.dtype).view(s.shape) for s, o in zip(specs, offs)}
+
+
+class Int4PackExpert:
+    """Baseline: the same expert computed by torch's _weight_int4pack_mm_for_cpu (group 64,
+    CPU-specific packed layout)."""
+
+    def __init__(self, gate, up, down, group=64):
+        self.group = group
+        self.w13 = self._pack(torch.cat([gate, up]), group)
+        self.w2 = self._pack(down, group)
+        self.nbytes = sum(t.nbytes for t in self.w13 + self.w2)
+
+    @staticmethod
+    def _pack(w, group):
+        n, k = w.shape
+        wg = w.float().view(n, k // group, group)
+        lo, hi = wg.amin(-1), wg.amax(-1)
+        s = ((hi - lo) / 15).clamp_min(1e-8)
+        q = torch.round((wg - lo.unsqueeze(-1)) / s.unsqueeze(-1)).clamp(0, 15).to(torch.int32).view(n, k)
+        zero = lo + 8 * s  # torch's int4pack computes (q - 8) * scale + zero
+        sz = torch.stack([s, zero], dim=-1).transpose(0, 1).contiguous().bfloat16()  # (k/G, n, 2)
+        return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1), sz
+
+    def __call__(self, x):
+        h = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.w13[0], self.group, self.w13[1])
+        g, u = h.chunk(2, dim=-1)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(F.silu(g) * u, self.w2[0], self.group, self.w2[1])
+
+
+def build_variants(hidden, inter, formats):
+    """name -> (expert copies, weight bytes per expert, their slabs, hidden)."""
+    w = random_expert(hidden, inter)
+    out = {}
+    for name in formats:
+        fmt = get_format(name)
+        slab = to_slab(fmt, fmt.encode(*w), hidden, inter)
+        copies = max(1, -(-COLD_BYTES // slab.numel()))
+        slabs = [slab] + [slab.clone() for _ in range(copies - 1)]
+        experts = [fmt.expert(views(fmt, s, hidden, inter), "silu", torch.bfloat16) for s in slabs]
+        out[name] = (experts, experts[0].nbytes, slabs, hidden)
+    base = Int4PackExpert(*w)
+    copies = max(1, -(-COLD_BYTES // base.nbytes))
+    out["torch-int4pack"] = ([base] + [Int4PackExpert(*w) for _ in range(copies - 1)], base.nbytes, None, hidden)
+    return out
+
+
+def time_experts(variants: dict, batch: int, rounds: int) -> dict[str, tuple[float, float]]:
+    """(median, best) seconds per expert call, rounds interleaved across variants."""
+    times = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, (experts, _, _, hidden) in variants.items():
+            x = torch.randn(batch, hidden).bfloat16()
+            for e in experts:
+                t = CLOCK()
+                e(x)
+                times[name].append(CLOCK() - t)
+    return {n: (statistics.median(t), min(t)) for n, t in times.items()}
+
+
+# ----------------------------------------------------------------------------- disk
+
+
+def aligned_buffer(nbytes: int) -> tuple[mmap.mmap, torch.Tensor]:
+    buf = mmap.mmap(-1, nbytes)  # anonymous, page aligned: what O_DIRECT needs
+    return buf, torch.frombuffer(buf, dtype=torch.uint8)
+
+
+def read_direct(path: Path, buf: mmap.mmap, nbytes: int, chunk: int = 4 << 20) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        mv = memoryview(buf)
+        off = 0
+        while off < nbytes:
+            n = min(chunk, nbytes - off)
+            got = os.preadv(fd, [mv[off : off + n]], off)
+            if got != n:
+                raise OSError(f"short read from {path}: {got} of {n} bytes at {off}")
+            off += n
+    finally:
+        os.close(fd)
+
+
+def disk_vs_compute(hidden, inter, formats, workdir: Path, rounds: int) -> dict:
+    """Per token: O_DIRECT read of the expert blob + batch-1 compute from the read slab."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    w = random_expert(hidden, inter, seed=1)
+    items = {}
+    for name in formats:
+        fmt = get_format(name)
+        slab = to_slab(fmt, fmt.encode(*w), hidden, inter)
+        path = workdir / f"expert-{name}.bin"
+        with open(path, "wb") as f:
+            f.write(slab.numpy().tobytes())
+            f.flush()
+            os.fsync(f.fileno())  # no write-back left to compete with the timed reads
+        buf, t = aligned_buffer(slab.numel())
+        items[name] = (fmt, path, slab.numel(), buf, t)
+    x = torch.randn(1, hidden).bfloat16()
+    res = {n: {"read": [], "compute": [], "total": []} for n in formats}
+    names = list(items)
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:  # rotate: nobody always goes first
+            fmt, path, size, buf, t = items[name]
+            t0 = time.perf_counter()
+            read_direct(path, buf, size)
+            t1 = time.perf_counter()
+            fmt.expert(views(fmt, t, hidden, inter), "silu", torch.bfloat16)(x)
+            t2 = time.perf_counter()
+            res[name]["read"].append(t1 - t0)
+            res[name]["compute"].append(t2 - t1)
+            res[name]["total"].append(t2 - t0)
+    for name, (_, path, size, _, _) in items.items():
+        res[name]["bytes"] = size
+        path.unlink()
+    return res
+
+
+# ----------------------------------------------------------------------------- crossover
+
+
+# Dispatch limits that force one path:
+# (PACKED_MAX_BATCH, PACKED_MAX_BATCH_BF16_CPU, INT8_NATIVE_MAX_BATCH, INT8PACK_MAX_BATCH, C kernel on)
+PATHS = {
+    "packed C": (1 << 30, 1 << 30, 1 << 30, 0, True),
+    "torch int8pack": (0, 0, 0, 1 << 30, False),
+    "dequant+matmul": (0, 0, 0, 0, True),
+}
+LIMITS = ("PACKED_MAX_BATCH", "PACKED_MAX_BATCH_BF16_CPU", "INT8_NATIVE_MAX_BATCH", "INT8PACK_MAX_BATCH")
+
+
+def crossover(hidden, inter, batches, rounds) -> list[tuple]:
+    """Each kernel path for one expert call, per batch size."""
+    w = random_expert(hidden, inter, seed=2)
+    rows = []
+    for name in ("int4", "int2", "int8"):
+        fmt = get_format(name)
+        e = fmt.expert(fmt.encode(*w), "silu", torch.bfloat16)
+        paths = [p for p in PATHS if name == "int8" or p != "torch int8pack"]
+        for b in batches:
+            x = torch.randn(b, hidden).bfloat16()
+            times = {p: [] for p in paths}
+            for _ in range(rounds):
+                for p in paths:
+                    saved = [getattr(K, n) for n in LIMITS]
+                    for n, v in zip(LIMITS, PATHS[p]):
+                        setattr(K, n, v)
+                    K.use_native(PATHS[p][-1])
+                    try:
+                        t = CLOCK()
+                        e(x)
+                        times[p].append(CLOCK() - t)
+                    finally:
+                        for n, v in zip(LIMITS, saved):
+                            setattr(K, n, v)
+                        K.use_native(True)
+            rows.append((name, b, {p: median_ms(t) for p, t in times.items()}))
+    return rows
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def disk_table(args, shape: str, hidden: int, inter: int, emit) -> None:
+    emit(f"## Per token from disk: O_DIRECT read + batch-1 compute ({shape} expert)")
+    emit()
+    emit("Read with O_DIRECT in 4 MiB chunks on one thread into a page-aligned slab, then the expert is "
+         "built from zero-copy views of the slab and called once (batch 1, bf16).")
+    emit()
+    emit(f"The measured reads go through a virtual disk whose host may cache recently written files, so the "
+         f"table also models the read at the {DISK_GBS} GB/s one-thread O_DIRECT rate measured for this machine "
+         f"(DEVELOPERS.md).")
+    emit()
+    emit("| format | MB read | read ms | read GB/s | compute ms | total ms | total vs int4 | compute vs int4 "
+         f"| modeled total ms | modeled vs int4 |")
+    emit("|---|---|---|---|---|---|---|---|---|---|")
+    disk_formats = ["int4", "int4-asym", "int3", "int3-asym", "int2", "int2-asym"]
+    try:
+        res = disk_vs_compute(hidden, inter, disk_formats, args.workdir, args.rounds)
+        ref = {k: median_ms(res["int4"][k]) for k in ("read", "compute", "total")}
+        model_ref = res["int4"]["bytes"] / DISK_GBS / 1e6 + ref["compute"]
+        for name in disk_formats:
+            r = res[name]
+            rd, cp, tot = median_ms(r["read"]), median_ms(r["compute"]), median_ms(r["total"])
+            model = r["bytes"] / DISK_GBS / 1e6 + cp
+            emit(f"| {name} | {r['bytes'] / 1e6:.1f} | {rd:.1f} | {r['bytes'] / rd / 1e6:.2f} | {cp:.2f} | {tot:.1f} "
+                 f"| {tot / ref['total']:.2f} | {cp / ref['compute']:.2f} | {model:.1f} | {model / model_ref:.2f} |")
+    except OSError as e:
+        emit(f"(skipped: {e})")
+    emit()
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--shapes", default="mixtral,1b")
+    ap.add_argument("--workdir", type=Path, default=Path(__file__).parent / "work")
+    ap.add_argument("--out", type=Path, help="also write the markdown report here")
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="one thread, timed by its CPU time (robust on a shared machine); skips the disk table")
+    args = ap.parse_args(argv)
+    global CLOCK
+    if args.cpu_time:
+        args.threads, CLOCK = 1, time.thread_time
+    torch.set_num_threads(args.threads)
+
+    lines = []
+
+    def emit(s=""):
+        print(s, flush=True)
+        lines.append(s)
+
+    load0 = os.getloadavg()
+    emit("# Quantized expert kernels")
+    emit()
+    emit(f"Command: `python bench/quant_kernels.py {' '.join(argv if argv is not None else sys.argv[1:])}`")
+    emit()
+    emit(f"- CPU: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__} "
+         f"(ATen capability {torch.backends.cpu.get_cpu_capability()}), {args.threads} thread(s)")
+    emit(f"- timed by: {'CPU time of the one calling thread' if args.cpu_time else 'wall clock'}")
+    emit(f"- edgemoe C kernel: {'built, SIMD level ' + str(K._native.get().em_simd()) if K.native_available() else 'unavailable: ' + str(K.native_error())}")
+    emit(f"- load average at start: {load0[0]:.2f} (other work on the machine inflates every number alike)")
+    emit(f"- medians of {args.rounds} interleaved rounds; memory-cold: each round calls every copy "
+         f"of the expert, copies sized to exceed {COLD_BYTES >> 20} MiB")
+    emit()
+
+    shapes = [s for s in args.shapes.split(",") if s]
+    for shape in shapes:
+        hidden, inter = SHAPES[shape]
+        variants = build_variants(hidden, inter, FORMATS)
+        emit(f"## Expert {shape}: hidden {hidden}, inter {inter}")
+        emit()
+        emit("GB/s = weight bytes of the expert / time of one call (median; best call in brackets).")
+        emit()
+        emit("| format | bits/weight | MiB | batch 1 ms | batch 1 GB/s | batch 32 ms | batch 32 GB/s "
+             "| vs int4, batch 1 | vs int4, batch 32 |")
+        emit("|---|---|---|---|---|---|---|---|---|")
+        t1 = time_experts(variants, 1, args.rounds)
+        t32 = time_experts(variants, 32, max(2, args.rounds // 2))
+        for name, (_, nbytes, _, _) in variants.items():
+            bpw = 8 * nbytes / (3 * hidden * inter)
+            (m1, b1), (m32, b32) = t1[name], t32[name]
+            emit(f"| {name} | {bpw:.3f} | {nbytes / 2**20:.1f} | {m1 * 1e3:.2f} | {nbytes / m1 / 1e9:.1f} "
+                 f"({nbytes / b1 / 1e9:.1f}) | {m32 * 1e3:.1f} | {nbytes / m32 / 1e9:.2f} ({nbytes / b32 / 1e9:.2f}) "
+                 f"| {m1 / t1['int4'][0]:.2f} | {m32 / t32['int4'][0]:.2f} |")
+        emit()
+        del variants
+
+    hidden, inter = SHAPES[shapes[0]]
+    if not args.cpu_time:
+        disk_table(args, shapes[0], hidden, inter, emit)
+
+    hidden, inter = SHAPES[shapes[-1]]
+    batches = [1, 8, 16, 32, 64, 128, 256]
+    emit(f"## Packed kernel vs dequantize + matmul ({shapes[-1]} expert, one call)")
+    emit()
+    emit(f"Dispatch on this CPU: packed C kernel (2/3/4-bit and int8) up to batch {K.packed_max_batch()}, then "
+         f"dequantize + {str(K.MATMUL_DTYPE).replace('torch.', '')} matmul; torch `_weight_int8pack_mm` only "
+         f"without the C kernel (up to batch {K.INT8PACK_MAX_BATCH}).")
+    emit()
+    emit("| format | batch | packed C ms | torch int8pack ms | dequant+matmul ms | fastest |")
+    emit("|---|---|---|---|---|---|")
+    for name, b, t in crossover(hidden, inter, batches, max(2, args.rounds // 2)):
+        cells = " | ".join(f"{t[p]:.2f}" if p in t else "-" for p in PATHS)
+        emit(f"| {name} | {b} | {cells} | {min(t, key=t.get)} |")
+    emit()
+    load1 = os.getloadavg()
+    emit(f"Load average at end: {load1[0]:.2f}.")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

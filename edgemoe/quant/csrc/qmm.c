@@ -1,0 +1,636 @@
+/*
+ * edgemoe: matmul on quantized weights, and the group-wise quantizer, for CPUs.
+ *
+ * y (M, N) = x (M, K) @ W^T with W (N, K) either
+ *   - 2/3/4-bit codes packed with no wasted bits, one fp16 scale (and, asymmetric, one fp16
+ *     zero) per group of G weights along K; layout in edgemoe/quant/quantize.py, every row
+ *     Kp = ceil(K / G) * G codes long; or
+ *   - int8 codes (N, K) with one scale per row: the layout torch's _weight_int8pack_mm reads.
+ *
+ * How it computes: x is quantized per call to int16 with one fp32 scale per group of G
+ * (relative error ~1e-5, far below the bf16 rounding of the activations themselves), so
+ * the inner loop is integer: widen 16 packed bytes to 16 int16 lanes, shift and mask out
+ * 16 codes, multiply-add pairs against the int16 activations into int32 (vpmaddwd), and
+ * once per group fold the int32 sums into fp32 with scale_w * scale_x. The zero point is
+ * applied once per group through the sum of that group's activations:
+ *     sum_k (s q_k + z) x_k = s * sum_k q_k x_k + z * sum_k x_k.
+ * Codes are never expanded to floats, so 2- and 3-bit rows cost about as much compute per
+ * weight as 4-bit rows while reading 2/4 and 3/4 of the bytes.
+ *
+ * Built at first use by edgemoe/quant/kernels.py (cc -O3 -march=native -fopenmp) and
+ * called through ctypes; no Python or torch headers, so it compiles in a few seconds.
+ * OpenMP resolves to the libgomp torch already loaded (same soname), so the threads are
+ * torch's own pool. Without AVX2 the same algorithm runs as plain C.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define EM_AVX2 1
+/* vpdpwssd (AVX512-VNNI or AVX-VNNI) fuses vpmaddwd and the int32 add. */
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define EM_VNNI 1
+#define EM_DPWSSD(acc, a, b) _mm256_dpwssd_epi32(acc, a, b)
+#elif defined(__AVXVNNI__)
+#define EM_VNNI 1
+#define EM_DPWSSD(acc, a, b) _mm256_dpwssd_avx_epi32(acc, a, b)
+#elif defined(EM_EMULATE_VNNI) /* tests: run the VNNI loop structure on plain AVX2 */
+#define EM_VNNI 1
+#define EM_DPWSSD(acc, a, b) _mm256_add_epi32(acc, _mm256_madd_epi16(a, b))
+#endif
+#endif
+
+#define EM_ABI 2
+#define EM_BLOCK 64 /* codes per packed block */
+#define EM_MR 4     /* activation rows computed together */
+#define EM_NB 16    /* weight rows per parallel work item */
+/* Below this many multiply-adds (~10 us on one core) waking a second thread costs more
+ * than it saves. */
+#define EM_PAR_MIN (1 << 18)
+
+enum { EM_F32 = 0, EM_BF16 = 1, EM_F16 = 2 };
+
+int em_abi(void) { return EM_ABI; }
+
+/* Which inner loop was compiled: 0 portable C, 2 AVX2, 3 AVX2 with VNNI. */
+int em_simd(void) {
+#if defined(EM_VNNI)
+    return 3;
+#elif defined(EM_AVX2)
+    return 2;
+#else
+    return 0;
+#endif
+}
+
+/* ------------------------------------------------------------------ scalar conversions */
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* quiet NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);                                             /* round to nearest even */
+    return (uint16_t)(u >> 16);
+}
+
+static inline float f16_to_f32(uint16_t h) {
+#ifdef __F16C__
+    return _cvtsh_ss(h);
+#else
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu, u;
+    if (exp == 0) {
+        float f = (float)man * (1.0f / 16777216.0f); /* zero or subnormal: man * 2^-24 */
+        return sign ? -f : f;
+    }
+    u = exp == 31 ? sign | 0x7f800000u | (man << 13) : sign | ((exp + 112) << 23) | (man << 13);
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+#endif
+}
+
+static inline uint16_t f32_to_f16(float f) { /* round to nearest even, like torch */
+#ifdef __F16C__
+    return _cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+#else
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    const uint32_t sign = (u >> 16) & 0x8000u;
+    u &= 0x7fffffffu;
+    if (u > 0x7f800000u) return (uint16_t)(sign | 0x7e00u);        /* NaN */
+    if (u >= 0x477ff000u) return (uint16_t)(sign | 0x7c00u);       /* rounds to inf */
+    if (u < 0x38800000u) {                                         /* fp16 subnormal or zero */
+        float a;
+        memcpy(&a, &u, 4);
+        return (uint16_t)(sign | (uint32_t)lrintf(a * 16777216.0f)); /* units of 2^-24, RNE */
+    }
+    const uint32_t r = u + 0x0fffu + ((u >> 13) & 1u); /* RNE on the 13 dropped bits */
+    return (uint16_t)(sign | ((r - 0x38000000u) >> 13));
+#endif
+}
+
+static inline float load_act(const void *x, int dt, int64_t i) {
+    if (dt == EM_BF16) return bf16_to_f32(((const uint16_t *)x)[i]);
+    if (dt == EM_F16) return f16_to_f32(((const uint16_t *)x)[i]);
+    return ((const float *)x)[i];
+}
+
+static inline void store_out(void *y, int dt, int64_t i, float v) {
+    if (dt == EM_BF16)
+        ((uint16_t *)y)[i] = f32_to_bf16(v);
+    else
+        ((float *)y)[i] = v;
+}
+
+/* ------------------------------------------------------------------ activations */
+
+#ifdef EM_AVX2
+/* 8 activations as fp32 (dt is EM_F32 or EM_BF16). */
+static inline __m256 load8(const void *x, int dt, int64_t i) {
+    if (dt == EM_BF16) {
+        __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)x + i)));
+        return _mm256_castsi256_ps(_mm256_slli_epi32(h, 16));
+    }
+    return _mm256_loadu_ps((const float *)x + i);
+}
+#endif
+
+/* x (M, K) -> xq (M, Kp) int16 (zero padded), xs (M, ng) group scales, xsum (M, ng) sums of
+ * the dequantized activations of each group (for the zero-point term). */
+static void quantize_x(const void *x, int dt, int64_t M, int64_t K, int64_t Kp, int64_t G, int16_t *xq,
+                       float *xs, float *xsum, int nthreads) {
+    (void)nthreads; /* unused without OpenMP */
+    const int64_t ng = Kp / G;
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (M * K > 65536)
+    for (int64_t mg = 0; mg < M * ng; mg++) {
+        const int64_t m = mg / ng, g = mg % ng, k0 = g * G;
+        const int64_t k1 = k0 + G < K ? k0 + G : K;
+#ifdef EM_AVX2
+        if (k1 - k0 == G && dt != EM_F16) { /* whole group: vectorised (G is a multiple of 64) */
+            float tmp[8];
+            __m256 vmax = _mm256_setzero_ps();
+            const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+            for (int64_t k = k0; k < k1; k += 8) vmax = _mm256_max_ps(vmax, _mm256_and_ps(load8(x, dt, m * K + k), absmask));
+            _mm256_storeu_ps(tmp, vmax);
+            float amax = 0.f;
+            for (int i = 0; i < 8; i++) amax = tmp[i] > amax ? tmp[i] : amax;
+            const __m256 inv = _mm256_set1_ps(amax > 0.f ? 32767.f / amax : 0.f);
+            __m256i isum = _mm256_setzero_si256();
+            int16_t *q = xq + m * Kp;
+            for (int64_t k = k0; k < k1; k += 16) {
+                /* cvtps rounds to nearest even, like lrintf below */
+                __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(load8(x, dt, m * K + k), inv));
+                __m256i b = _mm256_cvtps_epi32(_mm256_mul_ps(load8(x, dt, m * K + k + 8), inv));
+                isum = _mm256_add_epi32(isum, _mm256_add_epi32(a, b));
+                /* packs works per 128-bit half; permute restores k order */
+                __m256i p = _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0xd8);
+                _mm256_storeu_si256((__m256i *)(q + k), p);
+            }
+            int32_t is[8];
+            _mm256_storeu_si256((__m256i *)is, isum);
+            int64_t s = 0;
+            for (int i = 0; i < 8; i++) s += is[i];
+            xs[mg] = amax / 32767.f;
+            xsum[mg] = (float)s * (amax / 32767.f);
+            continue;
+        }
+#endif
+        float amax = 0.f;
+        for (int64_t k = k0; k < k1; k++) {
+            float v = fabsf(load_act(x, dt, m * K + k));
+            amax = v > amax ? v : amax;
+        }
+        const float inv = amax > 0.f ? 32767.f / amax : 0.f;
+        int16_t *q = xq + m * Kp;
+        int64_t isum = 0;
+        for (int64_t k = k0; k < k1; k++) {
+            int v = (int)lrintf(load_act(x, dt, m * K + k) * inv);
+            q[k] = (int16_t)v;
+            isum += v;
+        }
+        for (int64_t k = k1 > k0 ? k1 : k0; k < k0 + G; k++) q[k] = 0;
+        xs[mg] = amax / 32767.f;
+        xsum[mg] = (float)isum * (amax / 32767.f);
+    }
+}
+
+/* ------------------------------------------------------------------ unpacking */
+
+/* One block of 64 codes as int16, in order (portable reference, also used by dequant). */
+static inline void unpack64_scalar(int bits, const uint8_t *b, int16_t w[EM_BLOCK]) {
+    if (bits == 8) {
+        for (int j = 0; j < EM_BLOCK; j++) w[j] = (int8_t)b[j];
+    } else if (bits == 4) {
+        for (int h = 0; h < 2; h++)
+            for (int j = 0; j < 16; j++) {
+                w[32 * h + j] = b[16 * h + j] & 15;
+                w[32 * h + 16 + j] = b[16 * h + j] >> 4;
+            }
+    } else if (bits == 3) {
+        for (int i = 0; i < 8; i++) {
+            const uint32_t v = b[3 * i] | (uint32_t)b[3 * i + 1] << 8 | (uint32_t)b[3 * i + 2] << 16;
+            for (int t = 0; t < 4; t++) {
+                w[16 * t + 2 * i] = (v >> (3 * t)) & 7;
+                w[16 * t + 2 * i + 1] = (v >> (12 + 3 * t)) & 7;
+            }
+        }
+    } else {
+        for (int j = 0; j < 16; j++)
+            for (int t = 0; t < 4; t++) w[16 * t + j] = (b[j] >> (2 * t)) & 3;
+    }
+}
+
+#ifdef EM_AVX2
+/* One block of 64 codes as four vectors of 16 int16 lanes: w[t] lane j = code 16t + j. */
+static inline __attribute__((always_inline)) void unpack64(const int bits, const uint8_t *b, __m256i w[4]) {
+    if (bits == 8) { /* signed bytes, in order */
+        for (int t = 0; t < 4; t++) w[t] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(b + 16 * t)));
+        return;
+    }
+    if (bits == 4) {
+        const __m256i m15 = _mm256_set1_epi16(15);
+        __m256i v0 = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)b));
+        __m256i v1 = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(b + 16)));
+        w[0] = _mm256_and_si256(v0, m15);
+        w[1] = _mm256_srli_epi16(v0, 4);
+        w[2] = _mm256_and_si256(v1, m15);
+        w[3] = _mm256_srli_epi16(v1, 4);
+        return;
+    }
+    if (bits == 3) {
+        /* 24 bytes = 16 little-endian 12-bit fields, two per 3 bytes; field j holds the
+         * codes 16t + j at bits 3t. Bytes 0-11 feed lanes 0-7 and bytes 12-23 lanes 8-15:
+         * load both halves (the upper from b + 8, so field 8 starts at its byte 4), pick
+         * the two bytes of each field with a shuffle, then mask even lanes and shift odd. */
+        const __m256i pick = _mm256_setr_epi8(0, 1, 1, 2, 3, 4, 4, 5, 6, 7, 7, 8, 9, 10, 10, 11,
+                                              4, 5, 5, 6, 7, 8, 8, 9, 10, 11, 11, 12, 13, 14, 14, 15);
+        const __m256i m7 = _mm256_set1_epi16(7);
+        __m256i v = _mm256_loadu2_m128i((const __m128i *)(b + 8), (const __m128i *)b);
+        v = _mm256_shuffle_epi8(v, pick);
+        __m256i u = _mm256_blend_epi16(_mm256_and_si256(v, _mm256_set1_epi16(0x0fff)), _mm256_srli_epi16(v, 4), 0xaa);
+        w[0] = _mm256_and_si256(u, m7);
+        w[1] = _mm256_and_si256(_mm256_srli_epi16(u, 3), m7);
+        w[2] = _mm256_and_si256(_mm256_srli_epi16(u, 6), m7);
+        w[3] = _mm256_srli_epi16(u, 9);
+        return;
+    }
+    const __m256i m3 = _mm256_set1_epi16(3);
+    __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)b));
+    w[0] = _mm256_and_si256(v, m3);
+    w[1] = _mm256_and_si256(_mm256_srli_epi16(v, 2), m3);
+    w[2] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m3);
+    w[3] = _mm256_srli_epi16(v, 6);
+}
+
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+#endif
+
+/* ------------------------------------------------------------------ one weight row */
+
+typedef void (*row_fn)(const uint8_t *wrow, const void *srow, int sdt, int64_t sstep, const uint16_t *zrow,
+                       int64_t ng, int64_t bpg, const int16_t *xq, int64_t ldq, const float *xs, const float *xsum,
+                       float off, float *res);
+
+/* res[m] = sum_k W[n, k] x[m, k] for MR activation rows, one weight row n. The weight
+ * scale of group g is srow[g * sstep] (sstep 0: one scale for the row). */
+static inline __attribute__((always_inline)) void row_dot(const int bits, const int MR, const uint8_t *wrow,
+                                                          const void *srow, int sdt, int64_t sstep,
+                                                          const uint16_t *zrow, int64_t ng, int64_t bpg,
+                                                          const int16_t *xq, int64_t ldq, const float *xs,
+                                                          const float *xsum, float off, float *res) {
+    const int64_t bb = 8 * bits; /* bytes per block */
+    float corr[EM_MR];
+    for (int m = 0; m < MR; m++) corr[m] = 0.f;
+#ifdef EM_AVX2
+    __m256 facc[EM_MR];
+    for (int m = 0; m < MR; m++) facc[m] = _mm256_setzero_ps();
+    const uint8_t *b = wrow;
+    const int16_t *xk = xq;
+    for (int64_t g = 0; g < ng; g++) {
+        /* Two int32 chains for a single row so the adds are not one serial chain. */
+        __m256i acc0[EM_MR], acc1[EM_MR];
+        for (int m = 0; m < MR; m++) acc0[m] = acc1[m] = _mm256_setzero_si256();
+        for (int64_t i = 0; i < bpg; i++, b += bb, xk += EM_BLOCK) {
+            __m256i w[4];
+            unpack64(bits, b, w);
+            for (int m = 0; m < MR; m++) {
+                const int16_t *xm = xk + m * ldq;
+                const __m256i x0 = _mm256_loadu_si256((const __m256i *)xm);
+                const __m256i x1 = _mm256_loadu_si256((const __m256i *)(xm + 16));
+                const __m256i x2 = _mm256_loadu_si256((const __m256i *)(xm + 32));
+                const __m256i x3 = _mm256_loadu_si256((const __m256i *)(xm + 48));
+#ifdef EM_VNNI
+                /* fused multiply-add-accumulate; two chains per row hide its latency */
+                acc0[m] = EM_DPWSSD(acc0[m], w[0], x0);
+                acc1[m] = EM_DPWSSD(acc1[m], w[1], x1);
+                acc0[m] = EM_DPWSSD(acc0[m], w[2], x2);
+                acc1[m] = EM_DPWSSD(acc1[m], w[3], x3);
+#else
+                __m256i p0 = _mm256_madd_epi16(w[0], x0), p1 = _mm256_madd_epi16(w[1], x1);
+                __m256i p2 = _mm256_madd_epi16(w[2], x2), p3 = _mm256_madd_epi16(w[3], x3);
+                if (MR == 1) {
+                    acc0[m] = _mm256_add_epi32(acc0[m], _mm256_add_epi32(p0, p2));
+                    acc1[m] = _mm256_add_epi32(acc1[m], _mm256_add_epi32(p1, p3));
+                } else { /* one chain per row: 16 registers hold 4 rows' state on AVX2 */
+                    acc0[m] = _mm256_add_epi32(acc0[m], _mm256_add_epi32(_mm256_add_epi32(p0, p1),
+                                                                         _mm256_add_epi32(p2, p3)));
+                }
+#endif
+            }
+        }
+        const float s = load_act(srow, sdt, g * sstep);
+        const float zt = zrow ? f16_to_f32(zrow[g]) : -off * s;
+        for (int m = 0; m < MR; m++) {
+#ifdef EM_VNNI
+            __m256i a = _mm256_add_epi32(acc0[m], acc1[m]);
+#else
+            __m256i a = MR == 1 ? _mm256_add_epi32(acc0[m], acc1[m]) : acc0[m];
+#endif
+            facc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a), _mm256_set1_ps(s * xs[m * ng + g]), facc[m]);
+            corr[m] += zt * xsum[m * ng + g];
+        }
+    }
+    for (int m = 0; m < MR; m++) res[m] = hsum8(facc[m]) + corr[m];
+#else
+    float acc[EM_MR];
+    int16_t w[EM_BLOCK];
+    for (int m = 0; m < MR; m++) acc[m] = 0.f;
+    for (int64_t g = 0; g < ng; g++) {
+        int32_t ia[EM_MR];
+        for (int m = 0; m < MR; m++) ia[m] = 0;
+        for (int64_t i = 0; i < bpg; i++) {
+            const int64_t blk = g * bpg + i;
+            unpack64_scalar(bits, wrow + blk * bb, w);
+            for (int m = 0; m < MR; m++) {
+                const int16_t *xm = xq + m * ldq + blk * EM_BLOCK;
+                int32_t t = 0;
+                for (int j = 0; j < EM_BLOCK; j++) t += (int32_t)w[j] * xm[j];
+                ia[m] += t;
+            }
+        }
+        const float s = load_act(srow, sdt, g * sstep);
+        const float zt = zrow ? f16_to_f32(zrow[g]) : -off * s;
+        for (int m = 0; m < MR; m++) {
+            acc[m] += (float)ia[m] * (s * xs[m * ng + g]);
+            corr[m] += zt * xsum[m * ng + g];
+        }
+    }
+    for (int m = 0; m < MR; m++) res[m] = acc[m] + corr[m];
+#endif
+}
+
+/* One specialised function per (bits, rows): the compiler unrolls the constant loops. */
+#define EM_ROW(B, R)                                                                                        \
+    static void row_b##B##_m##R(const uint8_t *wrow, const void *srow, int sdt, int64_t sstep,                \
+                                const uint16_t *zrow, int64_t ng, int64_t bpg, const int16_t *xq, int64_t ldq, \
+                                const float *xs, const float *xsum, float off, float *res) {                 \
+        row_dot(B, R, wrow, srow, sdt, sstep, zrow, ng, bpg, xq, ldq, xs, xsum, off, res);                   \
+    }
+EM_ROW(2, 1) EM_ROW(2, 2) EM_ROW(2, 3) EM_ROW(2, 4)
+EM_ROW(3, 1) EM_ROW(3, 2) EM_ROW(3, 3) EM_ROW(3, 4)
+EM_ROW(4, 1) EM_ROW(4, 2) EM_ROW(4, 3) EM_ROW(4, 4)
+EM_ROW(8, 1) EM_ROW(8, 2) EM_ROW(8, 3) EM_ROW(8, 4)
+
+static const row_fn ROWS[4][EM_MR] = {
+    {row_b2_m1, row_b2_m2, row_b2_m3, row_b2_m4},
+    {row_b3_m1, row_b3_m2, row_b3_m3, row_b3_m4},
+    {row_b4_m1, row_b4_m2, row_b4_m3, row_b4_m4},
+    {row_b8_m1, row_b8_m2, row_b8_m3, row_b8_m4},
+};
+
+/* ------------------------------------------------------------------ entry points */
+
+static int check(int bits, int64_t K, int64_t Kp, int64_t G) {
+    if (bits != 2 && bits != 3 && bits != 4 && bits != 8) return -2;
+    if (G <= 0 || G % EM_BLOCK || G > 8192 || Kp % G || K > Kp) return -3;
+    return 0;
+}
+
+/* y (M, N) = x (M, K) @ dequant(W)^T. Returns 0, or a negative code on bad arguments (-2, -3)
+ * or when out of memory (-1).
+ *
+ * bits 2/3/4: unsigned codes, fp16 scale (sdt EM_F16) and zero per group of G (per_row 0).
+ * bits 8: signed int8 codes (N, K), one scale per row of dtype sdt (per_row 1), no zero:
+ * torch's _weight_int8pack_mm layout; G is then only the activation group (64). */
+int em_qmm(const void *x, int xdt, int64_t M, int64_t K, const uint8_t *w, const void *scale, int sdt, int per_row,
+           const uint16_t *zero, int64_t N, int64_t Kp, int bits, int64_t G, void *y, int ydt, int nthreads) {
+    int rc = check(bits, K, Kp, G);
+    if (rc) return rc;
+    if (bits == 8 && (!per_row || zero)) return -3;
+    const int64_t ng = Kp / G, bpg = G / EM_BLOCK, row_bytes = Kp * bits / 8;
+    const float off = bits == 8 ? 0.f : (float)((1 << bits) - 1) / 2.f;
+    const int64_t srow_len = per_row ? 1 : ng, sstep = per_row ? 0 : 1;
+    const size_t ssize = sdt == EM_F32 ? 4 : 2;
+    int16_t *xq = (int16_t *)aligned_alloc(64, (size_t)((M * Kp * 2 + 63) / 64 * 64));
+    float *xs = (float *)malloc((size_t)(M * ng) * sizeof(float));
+    float *xsum = (float *)malloc((size_t)(M * ng) * sizeof(float));
+    if (!xq || !xs || !xsum) {
+        free(xq), free(xs), free(xsum);
+        return -1;
+    }
+    quantize_x(x, xdt, M, K, Kp, G, xq, xs, xsum, nthreads);
+    const int64_t nblk = (N + EM_NB - 1) / EM_NB;
+    /* Dynamic: a thread the OS preempts (cores shared with other work) does not hold the
+     * others up at the barrier; work items are small enough that the cost is noise. */
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads) if (N * Kp * M >= EM_PAR_MIN)
+    for (int64_t ib = 0; ib < nblk; ib++) {
+        const int64_t n0 = ib * EM_NB, n1 = n0 + EM_NB < N ? n0 + EM_NB : N;
+        /* Activation rows outer, weight rows inner: the 4 activation rows stay in L1/L2 while
+         * the block's weight rows (a few KiB each) stream past them. */
+        for (int64_t m0 = 0; m0 < M; m0 += EM_MR) {
+            const int mr = M - m0 < EM_MR ? (int)(M - m0) : EM_MR;
+            const row_fn fn = ROWS[bits == 8 ? 3 : bits - 2][mr - 1];
+            for (int64_t n = n0; n < n1; n++) {
+                float r[EM_MR];
+                fn(w + n * row_bytes, (const char *)scale + n * srow_len * ssize, sdt, sstep,
+                   zero ? zero + n * ng : NULL, ng, bpg, xq + m0 * Kp, Kp, xs + m0 * ng, xsum + m0 * ng, off, r);
+                for (int i = 0; i < mr; i++) store_out(y, ydt, (m0 + i) * N + n, r[i]);
+            }
+        }
+    }
+    free(xq), free(xs), free(xsum);
+    return 0;
+}
+
+/* Rows [n0, n1) of dequant(W) into out (n1 - n0, K), fp32 or bf16. */
+int em_dequant(const uint8_t *w, const uint16_t *scale, const uint16_t *zero, int64_t n0, int64_t n1, int64_t K,
+               int64_t Kp, int bits, int64_t G, void *out, int odt, int nthreads) {
+    int rc = check(bits, K, Kp, G);
+    if (rc) return rc;
+    if (bits == 8) return -2; /* int8 dequantizes in torch (one multiply) */
+    (void)nthreads;
+    const int64_t ng = Kp / G, row_bytes = Kp * bits / 8, nblocks = Kp / EM_BLOCK;
+    const float off = (float)((1 << bits) - 1) / 2.f;
+#pragma omp parallel for schedule(dynamic, 16) num_threads(nthreads) if ((n1 - n0) * Kp >= EM_PAR_MIN)
+    for (int64_t n = n0; n < n1; n++) {
+#ifndef EM_AVX2
+        int16_t q[EM_BLOCK];
+#endif
+        float v[EM_BLOCK];
+        for (int64_t blk = 0; blk < nblocks; blk++) {
+            const int64_t g = blk * EM_BLOCK / G, k0 = blk * EM_BLOCK;
+            const float s = f16_to_f32(scale[n * ng + g]);
+            const float zt = zero ? f16_to_f32(zero[n * ng + g]) : -off * s;
+#ifdef EM_AVX2
+            {
+                __m256i wv[4];
+                unpack64(bits, w + n * row_bytes + blk * 8 * bits, wv);
+                const __m256 vs = _mm256_set1_ps(s), vz = _mm256_set1_ps(zt);
+                for (int t = 0; t < 4; t++) {
+                    const __m256 lo = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(wv[t])));
+                    const __m256 hi = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(wv[t], 1)));
+                    _mm256_storeu_ps(v + 16 * t, _mm256_fmadd_ps(vs, lo, vz));
+                    _mm256_storeu_ps(v + 16 * t + 8, _mm256_fmadd_ps(vs, hi, vz));
+                }
+            }
+#else
+            unpack64_scalar(bits, w + n * row_bytes + blk * 8 * bits, q);
+            for (int j = 0; j < EM_BLOCK; j++) v[j] = s * (float)q[j] + zt;
+#endif
+            const int64_t kn = K - k0 < EM_BLOCK ? K - k0 : EM_BLOCK;
+            if (kn <= 0) break;
+            if (odt == EM_BF16) {
+                uint16_t *o = (uint16_t *)out + (n - n0) * K + k0;
+                for (int j = 0; j < kn; j++) o[j] = f32_to_bf16(v[j]);
+            } else {
+                float *o = (float *)out + (n - n0) * K + k0;
+                memcpy(o, v, (size_t)kn * sizeof(float));
+            }
+        }
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------ quantization */
+
+/* Codes of one group against fp16-rounded scale s and zero z (z unused when symmetric);
+ * returns the squared error and the stored fp16 values. Mirrors quantize.py's _fit. */
+static float fit_group(const float *x, int64_t G, int lv, int asym, float s, float z, uint8_t *q,
+                        uint16_t *s16, uint16_t *z16) {
+    uint16_t hs = f32_to_f16(s);
+    if ((hs & 0x7fffu) == 0) hs = 1; /* fp16 underflow: keep the step positive */
+    const float sf = f16_to_f32(hs), off = (float)lv / 2.f;
+    float zf = 0.f;
+    uint16_t hz = 0;
+    if (asym) {
+        hz = f32_to_f16(z);
+        zf = f16_to_f32(hz);
+    }
+    /* Two branch-free loops so the compiler vectorises them (division kept, not a
+     * reciprocal: the codes must match quantize.py's x / s exactly). */
+    float sse = 0.f;
+#ifdef EM_AVX2
+    {
+        const __m256 vs = _mm256_set1_ps(sf), vz = _mm256_set1_ps(zf), voff = _mm256_set1_ps(off);
+        const __m256 vlv = _mm256_set1_ps((float)lv), vzero = _mm256_setzero_ps();
+        __m256 acc = _mm256_setzero_ps();
+        for (int64_t k = 0; k < G; k += 8) { /* G is a multiple of 64 */
+            const __m256 xv = _mm256_loadu_ps(x + k);
+            __m256 c = asym ? _mm256_div_ps(_mm256_sub_ps(xv, vz), vs) : _mm256_add_ps(_mm256_div_ps(xv, vs), voff);
+            c = _mm256_round_ps(c, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            c = _mm256_min_ps(_mm256_max_ps(c, vzero), vlv);
+            const __m256i ci = _mm256_cvtps_epi32(c);
+            const __m128i c16 = _mm_packus_epi32(_mm256_castsi256_si128(ci), _mm256_extracti128_si256(ci, 1));
+            _mm_storel_epi64((__m128i *)(q + k), _mm_packus_epi16(c16, c16));
+            const __m256 e = asym ? _mm256_sub_ps(xv, _mm256_fmadd_ps(vs, c, vz))
+                                  : _mm256_sub_ps(xv, _mm256_mul_ps(vs, _mm256_sub_ps(c, voff)));
+            acc = _mm256_fmadd_ps(e, e, acc);
+        }
+        sse = hsum8(acc);
+    }
+#else
+    if (asym) {
+        for (int64_t k = 0; k < G; k++) {
+            float c = rintf((x[k] - zf) / sf);
+            c = fminf(fmaxf(c, 0.f), (float)lv);
+            q[k] = (uint8_t)c;
+            const float e = x[k] - (sf * c + zf);
+            sse += e * e;
+        }
+    } else {
+        for (int64_t k = 0; k < G; k++) {
+            float c = rintf(x[k] / sf + off);
+            c = fminf(fmaxf(c, 0.f), (float)lv);
+            q[k] = (uint8_t)c;
+            const float e = x[k] - sf * (c - off);
+            sse += e * e;
+        }
+    }
+#endif
+    *s16 = hs, *z16 = hz;
+    return sse;
+}
+
+static const float SHRINK[] = {1.0f, 0.95f, 0.9f, 0.85f, 0.8f, 0.75f, 0.7f, 0.65f, 0.6f};
+
+/* Group-wise quantization of w (N, K) fp32: codes (N, Kp), scales and zeros (N, Kp/G) fp16.
+ * Same algorithm as quantize.py (range candidates, then one least-squares refit). */
+int em_quantize(const float *w, int64_t N, int64_t K, int64_t Kp, int bits, int64_t G, int asym, int search,
+                uint8_t *q, uint16_t *scale, uint16_t *zero, int nthreads) {
+    if (bits < 2 || bits > 8 || G <= 0 || Kp % G || K > Kp) return -3;
+    (void)nthreads;
+    const int64_t ng = Kp / G;
+    const int lv = (1 << bits) - 1;
+    const float off = (float)lv / 2.f;
+    int rc = 0;
+#pragma omp parallel num_threads(nthreads)
+    {
+        float *x = (float *)malloc((size_t)G * sizeof(float));
+        uint8_t *cand = (uint8_t *)malloc((size_t)G);
+        const int ok = x && cand;
+        if (!ok) {
+#pragma omp atomic write
+            rc = -1;
+        }
+        { /* every thread must reach the worksharing loop, even one whose malloc failed */
+#pragma omp for schedule(dynamic, 64)
+            for (int64_t i = 0; i < N * ng; i++) {
+                if (!ok) continue;
+                const int64_t n = i / ng, g = i % ng, k0 = g * G;
+                for (int64_t k = 0; k < G; k++) x[k] = k0 + k < K ? w[n * K + k0 + k] : 0.f;
+                float lo = x[0], hi = x[0], amax = 0.f;
+                for (int64_t k = 0; k < G; k++) {
+                    lo = x[k] < lo ? x[k] : lo;
+                    hi = x[k] > hi ? x[k] : hi;
+                    amax = fabsf(x[k]) > amax ? fabsf(x[k]) : amax;
+                }
+                const float mid = (lo + hi) / 2.f;
+                uint8_t *qb = q + n * Kp + k0;
+                uint16_t bs = 0, bz = 0, cs, cz;
+                float best = INFINITY;
+                const int ncand = search ? (int)(sizeof(SHRINK) / sizeof(SHRINK[0])) : 1;
+                for (int c = 0; c < ncand; c++) {
+                    float s, z = 0.f;
+                    if (asym) {
+                        s = (hi - lo) * SHRINK[c] / (float)lv;
+                        s = s < 1e-12f ? 1e-12f : s;
+                        z = mid - s * ((float)lv / 2.f);
+                    } else {
+                        s = amax * SHRINK[c] / off;
+                        s = s < 1e-12f ? 1e-12f : s;
+                    }
+                    const float e = fit_group(x, G, lv, asym, s, z, cand, &cs, &cz);
+                    if (e < best) best = e, bs = cs, bz = cz, memcpy(qb, cand, (size_t)G);
+                }
+                if (search) { /* least-squares scale (and zero) for the best codes so far */
+                    double sq = 0, sx = 0, sqq = 0, sqx = 0;
+                    for (int64_t k = 0; k < G; k++) {
+                        const double c = asym ? (double)qb[k] : (double)qb[k] - off;
+                        sq += c, sx += x[k], sqq += c * c, sqx += c * x[k];
+                    }
+                    float s, z = 0.f;
+                    if (asym) {
+                        const double det = (double)G * sqq - sq * sq;
+                        s = det > 0 ? (float)(((double)G * sqx - sq * sx) / det) : 0.f;
+                        z = det > 0 ? (float)((sx - s * sq) / (double)G) : (float)(sx / (double)G);
+                        s = s <= 0.f ? 1e-12f : s;
+                    } else {
+                        s = (float)(sqx / (sqq > 1e-12 ? sqq : 1e-12));
+                        s = s < 1e-12f ? 1e-12f : s;
+                    }
+                    const float e = fit_group(x, G, lv, asym, s, z, cand, &cs, &cz);
+                    if (e < best) best = e, bs = cs, bz = cz, memcpy(qb, cand, (size_t)G);
+                }
+                scale[n * ng + g] = bs;
+                if (asym) zero[n * ng + g] = bz;
+            }
+        }
+        free(x), free(cand);
+    }
+    return rc;
+}

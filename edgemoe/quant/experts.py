@@ -1,0 +1,159 @@
+"""Quantized expert formats and the experts they build.
+
+Names (recorded in the store manifest; `get_format` parses them):
+
+    int8                    per-output-channel symmetric int8, bf16 scales    8 bits + 16/K
+    int4, int3, int2        group-wise symmetric, 64 weights per fp16 scale    b + 0.25
+    int4-asym, int3-asym,   group-wise asymmetric (fp16 scale and zero per     b + 0.5
+    int2-asym               group of 64)
+    ...-g128, -g256, ...    the same with another group size (a multiple of 64)
+
+Bits per weight are exact for shapes whose input sizes are multiples of the group size;
+otherwise rows are padded to whole groups. Every layout here is portable (the same bytes
+on every CPU), so `tag()` is empty: the kernels read it as stored, nothing is repacked.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from ..errors import StoreError
+from ..models.base import ACTIVATIONS
+from .formats import Format, TensorSpec
+from .kernels import Int8Matrix, QMatrix, int8_mm, qmm, quantize_int8
+from .quantize import BLOCK, QuantSpec, pack, quantize
+
+DEFAULT_GROUP = 64
+MAX_GROUP = 4096
+
+
+def check_parts(fmt: Format, parts: dict[str, torch.Tensor], hidden: int, inter: int) -> None:
+    """The kernels read the tensors in place, so they must be exactly what layout() says:
+    a mismatch means the blob was written for another format or shape."""
+    for spec in fmt.layout(hidden, inter):
+        t = parts.get(spec.name)
+        if t is None:
+            raise StoreError(f"expert in format {fmt.name!r} is missing tensor {spec.name!r}")
+        if t.dtype != spec.dtype or tuple(t.shape) != spec.shape or not t.is_contiguous():
+            raise StoreError(
+                f"expert tensor {spec.name!r} of format {fmt.name!r} is {t.dtype} {tuple(t.shape)}"
+                f"{'' if t.is_contiguous() else ' non-contiguous'}, expected contiguous {spec.dtype} {spec.shape}"
+            )
+
+
+class QuantExpert:
+    """An expert whose gate/up (stacked) and down matrices are quantized. Holds only views
+    of the encoded tensors; every call allocates just its activations."""
+
+    def __init__(self, w13, w2, act: str, mm):
+        self.w13, self.w2 = w13, w2  # QMatrix or Int8Matrix
+        self.act = ACTIVATIONS[act]
+        self._mm = mm
+        self.nbytes = w13.nbytes + w2.nbytes
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # (N, H) -> (N, H)
+        h = self._mm(x, self.w13, torch.float32)  # (N, 2I); fp32 so the product below is not rounded twice
+        g, u = h.chunk(2, dim=-1)  # (N, I) x2
+        return self._mm(self.act(g) * u, self.w2, x.dtype)  # (N, H)
+
+
+class GroupwiseFormat(Format):
+    """2/3/4-bit group-wise codes packed with no wasted bits (layout in quantize.py),
+    computed by the packed kernels in kernels.py."""
+
+    def __init__(self, bits: int, group: int = DEFAULT_GROUP, asym: bool = False, search: bool = True):
+        if bits not in (2, 3, 4):
+            raise ValueError(f"group-wise expert formats are 2, 3 or 4 bits, not {bits} (int8 is Int8Format)")
+        self.spec = QuantSpec(bits, group, asym)
+        self.search = search
+        self.name = format_name(bits, group, asym)
+
+    def _mats(self, hidden: int, inter: int):
+        return (("w13", 2 * inter, hidden), ("w2", hidden, inter))
+
+    def layout(self, hidden: int, inter: int) -> list[TensorSpec]:
+        sp, out = self.spec, []
+        for name, n, k in self._mats(hidden, inter):
+            out.append(TensorSpec(f"{name}.q", torch.uint8, (n, sp.row_bytes(k))))
+            out.append(TensorSpec(f"{name}.s", torch.float16, (n, sp.groups(k))))
+            if sp.asym:
+                out.append(TensorSpec(f"{name}.z", torch.float16, (n, sp.groups(k))))
+        return out
+
+    def encode(self, gate, up, down):
+        out = {}
+        for name, w in (("w13", torch.cat([gate, up], dim=0)), ("w2", down)):
+            qz = quantize(w, self.spec, search=self.search)
+            out[f"{name}.q"] = pack(qz.q, self.spec.bits)
+            out[f"{name}.s"] = qz.scale
+            if self.spec.asym:
+                out[f"{name}.z"] = qz.zero
+        return out
+
+    def matrices(self, parts: dict[str, torch.Tensor]) -> tuple[QMatrix, QMatrix]:
+        """The stored tensors as (w13, w2) QMatrix views; shapes come from the tensors."""
+        hidden, inter = parts["w2.q"].shape[0], parts["w13.q"].shape[0] // 2
+        check_parts(self, parts, hidden, inter)
+        mats = []
+        for name, n, k in self._mats(hidden, inter):
+            mats.append(QMatrix(parts[f"{name}.q"], parts[f"{name}.s"], parts.get(f"{name}.z"), self.spec, k))
+        return mats[0], mats[1]
+
+    def expert(self, parts, act, dtype):
+        w13, w2 = self.matrices(parts)
+        return QuantExpert(w13, w2, act, qmm)
+
+
+class Int8Format(Format):
+    """Per-output-channel symmetric int8 with bf16 scales: the layout torch's
+    `_weight_int8pack_mm` reads directly."""
+
+    name = "int8"
+
+    def layout(self, hidden: int, inter: int) -> list[TensorSpec]:
+        return [
+            TensorSpec("w13.q", torch.int8, (2 * inter, hidden)),
+            TensorSpec("w13.s", torch.bfloat16, (2 * inter,)),
+            TensorSpec("w2.q", torch.int8, (hidden, inter)),
+            TensorSpec("w2.s", torch.bfloat16, (hidden,)),
+        ]
+
+    def encode(self, gate, up, down):
+        w13, w2 = quantize_int8(torch.cat([gate, up], dim=0)), quantize_int8(down)
+        return {"w13.q": w13.q, "w13.s": w13.scale, "w2.q": w2.q, "w2.s": w2.scale}
+
+    def expert(self, parts, act, dtype):
+        check_parts(self, parts, parts["w2.q"].shape[0], parts["w13.q"].shape[0] // 2)
+        w13 = Int8Matrix(parts["w13.q"], parts["w13.s"])
+        w2 = Int8Matrix(parts["w2.q"], parts["w2.s"])
+        return QuantExpert(w13, w2, act, int8_mm)
+
+
+# ----------------------------------------------------------------------------- names
+
+_NAME = re.compile(r"^int([234])(-asym)?(?:-g(\d+))?$")
+
+
+def format_name(bits: int, group: int, asym: bool) -> str:
+    """Canonical name: the default group size is left out."""
+    return f"int{bits}" + ("-asym" if asym else "") + (f"-g{group}" if group != DEFAULT_GROUP else "")
+
+
+def parse_format(name: str) -> Format | None:
+    """A format for a name of the grammar above, or None if the name does not match it.
+    Raises ValueError for a matching name with an unusable group size."""
+    m = _NAME.match(name)
+    if not m:
+        return None
+    bits, asym = int(m.group(1)), m.group(2) is not None
+    group = int(m.group(3)) if m.group(3) else DEFAULT_GROUP
+    if group % BLOCK or not BLOCK <= group <= MAX_GROUP:
+        raise ValueError(f"group size in {name!r} must be a multiple of {BLOCK} between {BLOCK} and {MAX_GROUP}")
+    return GroupwiseFormat(bits, group, asym)
+
+
+def default_formats() -> list[Format]:
+    """The formats registered at import."""
+    return [Int8Format()] + [GroupwiseFormat(b, DEFAULT_GROUP, a) for b in (4, 3, 2) for a in (False, True)]

@@ -1,0 +1,69 @@
+"""int8 weights for the resident (non-expert) layers: attention projections, shared
+experts, dense MLPs, the LM head.
+
+`Int8Linear` keeps a per-output-channel symmetric int8 weight and its scales as buffers
+(`qweight` (N, K) int8, `scale` (N,)), so a state dict round-trips with safetensors, and
+computes with torch's `_weight_int8pack_mm` for small batches (decode) or dequantize +
+matmul for large ones (prefill); see kernels.int8_mm.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .kernels import Int8Matrix, int8_mm, quantize_int8
+
+
+class Int8Linear(nn.Module):
+    """Drop-in for a bias-optional nn.Linear with an int8 weight."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, scale_dtype=torch.bfloat16):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("scale", torch.ones(out_features, dtype=scale_dtype))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=scale_dtype) if bias else None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, scale_dtype: torch.dtype | None = None) -> "Int8Linear":
+        """Quantize an nn.Linear's weight (scales in the layer's dtype unless given)."""
+        scale_dtype = scale_dtype or linear.weight.dtype
+        m = cls(linear.in_features, linear.out_features, linear.bias is not None, scale_dtype)
+        w = quantize_int8(linear.weight.detach(), scale_dtype)
+        m.qweight.copy_(w.q)
+        m.scale.copy_(w.scale)
+        if linear.bias is not None:
+            m.bias.copy_(linear.bias.detach().to(scale_dtype))
+        return m
+
+    def dequantized(self) -> torch.Tensor:
+        """The weight the layer computes with, (N, K) fp32 (for tests and debugging)."""
+        return self.qweight.float() * self.scale.float().unsqueeze(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = int8_mm(x.reshape(-1, shape[-1]), Int8Matrix(self.qweight, self.scale), x.dtype)  # (M, N)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+
+
+def quantize_linears_(
+    module: nn.Module, include: Callable[[str, nn.Linear], bool] | None = None
+) -> list[str]:
+    """Replace, in place, every nn.Linear under `module` for which include(name, layer) is
+    true (all of them by default) with an Int8Linear. Returns the replaced names."""
+    done = []
+    for name, child in list(module.named_modules()):
+        for attr, sub in list(child.named_children()):
+            full = f"{name}.{attr}" if name else attr
+            if type(sub) is nn.Linear and (include is None or include(full, sub)):
+                setattr(child, attr, Int8Linear.from_linear(sub))
+                done.append(full)
+    return done

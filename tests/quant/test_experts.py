@@ -1,0 +1,176 @@
+"""Expert formats: names, layouts, encode, and experts built from zero-copy views equal to
+the dequantized-reference DenseExpert."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from edgemoe.errors import EdgeMoEError, StoreError
+from edgemoe.models.moe import DenseExpert
+from edgemoe.quant import kernels as K
+from edgemoe.quant.experts import GroupwiseFormat, Int8Format
+from edgemoe.quant.formats import FORMATS, get_format
+from edgemoe.quant.quantize import QuantSpec, dequantize, unpack
+
+QUANT = ["int8", "int4", "int4-asym", "int3", "int3-asym", "int2", "int2-asym"]
+SHAPES = [(64, 96), (128, 256), (192, 384)]  # (hidden, inter): odd, and tiny-model sizes
+
+
+def weights(hidden: int, inter: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(*s, generator=g) * 0.05 for s in ((inter, hidden), (inter, hidden), (hidden, inter)))
+
+
+def to_slab(fmt, parts: dict[str, torch.Tensor], hidden: int, inter: int, align: int = 64):
+    """Lay the encoded tensors out the way the expert store does (one aligned blob, in
+    layout order) and return the slab and zero-copy views into it."""
+    specs = fmt.layout(hidden, inter)
+    offsets, off = [], 0
+    for s in specs:
+        off = -(-off // align) * align
+        offsets.append(off)
+        off += s.nbytes
+    slab = torch.zeros(off, dtype=torch.uint8)
+    views = {}
+    for s, o in zip(specs, offsets):
+        slab[o : o + s.nbytes] = parts[s.name].contiguous().view(-1).view(torch.uint8)
+        views[s.name] = slab[o : o + s.nbytes].view(s.dtype).view(s.shape)
+    return slab, views
+
+
+def reference(fmt, parts, hidden, inter) -> DenseExpert:
+    """DenseExpert in fp32 over the dequantized stored weights."""
+    if isinstance(fmt, Int8Format):
+        w13 = parts["w13.q"].float() * parts["w13.s"].float()[:, None]
+        w2 = parts["w2.q"].float() * parts["w2.s"].float()[:, None]
+    else:
+        from edgemoe.quant.quantize import Quantized
+
+        def dq(name, k):
+            q = unpack(parts[f"{name}.q"], fmt.spec.bits)
+            return dequantize(Quantized(q, parts[f"{name}.s"], parts.get(f"{name}.z"), fmt.spec, k))
+
+        w13, w2 = dq("w13", hidden), dq("w2", inter)
+    return DenseExpert.from_stacked(w13, w2, "silu")
+
+
+def tensors_of(expert):
+    for mat in (expert.w13, expert.w2):
+        for t in vars(mat).values():
+            if isinstance(t, torch.Tensor):
+                yield t
+
+
+@pytest.mark.parametrize("name", QUANT)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_expert_from_views_matches_dequantized_reference(name, shape):
+    hidden, inter = shape
+    fmt = get_format(name)
+    parts = fmt.encode(*weights(hidden, inter))
+    specs = fmt.layout(hidden, inter)
+    assert [s.name for s in specs] == list(parts)
+    for s in specs:
+        assert parts[s.name].dtype == s.dtype and tuple(parts[s.name].shape) == s.shape, s
+    slab, views = to_slab(fmt, parts, hidden, inter)
+    expert = fmt.expert(views, "silu", torch.bfloat16)
+    # Zero-copy: the expert computes from the slab and owns nothing of its own.
+    lo, hi = slab.data_ptr(), slab.data_ptr() + slab.numel()
+    assert all(lo <= t.data_ptr() < hi for t in tensors_of(expert))
+    assert expert.nbytes == sum(s.nbytes for s in specs)
+
+    ref = reference(fmt, parts, hidden, inter)
+    for m in (1, 7, 33):
+        x = torch.randn(m, hidden)
+        want = ref(x)  # (m, H) fp32
+        got = expert(x)
+        assert got.shape == (m, hidden) and got.dtype == torch.float32
+        err = float((got - want).abs().max() / want.abs().max())
+        # CPUs with bf16 matrix units run large batches as dequantize + bf16 matmul
+        bf16_path = K.MATMUL_DTYPE == torch.bfloat16 and m > K.packed_max_batch()
+        assert err < (2e-2 if bf16_path else 2e-3), (m, err)
+        got16 = expert(x.bfloat16())
+        assert got16.dtype == torch.bfloat16
+        err16 = float((got16.float() - want).abs().max() / want.abs().max())
+        assert err16 < 3e-2, (m, err16)
+
+
+def test_fallback_expert_matches_native():
+    fmt = get_format("int3")
+    hidden, inter = 128, 256
+    parts = fmt.encode(*weights(hidden, inter, seed=5))
+    x = torch.randn(4, hidden)
+    fast = fmt.expert(parts, "silu", torch.float32)(x)
+    K.use_native(False)
+    try:
+        slow = fmt.expert(parts, "silu", torch.float32)(x)
+    finally:
+        K.use_native(True)
+    assert float((fast - slow).abs().max() / slow.abs().max()) < 2e-3
+
+
+def test_big_expert_shape():
+    """A ~1B-model expert (hidden 2048, inter 1408), batch 1 and 9, 4- and 2-bit."""
+    hidden, inter = 2048, 1408
+    w = weights(hidden, inter, seed=3)
+    for name in ("int4", "int2-asym"):
+        fmt = get_format(name)
+        parts = fmt.encode(*w)
+        expert, ref = fmt.expert(parts, "silu", torch.float32), reference(fmt, parts, hidden, inter)
+        for m in (1, 9):
+            x = torch.randn(m, hidden)
+            want = ref(x)
+            assert float((expert(x) - want).abs().max() / want.abs().max()) < 2e-3
+
+
+def test_bits_per_weight_is_exact():
+    h, i = 4096, 14336
+    want = {"int4": 4.25, "int4-asym": 4.5, "int3": 3.25, "int3-asym": 3.5, "int2": 2.25, "int2-asym": 2.5,
+            "int3-g128": 3.125, "int2-asym-g128": 2.25}
+    for name, bpw in want.items():
+        assert get_format(name).bits_per_weight(h, i) == pytest.approx(bpw, abs=1e-12), name
+    # The code tensors alone: exactly b bits per weight (3-bit packs 3 bits, not 4).
+    for b in (2, 3, 4):
+        q = [s for s in get_format(f"int{b}").layout(h, i) if s.name.endswith(".q")]
+        assert sum(s.nbytes for s in q) * 8 == b * 3 * h * i
+    assert get_format("int8").bits_per_weight(h, i) == pytest.approx(8 + 16 * (2 * i + h) / (3 * h * i))
+
+
+def test_names_round_trip():
+    for name, fmt in FORMATS.items():
+        assert fmt.name == name and get_format(name) is fmt
+        assert fmt.tag() == ""  # portable layouts: no CPU-specific packing
+    for name in ("int4-g128", "int3-asym-g256", "int2-g1024"):
+        fmt = get_format(name)
+        assert fmt.name == name and get_format(fmt.name) is fmt
+    assert get_format("int4-g64") is get_format("int4")  # spelled-out default group
+    assert isinstance(get_format("int2-asym"), GroupwiseFormat) and get_format("int2-asym").spec == QuantSpec(2, 64, True)
+
+
+@pytest.mark.parametrize("bad", ["int5", "int4-g32", "int4-g100", "int8-asym", "int4_asym", "INT4", "int4-g0"])
+def test_bad_names_raise(bad):
+    with pytest.raises(EdgeMoEError, match=bad):
+        get_format(bad)
+
+
+def test_layout_depends_only_on_shape():
+    for name in QUANT:
+        fmt = get_format(name)
+        a, b = fmt.layout(192, 384), fmt.layout(192, 384)
+        assert a == b
+        parts = fmt.encode(*weights(192, 384, seed=9))
+        assert sum(t.nbytes for t in parts.values()) == sum(s.nbytes for s in a)
+
+
+def test_mismatched_parts_are_refused():
+    hidden, inter = 64, 96
+    for name in ("int4", "int8"):
+        fmt = get_format(name)
+        parts = fmt.encode(*weights(hidden, inter))
+        other = get_format("int3" if name == "int4" else "int4").encode(*weights(hidden, inter))
+        wrong = dict(parts, **{"w13.q": other["w13.q"]})
+        with pytest.raises(StoreError, match="w13.q"):
+            fmt.expert(wrong, "silu", torch.float32)
+        missing = {k: v for k, v in parts.items() if k != "w2.s"}
+        with pytest.raises(StoreError, match="missing"):
+            fmt.expert(missing, "silu", torch.float32)

@@ -1,0 +1,185 @@
+"""Packed matmul kernels against the dequantized reference, every path and batch size."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from edgemoe.quant import kernels as K
+from edgemoe.quant.quantize import QuantSpec, dequantize, pack, quantize
+
+SHAPES = [(96, 64), (64, 96), (256, 128), (384, 192), (130, 300)]  # (N, K), K padded when odd
+BATCHES = [1, 7, 33]
+
+
+def make(n: int, k: int, spec: QuantSpec, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * 0.05
+    qz = quantize(w, spec, search=False)
+    return K.QMatrix(pack(qz.q, spec.bits), qz.scale, qz.zero, spec, k), dequantize(qz)
+
+
+def assert_matches(y: torch.Tensor, x: torch.Tensor, wd: torch.Tensor, rtol: float):
+    """y within rtol of x @ wd^T, relative to |x| @ |wd|^T (the scale of each sum)."""
+    ref = x.double() @ wd.double().t()
+    bound = x.double().abs() @ wd.double().abs().t()
+    err = (y.double() - ref).abs()
+    assert bool((err <= rtol * bound + 1e-6).all()), float((err / bound).max())
+
+
+@pytest.fixture(autouse=True)
+def native_on():
+    K.use_native(True)
+    yield
+    K.use_native(True)
+
+
+def need_native():
+    if not K.native_available():
+        pytest.skip(f"C kernel unavailable: {K.native_error()}")
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("asym", [False, True])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_packed_kernel_matches_reference(bits, asym, shape):
+    need_native()
+    n, k = shape
+    w, wd = make(n, k, QuantSpec(bits, 64, asym))
+    for m in BATCHES:
+        x = torch.randn(m, k)
+        # int16 activations: ~1e-4 of the sum's scale
+        assert_matches(K.qmm_packed(x, w, torch.float32), x, wd, 5e-4)
+
+
+@pytest.mark.parametrize("group", [128, 256])
+def test_larger_groups(group):
+    need_native()
+    w, wd = make(200, 512, QuantSpec(3, group, True), seed=1)
+    x = torch.randn(5, 512)
+    assert_matches(K.qmm(x, w, torch.float32), x, wd, 5e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_activation_dtypes(dtype):
+    need_native()
+    w, wd = make(256, 192, QuantSpec(4, 64))
+    x = torch.randn(3, 192).to(dtype)
+    y = K.qmm(x, w)
+    assert y.dtype == dtype and y.shape == (3, 256)
+    assert_matches(y.float(), x.float(), wd, 5e-4 if dtype == torch.float32 else 1e-2)
+
+
+def test_dequant_rows_is_exact():
+    need_native()
+    for spec in (QuantSpec(2, 64), QuantSpec(3, 128, True), QuantSpec(4, 64, True)):
+        w, wd = make(70, 200, spec)
+        assert torch.equal(K.dequant_rows(w, 0, 70), wd)
+        assert torch.equal(K.dequant_rows(w, 10, 33), wd[10:33])
+        assert torch.equal(K.dequant_rows(w, 0, 70, torch.bfloat16), wd.bfloat16())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_large_batch_path(dtype, monkeypatch):
+    """Dequantize + matmul, in fp32 (AVX2 CPUs) or bf16 (CPUs with AMX / AVX512-BF16)."""
+    need_native()
+    monkeypatch.setattr(K, "PACKED_MAX_BATCH", 8)
+    monkeypatch.setattr(K, "PACKED_MAX_BATCH_BF16_CPU", 8)
+    monkeypatch.setattr(K, "MATMUL_DTYPE", dtype)
+    monkeypatch.setattr(K, "DEQUANT_ROWS", 64)  # several chunks
+    w, wd = make(150, 128, QuantSpec(2, 64, True))
+    x = torch.randn(20, 128)
+    assert_matches(K.qmm(x, w, torch.float32), x, wd, 1e-5 if dtype == torch.float32 else 1e-2)
+
+
+def test_dequant_rows_bf16_on_the_large_batch_path():
+    need_native()
+    w, wd = make(64, 128, QuantSpec(3, 64, True))
+    assert torch.equal(K.dequant_rows(w, 0, 64, torch.bfloat16), wd.bfloat16())
+
+
+def test_torch_fallback_without_native():
+    K.use_native(False)
+    assert not K.native_available()
+    for bits in (2, 3, 4):
+        w, wd = make(100, 96, QuantSpec(bits, 64, bits == 2))
+        for m in (1, 9):
+            x = torch.randn(m, 96)
+            assert_matches(K.qmm(x, w, torch.float32), x, wd, 1e-5)
+
+
+def test_missing_compiler_falls_back_with_a_reason(monkeypatch):
+    monkeypatch.setattr(K.shutil, "which", lambda name: None)
+    native = K._Native()
+    monkeypatch.setattr(K, "_native", native)
+    assert native.get() is None and "no C compiler" in native.error
+    w, wd = make(64, 64, QuantSpec(4, 64))
+    x = torch.randn(2, 64)
+    assert_matches(K.qmm(x, w, torch.float32), x, wd, 1e-5)
+
+
+def test_bad_shapes_are_rejected():
+    need_native()
+    w, _ = make(64, 96, QuantSpec(4, 64))
+    with pytest.raises(ValueError):
+        K.qmm_packed(torch.randn(1, 64), w)
+
+
+@pytest.mark.parametrize("path", ["native", "int8pack", "dequant"])
+@pytest.mark.parametrize("k", [128, 72])  # 72: not a multiple of 64, never native or int8pack
+@pytest.mark.parametrize("m", [1, 7, 33])
+def test_int8_mm_matches_reference(m, k, path, monkeypatch):
+    monkeypatch.setattr(K, "INT8PACK_PREFERRED", False)
+    if path == "native":
+        need_native()
+        monkeypatch.setattr(K, "INT8_NATIVE_MAX_BATCH", 1 << 20)
+        monkeypatch.setattr(K, "PACKED_MAX_BATCH_BF16_CPU", 1 << 20)
+    else:
+        K.use_native(False)
+        monkeypatch.setattr(K, "INT8PACK_MAX_BATCH", 1 << 20 if path == "int8pack" else 0)
+    dequant_bf16 = K.MATMUL_DTYPE == torch.bfloat16 and m > K.packed_max_batch() and (path == "dequant" or k % 64)
+    torch.manual_seed(0)
+    for scale_dtype in (torch.bfloat16, torch.float32):
+        w = K.quantize_int8(torch.randn(120, k) * 0.05, scale_dtype)
+        wd = w.q.float() * w.scale.float()[:, None]
+        x = torch.randn(m, k)
+        rtol = 1e-2 if dequant_bf16 else 5e-4 if path == "native" and k % 64 == 0 else 1e-5
+        assert_matches(K.int8_mm(x, w, torch.float32), x, wd, rtol)
+        y = K.int8_mm(x.bfloat16(), w)
+        assert y.dtype == torch.bfloat16
+        assert_matches(y.float(), x.bfloat16().float(), wd, 1e-2)
+
+
+def test_portable_c_path():
+    """The plain-C inner loop (what non-x86 CPUs get) on this machine: built without AVX2."""
+    need_native()
+    if K.platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("the native build already is the portable path here")
+    lib = K._load(K._build([["-O2", "-march=x86-64", "-fopenmp"], ["-O2", "-march=x86-64"]]))
+    assert lib.em_simd() == 0
+    for bits in (2, 3, 4):
+        w, wd = make(130, 300, QuantSpec(bits, 64, bits == 3))
+        for m in (1, 6):
+            x = torch.randn(m, 300)
+            assert_matches(K.qmm_packed(x, w, torch.float32, lib=lib), x, wd, 5e-4)
+    w8 = K.quantize_int8(torch.randn(70, 192))
+    x = torch.randn(5, 192)
+    assert_matches(K._int8_native(lib, x, w8, torch.float32), x, w8.q.float() * w8.scale.float()[:, None], 5e-4)
+
+
+def test_vnni_loop_structure():
+    """The VNNI inner loop (AVX512-VNNI / AVX-VNNI CPUs), with vpdpwssd emulated by
+    vpmaddwd + vpaddd so it runs on any AVX2 machine."""
+    need_native()
+    if K._native.get().em_simd() < 2:
+        pytest.skip("no AVX2 here")
+    lib = K._load(K._build([["-O3", "-march=native", "-fopenmp", "-DEM_EMULATE_VNNI"]]))
+    assert lib.em_simd() == 3
+    for bits in (2, 3, 4):
+        w, wd = make(130, 300, QuantSpec(bits, 64, bits == 2))
+        for m in (1, 3, 6):
+            x = torch.randn(m, 300)
+            assert_matches(K.qmm_packed(x, w, torch.float32, lib=lib), x, wd, 5e-4)
+    w8 = K.quantize_int8(torch.randn(70, 192))
+    x = torch.randn(5, 192)
+    assert_matches(K._int8_native(lib, x, w8, torch.float32), x, w8.q.float() * w8.scale.float()[:, None], 5e-4)
