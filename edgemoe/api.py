@@ -19,6 +19,9 @@ from .sample import make_logits_processors, make_sampler
 from .tokenizer import Tokenizer
 
 MANIFEST = "manifest.json"
+# Any of these marks a directory written by `edgemoe convert` (so that one missing its
+# manifest is reported as such, not read as a Hugging Face checkpoint).
+CONVERTED_FILES = (MANIFEST, "experts.bin", "resident.safetensors")
 
 
 def default_model_dir() -> Path:
@@ -53,6 +56,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.path = path
         self.info = info or {}  # how it was loaded: kind, dtype, memory budget, ...
+        self.on_close: list = []  # callables run by close() (e.g. saving a recorded routing trace)
 
     @property
     def provider(self):
@@ -107,6 +111,9 @@ class Engine:
         return self.generate(self.chat_prompt(messages), **kwargs)
 
     def close(self) -> None:
+        callbacks, self.on_close = self.on_close, []
+        for fn in callbacks:
+            fn()
         if self.provider is not None:
             self.provider.close()
 
@@ -127,7 +134,7 @@ def load(path: str | Path | None = None, *, dtype: str | None = None, memory: st
     runtime: options for the offloaded runtime (cache_policy, prefetch, ...).
     """
     path = Path(path) if path is not None else default_model_dir()
-    if (path / MANIFEST).exists():
+    if any((path / name).exists() for name in CONVERTED_FILES):
         from .runtime.engine import load_converted
 
         model, info = load_converted(path, memory=memory, dtype=dtype, **runtime)

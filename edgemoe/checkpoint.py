@@ -21,6 +21,7 @@ from .errors import ModelLoadError
 from .models import get_family
 from .models.base import EXPERT_KEY, BaseModelArgs, Transformer
 from .models.moe import DenseExpert, InRAMProvider
+from .store.tensorfile import TensorFileError, iter_tensors
 
 DTYPES = {
     "float32": torch.float32,
@@ -121,23 +122,37 @@ class HFCheckpoint:
         for r in self.refs:
             by_file.setdefault(r.file, []).append(r.name)
         for file, names in by_file.items():
+            # Read with pread, not safetensors' mmap: mapped pages a copy touches stay in
+            # RSS until the file closes, which would make a shard cost its whole size.
             try:
-                with safe_open(str(file), "pt") as f:
-                    for name in names:
-                        tensor = f.get_tensor(name)
-                        if dtype is not None and tensor.is_floating_point():
-                            tensor = tensor.to(dtype)
-                        try:
-                            yield from self.family.sanitize(name, tensor)
-                        except ModelLoadError as e:
-                            raise ModelLoadError(f"{file}: {e}") from None
-            except (SafetensorError, OSError) as e:
+                for name, tensor in iter_tensors(file, names):
+                    if dtype is not None and tensor.is_floating_point():
+                        tensor = tensor.to(dtype)
+                    try:
+                        yield from self.family.sanitize(name, tensor)
+                    except ModelLoadError as e:
+                        raise ModelLoadError(f"{file}: {e}") from None
+            except TensorFileError as e:
+                raise ModelLoadError(f"{e} (truncated or corrupted?)") from None
+            except OSError as e:
                 raise ModelLoadError(f"{file}: cannot read tensor data (truncated or corrupted?): {e}") from None
 
     def build(self) -> Transformer:
         """The family's model with weights on the meta device (no memory)."""
+        return build_on_meta(self.family, self.args)
+
+
+def build_on_meta(family: ModuleType, args: BaseModelArgs) -> Transformer:
+    """A family's model with weights on the meta device. `nn.init.normal_` is skipped while
+    building: initialising meta tensors is pointless, and normal_ on them imports
+    torch._dynamo (seconds and ~80 MB of RSS, which would count against a memory budget)."""
+    real = torch.nn.init.normal_
+    torch.nn.init.normal_ = lambda tensor, *args, **kwargs: tensor
+    try:
         with torch.device("meta"):
-            return self.family.build(self.args)
+            return family.build(args)
+    finally:
+        torch.nn.init.normal_ = real
 
 
 def expected_expert_shape(args: BaseModelArgs, part: str) -> tuple[int, int]:

@@ -12,7 +12,9 @@ from ..errors import EdgeMoEError
 COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("edgemoe.cli.generate", "generate text from a prompt"),
     "chat": ("edgemoe.cli.chat", "interactive chat with the chat template"),
+    "train-tiny": ("edgemoe.tools.train_tiny", "train the bundled tiny MoE from the Python stdlib"),
     "serve": ("edgemoe.cli.serve", "OpenAI-compatible HTTP server"),
+    "convert": ("edgemoe.cli.convert", "convert a Hugging Face checkpoint into resident weights + expert store"),
 }
 
 

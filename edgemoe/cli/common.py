@@ -8,6 +8,8 @@ import sys
 from ..api import Engine, load
 from ..errors import InvalidArgument
 from ..generate import GenerationStats
+from ..runtime.engine import DEFAULT_POLICY, MODES
+from ..runtime.policies import POLICIES
 from ..utils import format_bytes
 
 
@@ -17,6 +19,20 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="compute dtype: auto (default), float32, bfloat16")
     p.add_argument("--memory", default=None,
                    help="memory budget for resident weights + expert cache, e.g. 800MB, 1.5GB (converted models)")
+    g = p.add_argument_group("offloaded runtime (directories written by 'edgemoe convert')")
+    g.add_argument("--mode", choices=MODES, default=None,
+                   help="io-exp: read experts on demand into a cache within --memory (default); "
+                        "io-free: read every expert into RAM at load (the paper's IO-FREE baseline)")
+    g.add_argument("--cache-policy", choices=list(POLICIES), default=None,
+                   help=f"expert cache eviction policy (default {DEFAULT_POLICY}); belady replays --trace")
+    g.add_argument("--trace", default=None, metavar="FILE",
+                   help="routing trace for --cache-policy belady, recorded with --record-trace on the same prompt")
+    g.add_argument("--record-trace", default=None, metavar="FILE",
+                   help="record which experts every token picked to FILE (.npz); works with any model directory")
+    g.add_argument("--verify", choices=("first", "always"), default=None,
+                   help="check each expert's checksum the first time it is read (default) or on every read")
+    g.add_argument("--no-direct-io", action="store_true",
+                   help="read experts through the page cache instead of with O_DIRECT")
 
 
 def add_sampling_args(p: argparse.ArgumentParser, temperature: float = 0.0) -> None:
@@ -43,12 +59,32 @@ def sampling_kwargs(args: argparse.Namespace) -> dict:
 
 
 def runtime_kwargs(args: argparse.Namespace) -> dict:
-    """Options for the offloaded runtime; subcommands add more flags over time."""
-    return {}
+    """Options for the offloaded runtime that were given on the command line (only those:
+    a Hugging Face directory accepts none)."""
+    kw = {
+        "cache_policy": getattr(args, "cache_policy", None),
+        "mode": getattr(args, "mode", None),
+        "trace": getattr(args, "trace", None),
+        "verify": getattr(args, "verify", None),
+        "direct_io": False if getattr(args, "no_direct_io", False) else None,
+    }
+    return {k: v for k, v in kw.items() if v is not None}
 
 
 def load_engine(args: argparse.Namespace) -> Engine:
-    return load(args.model, dtype=args.dtype, memory=args.memory, **runtime_kwargs(args))
+    engine = load(args.model, dtype=args.dtype, memory=args.memory, **runtime_kwargs(args))
+    path = getattr(args, "record_trace", None)
+    if path:
+        from ..runtime.trace import TraceRecorder
+
+        recorder = TraceRecorder(engine.model)
+
+        def save() -> None:
+            trace = recorder.save(path)
+            eprint(f"routing trace: {trace.header['tokens']} tokens, {trace.header['forwards']} forwards -> {path}")
+
+        engine.on_close.append(save)
+    return engine
 
 
 def format_stats(stats: GenerationStats) -> str:
@@ -58,10 +94,37 @@ def format_stats(stats: GenerationStats) -> str:
         f"decode: {stats.generated_tokens} tokens, {stats.decode_tps:.1f} tok/s | "
         f"peak RSS: {format_bytes(stats.peak_rss_bytes)}"
     ]
-    extra = stats.extra
+    extra = dict(stats.extra)
+    if "hit_rate" in extra:  # the offloaded runtime's statistics
+        lines += _offload_lines(extra)
     if extra:
         lines.append(" | ".join(f"{k}: {_fmt(k, v)}" for k, v in extra.items() if not isinstance(v, (dict, list))))
     return "\n".join(lines)
+
+
+def _offload_lines(x: dict) -> list[str]:
+    """Two readable lines from the offloaded provider's stats; the keys used are removed
+    from `x` so that anything else is still printed generically."""
+    g = x.pop
+    mode, policy, io = g("mode", "?"), g("cache_policy", "?"), g("io", "?")
+    hits, misses, rate = g("hits", 0), g("misses", 0), g("hit_rate", 0.0)
+    read, per_tok = g("bytes_read", 0), g("bytes_read_per_token", 0)
+    read_s, stall_s, verify_s = g("read_s", 0.0), g("stall_s", 0.0), g("verify_s", 0.0)
+    budget, resident = g("budget_bytes", None), g("resident_bytes", 0)
+    used, cache = g("budget_used_bytes", 0), g("cache_bytes", 0)
+    baseline, over = g("baseline_rss_bytes", 0), g("rss_over_baseline_bytes", 0)
+    d_rate, d_read = g("decode_hit_rate", 0.0), g("decode_bytes_read_per_token", 0)
+    for k in ("evictions", "compactions", "forward_tokens", "min_budget_bytes", "cache_peak_bytes", "decode_stall_s"):
+        x.pop(k, None)
+    experts = (f"experts: {mode}, {policy} cache | hit rate {100 * rate:.1f}% ({hits} hits, {misses} misses; "
+               f"decode {100 * d_rate:.1f}%) | read {format_bytes(read)} ({format_bytes(per_tok)}/token, decode "
+               f"{format_bytes(d_read)}/token, {io} I/O) in {read_s:.2f} s | checksums {verify_s:.2f} s | "
+               f"stall {stall_s:.2f} s")
+    limit = "unlimited" if budget is None else format_bytes(budget)
+    memory = (f"memory: budget {limit} | used {format_bytes(used)} (resident {format_bytes(resident)} + "
+              f"cache {format_bytes(used - resident)} of {format_bytes(cache)}) | peak RSS {format_bytes(over)} "
+              f"over a baseline of {format_bytes(baseline)}")
+    return [experts, memory]
 
 
 def _fmt(key: str, value) -> str:

@@ -1,0 +1,53 @@
+"""`edgemoe convert`: write a Hugging Face checkpoint as resident weights + expert store."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ..utils import format_bytes
+from .common import eprint
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="edgemoe convert",
+        description="Convert a Hugging Face MoE checkpoint into resident weights plus an expert store that "
+                    "'edgemoe generate OUT_DIR --memory SIZE' runs under a memory budget.",
+    )
+    p.add_argument("hf_dir", metavar="HF_DIR", help="Hugging Face model directory (config.json + safetensors)")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="output directory (must not exist unless --force)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--bits", type=int, choices=(16, 8, 4), default=None,
+                   help="expert bitwidth: 16 (bf16), 8 (int8) or 4 (int4); default: unquantized in --dtype")
+    g.add_argument("--format", dest="fmt", default=None, help="expert storage format by name (e.g. bf16, fp32)")
+    g.add_argument("--plan", default=None, metavar="PLAN.json",
+                   help='per-expert formats: {"version": 1, "default": "bf16", "experts": {"<layer>.<expert>": "int4"}}')
+    p.add_argument("--dtype", default=None, help="dtype of the resident weights and of compute: auto (default), "
+                                                 "float32, bfloat16, float16")
+    p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists (only once the new one is complete)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    from ..store.convert import convert
+
+    result = convert(args.hf_dir, args.out_dir, bits=args.bits, fmt=args.fmt, plan=args.plan, dtype=args.dtype,
+                     force=args.force, progress=not args.quiet and not args.json and sys.stderr.isatty())
+    if args.json:
+        print(json.dumps(result.to_dict()))
+        return 0
+    total = result.resident_bytes + result.store_bytes
+    formats = ", ".join(f"{n} x{c}" for n, c in sorted(result.formats.items()))
+    eprint(f"converted {args.hf_dir} -> {result.out} in {result.seconds:.1f} s ({result.model_type}, {result.dtype})")
+    eprint(f"  resident weights  {format_bytes(result.resident_bytes):>10}  resident.safetensors")
+    eprint(f"  expert store      {format_bytes(result.store_bytes):>10}  experts.bin: {result.experts} experts ({formats})")
+    eprint(f"  total             {format_bytes(total):>10}  (source checkpoint {format_bytes(result.source_bytes)})")
+    eprint(f"  peak RSS          {format_bytes(result.peak_rss_bytes):>10}  "
+           f"({format_bytes(result.peak_rss_bytes - result.baseline_rss_bytes)} over the baseline)")
+    eprint(f"run it with: edgemoe generate {result.out} --memory SIZE")
+    return 0

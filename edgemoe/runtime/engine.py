@@ -1,0 +1,181 @@
+"""`load_converted`: a directory from `edgemoe convert` -> model with offloaded experts.
+
+The memory budget M covers the model, as in the EdgeMoE paper: resident weights plus the
+expert cache. The cache slab gets whatever M leaves after the resident weights (never
+more than all the experts). M below resident + the largest top-k experts of one layer
+cannot run a token and is refused before anything is read.
+
+Modes (the paper's baselines):
+- io-exp   experts read on demand into the byte-budgeted cache (default)
+- io-free  every expert read into RAM at load time; no reads while generating
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import attach_provider, build_on_meta, load_resident, parse_dtype
+from ..errors import BudgetError, EdgeMoEError, InvalidArgument, StoreError
+from ..models import get_family
+from ..store.format import ALIGN, Manifest, read_manifest
+from ..store.reader import ExpertStore, check_manifest, manifest_dtype, read_resident
+from ..store.tensorfile import TensorFileError, element_size, read_header
+from ..utils import format_bytes, parse_size, return_large_frees_to_os, rss_bytes
+from .cache import ExpertCache
+from .offload import OffloadedProvider
+from .policies import POLICIES, PolicyContext, make_policy
+from .trace import RoutingTrace
+
+MODES = ("io-exp", "io-free")
+DEFAULT_POLICY = "edgemoe"
+
+
+def min_cache_bytes(manifest: Manifest, top_k: int) -> int:
+    """Cache bytes one token needs: the largest top-k blobs of any one layer."""
+    per_layer: dict[int, list[int]] = {}
+    for e in manifest.experts:
+        per_layer.setdefault(e.layer, []).append(e.length)
+    return max((sum(sorted(v, reverse=True)[:top_k]) for v in per_layer.values()), default=0)
+
+
+def resident_nbytes(path: Path, manifest: Manifest, dtype: torch.dtype) -> int:
+    """Bytes the resident weights take in RAM at `dtype`, from the file header alone."""
+    try:
+        infos, _ = read_header(path / manifest.resident_file)
+    except FileNotFoundError:
+        raise StoreError(f"{path / manifest.resident_file}: resident weights file is missing; "
+                         "the converted model is incomplete") from None
+    except TensorFileError as e:
+        raise StoreError(f"{e}; the resident weights are corrupted, re-run 'edgemoe convert'") from None
+    total = 0
+    for i in infos.values():
+        numel = i.nbytes // element_size(i.dtype)
+        total += numel * element_size(dtype) if i.dtype.is_floating_point else i.nbytes
+    return total
+
+
+def _warm_up_torch(dtype: torch.dtype) -> None:
+    """Make the baseline the interpreter plus torch *initialised*: torch sets up its CPU
+    kernels, thread pools and meta-device dispatch lazily, on first use, which costs a
+    few MB whatever the model. The tokenizer library is loaded right after the model, so
+    it is imported here too."""
+    import tokenizers  # noqa: F401
+    import torch.nn.functional as F
+
+    for dt in {dtype, torch.float32}:
+        x = torch.ones(2, 8, dtype=dt)
+        F.silu(F.linear(x, x))
+        q = torch.ones(1, 2, 2, 8, dtype=dt)
+        F.scaled_dot_product_attention(q, q, q, is_causal=True)
+    with torch.device("meta"):
+        torch.nn.Linear(8, 8)
+
+
+def load_converted(
+    path: str | Path,
+    memory: str | int | None = None,
+    dtype: str | torch.dtype | None = None,
+    cache_policy: str | None = None,
+    mode: str | None = None,
+    trace: str | Path | None = None,
+    verify: str | None = None,
+    direct_io: bool | None = None,
+) -> tuple[torch.nn.Module, dict]:
+    """Load a converted model with its experts offloaded.
+
+    memory: budget for resident weights + expert cache ("800MB", "1.5GB", bytes); None
+    means unlimited (the cache can hold every expert). cache_policy: lru, lfu, edgemoe or
+    belady (with trace=FILE). mode: io-exp (default) or io-free. verify: "first" (check
+    each expert's checksum the first time it is read; default) or "always". direct_io:
+    False forces buffered reads.
+    """
+    return_large_frees_to_os()  # large temporaries leave RSS when freed, not at exit
+    _warm_up_torch(parse_dtype(dtype, {}) if dtype not in (None, "auto") else torch.bfloat16)
+    baseline = rss_bytes()
+    t0 = time.perf_counter()
+    path = Path(path)
+    mode = mode or "io-exp"
+    if mode not in MODES:
+        raise InvalidArgument(f"unknown mode {mode!r} (choose from {', '.join(MODES)})")
+    policy_name = cache_policy or DEFAULT_POLICY
+    if policy_name not in POLICIES:
+        raise InvalidArgument(f"unknown cache policy {policy_name!r} (choose from {', '.join(POLICIES)})")
+    if trace is not None and policy_name != "belady":
+        raise InvalidArgument("a routing trace (--trace) is only used by --cache-policy belady")
+    budget = parse_size(memory) if memory is not None else None
+
+    manifest = read_manifest(path)
+    args = check_manifest(manifest)
+    family = get_family(manifest.model_type, str(manifest.path))
+    stored = manifest_dtype(manifest)
+    dt = stored if dtype in (None, "auto") else parse_dtype(dtype, manifest.config)
+
+    # Budget arithmetic, before reading any weights.
+    resident = resident_nbytes(path, manifest, dt)
+    experts_total = manifest.expert_bytes
+    min_budget = resident + min_cache_bytes(manifest, args.top_k)
+    if mode == "io-free":
+        need = resident + experts_total
+        if budget is not None and budget < need:
+            raise BudgetError(f"--mode io-free keeps every expert in RAM and needs {format_bytes(need)} "
+                              f"({need} bytes), more than the budget of {format_bytes(budget)}; "
+                              "use --mode io-exp for smaller budgets")
+        capacity = experts_total
+    elif budget is None:
+        capacity = experts_total
+    else:
+        if budget < min_budget:
+            raise BudgetError(
+                f"memory budget {format_bytes(budget)} ({budget} bytes) is too small for {path}: the resident "
+                f"weights take {format_bytes(resident)} and one layer's top-{args.top_k} experts "
+                f"{format_bytes(min_budget - resident)}; the minimum is {format_bytes(min_budget)} "
+                f"(--memory {min_budget})"
+            )
+        capacity = min((budget - resident) // ALIGN * ALIGN, experts_total)
+
+    store = ExpertStore(path, direct_io=direct_io is not False, manifest=manifest)
+    try:
+        trace_obj = RoutingTrace.load(trace) if trace is not None else None
+        ctx = PolicyContext(args.moe_layers(), args.experts_per_layer, args.top_k, trace_obj)
+        policy = make_policy(policy_name, ctx)
+        tensors = read_resident(path, manifest, dt)
+        model = build_on_meta(family, args)
+        try:
+            load_resident(model, tensors, str(path / manifest.resident_file))
+        except EdgeMoEError as e:
+            raise StoreError(f"{e}; re-run 'edgemoe convert'") from None
+        del tensors
+        cache = ExpertCache(store, capacity, policy, args.hidden_act, dt, verify or "first")
+    except BaseException:
+        store.close()
+        raise
+    info = {
+        "kind": "converted",
+        "dtype": str(dt).removeprefix("torch."),
+        "mode": mode,
+        "cache_policy": policy_name,
+        "budget_bytes": budget,
+        "min_budget_bytes": min_budget,
+        "resident_bytes": resident,
+        "expert_bytes": experts_total,
+        "cache_bytes": cache.capacity,
+        "io": store.io_mode,
+        "formats": {name: sum(1 for e in manifest.experts if e.format == name) for name in manifest.formats},
+        "baseline_rss_bytes": baseline,
+    }
+    provider = OffloadedProvider(cache, info)
+    try:
+        if mode == "io-free":
+            cache.load_all()
+            info["load_bytes_read"] = cache.store.bytes_read
+            info["load_read_s"] = round(cache.store.read_s, 6)
+            provider.reset_stats()
+    except BaseException:
+        provider.close()
+        raise
+    attach_provider(model, provider)
+    info["load_s"] = round(time.perf_counter() - t0, 6)
+    return model, info

@@ -1,0 +1,191 @@
+"""Routing traces: which experts every token picked in every MoE layer.
+
+A trace is recorded from `MoEBlock.hook` during an ordinary run (in RAM or offloaded) and
+saved as an `.npz` file (numpy's zip of plain arrays, loaded with allow_pickle=False):
+
+    header          uint8   JSON: {"format": "edgemoe-routing-trace", "version": 1,
+                            "model_type", "moe_layers": [...], "num_experts", "top_k",
+                            "tokens", "forwards", "created_by"}
+    ids             int16   (T, L, k)  expert ids per token, MoE layer (in layer order) and slot
+    weights         float16 (T, L, k)  their routing weights
+    forward_tokens  int32   (F,)       tokens processed by each model forward, in order
+
+T is every token processed (prompt and generated, across requests), L the number of MoE
+layers. The requests the cache sees are recovered exactly: forward f covers the next
+forward_tokens[f] rows, and each MoE layer in it asks for the distinct ids in those rows.
+That is what the Belady policy replays; predictors and plots can use the same file.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import EdgeMoEError
+
+TRACE_FORMAT = "edgemoe-routing-trace"
+TRACE_VERSION = 1
+
+
+class TraceError(EdgeMoEError):
+    pass
+
+
+class RoutingTrace:
+    def __init__(self, header: dict, ids: np.ndarray, weights: np.ndarray | None, forward_tokens: np.ndarray,
+                 source: str | Path = "<memory>"):
+        self.header = header
+        self.ids = ids  # (T, L, k)
+        self.weights = weights  # (T, L, k) or None
+        self.forward_tokens = forward_tokens  # (F,)
+        self.source = source
+
+    @property
+    def moe_layers(self) -> list[int]:
+        return list(self.header["moe_layers"])
+
+    def requests(self) -> list[tuple[int, frozenset[int]]]:
+        """(layer, distinct expert ids) for every MoE layer call, in execution order."""
+        out, row = [], 0
+        for n in self.forward_tokens.tolist():
+            block = self.ids[row : row + n]  # (n, L, k)
+            for li, layer in enumerate(self.moe_layers):
+                out.append((layer, frozenset(np.unique(block[:, li]).tolist())))
+            row += n
+        return out
+
+    def check_model(self, moe_layers: list[int], num_experts: int, top_k: int) -> None:
+        h = self.header
+        if list(moe_layers) != self.moe_layers or num_experts != h["num_experts"] or top_k != h["top_k"]:
+            raise TraceError(
+                f"{self.source}: recorded on a different model (MoE layers {self.moe_layers}, "
+                f"{h['num_experts']} experts, top-{h['top_k']}; this model: {list(moe_layers)}, {num_experts}, top-{top_k})"
+            )
+
+    def save(self, path: str | Path) -> None:
+        """Write atomically (temporary file, then rename)."""
+        path = Path(path)
+        buf = io.BytesIO()
+        arrays = {"header": np.frombuffer(json.dumps(self.header).encode(), dtype=np.uint8),
+                  "ids": self.ids, "forward_tokens": self.forward_tokens}
+        if self.weights is not None:
+            arrays["weights"] = self.weights
+        np.savez(buf, **arrays)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_bytes(buf.getvalue())
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "RoutingTrace":
+        path = Path(path)
+        if not path.exists():
+            raise TraceError(f"{path}: routing trace not found")
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                files = set(z.files)
+                if not {"header", "ids", "forward_tokens"} <= files:
+                    raise TraceError(f"{path}: not an edgemoe routing trace (arrays: {', '.join(sorted(files))})")
+                header = json.loads(z["header"].tobytes().decode())
+                ids, fwd = z["ids"], z["forward_tokens"]
+                weights = z["weights"] if "weights" in files else None
+        except TraceError:
+            raise
+        except Exception as e:  # zip, npy and JSON errors all mean an unusable file
+            raise TraceError(f"{path}: cannot read routing trace: {e}") from None
+        if not isinstance(header, dict) or header.get("format") != TRACE_FORMAT:
+            raise TraceError(f"{path}: not an edgemoe routing trace")
+        if header.get("version") != TRACE_VERSION:
+            raise TraceError(f"{path}: trace version {header.get('version')!r} is not supported (expected {TRACE_VERSION})")
+        L, k = len(header.get("moe_layers", [])), header.get("top_k")
+        if ids.ndim != 3 or ids.shape[1:] != (L, k) or not np.issubdtype(ids.dtype, np.integer):
+            raise TraceError(f"{path}: ids array has shape {ids.shape}, expected (tokens, {L}, {k})")
+        if fwd.ndim != 1 or int(fwd.sum()) != ids.shape[0] or (fwd < 1).any():
+            raise TraceError(f"{path}: forward_tokens do not add up to the {ids.shape[0]} recorded tokens")
+        if ids.size and (ids.min() < 0 or ids.max() >= header["num_experts"]):
+            raise TraceError(f"{path}: expert ids outside 0..{header['num_experts'] - 1}")
+        if weights is not None and weights.shape != ids.shape:
+            raise TraceError(f"{path}: weights shape {weights.shape} does not match ids {ids.shape}")
+        return cls(header, ids, weights, fwd, path)
+
+
+class TraceRecorder:
+    """Records routing from a model's MoE blocks through their hooks. Existing hooks keep
+    running (the recorder chains to them)."""
+
+    def __init__(self, model):
+        from .. import __version__
+
+        self.blocks = list(model.moe_blocks())
+        if not self.blocks:
+            raise TraceError("the model has no MoE layers to trace")
+        self.layers = [b.layer for b in self.blocks]
+        self.index = {layer: i for i, layer in enumerate(self.layers)}
+        b0 = self.blocks[0]
+        self.num_experts, self.top_k = b0.num_experts, b0.router.top_k
+        self.model_type = getattr(model.args, "model_type", "")
+        self.version = __version__
+        self.ids: list[list[np.ndarray]] = [[] for _ in self.layers]  # per layer: (N, k) per forward
+        self.weights: list[list[np.ndarray]] = [[] for _ in self.layers]
+        self.forward_tokens: list[int] = []
+        self._prev = [b.hook for b in self.blocks]
+        self._expect = 0  # index of the MoE layer the next hook call must come from
+        for b, prev in zip(self.blocks, self._prev):
+            b.hook = self._make_hook(prev)
+
+    def _make_hook(self, prev):
+        def hook(layer: int, ids: torch.Tensor, weights: torch.Tensor, logits: torch.Tensor) -> None:
+            self._record(layer, ids, weights)
+            if prev is not None:
+                prev(layer, ids, weights, logits)
+
+        return hook
+
+    def _record(self, layer: int, ids: torch.Tensor, weights: torch.Tensor) -> None:
+        i = self.index[layer]
+        if i == 0:
+            if self._expect != 0:  # the previous forward stopped early (an error): drop it
+                self._drop_partial()
+            self.forward_tokens.append(ids.shape[0])
+        elif i != self._expect:
+            raise TraceError(f"routing trace: MoE layer {layer} ran out of order")
+        self.ids[i].append(ids.to(torch.int16 if self.num_experts < 32768 else torch.int32).numpy().copy())
+        self.weights[i].append(weights.detach().to(torch.float16).numpy().copy())
+        self._expect = (i + 1) % len(self.layers)
+
+    def _drop_partial(self) -> None:
+        for i in range(self._expect):
+            self.ids[i].pop()
+            self.weights[i].pop()
+        self.forward_tokens.pop()
+        self._expect = 0
+
+    def trace(self) -> RoutingTrace:
+        if self._expect != 0:
+            self._drop_partial()
+        k = self.top_k
+        T = sum(self.forward_tokens)
+        if T:
+            ids = np.stack([np.concatenate(x) for x in self.ids], axis=1)  # (T, L, k)
+            weights = np.stack([np.concatenate(x) for x in self.weights], axis=1)  # (T, L, k)
+        else:
+            ids = np.zeros((0, len(self.layers), k), np.int16)
+            weights = np.zeros((0, len(self.layers), k), np.float16)
+        header = {"format": TRACE_FORMAT, "version": TRACE_VERSION, "model_type": self.model_type,
+                  "moe_layers": self.layers, "num_experts": self.num_experts, "top_k": k, "tokens": T,
+                  "forwards": len(self.forward_tokens), "created_by": f"edgemoe {self.version}"}
+        return RoutingTrace(header, ids, weights, np.asarray(self.forward_tokens, dtype=np.int32))
+
+    def save(self, path: str | Path) -> RoutingTrace:
+        t = self.trace()
+        t.source = path
+        t.save(path)
+        return t
+
+    def detach(self) -> None:
+        for b, prev in zip(self.blocks, self._prev):
+            b.hook = prev

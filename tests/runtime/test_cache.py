@@ -1,0 +1,268 @@
+"""The expert cache: allocator, eviction under pins and leases, compaction, capacity,
+background loads with priorities, and thread safety."""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+
+import edgemoe
+from edgemoe.errors import BudgetError
+from edgemoe.runtime.cache import DEMAND, PREFETCH, READY, CacheFull, ExpertCache, SlabAllocator
+from edgemoe.runtime.policies import PolicyContext, make_policy
+from edgemoe.store.format import ALIGN, ExpertPlan
+from edgemoe.store.reader import ExpertStore
+
+from store.helpers import make_checkpoint, make_converted, run_prompts
+
+
+# ----------------------------------------------------------------------------- allocator
+
+
+def test_allocator_random_operations_never_overlap():
+    rng = random.Random(0)
+    cap = 64 * ALIGN
+    a = SlabAllocator(cap)
+    live: dict[int, int] = {}
+    for _ in range(3000):
+        if live and rng.random() < 0.45:
+            off = rng.choice(list(live))
+            a.release(off, live.pop(off))
+        else:
+            size = rng.choice([1, 2, 3, 5, 8]) * ALIGN
+            off = a.alloc(size)
+            if off is None:
+                # Refused only when no free block is large enough.
+                assert a.largest_free < size
+                continue
+            assert off % ALIGN == 0 and off + size <= cap
+            for o, n in live.items():
+                assert off + size <= o or o + n <= off, "overlap"
+            live[off] = size
+        assert a.free_bytes == cap - sum(live.values())
+        assert all(n > 0 for _, n in a.free)
+        assert all(x[0] + x[1] < y[0] for x, y in zip(a.free, a.free[1:])), "free list not coalesced"
+    for off, n in list(live.items()):
+        a.release(off, n)
+    assert a.free == [(0, cap)]
+
+
+def test_allocator_best_fit_and_rebuild():
+    a = SlabAllocator(10 * ALIGN)
+    a.rebuild([(0, 2 * ALIGN), (3 * ALIGN, 2 * ALIGN), (8 * ALIGN, ALIGN)])
+    assert a.free == [(2 * ALIGN, ALIGN), (5 * ALIGN, 3 * ALIGN), (9 * ALIGN, ALIGN)]
+    assert a.alloc(ALIGN) == 2 * ALIGN  # the smallest hole that fits
+    assert a.alloc(2 * ALIGN) == 5 * ALIGN
+    assert a.alloc(2 * ALIGN) is None
+
+
+# ----------------------------------------------------------------------------- cache
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory, tokenizer_dir):
+    """A store with two blob sizes (fp32 and half-precision experts)."""
+    d = tmp_path_factory.mktemp("cache")
+    hf = make_checkpoint(d / "hf", "mixtral", tokenizer_dir, num_local_experts=6, num_hidden_layers=4)
+    plan = ExpertPlan("fp32", layers={1: "bf16"}, experts={(0, 1): "fp16", (2, 2): "bf16", (3, 0): "bf16"})
+    return make_converted(hf, d / "conv", plan=plan)
+
+
+def new_cache(conv: Path, capacity: int, policy: str = "lru") -> ExpertCache:
+    store = ExpertStore(conv)
+    a = store.args
+    p = make_policy(policy, PolicyContext(a.moe_layers(), a.experts_per_layer, a.top_k))
+    return ExpertCache(store, capacity, p, a.hidden_act, torch.float32)
+
+
+def check_invariants(cache: ExpertCache) -> None:
+    """No two blobs overlap, bookkeeping adds up, and every READY blob holds the right bytes."""
+    spans = sorted((e.offset, e.offset + e.length) for e in cache.entries.values())
+    for (a0, a1), (b0, b1) in zip(spans, spans[1:]):
+        assert a1 <= b0
+    assert not spans or spans[-1][1] <= cache.capacity
+    assert cache.used == sum(e.length for e in cache.entries.values()) <= cache.capacity
+    for e in cache.entries.values():
+        if e.state == READY:
+            blob = cache.slab.view[e.offset : e.offset + e.info.size]
+            assert zlib.crc32(blob) == e.info.crc32, e.key
+
+
+def use(cache: ExpertCache, key) -> torch.Tensor:
+    entry, _ = cache.acquire(key)
+    try:
+        return cache.expert(entry)(torch.ones(1, 64))
+    finally:
+        cache.release(entry)
+
+
+def test_hits_misses_and_capacity(mixed):
+    cache = new_cache(mixed, 200_000)
+    keys = sorted(cache.store.entries)
+    for k in keys:
+        use(cache, k)
+        check_invariants(cache)
+    use(cache, keys[-1])
+    s = cache.stats()
+    assert s["misses"] == len(keys) and s["hits"] == 1 and s["evictions"] > 0
+    assert s["cache_peak_bytes"] <= cache.capacity and cache.touched <= cache.capacity
+    cache.close()
+
+
+def test_pinned_experts_are_never_evicted(mixed):
+    cache = new_cache(mixed, 4 * 73728)
+    keys = sorted(cache.store.entries)
+    use(cache, keys[0])
+    assert cache.pin([keys[0], (99, 0)]) == [keys[0]]
+    for k in keys[1:]:
+        use(cache, k)
+        assert keys[0] in cache
+    cache.unpin([keys[0]])
+    for k in keys[1:]:
+        use(cache, k)
+    assert keys[0] not in cache
+    cache.close()
+
+
+def test_leased_expert_stays_put_while_others_load(mixed):
+    """A leased expert's views stay valid: no eviction, no move, same output."""
+    cache = new_cache(mixed, 4 * 73728)
+    keys = sorted(cache.store.entries)
+    entry, _ = cache.acquire(keys[0])
+    expert = cache.expert(entry)
+    before = expert(torch.ones(1, 64))
+    offset = entry.offset
+    for k in keys[1:]:
+        use(cache, k)
+    assert entry.offset == offset and keys[0] in cache
+    torch.testing.assert_close(expert(torch.ones(1, 64)), before, rtol=0, atol=0)
+    cache.release(entry)
+    cache.close()
+
+
+def test_compaction_moves_blobs_without_changing_them(mixed):
+    """Mixed sizes fragment the slab; compaction must keep every blob's bytes and views
+    must be rebuilt from the new place."""
+    rng = random.Random(3)
+    cache = new_cache(mixed, 3 * 73728 + 36864, "lfu")
+    keys = sorted(cache.store.entries)
+    want = {}
+    for _ in range(300):
+        k = rng.choice(keys)
+        out = use(cache, k)
+        if k in want:
+            torch.testing.assert_close(out, want[k], rtol=0, atol=0)
+        want[k] = out
+        check_invariants(cache)
+    assert cache.compactions > 0 and cache.compact_bytes > 0
+    cache.close()
+
+
+def test_expert_larger_than_cache_is_refused(mixed):
+    cache = new_cache(mixed, 40_000)  # holds a half-precision expert, not an fp32 one
+    use(cache, (0, 1))  # fp16
+    with pytest.raises(BudgetError, match="needs 73728 bytes"):
+        use(cache, (0, 0))
+    cache.close()
+
+
+def test_background_loads_run_in_priority_order(mixed):
+    cache = new_cache(mixed, 10 * 73728)
+    store = cache.store
+    gate, started, order = threading.Event(), threading.Event(), []
+    real = store.read_into
+
+    def read_into(entry, buf):
+        order.append(entry.key)
+        if len(order) == 1:
+            started.set()
+            gate.wait(10)  # hold the loader on its first request while the queue fills
+        return real(entry, buf)
+
+    store.read_into = read_into
+    keys = sorted(store.entries)
+    first = cache.submit(keys[0], PREFETCH)
+    assert started.wait(10)
+    later = [cache.submit(k, PREFETCH) for k in keys[1:4]]
+    urgent = cache.submit(keys[5], DEMAND)
+    gate.set()
+    for f in [first, *later, urgent]:
+        assert f.result(timeout=30) is True
+    assert order == [keys[0], keys[5], *keys[1:4]]  # the demand request jumped the queue
+    assert cache.submit(keys[5]).result(timeout=30) is False  # already cached
+    cache.close()
+
+
+def test_demand_waits_for_an_expert_being_loaded_in_background(mixed):
+    cache = new_cache(mixed, 10 * 73728)
+    store, gate, started = cache.store, threading.Event(), threading.Event()
+    real = store.read_into
+
+    def slow(entry, buf):
+        started.set()
+        gate.wait(10)
+        return real(entry, buf)
+
+    store.read_into = slow
+    key = sorted(store.entries)[0]
+    fut = cache.submit(key)
+    assert started.wait(10)
+    threading.Timer(0.05, gate.set).start()
+    entry, hit = cache.acquire(key)  # blocks until the background read is done
+    assert hit and cache.waits == 1 and store.reads == 1
+    cache.release(entry)
+    assert fut.result(timeout=10) is True
+    cache.close()
+
+
+def test_concurrent_demand_and_background_loads(mixed):
+    """Random on-demand uses in this thread while a background thread loads other
+    experts into a small cache: no overlap, no corruption, no deadlock."""
+    cache = new_cache(mixed, 3 * 73728, "edgemoe")
+    keys = sorted(cache.store.entries)
+    rng = random.Random(7)
+    ref = {k: use(cache, k) for k in keys}
+    futures = []
+    for i in range(400):
+        if i % 3 == 0:
+            futures.append(cache.submit(rng.choice(keys)))
+        k = rng.choice(keys)
+        torch.testing.assert_close(use(cache, k), ref[k], rtol=0, atol=0)
+    for f in futures:
+        try:
+            f.result(timeout=30)
+        except CacheFull:
+            pass  # a background load may find every expert in use; it is dropped
+    with cache.cond:
+        check_invariants(cache)
+    assert cache.stats()["background_loads"] > 0
+    cache.close()
+
+
+def test_file_system_without_o_direct_falls_back_to_buffered_reads(mixed, monkeypatch):
+    """Where open(O_DIRECT) is refused (older tmpfs, some network file systems) the store
+    reads through the page cache, says so in the statistics, and gives the same tokens."""
+    real = os.open
+
+    def no_direct(path, flags, *args, **kwargs):
+        if flags & os.O_DIRECT:
+            raise OSError(22, "Invalid argument")
+        return real(path, flags, *args, **kwargs)
+
+    ref = edgemoe.load(mixed, mode="io-free")
+    want = run_prompts(ref)
+    ref.close()
+    monkeypatch.setattr(os, "open", no_direct)
+    engine = edgemoe.load(mixed, memory=None)
+    try:
+        assert engine.info["io"] == "buffered"
+        assert run_prompts(engine) == want
+        assert engine.provider.stats()["io"] == "buffered"
+    finally:
+        engine.close()

@@ -1,0 +1,57 @@
+"""Helpers shared by the expert-store and offloaded-runtime tests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+import edgemoe
+from conftest import save_checkpoint, tiny_config
+from edgemoe.runtime.trace import TraceRecorder
+from edgemoe.store.convert import convert
+
+# Token-id prompts: no tokenizer involved, and long enough that prefill routes each layer
+# to every expert of the tiny models (more distinct experts than a minimal cache holds).
+PROMPTS = [[0, 17, 93, 211, 5, 48, 150, 260, 31, 77, 12], [0, 300, 301, 4, 9, 120]]
+NEW_TOKENS = 8
+
+
+def make_checkpoint(out: Path, family: str = "mixtral", tokenizer_dir: Path | None = None, seed: int = 0,
+                    dtype: torch.dtype = torch.float32, **overrides) -> Path:
+    save_checkpoint(tiny_config(family, **overrides), out, tokenizer_dir, seed=seed, dtype=dtype)
+    return out
+
+
+def make_converted(src: Path, out: Path, **kwargs) -> Path:
+    convert(src, out, **kwargs)
+    return out
+
+
+def run_prompts(engine, prompts=PROMPTS, n: int = NEW_TOKENS) -> list[list[int]]:
+    """Greedy token ids for each prompt (fixed length: EOS ignored)."""
+    return [engine.generate(p, max_tokens=n, ignore_eos=True).token_ids for p in prompts]
+
+
+def reference(hf_dir: Path, trace_path: Path | None = None, dtype=None, prompts=PROMPTS, n: int = NEW_TOKENS):
+    """Tokens of the in-RAM engine, optionally recording the routing trace of the run."""
+    engine = edgemoe.load(hf_dir, dtype=dtype)
+    recorder = TraceRecorder(engine.model) if trace_path is not None else None
+    tokens = run_prompts(engine, prompts, n)
+    if recorder is not None:
+        recorder.save(trace_path)
+    engine.close()
+    return tokens
+
+
+def min_budget(converted: Path) -> int:
+    engine = edgemoe.load(converted, memory=None)
+    try:
+        return engine.info["min_budget_bytes"]
+    finally:
+        engine.close()
+
+
+def manifest(converted: Path) -> dict:
+    return json.loads((converted / "manifest.json").read_text())
