@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
+import torch
+
 from .errors import InvalidArgument, ModelLoadError
 from .generate import GenerationResponse, GenerationStats, PromptCache, provider_of, stream_generate
 from .models.base import Transformer
@@ -124,13 +126,52 @@ class Engine:
         self.close()
 
 
-def load(path: str | Path | None = None, *, dtype: str | None = None, memory: str | int | None = None, **runtime) -> Engine:
+# Below this many weight bytes touched per decoded token, one thread is faster: splitting
+# such small matmuls costs more than it saves, and on a busy 2-core machine OpenMP threads
+# stall at barriers (measured 5-8x slower decode with 2 threads on the bundled model).
+SMALL_MODEL_BYTES = 64 * 1000**2
+_DEFAULT_THREADS = torch.get_num_threads()
+
+
+def decode_bytes_per_token(model: Transformer) -> int:
+    """Approximate weight bytes one decode step reads: resident matrices (not the embedding
+    lookup, unless it doubles as the LM head) plus top-k routed experts per MoE layer."""
+    args = model.args
+    params = sum(p.nbytes for p in model.parameters())
+    if not args.tie_word_embeddings:
+        params -= model.embed.weight.nbytes
+    elem = model.embed.weight.element_size()
+    expert = 3 * args.hidden_size * args.expert_dim * elem
+    return params + len(args.moe_layers()) * args.top_k * expert
+
+
+def set_threads(threads: int | None, model: Transformer) -> int:
+    """Apply a thread count (None: one thread for small models, torch's default otherwise)."""
+    if threads is None:
+        torch.set_num_threads(1 if decode_bytes_per_token(model) < SMALL_MODEL_BYTES else _DEFAULT_THREADS)
+    elif threads < 1:
+        raise InvalidArgument(f"threads must be >= 1, got {threads}")
+    else:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
+def load(
+    path: str | Path | None = None,
+    *,
+    dtype: str | None = None,
+    memory: str | int | None = None,
+    threads: int | None = None,
+    **runtime,
+) -> Engine:
     """Load a model for generation.
 
     path: a Hugging Face model directory (everything in RAM) or a directory written by
     `edgemoe convert` (experts offloaded to an expert store). None means the bundled model.
     memory: for converted models, the byte budget for resident weights plus the expert
     cache ("800MB", "1.5GB" or an int); None means unlimited.
+    threads: compute threads for this process (torch's setting is process-wide); None picks
+    one thread for small models and torch's default (all cores) otherwise.
     runtime: options for the offloaded runtime (cache_policy, prefetch, ...).
     """
     path = Path(path) if path is not None else default_model_dir()
@@ -147,5 +188,12 @@ def load(path: str | Path | None = None, *, dtype: str | None = None, memory: st
 
         model, ckpt = load_hf(path, dtype)
         info = {"kind": "hf", "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
-    tokenizer = Tokenizer(path, eos_token_ids=model.args.eos_ids)
+    try:
+        tokenizer = Tokenizer(path, eos_token_ids=model.args.eos_ids)
+        info["threads"] = set_threads(threads, model)
+    except BaseException:
+        provider = provider_of(model)
+        if provider is not None:
+            provider.close()  # stop loader threads and close the store before giving up
+        raise
     return Engine(model, tokenizer, path, info)

@@ -135,3 +135,16 @@ def test_chat_uses_template(tiny_mixtral):
     ids = engine.chat_prompt([{"role": "user", "content": "hi"}])
     assert engine.tokenizer.decode(ids, skip_special_tokens=False) == "<|bos|><|user|>hi<|end|><|assistant|>"
     assert len(engine.chat([{"role": "user", "content": "hi"}], max_tokens=3, ignore_eos=True).token_ids) == 3
+
+
+def test_thread_count_choice(tiny_mixtral):
+    from edgemoe.api import SMALL_MODEL_BYTES, decode_bytes_per_token
+    from edgemoe.errors import InvalidArgument
+
+    engine = edgemoe.load(tiny_mixtral)
+    assert decode_bytes_per_token(engine.model) < SMALL_MODEL_BYTES
+    assert engine.info["threads"] == 1 == torch.get_num_threads()
+    assert edgemoe.load(tiny_mixtral, threads=2).info["threads"] == 2
+    with pytest.raises(InvalidArgument):
+        edgemoe.load(tiny_mixtral, threads=0)
+    torch.set_num_threads(1)

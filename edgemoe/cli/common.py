@@ -17,6 +17,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default=None,
                    help="Hugging Face model directory or a directory from 'edgemoe convert' (default: the bundled model)")
     p.add_argument("--dtype", default=None, help="compute dtype: auto (default), float32, bfloat16")
+    p.add_argument("--threads", "-t", type=int, default=None,
+                   help="compute threads (default: 1 for small models, all cores otherwise)")
     p.add_argument("--memory", default=None,
                    help="memory budget for resident weights + expert cache, e.g. 800MB, 1.5GB (converted models)")
     g = p.add_argument_group("offloaded runtime (directories written by 'edgemoe convert')")
@@ -72,7 +74,7 @@ def runtime_kwargs(args: argparse.Namespace) -> dict:
 
 
 def load_engine(args: argparse.Namespace) -> Engine:
-    engine = load(args.model, dtype=args.dtype, memory=args.memory, **runtime_kwargs(args))
+    engine = load(args.model, dtype=args.dtype, memory=args.memory, threads=args.threads, **runtime_kwargs(args))
     path = getattr(args, "record_trace", None)
     if path:
         from ..runtime.trace import TraceRecorder
