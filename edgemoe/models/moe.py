@@ -99,21 +99,47 @@ class InRAMProvider(ExpertProvider):
 class Router(nn.Module):
     """Linear gate, softmax over all experts, then top-k. With `norm_topk` the k weights
     are renormalised to sum to one (Mixtral always does this: it equals top-k then
-    softmax)."""
+    softmax).
+
+    `adaptive` (None = off) is adaptive top-k gating from the Edge-MoE survey: a token
+    keeps its ranked experts only until they cover this much routing probability (at least
+    one, at most k), so confident tokens load fewer experts. Dropped slots get id -1 and
+    weight 0; the kept weights are rescaled to the total the full top-k would have had.
+    """
 
     def __init__(self, hidden: int, num_experts: int, top_k: int, norm_topk: bool):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_experts, hidden))
         self.top_k = top_k
         self.norm_topk = norm_topk
+        self.adaptive: float | None = None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         logits = F.linear(x, self.weight)  # (N, E)
         probs = torch.softmax(logits.float(), dim=-1)  # (N, E)
-        weights, ids = torch.topk(probs, self.top_k, dim=-1)  # (N, k) x2
+        weights, ids = torch.topk(probs, self.top_k, dim=-1)  # (N, k) x2, descending
+        total = weights.sum(dim=-1, keepdim=True)  # (N, 1)
+        if self.adaptive is not None:
+            keep = (weights.cumsum(dim=-1) - weights) < self.adaptive  # mass ranked above each slot
+            weights = weights * keep
+            ids = ids.masked_fill(~keep, -1)
+            if not self.norm_topk:
+                weights = weights * (total / weights.sum(dim=-1, keepdim=True))
         if self.norm_topk:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return weights.to(x.dtype), ids, logits
+
+
+def set_adaptive_gating(model: nn.Module, mass: float | None) -> None:
+    """Turn adaptive top-k gating on (keep experts until `mass` of routing probability is
+    covered, 0 < mass <= 1) or off (None) for every MoE block of a model."""
+    if mass is not None and not 0 < mass <= 1:
+        from ..errors import InvalidArgument
+
+        raise InvalidArgument(f"adaptive gating mass must be in (0, 1], got {mass}")
+    for module in model.modules():
+        if isinstance(module, Router):
+            module.adaptive = mass
 
 
 RoutingHook = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
@@ -159,18 +185,21 @@ class MoEBlock(nn.Module):
 
     def routed(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         N, k = ids.shape
-        flat = ids.reshape(-1)  # (N*k,)
+        E = self.num_experts
+        flat = ids.reshape(-1)  # (N*k,); -1 marks a slot dropped by adaptive gating
+        adaptive = self.router.adaptive is not None
         # One output row per (token, slot); filled expert by expert, summed at the end in a
         # fixed order so the result does not depend on the order experts arrive in.
-        slots = x.new_empty(N * k, x.shape[-1])  # (N*k, H)
+        slots = x.new_zeros(N * k, x.shape[-1]) if adaptive else x.new_empty(N * k, x.shape[-1])  # (N*k, H)
         if N == 1:
-            wanted = flat.tolist()
-            slot = {e: i for i, e in enumerate(wanted)}  # top-k ids are distinct
-            for e, expert in self.provider.experts(self.layer, wanted, x):
+            picked = flat.tolist()
+            slot = {e: i for i, e in enumerate(picked) if e >= 0}  # top-k ids are distinct
+            for e, expert in self.provider.experts(self.layer, list(slot), x):
                 slots[slot[e]] = expert(x)[0]
         else:
-            order = torch.argsort(flat, stable=True)  # (N*k,)
-            counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+            key = flat.masked_fill(flat < 0, E) if adaptive else flat  # dropped slots sort last
+            order = torch.argsort(key, stable=True)  # (N*k,)
+            counts = torch.bincount(key, minlength=E + 1).tolist()[:E]
             starts, wanted, pos = {}, [], 0
             for e, c in enumerate(counts):
                 if c:
