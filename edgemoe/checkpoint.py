@@ -176,7 +176,7 @@ def check_expert_tensor(args: BaseModelArgs, key: str, tensor: torch.Tensor, sou
 
 def load_resident(model: Transformer, tensors: dict[str, torch.Tensor], source: str) -> None:
     """Assign resident tensors to a meta-device model, checking names and shapes."""
-    params = dict(model.named_parameters())
+    params = {**dict(model.named_parameters()), **dict(model.named_buffers())}  # buffers: int8 layers
     if model.args.tie_word_embeddings:
         tensors.pop("lm_head.weight", None)
     unknown = sorted(set(tensors) - set(params))

@@ -26,6 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help='per-expert formats: {"version": 1, "default": "bf16", "experts": {"<layer>.<expert>": "int4"}}')
     p.add_argument("--dtype", default=None, help="dtype of the resident weights and of compute: auto (default), "
                                                  "float32, bfloat16, float16")
+    p.add_argument("--resident", choices=("float", "int8"), default=None,
+                   help="non-expert weights: float (default, in --dtype) or int8 (attention, shared-expert, dense-MLP "
+                        "and untied LM-head linears as per-channel int8; embeddings, norms and routers stay float)")
     p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists (only once the new one is complete)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
@@ -37,14 +40,15 @@ def main(argv: list[str]) -> int:
     from ..store.convert import convert
 
     result = convert(args.hf_dir, args.out_dir, bits=args.bits, fmt=args.fmt, plan=args.plan, dtype=args.dtype,
-                     force=args.force, progress=not args.quiet and not args.json and sys.stderr.isatty())
+                     resident=args.resident, force=args.force, progress=not args.quiet and not args.json and sys.stderr.isatty())
     if args.json:
         print(json.dumps(result.to_dict()))
         return 0
     total = result.resident_bytes + result.store_bytes
     formats = ", ".join(f"{n} x{c}" for n, c in sorted(result.formats.items()))
     eprint(f"converted {args.hf_dir} -> {result.out} in {result.seconds:.1f} s ({result.model_type}, {result.dtype})")
-    eprint(f"  resident weights  {format_bytes(result.resident_bytes):>10}  resident.safetensors")
+    int8 = f" ({len(result.resident_int8)} linear layers int8)" if result.resident_int8 else ""
+    eprint(f"  resident weights  {format_bytes(result.resident_bytes):>10}  resident.safetensors{int8}")
     eprint(f"  expert store      {format_bytes(result.store_bytes):>10}  experts.bin: {result.experts} experts ({formats})")
     eprint(f"  total             {format_bytes(total):>10}  (source checkpoint {format_bytes(result.source_bytes)})")
     eprint(f"  peak RSS          {format_bytes(result.peak_rss_bytes):>10}  "

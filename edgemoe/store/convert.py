@@ -30,6 +30,7 @@ from ..checkpoint import HFCheckpoint, check_expert_tensor, load_resident, parse
 from ..errors import EdgeMoEError, ModelLoadError
 from ..models.base import EXPERT_KEY
 from ..quant.formats import get_format
+from ..quant.resident import RESIDENT_FORMATS, quantize_resident
 from ..utils import peak_rss_bytes, return_large_frees_to_os, rss_bytes
 from .format import (
     ALIGN,
@@ -70,6 +71,7 @@ class ConvertResult:
     peak_rss_bytes: int
     source_bytes: int
     copied: list[str] = field(default_factory=list)
+    resident_int8: list[str] = field(default_factory=list)  # resident linear layers stored as int8
 
     def to_dict(self) -> dict:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
@@ -176,8 +178,10 @@ def _encode(fmt, info: FormatInfo, gate, up, down, where: str) -> dict[str, torc
 
 def convert(src: str | Path, out: str | Path, *, bits: int | None = None, fmt: str | None = None,
             plan: ExpertPlan | str | Path | None = None, dtype: str | torch.dtype | None = None,
-            force: bool = False, progress: bool = False) -> ConvertResult:
-    """Convert the Hugging Face checkpoint at `src` into an offloadable model at `out`."""
+            resident: str | None = None, force: bool = False, progress: bool = False) -> ConvertResult:
+    """Convert the Hugging Face checkpoint at `src` into an offloadable model at `out`.
+    resident: "float" (default: the resident weights in the compute dtype) or "int8"
+    (resident linear layers as int8, see quant/resident.py)."""
     t0 = time.perf_counter()
     return_large_frees_to_os()  # freed tensors leave RSS at once (we free one per expert)
     baseline = rss_bytes()
@@ -187,6 +191,8 @@ def convert(src: str | Path, out: str | Path, *, bits: int | None = None, fmt: s
     dt = parse_dtype(dtype, ckpt.config)
     plan = resolve_plan(bits, fmt, plan, dt)
     plan.check(args.moe_layers(), args.experts_per_layer, "plan")
+    if resident not in (None, *RESIDENT_FORMATS):
+        raise EdgeMoEError(f"resident weights format must be one of {', '.join(RESIDENT_FORMATS)}, got {resident!r}")
     if out.resolve() == src.resolve():
         raise EdgeMoEError(f"{out}: the output directory must differ from the input")
     if out.exists() and not force:
@@ -207,14 +213,14 @@ def convert(src: str | Path, out: str | Path, *, bits: int | None = None, fmt: s
     writer = None
     try:
         writer = _StoreWriter(tmp / STORE_NAME, store_id)
-        resident: dict[str, torch.Tensor] = {}
+        tensors: dict[str, torch.Tensor] = {}  # resident
         pending: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
         bar = tqdm(total=source_bytes, unit="B", unit_scale=True, desc="converting", disable=not progress,
                    leave=False, dynamic_ncols=True)
         for key, tensor in ckpt.tensors(None):
             bar.update(tensor.numel() * tensor.element_size())
             if not EXPERT_KEY.match(key):
-                resident[key] = tensor.to(dt) if tensor.is_floating_point() else tensor
+                tensors[key] = tensor.to(dt) if tensor.is_floating_point() else tensor
                 continue
             layer, expert, part = check_expert_tensor(args, key, tensor, str(src))
             got = pending.setdefault((layer, expert), {})
@@ -237,10 +243,11 @@ def convert(src: str | Path, out: str | Path, *, bits: int | None = None, fmt: s
                                  + (f" ({len(wanted) - 1} more experts incomplete)" if len(wanted) > 1 else ""))
 
         # Same checks as loading would do (names, shapes), so a bad checkpoint fails now.
-        load_resident(ckpt.build(), resident, str(src))
-        resident_bytes = write_tensors(tmp / RESIDENT_NAME, resident, {"format": "pt"})
-        crcs = {name: crc32_of(t) for name, t in resident.items()}
-        del resident
+        load_resident(ckpt.build(), tensors, str(src))
+        int8 = quantize_resident(ckpt.build(), tensors, dt) if resident == "int8" else []
+        resident_bytes = write_tensors(tmp / RESIDENT_NAME, tensors, {"format": "pt"})
+        crcs = {name: crc32_of(t) for name, t in tensors.items()}
+        del tensors
 
         copied = []
         for name in AUX_FILES:
@@ -255,7 +262,7 @@ def convert(src: str | Path, out: str | Path, *, bits: int | None = None, fmt: s
             resident_file=RESIDENT_NAME, resident_bytes=resident_bytes, resident_tensors=crcs,
             store_file=STORE_NAME, store_bytes=store_bytes,
             formats={n: infos[n] for n in sorted({e.format for e in entries})},
-            experts=entries, created_by=f"edgemoe {__version__}",
+            experts=entries, created_by=f"edgemoe {__version__}", resident_int8=int8, version=2 if int8 else 1,
         )
         manifest.write(tmp / MANIFEST_NAME)
         _fsync_dir(tmp)
@@ -276,5 +283,5 @@ def convert(src: str | Path, out: str | Path, *, bits: int | None = None, fmt: s
         out=out, model_type=args.model_type, dtype=dtype_name(dt), resident_bytes=resident_bytes,
         store_bytes=store_bytes, experts=len(entries), formats=dict(Counter(e.format for e in entries)),
         seconds=time.perf_counter() - t0, baseline_rss_bytes=baseline, peak_rss_bytes=peak_rss_bytes(),
-        source_bytes=source_bytes, copied=copied,
+        source_bytes=source_bytes, copied=copied, resident_int8=int8,
     )

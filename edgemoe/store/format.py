@@ -16,7 +16,8 @@ Manifest, version 1 (all sizes and offsets in bytes):
       "config": {... the checkpoint's config.json ...},
       "alignment": 4096,
       "resident": {"file": "resident.safetensors", "bytes": N,
-                   "tensors": {"<name>": {"crc32": C}, ...}},
+                   "tensors": {"<name>": {"crc32": C}, ...},
+                   "int8": ["layers.0.attn.q", ...]},        # version 2 only, see below
       "store": {"file": "experts.bin", "bytes": N, "header_bytes": 4096},
       "formats": {"bf16": {"tag": "", "bits": 16.0, "bytes": B,      # B = payload bytes of one expert
                            "parts": [{"name": "w13", "dtype": "bfloat16", "shape": [2I, H], "offset": 0}, ...]}},
@@ -29,6 +30,11 @@ the next multiple of 4096 so that it can be read with O_DIRECT. Inside a blob th
 format's tensors follow each other at 64-byte aligned offsets. crc32 covers the payload.
 The manifest carries its own checksum so that a damaged manifest is refused instead of
 silently describing a different model.
+
+Version 2 is version 1 plus `resident.int8`: resident linear layers stored as int8 codes
+`<name>.qweight` and scales `<name>.scale` instead of `<name>.weight` (`edgemoe convert
+--resident int8`, see quant/resident.py). It is written only when that list is not empty,
+so a reader that knows only version 1 refuses such a model instead of misloading it.
 
 Plan, version 1 (`edgemoe convert --plan PLAN.json`): which storage format each expert gets.
 
@@ -51,7 +57,7 @@ from ..errors import EdgeMoEError, StoreError
 from ..quant.formats import Format, TensorSpec, get_format
 
 MANIFEST_FORMAT = "edgemoe-converted-model"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # the newest version this edgemoe reads; it writes 1 unless resident layers are int8
 PLAN_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 RESIDENT_NAME = "resident.safetensors"
@@ -176,7 +182,8 @@ class Manifest:
     formats: dict[str, FormatInfo]
     experts: list[ExpertEntry]
     created_by: str = ""
-    version: int = MANIFEST_VERSION
+    resident_int8: list[str] = field(default_factory=list)  # resident linear layers stored as int8 (version 2)
+    version: int = 1
     path: Path | None = field(default=None, compare=False)
 
     # --- derived views
@@ -200,7 +207,8 @@ class Manifest:
             "config": self.config,
             "alignment": ALIGN,
             "resident": {"file": self.resident_file, "bytes": self.resident_bytes,
-                         "tensors": {k: {"crc32": v} for k, v in self.resident_tensors.items()}},
+                         "tensors": {k: {"crc32": v} for k, v in self.resident_tensors.items()},
+                         **({"int8": list(self.resident_int8)} if self.resident_int8 else {})},
             "store": {"file": self.store_file, "bytes": self.store_bytes, "header_bytes": HEADER_BYTES},
             "formats": {k: v.to_dict() for k, v in self.formats.items()},
             "experts": [e.to_dict() for e in self.experts],
@@ -307,6 +315,9 @@ def _parse(d: dict, path: Path) -> Manifest:
         if a.offset + a.length > b.offset:
             raise StoreError(f"{src}: {a.name} and {b.name} overlap in the store")
     tensors = {k: _int(v["crc32"], f"crc32 of {k}", src) for k, v in res["tensors"].items()}
+    int8 = res.get("int8", []) if d["version"] >= 2 else []
+    if not isinstance(int8, list) or not all(isinstance(n, str) and n for n in int8):
+        raise StoreError(f"{src}: resident.int8 must be a list of layer names")
     config = d["config"]
     if not isinstance(config, dict) or config.get("model_type") != d["model_type"]:
         raise StoreError(f"{src}: config does not match model_type {d['model_type']!r}")
@@ -314,7 +325,8 @@ def _parse(d: dict, path: Path) -> Manifest:
         store_id=str(d["store_id"]), model_type=str(d["model_type"]), dtype=str(d["dtype"]), config=config,
         resident_file=_filename(res["file"], src), resident_bytes=_int(res["bytes"], "resident bytes", src),
         resident_tensors=tensors, store_file=_filename(store["file"], src), store_bytes=store_bytes,
-        formats=formats, experts=experts, created_by=str(d.get("created_by", "")), version=d["version"], path=path,
+        formats=formats, experts=experts, created_by=str(d.get("created_by", "")), resident_int8=int8,
+        version=d["version"], path=path,
     )
 
 

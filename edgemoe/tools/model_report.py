@@ -15,7 +15,7 @@ Everything is measured with edgemoe's own forward pass in float32:
   uniform routing, layer-independent routing with the same per-layer usage, and a
   randomly initialised model of the same shape give.
 
-The functions are reusable: `perplexity`, `RoutingRecorder`, `usage_entropy`,
+The functions are reusable: `perplexity` (from edgemoe.evaluate), `RoutingRecorder`, `usage_entropy`,
 `path_coverage`.
 """
 
@@ -33,40 +33,10 @@ from pathlib import Path
 import torch
 
 from ..errors import EdgeMoEError
+from ..evaluate import perplexity, windows  # noqa: F401  (shared with `edgemoe eval`; re-exported)
 from ..models.base import Transformer
 
 # ----------------------------------------------------------------------------- measurement
-
-
-def windows(ids: list[int], context: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cut a token list into non-overlapping windows of `context` inputs and their
-    next-token targets, so that every token but the first is predicted exactly once
-    (with the context reset at each window start)."""
-    n = (len(ids) - 1) // context
-    if n < 1:
-        raise EdgeMoEError(f"need more than {context} tokens to evaluate, got {len(ids)}")
-    t = torch.tensor(ids[: n * context + 1], dtype=torch.long)
-    return t[:-1].view(n, context), t[1:].view(n, context)  # (N, T), (N, T)
-
-
-@torch.inference_mode()
-def perplexity(model: Transformer, ids: list[int], context: int, batch: int = 8, recorder=None) -> dict:
-    """Mean next-token negative log-likelihood of `ids` under `model`, evaluated in
-    windows of `context` tokens. Returns {"nll", "ppl", "tokens"}; `recorder` (a
-    RoutingRecorder) sees every window."""
-    inputs, targets = windows(ids, context)
-    total, count = 0.0, 0
-    for i in range(0, inputs.shape[0], batch):
-        x, y = inputs[i : i + batch], targets[i : i + batch]  # (B, T) x2
-        if recorder is not None:
-            recorder.start(x)
-        logits = model(x).float()  # (B, T, V)
-        if recorder is not None:
-            recorder.finish()
-        total += torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item()
-        count += y.numel()
-    nll = total / count
-    return {"nll": nll, "ppl": math.exp(nll), "tokens": count}
 
 
 class RoutingRecorder:

@@ -1,0 +1,488 @@
+"""`edgemoe profile`: how often each expert is used, and how much calibration loss each
+candidate storage format would cost it.
+
+One pass over the calibration text (windows of the model's context) runs the model in
+RAM with autograd, recording for every MoE layer its input x_t, its routing (experts
+and gate weights w_t) and the gradient g_t of the summed calibration loss with respect
+to the layer's output. Storing expert e in format f changes that output, at every token
+routed to e, by
+
+    d_t = w_t * (E_f(x_t) - E(x_t))
+
+where E_f is the expert built from its encoded form exactly as the runtime builds it.
+A second-order Taylor expansion of the summed calibration NLL in these output changes,
+with the empirical-Fisher approximation of the Hessian, splits the increase in mean NLL
+(nats per token) into two terms:
+
+    first_order(e, f) = (1 / N) * sum_t g_t . d_t
+    sensitivity(e, f) = (1 / N) * sum_t 1/2 (g_t . d_t)^2
+
+The *sensitivity* is the expected increase: it is never negative and does not depend on
+the sign of this particular text's gradient. The first-order term is that sign: near a
+trained minimum it averages out over text, but on a given calibration text it can make a
+quantized expert look better than the original. It is recorded, and the full Taylor
+estimate (their sum) tracks single-expert calibration measurements closely, but the
+planner uses the sensitivity by default, because plans chosen with the first-order term
+fit the calibration text and lose more on held-out text (docs/bitwidth.md).
+
+Both are products of vectors the pass already has, so all experts and formats cost about
+one extra expert call each per window: no model evaluation per expert.
+
+Validation: on a seeded sample of experts, the same pass also measures the real thing,
+the calibration NLL with only that expert stored in format f (re-running the layers from
+the expert's layer on), and the profile records the rank (Spearman) and linear (Pearson)
+correlations between each estimate and these measurements.
+
+Loss units: sensitivities are increases in mean NLL; the relative perplexity increase
+of a change dNLL is exp(dNLL) - 1 (edgemoe.evaluate.relative_loss).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .. import __version__
+from ..errors import EdgeMoEError, InvalidArgument
+from ..evaluate import eval_tokens, read_text, windows
+from ..quant.formats import get_format
+from .apply import ExpertVariants, canonical, stored_bytes
+
+PROFILE_FORMAT = "edgemoe-expert-profile"
+PROFILE_VERSION = 1
+DEFAULT_FORMATS = ("int8", "int4", "int4-asym", "int3", "int3-asym", "int2", "int2-asym")
+DEFAULT_CALIB_TOKENS = 32768  # predicted tokens of calibration text used (128 windows of 256)
+DEFAULT_VALIDATE = 12  # experts whose proxy is checked against a full measurement
+PROXY = "fisher-taylor"
+
+
+def default_top(config: dict) -> str:
+    """The format `edgemoe convert` stores experts in without a plan: the checkpoint's
+    compute dtype (bf16 for half-precision checkpoints, fp32 for fp32 ones)."""
+    from ..checkpoint import config_dtype
+    from ..store.convert import FLOAT_FORMAT
+
+    return FLOAT_FORMAT[config_dtype(config)]
+
+
+def parse_formats(text: str | list[str] | tuple[str, ...]) -> list[str]:
+    """A comma-separated list of format names -> canonical names (checked), in order."""
+    names = [n.strip() for n in text.split(",")] if isinstance(text, str) else list(text)
+    names = [n for n in names if n]
+    if not names:
+        raise InvalidArgument("give at least one format")
+    out = []
+    for n in names:
+        c = canonical(n)
+        if c not in out:
+            out.append(c)
+    return out
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def ranks(values: list[float]) -> list[float]:
+    """Ranks 1..n, ties getting their average rank."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    r = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            r[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return r
+
+
+def pearson(a: list[float], b: list[float]) -> float:
+    n = len(a)
+    if n < 2:
+        return float("nan")
+    ma, mb = sum(a) / n, sum(b) / n
+    sab = sum((x - ma) * (y - mb) for x, y in zip(a, b))
+    saa = sum((x - ma) ** 2 for x in a)
+    sbb = sum((y - mb) ** 2 for y in b)
+    return sab / math.sqrt(saa * sbb) if saa > 0 and sbb > 0 else float("nan")
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    return pearson(ranks(a), ranks(b))
+
+
+# ----------------------------------------------------------------------------- the pass
+
+
+def _tail(model, h: torch.Tensor, start: int) -> torch.Tensor:
+    """Logits from the residual stream entering decoder layer `start` (no KV cache)."""
+    for layer in model.layers[start:]:
+        h = layer(h, None)
+    h = model.norm(h)
+    if model.args.tie_word_embeddings:
+        return F.linear(h, model.embed.weight)  # (B, T, V)
+    return model.lm_head(h)
+
+
+def _nll_sum(logits: torch.Tensor, targets: torch.Tensor) -> float:
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum").item()
+
+
+def _sample(keys: list[tuple[int, int]], layers: list[int], n: int, seed: int) -> list[tuple[int, int]]:
+    """n experts spread over the layers (round robin), chosen at random within each."""
+    rng = random.Random(seed)
+    by_layer = {l: [k for k in keys if k[0] == l] for l in layers}
+    for v in by_layer.values():
+        rng.shuffle(v)
+    out, i = [], 0
+    while len(out) < min(n, len(keys)):
+        l = layers[i % len(layers)]
+        if by_layer[l]:
+            out.append(by_layer[l].pop())
+        i += 1
+    return sorted(out)
+
+
+def _agreement(pred: list[float], meas: list[float]) -> dict:
+    """Rank and linear correlation of estimates with measurements, and the slope of
+    measured on predicted (least squares through the origin)."""
+    sxx = sum(p * p for p in pred)
+    enough = len(pred) >= 3
+    return {
+        "spearman": spearman(pred, meas) if enough else None,
+        "pearson": pearson(pred, meas) if enough else None,
+        "slope": sum(p * m for p, m in zip(pred, meas)) / sxx if sxx > 0 else None,
+    }
+
+
+class _Capture:
+    """Forward hooks recording each MoE block's input and (gradient-retaining) output and
+    each decoder layer's input, for one batch of windows."""
+
+    def __init__(self, model):
+        self.moe_in: dict[int, torch.Tensor] = {}
+        self.moe_out: dict[int, torch.Tensor] = {}
+        self.layer_in: dict[int, torch.Tensor] = {}
+        self.handles = []
+        self.active = True
+        for block in model.moe_blocks():
+            self.handles.append(block.register_forward_pre_hook(self._pre(block.layer)))
+            self.handles.append(block.register_forward_hook(self._post(block.layer)))
+        for i, layer in enumerate(model.layers):
+            self.handles.append(layer.register_forward_pre_hook(self._layer(i)))
+        # The weights do not require gradients: make the embeddings' output the leaf.
+        self.handles.append(model.embed.register_forward_hook(lambda m, a, out: out.detach().requires_grad_(True)))
+
+    def _pre(self, l):
+        def hook(module, args):
+            if self.active:
+                self.moe_in[l] = args[0].detach()
+
+        return hook
+
+    def _post(self, l):
+        def hook(module, args, out):
+            if self.active:
+                if out.requires_grad:
+                    out.retain_grad()
+                self.moe_out[l] = out
+
+        return hook
+
+    def _layer(self, i):
+        def hook(module, args):
+            if self.active:
+                self.layer_in[i] = args[0].detach()
+
+        return hook
+
+    def clear(self) -> None:
+        self.moe_in.clear()
+        self.moe_out.clear()
+        self.layer_in.clear()
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def profile_model(
+    model,
+    tokenizer,
+    calib_text: str,
+    *,
+    formats: list[str] = DEFAULT_FORMATS,
+    top: str = "bf16",
+    calib_tokens: int | None = DEFAULT_CALIB_TOKENS,
+    context: int | None = None,
+    batch: int = 8,
+    validate: int = DEFAULT_VALIDATE,
+    validate_formats: list[str] | None = None,
+    seed: int = 0,
+    progress: bool = False,
+    source: str = "calibration text",
+) -> dict:
+    """Profile every routed expert of `model` (loaded in RAM, in float32 for exact
+    encodings) on `calib_text`. Returns the profile as a JSON-ready dict (see
+    docs/bitwidth.md for the schema)."""
+    t_start = time.perf_counter()
+    args = model.args
+    top = canonical(top)
+    formats = [f for f in parse_formats(formats) if f != top]
+    all_formats = [top] + formats
+    H, I = args.hidden_size, args.expert_dim
+    sizes = {f: stored_bytes(f, H, I) for f in all_formats}
+    lowest = min(formats or [top], key=lambda f: (sizes[f], f))
+    vformats = parse_formats(validate_formats) if validate_formats else [lowest]
+    unknown = [f for f in vformats if f not in all_formats]
+    if unknown:
+        raise InvalidArgument(f"validation format {unknown[0]} is not among the profiled formats ({', '.join(all_formats)})")
+    if batch < 1:
+        raise InvalidArgument(f"--batch must be at least 1, got {batch}")
+    if validate < 0:
+        raise InvalidArgument(f"--validate must be >= 0, got {validate}")
+    context = context or args.max_position_embeddings
+    if context < 2:
+        raise InvalidArgument(f"--context must be at least 2, got {context}")
+    ids = eval_tokens(tokenizer, calib_text, context, calib_tokens, source)
+    inputs, targets = windows(ids, context)
+    N = targets.numel()
+
+    variants = ExpertVariants(model)
+    keys = variants.keys
+    layers = list(args.moe_layers())
+    E = args.experts_per_layer
+    acc = {k: {"tokens": 0, "gate": 0.0, "ref_sq": 0.0,
+               **{f: {"first": 0.0, "second": 0.0, "err_sq": 0.0} for f in all_formats}} for k in keys}
+    sample = _sample(keys, layers, validate, seed) if validate else []
+    checks = [(k, f) for f in vformats for k in sample]
+    measured = {c: 0.0 for c in checks}
+    ref_total = 0.0
+    provider = variants.attach({})  # originals, in a table we can swap single experts in
+    blocks = {b.layer: b for b in model.moe_blocks()}
+    cap = _Capture(model)
+    bar = tqdm(total=N, unit="tok", desc="profiling", disable=not progress, leave=False, dynamic_ncols=True)
+    t_pass = time.perf_counter()
+    t_valid = 0.0
+    try:
+        for i in range(0, inputs.shape[0], batch):
+            x, y = inputs[i : i + batch], targets[i : i + batch]  # (B, T) x2
+            cap.clear()
+            with torch.enable_grad():
+                logits = model(x)  # (B, T, V)
+                loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
+                loss.backward()
+            del logits, loss
+            with torch.inference_mode():
+                for l in layers:
+                    xs = cap.moe_in[l].reshape(-1, H)  # (n, H)
+                    g = cap.moe_out[l].grad.reshape(-1, H).detach()  # (n, H)
+                    weights, sel, _ = blocks[l].router(xs)  # (n, k) x2
+                    for e in range(E):
+                        hit = sel == e  # (n, k)
+                        rows = hit.any(-1).nonzero().squeeze(-1)  # (m,)
+                        if rows.numel() == 0:
+                            continue
+                        w = (weights * hit).sum(-1)[rows].unsqueeze(-1)  # (m, 1)
+                        xe, ge = xs[rows], g[rows]  # (m, H) x2
+                        ref = variants.originals[(l, e)](xe)  # (m, H)
+                        a = acc[(l, e)]
+                        a["tokens"] += rows.numel()
+                        a["gate"] += float(w.sum())
+                        a["ref_sq"] += float((ref * w).double().square().sum())
+                        for f in all_formats:
+                            ex = variants.expert((l, e), f)
+                            if ex is variants.originals[(l, e)]:
+                                continue  # the format holds the weights exactly: no change
+                            d = ((ex(xe) - ref) * w).double()  # (m, H)
+                            gd = (ge.double() * d).sum(-1)  # (m,)
+                            af = a[f]
+                            af["first"] += float(gd.sum())
+                            af["second"] += float(gd.square().sum())
+                            af["err_sq"] += float(d.square().sum())
+                if checks:
+                    t0 = time.perf_counter()
+                    cap.active = False  # the reruns below must not overwrite the captured states
+                    base = _nll_sum(_tail(model, cap.layer_in[0], 0), y)
+                    ref_total += base
+                    for (k, f) in checks:
+                        provider.table[k] = variants.expert(k, f)
+                        try:
+                            measured[(k, f)] += _nll_sum(_tail(model, cap.layer_in[k[0]], k[0]), y) - base
+                        finally:
+                            provider.table[k] = variants.originals[k]
+                    cap.active = True
+                    t_valid += time.perf_counter() - t0
+            bar.update(y.numel())
+    finally:
+        bar.close()
+        cap.remove()
+        variants.restore()
+    pass_s = time.perf_counter() - t_pass
+
+    experts = []
+    for (l, e) in keys:
+        a = acc[(l, e)]
+        sens = {f: 0.5 * a[f]["second"] / N for f in all_formats}
+        experts.append({
+            "layer": l,
+            "expert": e,
+            "tokens": a["tokens"],
+            "frequency": a["tokens"] / (N if N else 1),
+            "mean_gate": a["gate"] / a["tokens"] if a["tokens"] else 0.0,
+            "sensitivity": sens,
+            "first_order": {f: a[f]["first"] / N for f in all_formats},
+            "output_error": {f: math.sqrt(a[f]["err_sq"] / a["ref_sq"]) if a["ref_sq"] > 0 else 0.0 for f in all_formats},
+        })
+    by_key = {(x["layer"], x["expert"]): x for x in experts}
+    validation = []
+    for f in vformats:
+        meas = [measured[(k, f)] / N for k in sample]
+        pred = [by_key[k]["sensitivity"][f] for k in sample]
+        taylor = [by_key[k]["sensitivity"][f] + by_key[k]["first_order"][f] for k in sample]
+        validation.append({
+            "format": f,
+            "experts": [[k[0], k[1]] for k in sample],
+            "measured": meas,
+            "predicted": pred,
+            **_agreement(pred, meas),
+            "predicted_taylor": taylor,
+            "taylor": _agreement(taylor, meas),
+        })
+    ref_nll = ref_total / N if checks else None
+    return {
+        "format": PROFILE_FORMAT,
+        "version": PROFILE_VERSION,
+        "created_by": f"edgemoe {__version__}",
+        "model_type": args.model_type,
+        "shape": {"hidden_size": H, "expert_dim": I, "moe_layers": layers, "experts_per_layer": E,
+                  "top_k": args.top_k},
+        "calibration": {
+            "tokens": N,
+            "context": context,
+            "windows": int(inputs.shape[0]),
+            "sha256": hashlib.sha256(calib_text.encode("utf-8")).hexdigest(),
+            "dtype": str(variants.dtype).removeprefix("torch."),
+            "reference_nll": ref_nll,
+        },
+        "top_format": top,
+        "formats": {f: {"bytes": sizes[f], "bits": round(get_format(f).bits_per_weight(H, I), 4)} for f in all_formats},
+        "proxy": {
+            "name": PROXY,
+            "unit": "increase in mean calibration NLL (nats/token); relative perplexity increase = exp(x) - 1",
+            "sensitivity": "(1/N) * sum_t 1/2 (g_t.d_t)^2",
+            "first_order": "(1/N) * sum_t g_t.d_t",
+            "where": "d_t = w_t (E_f(x_t) - E(x_t)) over the tokens t routed to the expert (w_t its gate weight), "
+                     "g_t = d(summed calibration NLL)/d(MoE layer output at t), N = calibration tokens",
+        },
+        "experts": experts,
+        "validation": validation,
+        "seconds": {"pass": round(pass_s - t_valid, 3), "validation": round(t_valid, 3),
+                    "total": round(time.perf_counter() - t_start, 3)},
+    }
+
+
+# ----------------------------------------------------------------------------- the file
+
+
+def write_profile(profile: dict, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(profile, indent=1) + "\n")
+    tmp.replace(path)
+
+
+def read_profile(path: str | Path) -> dict:
+    """Load and check a profile written by `edgemoe profile`."""
+    path = Path(path)
+    src = str(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise EdgeMoEError(f"{src}: profile not found (write one with 'edgemoe profile MODEL -o {path.name}')") from None
+    except IsADirectoryError:
+        raise EdgeMoEError(f"{src}: is a directory, expected a profile JSON file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise EdgeMoEError(f"{src}: not valid JSON ({e})") from None
+    if not isinstance(data, dict) or data.get("format") != PROFILE_FORMAT:
+        raise EdgeMoEError(f"{src}: not an edgemoe expert profile (write one with 'edgemoe profile')")
+    if data.get("version") != PROFILE_VERSION:
+        raise EdgeMoEError(f"{src}: profile version {data.get('version')!r} is not supported (expected {PROFILE_VERSION})")
+    try:
+        shape = data["shape"]
+        formats = data["formats"]
+        top = data["top_format"]
+        if top not in formats:
+            raise ValueError(f"top format {top!r} has no entry in 'formats'")
+        for name, info in formats.items():
+            canonical(name)
+            if not isinstance(info["bytes"], int) or info["bytes"] <= 0:
+                raise ValueError(f"format {name}: bad byte count {info['bytes']!r}")
+        seen = set()
+        for x in data["experts"]:
+            k = (int(x["layer"]), int(x["expert"]))
+            if k in seen:
+                raise ValueError(f"layer {k[0]} expert {k[1]} is listed twice")
+            seen.add(k)
+            for f in formats:
+                for what in ("sensitivity", "first_order"):
+                    v = x[what][f]
+                    if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+                        raise ValueError(f"layer {k[0]} expert {k[1]}: {what} for {f} is {v!r}")
+        want = {(l, e) for l in shape["moe_layers"] for e in range(shape["experts_per_layer"])}
+        if seen != want:
+            raise ValueError(f"experts do not match the model shape ({len(seen)} listed, {len(want)} expected)")
+    except EdgeMoEError as e:
+        raise EdgeMoEError(f"{src}: {e}") from None
+    except (KeyError, TypeError, ValueError) as e:
+        raise EdgeMoEError(f"{src}: malformed profile ({type(e).__name__}: {e})") from None
+    data["path"] = src
+    return data
+
+
+def load_for_profiling(model_dir: str | Path, dtype: str = "float32"):
+    """A Hugging Face model in RAM for profiling or planning, and its tokenizer."""
+    from ..api import CONVERTED_FILES
+    from ..checkpoint import load_hf
+    from ..tokenizer import Tokenizer
+
+    path = Path(model_dir)
+    if any((path / n).exists() for n in CONVERTED_FILES):
+        raise EdgeMoEError(f"{path}: a converted model; profiling and planning need the Hugging Face directory "
+                           "it was converted from (the original weights)")
+    model, ckpt = load_hf(path, dtype)
+    if not list(model.moe_blocks()):
+        raise EdgeMoEError(f"{path}: the model has no routed experts to profile")
+    return model, ckpt, Tokenizer(path, eos_token_ids=model.args.eos_ids)
+
+
+def run_profile(model_dir: str | Path, calib: str | Path | None = None, top: str | None = None, **kwargs) -> dict:
+    """Load a Hugging Face model in float32 and profile it on a calibration text (the
+    bundled one by default); the profile records both paths, for `edgemoe plan`. The top
+    format defaults to what `edgemoe convert` stores without a plan."""
+    text, calib_path = read_calibration(calib)
+    model, ckpt, tok = load_for_profiling(model_dir)
+    top = top or default_top(ckpt.config)
+    profile = profile_model(model, tok, text, top=top, source=calib_path, **kwargs)
+    profile["model"] = str(Path(model_dir).resolve())
+    profile["calibration"]["text"] = calib_path
+    return profile
+
+
+def read_calibration(path: str | Path | None) -> tuple[str, str]:
+    """The calibration text and where it came from (the bundled text by default)."""
+    if path is None:
+        from .. import assets
+
+        path = assets.CALIB_TEXT
+    return read_text(path, "calibration text"), str(Path(path).resolve())
