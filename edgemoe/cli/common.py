@@ -10,6 +10,7 @@ from ..errors import InvalidArgument
 from ..generate import GenerationStats
 from ..runtime.engine import DEFAULT_POLICY, MODES
 from ..runtime.policies import POLICIES
+from ..runtime.predict import METHODS as PREDICTORS
 from ..utils import format_bytes
 
 
@@ -35,6 +36,20 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="check each expert's checksum the first time it is read (default) or on every read")
     g.add_argument("--no-direct-io", action="store_true",
                    help="read experts through the page cache instead of with O_DIRECT")
+    g.add_argument("--read-throttle", default=None, metavar="RATE",
+                   help="cap expert reads at RATE, e.g. 90MB/s (a Raspberry Pi SD card) or 550MB/s (a Jetson SSD)")
+    g.add_argument("--no-prefetch", action="store_true",
+                   help="read experts only when routed to (default: preload the experts predicted for later layers)")
+    g.add_argument("--predictor", choices=("auto", *PREDICTORS), default=None,
+                   help="expert predictor for preloading: gate (next layer's router on this layer's input), table "
+                        "(EdgeMoE path statistics), freq, combined (default auto: combined if the model directory "
+                        "has a fitted predictor.npz from 'edgemoe fit-predictor', else gate)")
+    g.add_argument("--prefetch-experts", type=int, default=None, metavar="N",
+                   help="experts to preload per layer (default: top-k + 1)")
+    g.add_argument("--prefetch-layers", type=int, default=None, metavar="D",
+                   help="how many MoE layers ahead to preload (default 1)")
+    g.add_argument("--prefetch-threads", type=int, default=None, metavar="N",
+                   help="background reader threads (default 1)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser, temperature: float = 0.0) -> None:
@@ -69,6 +84,12 @@ def runtime_kwargs(args: argparse.Namespace) -> dict:
         "trace": getattr(args, "trace", None),
         "verify": getattr(args, "verify", None),
         "direct_io": False if getattr(args, "no_direct_io", False) else None,
+        "read_throttle": getattr(args, "read_throttle", None),
+        "prefetch": False if getattr(args, "no_prefetch", False) else None,
+        "predictor": getattr(args, "predictor", None),
+        "prefetch_experts": getattr(args, "prefetch_experts", None),
+        "prefetch_layers": getattr(args, "prefetch_layers", None),
+        "prefetch_threads": getattr(args, "prefetch_threads", None),
     }
     return {k: v for k, v in kw.items() if v is not None}
 
@@ -105,8 +126,8 @@ def format_stats(stats: GenerationStats) -> str:
 
 
 def _offload_lines(x: dict) -> list[str]:
-    """Two readable lines from the offloaded provider's stats; the keys used are removed
-    from `x` so that anything else is still printed generically."""
+    """Three readable lines (experts, memory, prefetch) from the offloaded provider's stats;
+    the keys used are removed from `x` so that anything else is still printed generically."""
     g = x.pop
     mode, policy, io = g("mode", "?"), g("cache_policy", "?"), g("io", "?")
     hits, misses, rate = g("hits", 0), g("misses", 0), g("hit_rate", 0.0)
@@ -116,8 +137,13 @@ def _offload_lines(x: dict) -> list[str]:
     used, cache = g("budget_used_bytes", 0), g("cache_bytes", 0)
     baseline, over = g("baseline_rss_bytes", 0), g("rss_over_baseline_bytes", 0)
     d_rate, d_read = g("decode_hit_rate", 0.0), g("decode_bytes_read_per_token", 0)
-    for k in ("evictions", "compactions", "forward_tokens", "min_budget_bytes", "cache_peak_bytes", "decode_stall_s"):
+    throttle = g("read_throttle_bps", None)
+    for k in ("evictions", "compactions", "forward_tokens", "min_budget_bytes", "cache_peak_bytes", "decode_stall_s",
+              "stall_s_per_token", "throttle_wait_s", "background_loads"):
         x.pop(k, None)
+    stall_tok = g("decode_stall_s_per_token", 0.0)
+    if throttle:
+        io += f", throttled to {format_bytes(throttle)}/s"
     experts = (f"experts: {mode}, {policy} cache | hit rate {100 * rate:.1f}% ({hits} hits, {misses} misses; "
                f"decode {100 * d_rate:.1f}%) | read {format_bytes(read)} ({format_bytes(per_tok)}/token, decode "
                f"{format_bytes(d_read)}/token, {io} I/O) in {read_s:.2f} s | checksums {verify_s:.2f} s | "
@@ -126,7 +152,23 @@ def _offload_lines(x: dict) -> list[str]:
     memory = (f"memory: budget {limit} | used {format_bytes(used)} (resident {format_bytes(resident)} + "
               f"cache {format_bytes(used - resident)} of {format_bytes(cache)}) | peak RSS {format_bytes(over)} "
               f"over a baseline of {format_bytes(baseline)}")
-    return [experts, memory]
+    return [experts, memory, _prefetch_line(x, stall_tok)]
+
+
+def _prefetch_line(x: dict, stall_tok: float) -> str:
+    """One line on preloading; its keys are removed from `x`."""
+    g = x.pop
+    on, off = g("prefetch", False), g("prefetch_off", "off")
+    keys = [k for k in list(x) if k.startswith(("prefetch_", "decode_prefetch_", "predictor", "decode_predictor"))]
+    v = {k: g(k) for k in keys}
+    if not on:
+        return f"prefetch: {off} | decode stall {1000 * stall_tok:.2f} ms/token"
+    return (f"prefetch: {v.get('predictor')} predictor, {v.get('prefetch_experts')} experts x "
+            f"{v.get('prefetch_layers')} layer(s) ahead | {v.get('prefetch_hits', 0)} hits "
+            f"({v.get('prefetch_late', 0)} late), wasted {format_bytes(v.get('prefetch_wasted_bytes', 0))} | "
+            f"predictor recall {100 * v.get('predictor_recall', 0.0):.1f}% (decode "
+            f"{100 * v.get('decode_predictor_recall', 0.0):.1f}%), precision "
+            f"{100 * v.get('predictor_precision', 0.0):.1f}% | decode stall {1000 * stall_tok:.2f} ms/token")
 
 
 def _fmt(key: str, value) -> str:

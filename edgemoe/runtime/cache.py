@@ -19,24 +19,30 @@ neither evicted nor moved) or READY. A READY entry can additionally be
   provider pins the cached experts the current layer still needs.
 - leased (`acquire`/`release`, counted): in use by compute through views, so neither
   evicted nor moved.
+- guarded (`guard`): predicted for a layer that has not run yet. The provider numbers
+  layer requests (`now`); an entry guarded up to request g > now is never evicted to make
+  room for a background load (a prefetch), and a demand load takes it only when no
+  unguarded expert can go. Guards lapse by themselves as the requests advance.
 
 Threads. All bookkeeping happens under one condition variable; reads and checksum
 verification run outside it, so loads in different threads overlap. `acquire` (the
 on-demand path) reads a missing expert in the calling thread, so it never queues behind
-background requests; `submit` queues a load for the background loader thread in priority
-order and returns a Future that carries any error to whoever waits on it.
+background requests; `submit` queues a load for the background loader (a small pool of
+threads) in priority order and returns a request (Future-like) that carries any error to
+whoever asks it. A background load that is no longer wanted can be cancelled while queued and
+aborted while reading (between chunks of a throttled read).
 """
 
 from __future__ import annotations
 
 import bisect
 import ctypes
+import heapq
 import itertools
 import mmap
-import queue
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import CancelledError
 from dataclasses import dataclass
 
 import torch
@@ -144,15 +150,21 @@ class Entry:
     state: str = LOADING
     pins: int = 0
     leases: int = 0
+    guard: int = -1  # protected from background evictions while the cache's `now` is below this
+    urgent: bool = True  # its read goes ahead of background reads (a demand waits for it)
 
 
 class ExpertCache:
     """Experts of one store held in a slab of `capacity` bytes under an eviction policy."""
 
     def __init__(self, store: ExpertStore, capacity: int, policy: Policy, act: str, dtype: torch.dtype,
-                 verify: str = "first"):
+                 verify: str = "first", loader_threads: int = 1):
         if verify not in ("first", "always"):
             raise EdgeMoEError(f"verify must be 'first' or 'always', got {verify!r}")
+        if loader_threads < 1:
+            raise EdgeMoEError(f"the background loader needs at least one thread, got {loader_threads}")
+        self.loader_threads = loader_threads
+        self.now = 0  # the provider's layer-request counter, for guards
         self.store, self.policy, self.act, self.dtype, self.verify = store, policy, act, dtype, verify
         self.capacity = capacity - capacity % ALIGN
         self.slab = Slab(self.capacity)
@@ -162,6 +174,8 @@ class ExpertCache:
         self.verified: set[Key] = set()
         self.touched = 0  # highest slab byte ever written: those pages are in RSS
         self._loader: _Loader | None = None
+        self._built: dict[tuple[str, int, int], Expert] = {}  # see expert()
+        self._views_only: dict[str, bool] = {}
         self.reset_stats()
 
     # ----------------------------------------------------------------- statistics
@@ -169,7 +183,7 @@ class ExpertCache:
     def reset_stats(self) -> None:
         with self.cond:
             self.hits = self.misses = self.evictions = self.compactions = self.compact_bytes = 0
-            self.background_loads = self.waits = 0
+            self.background_loads = self.background_bytes = self.waits = 0
             self.stall_s = self.verify_s = 0.0
             self.peak_used = self.used
             self.store.bytes_read = self.store.reads = 0
@@ -194,6 +208,8 @@ class ExpertCache:
                 "compactions": self.compactions,
                 "compact_bytes": self.compact_bytes,
                 "background_loads": self.background_loads,
+                "background_bytes": self.background_bytes,
+                "waits": self.waits,
                 "cache_bytes": self.capacity,
                 "cache_used_bytes": self.used,
                 "cache_peak_bytes": self.peak_used,
@@ -226,6 +242,21 @@ class ExpertCache:
                 if e is not None and e.pins > 0:
                     e.pins -= 1
 
+    def guard(self, keys, until: int) -> list[Key]:
+        """Guard the present ones of `keys` from background evictions until request
+        `until` (see the module notes); returns those present."""
+        with self.cond:
+            present = [k for k in keys if k in self.entries]
+            for k in present:
+                e = self.entries[k]
+                e.guard = max(e.guard, until)
+            return present
+
+    def state(self, key: Key) -> str | None:
+        """LOADING, READY or None (not cached)."""
+        e = self.entries.get(key)
+        return e.state if e is not None else None
+
     # ----------------------------------------------------------------- on-demand path
 
     def acquire(self, key: Key) -> tuple[Entry, bool]:
@@ -245,7 +276,9 @@ class ExpertCache:
                     if waited:
                         self.stall_s += time.perf_counter() - t0
                     return e, True
-                # Being read by another thread (a prefetch): waiting beats reading it twice.
+                # Being read by another thread (a prefetch): waiting beats reading it twice,
+                # and from now on that read goes ahead of other background reads.
+                e.urgent = True
                 waited = True
                 self.waits += 1
                 self.cond.wait()
@@ -265,25 +298,47 @@ class ExpertCache:
                 self.cond.notify_all()
 
     def expert(self, entry: Entry) -> Expert:
-        """The callable expert for a leased entry, built from views into the slab. Built
-        anew for every lease (a few microseconds): a cached one would go stale when its
-        blob moves, and a format that converts on load (fp16 storage computed in fp32)
-        would keep its converted copy outside the slab and the budget."""
+        """The callable expert for a leased entry, built from views into the slab.
+
+        Building one costs ~100 us of Python per use, so built experts are kept by
+        (format, offset, length): an expert of one format is nothing but views of a slab
+        range, valid for whatever blob of that format is read there later. This holds
+        only for formats whose experts hold no tensor outside the slab (checked on the
+        first build of each format): one that converted on load would keep a copy
+        outside the budget, and is built anew for every lease."""
+        where = (entry.info.format, entry.offset, entry.length)
+        expert = self._built.get(where)
+        if expert is not None:
+            return expert
         blob = self.slab.tensor[entry.offset : entry.offset + entry.length]
-        return self.store.expert(entry.info, blob, self.act, self.dtype)
+        expert = self.store.expert(entry.info, blob, self.act, self.dtype)
+        fmt = entry.info.format
+        if fmt not in self._views_only:
+            self._views_only[fmt] = _views_only(expert, self.slab.address, self.slab.address + self.capacity)
+        if self._views_only[fmt]:
+            self._built[where] = expert
+        return expert
 
     # ----------------------------------------------------------------- loads
 
-    def load(self, key: Key, wait: bool = False) -> bool:
+    def load(self, key: Key, wait: bool = False, guard: int = -1, urgent: bool = False, abort=None) -> bool:
         """Make `key` cached without leasing it (what background loads do). Returns False
-        if it was already there. Without `wait` it never blocks on other loads and raises
-        CacheFull when only protected experts could make room."""
+        if it was already there. Without `wait` it never blocks on other loads, evicts no
+        guarded expert, and raises CacheFull when only protected experts could make room.
+        `guard` guards the expert (present or loaded) until that request. An `urgent`
+        (demand) load may evict guarded experts and reads ahead of the others; `abort`
+        is checked between chunks of a throttled read (see ExpertStore.read_into)."""
         with self.cond:
-            if key in self.entries:
+            e = self.entries.get(key)
+            if e is not None:
+                e.guard = max(e.guard, guard)
                 return False
-            e = self._reserve(key, wait=wait)
+            e = self._reserve(key, wait=wait, background=not (wait or urgent))
+            e.guard, e.urgent = guard, urgent
             self.background_loads += 1
-        self._fill(e)
+        self._fill(e, abort=abort)
+        with self.cond:
+            self.background_bytes += e.length
         return True
 
     def load_all(self) -> None:
@@ -291,20 +346,27 @@ class ExpertCache:
         for key in sorted(self.store.entries, key=lambda k: self.store.entries[k].offset):
             self.load(key, wait=True)
 
-    def submit(self, key: Key, priority: int = PREFETCH) -> Future:
-        """Queue a background load; lower priorities run first (DEMAND before PREFETCH).
-        The Future's result is True if it read the expert, False if it was cached already."""
+    def submit(self, key: Key, priority: int = PREFETCH, guard: int = -1) -> "LoadFuture":
+        """Queue a background load; lower priorities run first (DEMAND before PREFETCH,
+        and a DEMAND load also reads ahead of prefetches under a read throttle). The
+        Future's result is True if it read the expert, False if it was cached already;
+        `future.abort()` stops it between chunks of a throttled read (ReadAborted)."""
+        return self.submit_many([(key, priority, guard)])[0]
+
+    def submit_many(self, items) -> list["LoadFuture"]:
+        """Queue several background loads, (key, priority, guard) each, with one wake-up."""
         with self.cond:
             if self._loader is None:
-                self._loader = _Loader(self)
-        return self._loader.submit(key, priority)
+                self._loader = _Loader(self, self.loader_threads)
+        return self._loader.submit_many(items)
 
     def cancel_pending(self) -> int:
         """Drop queued background loads that have not started; returns how many."""
         return self._loader.cancel_pending() if self._loader is not None else 0
 
-    def _reserve(self, key: Key, wait: bool) -> Entry:
-        """Find room (evicting, compacting) and register `key` as LOADING. Lock held."""
+    def _reserve(self, key: Key, wait: bool, background: bool = False) -> Entry:
+        """Find room (evicting, compacting) and register `key` as LOADING. A background
+        load evicts no guarded expert; a demand load takes guarded ones last. Lock held."""
         info = self.store.entries.get(key)
         if info is None:
             raise EdgeMoEError(f"layer {key[0]} expert {key[1]} is not in the expert store")
@@ -320,7 +382,10 @@ class ExpertCache:
                 self._compact()
                 compacted = True
                 continue
-            victims = [k for k, e in self.entries.items() if e.state == READY and not e.pins and not e.leases]
+            victims = [k for k, e in self.entries.items()
+                       if e.state == READY and not e.pins and not e.leases and e.guard <= self.now]
+            if not victims and not background:
+                victims = [k for k, e in self.entries.items() if e.state == READY and not e.pins and not e.leases]
             if victims:
                 self._evict(self.policy.victim(victims))
                 compacted = False
@@ -339,12 +404,15 @@ class ExpertCache:
         self.touched = max(self.touched, off + need)
         return e
 
-    def _fill(self, e: Entry) -> None:
+    def _fill(self, e: Entry, abort=None) -> None:
         """Read and verify a LOADING entry outside the lock, then publish it as READY. On
         failure the entry and its room are given back and the error propagates."""
         try:
             buf = self.slab.view[e.offset : e.offset + e.length]
-            self.store.read_into(e.info, buf)
+            if e.urgent and abort is None:
+                self.store.read_into(e.info, buf)
+            else:  # a background read: its urgency can change while it runs
+                self.store.read_into(e.info, buf, urgent=lambda: e.urgent, abort=abort)
             if self.verify == "always" or e.key not in self.verified:
                 t0 = time.perf_counter()
                 self.store.verify(e.info, buf)
@@ -397,48 +465,162 @@ class ExpertCache:
             self._loader = None
         with self.cond:
             self.entries.clear()
+        self._built.clear()
         self.slab.close()
         self.store.close()
 
 
+def _views_only(obj, lo: int, hi: int, depth: int = 3) -> bool:
+    """Whether every tensor reachable from obj's attributes (a few levels deep) lies in
+    memory [lo, hi), and there is at least one."""
+    found = []
+
+    def walk(o, d) -> bool:
+        for v in vars(o).values() if hasattr(o, "__dict__") else ():
+            if isinstance(v, torch.Tensor):
+                p = v.data_ptr()
+                if not (lo <= p < hi) or p + v.numel() * v.element_size() > hi:
+                    return False
+                found.append(v)
+            elif d > 0 and hasattr(v, "__dict__") and not callable(v):
+                if not walk(v, d - 1):
+                    return False
+        return True
+
+    return walk(obj, depth) and bool(found)
+
+
+class LoadFuture:
+    """A background load request: Future-like (`result`, `exception`, `done`, `cancel`,
+    `cancelled`), lighter than concurrent.futures.Future (the runtime makes thousands),
+    and abortable while it reads."""
+
+    __slots__ = ("key", "priority", "guard", "state", "value", "error", "aborted", "_loader")
+    PENDING, RUNNING, DONE, CANCELLED = range(4)
+
+    def __init__(self, key: Key, priority: int, guard: int, loader: "_Loader"):
+        self.key, self.priority, self.guard = key, priority, guard
+        self.state = self.PENDING
+        self.value = None
+        self.error: BaseException | None = None
+        self.aborted = False
+        self._loader = loader
+
+    def cancel(self) -> bool:
+        """Cancel it if it has not started; True if it is (now) cancelled."""
+        with self._loader.lock:
+            if self.state == self.PENDING:
+                self.state = self.CANCELLED
+                self._loader.done.notify_all()
+            return self.state == self.CANCELLED
+
+    def abort(self) -> bool:
+        """Cancel it if queued, else ask the read to stop at its next chunk (ReadAborted).
+        True if it was cancelled before it started."""
+        self.aborted = True
+        return self.cancel()
+
+    def done(self) -> bool:
+        return self.state >= self.DONE
+
+    def cancelled(self) -> bool:
+        return self.state == self.CANCELLED
+
+    def running(self) -> bool:
+        return self.state == self.RUNNING
+
+    def _wait(self, timeout: float | None) -> None:
+        if self.state >= self.DONE:
+            return
+        with self._loader.lock:
+            if not self._loader.done.wait_for(lambda: self.state >= self.DONE, timeout):
+                raise TimeoutError(f"background load of layer {self.key[0]} expert {self.key[1]} "
+                                   f"did not finish within {timeout} s")
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        self._wait(timeout)
+        if self.state == self.CANCELLED:
+            raise CancelledError()
+        return self.error
+
+    def result(self, timeout: float | None = None):
+        if self.exception(timeout) is not None:
+            raise self.error
+        return self.value
+
+
 class _Loader:
-    """One background thread running cache loads from a priority queue."""
+    """Background threads (one by default) running cache loads in priority order (then
+    in submission order). Requests submitted together cost one wake-up."""
 
-    def __init__(self, cache: ExpertCache):
+    def __init__(self, cache: ExpertCache, threads: int = 1):
         self.cache = cache
-        self.q: queue.PriorityQueue = queue.PriorityQueue()
+        self.heap: list = []
         self.seq = itertools.count()
-        self.thread = threading.Thread(target=self._run, name="edgemoe-loader", daemon=True)
-        self.thread.start()
+        self.lock = threading.Lock()
+        self.ready = threading.Condition(self.lock)  # work queued
+        self.done = threading.Condition(self.lock)  # a request finished or was cancelled
+        self.closing = False
+        self.threads = [threading.Thread(target=self._run, name=f"edgemoe-loader-{i}", daemon=True)
+                        for i in range(threads)]
+        for t in self.threads:
+            t.start()
 
-    def submit(self, key: Key, priority: int) -> Future:
-        fut: Future = Future()
-        self.q.put((priority, next(self.seq), key, fut))
-        return fut
+    def submit(self, key: Key, priority: int, guard: int = -1) -> LoadFuture:
+        return self.submit_many([(key, priority, guard)])[0]
+
+    def submit_many(self, items) -> list[LoadFuture]:
+        """items: (key, priority, guard) triples."""
+        reqs = [LoadFuture(key, priority, guard, self) for key, priority, guard in items]
+        if reqs:
+            with self.lock:
+                for r in reqs:
+                    heapq.heappush(self.heap, (r.priority, next(self.seq), r))
+                self.ready.notify(len(reqs))
+        return reqs
 
     def cancel_pending(self) -> int:
         n = 0
-        while True:
-            try:
-                item = self.q.get_nowait()
-            except queue.Empty:
-                return n
-            if item[3] is not None and item[3].cancel():
-                n += 1
+        with self.lock:
+            for _, _, r in self.heap:
+                if r.state == LoadFuture.PENDING:
+                    r.state = LoadFuture.CANCELLED
+                    n += 1
+            self.heap.clear()
+            self.done.notify_all()
+        return n
+
+    def _next(self) -> LoadFuture | None:
+        with self.lock:
+            while True:
+                while self.heap:
+                    r = heapq.heappop(self.heap)[2]
+                    if r.state == LoadFuture.PENDING:
+                        r.state = LoadFuture.RUNNING
+                        return r
+                if self.closing:
+                    return None
+                self.ready.wait()
 
     def _run(self) -> None:
         while True:
-            _, _, key, fut = self.q.get()
-            if fut is None:  # shutdown
+            r = self._next()
+            if r is None:  # shutdown
                 return
-            if not fut.set_running_or_notify_cancel():
-                continue
             try:
-                fut.set_result(self.cache.load(key))
-            except BaseException as e:  # delivered to whoever waits on the Future
-                fut.set_exception(e)
+                urgent = r.priority <= DEMAND
+                r.value = self.cache.load(r.key, guard=r.guard, urgent=urgent,
+                                          abort=None if urgent else (lambda: r.aborted))
+            except BaseException as e:  # delivered to whoever asks the request
+                r.error = e
+            with self.lock:
+                r.state = LoadFuture.DONE
+                self.done.notify_all()
 
     def close(self) -> None:
         self.cancel_pending()
-        self.q.put((-1, -1, None, None))
-        self.thread.join(timeout=30)
+        with self.lock:
+            self.closing = True
+            self.ready.notify_all()
+        for t in self.threads:
+            t.join(timeout=30)

@@ -20,12 +20,14 @@ import torch
 from ..checkpoint import attach_provider, build_on_meta, load_resident, parse_dtype
 from ..errors import BudgetError, EdgeMoEError, InvalidArgument, StoreError
 from ..models import get_family
+from ..quant.resident import swap_int8_
 from ..store.format import ALIGN, Manifest, read_manifest
 from ..store.reader import ExpertStore, check_manifest, manifest_dtype, read_resident
 from ..store.tensorfile import TensorFileError, element_size, read_header
+from ..store.throttle import parse_rate
 from ..utils import format_bytes, parse_size, return_large_frees_to_os, rss_bytes
 from .cache import ExpertCache
-from .offload import OffloadedProvider
+from .offload import DEFAULT_THREADS, OffloadedProvider, check_prefetch_options, prefetch_config
 from .policies import POLICIES, PolicyContext, make_policy
 from .trace import RoutingTrace
 
@@ -83,6 +85,12 @@ def load_converted(
     trace: str | Path | None = None,
     verify: str | None = None,
     direct_io: bool | None = None,
+    prefetch: bool | None = None,
+    predictor: str | None = None,
+    prefetch_experts: int | None = None,
+    prefetch_layers: int | None = None,
+    prefetch_threads: int | None = None,
+    read_throttle: str | int | None = None,
 ) -> tuple[torch.nn.Module, dict]:
     """Load a converted model with its experts offloaded.
 
@@ -90,7 +98,9 @@ def load_converted(
     means unlimited (the cache can hold every expert). cache_policy: lru, lfu, edgemoe or
     belady (with trace=FILE). mode: io-exp (default) or io-free. verify: "first" (check
     each expert's checksum the first time it is read; default) or "always". direct_io:
-    False forces buffered reads.
+    False forces buffered reads. prefetch (default on in io-exp), predictor, prefetch_experts,
+    prefetch_layers, prefetch_threads: expert preloading, see runtime/offload.py
+    (`prefetch_config`). read_throttle: cap expert reads at this rate ("90MB/s").
     """
     return_large_frees_to_os()  # large temporaries leave RSS when freed, not at exit
     _warm_up_torch(parse_dtype(dtype, {}) if dtype not in (None, "auto") else torch.bfloat16)
@@ -106,6 +116,8 @@ def load_converted(
     if trace is not None and policy_name != "belady":
         raise InvalidArgument("a routing trace (--trace) is only used by --cache-policy belady")
     budget = parse_size(memory) if memory is not None else None
+    throttle = parse_rate(read_throttle) if read_throttle is not None else None
+    check_prefetch_options(predictor, prefetch_experts, prefetch_layers, prefetch_threads)
 
     manifest = read_manifest(path)
     args = check_manifest(manifest)
@@ -136,19 +148,24 @@ def load_converted(
             )
         capacity = min((budget - resident) // ALIGN * ALIGN, experts_total)
 
-    store = ExpertStore(path, direct_io=direct_io is not False, manifest=manifest)
+    store = ExpertStore(path, direct_io=direct_io is not False, manifest=manifest, throttle=throttle)
     try:
         trace_obj = RoutingTrace.load(trace) if trace is not None else None
         ctx = PolicyContext(args.moe_layers(), args.experts_per_layer, args.top_k, trace_obj)
         policy = make_policy(policy_name, ctx)
         tensors = read_resident(path, manifest, dt)
         model = build_on_meta(family, args)
+        if manifest.resident_int8:  # resident linear layers stored as int8 (convert --resident int8)
+            swap_int8_(model, manifest.resident_int8, dt, str(manifest.path))
         try:
             load_resident(model, tensors, str(path / manifest.resident_file))
         except EdgeMoEError as e:
             raise StoreError(f"{e}; re-run 'edgemoe convert'") from None
         del tensors
-        cache = ExpertCache(store, capacity, policy, args.hidden_act, dt, verify or "first")
+        cache = ExpertCache(store, capacity, policy, args.hidden_act, dt, verify or "first",
+                            loader_threads=prefetch_threads or DEFAULT_THREADS)
+        pf = prefetch_config(path, model, args, mode, capacity, min_budget - resident, prefetch, predictor,
+                             prefetch_experts, prefetch_layers)
     except BaseException:
         store.close()
         raise
@@ -165,8 +182,11 @@ def load_converted(
         "io": store.io_mode,
         "formats": {name: sum(1 for e in manifest.experts if e.format == name) for name in manifest.formats},
         "baseline_rss_bytes": baseline,
+        "read_throttle_bps": throttle,
+        **pf.describe(),
     }
-    provider = OffloadedProvider(cache, info)
+    provider = OffloadedProvider(cache, info, args.moe_layers(), pf,
+                                 [b.router.weight.detach() for b in model.moe_blocks()])
     try:
         if mode == "io-free":
             cache.load_all()

@@ -1,32 +1,163 @@
-"""`OffloadedProvider`: the ExpertProvider that serves MoE blocks from the expert cache.
+"""`OffloadedProvider`: the ExpertProvider that serves MoE blocks from the expert cache,
+and preloads the experts that later layers are predicted to use.
 
-For one layer's request it pins the experts that are already cached (so that loading the
-others cannot evict them), yields those first, then loads and yields the misses one at a
-time. Each expert is leased while the block computes with it and released when the next
-one is requested, so a prefill that needs more distinct experts than the cache holds
-simply reuses the room of experts it has finished with; the slab is never exceeded.
+Serving a layer. For one layer's request it pins the experts that are already cached (so
+that loading the others cannot evict them), yields those first, then loads and yields the
+misses one at a time, reading them in the calling thread (on demand). Each expert is
+leased while the block computes with it and released when the next one is requested, so
+a prefill that needs more distinct experts than the cache holds simply reuses the room
+of experts it has finished with; the slab is never exceeded.
+
+Preloading (the EdgeMoE pipeline). When MoE layer i has routed, before its experts
+compute, the provider asks the predictor (edgemoe.runtime.predict) to rank the experts of
+layers i+1 .. i+D (D = prefetch_layers) and submits the top N (prefetch_experts) that are
+not cached as PREFETCH loads to the cache's background loader, nearer layers and likelier
+experts first. They read while layer i computes.
+
+- Protection. The experts predicted for a later layer (cached or prefetched) are guarded
+  until that layer's request: no prefetch evicts them, and a demand load takes them only
+  when nothing else can go. The current layer's needed experts are pinned, so prefetch
+  never evicts what the current or next layer is expected to use.
+- Priority. A needed expert that was not predicted is read on demand in the compute
+  thread; it never queues behind prefetches, and under a read throttle demand reads take
+  bandwidth first. A needed expert that a prefetch is still reading is waited for (a
+  late arrival), and that read is promoted to demand priority.
+- Dropping. When layer j's request comes, prefetches for j that are still queued are
+  cancelled (needed ones are then read on demand) and unneeded ones still reading are
+  aborted at their next chunk; a new forward drops everything left of the last one.
+- Errors. A background load that fails (I/O error, checksum mismatch) raises its error
+  in the compute thread at the next layer request; a prefetch that found no room it was
+  allowed to take (CacheFull) is only counted.
+
+Statistics separate prefill from decode (the paper's numbers are decode numbers):
+prefetch hits (needed experts present because a prefetch read them), late arrivals,
+wasted prefetch bytes (read for a layer that did not use them), stall seconds per token
+and the online recall/precision of the predictor's top-N.
 """
 
 from __future__ import annotations
 
+from concurrent.futures import CancelledError
+from dataclasses import dataclass
 from typing import Iterator, Sequence
 
+import numpy as np
 import torch
 
+from ..errors import InvalidArgument
 from ..models.moe import Expert, ExpertProvider
+from ..store.reader import ReadAborted
 from ..utils import peak_rss_bytes
-from .cache import ExpertCache
+from .cache import PREFETCH, CacheFull, ExpertCache, LoadFuture
+from .predict import FITTED, METHODS, PREDICTOR_FILE, GateLookahead, Predictor, PredictorStats, make_predictor
+
+DEFAULT_LAYERS = 1  # how many MoE layers ahead to preload
+DEFAULT_THREADS = 1  # background reader threads
+
+# Counters kept per phase (prefill / decode).
+_COUNTERS = ("hits", "misses", "bytes", "stall_s", "pf_hits", "pf_late", "pf_wasted_bytes", "pf_bytes",
+             "pred_hits", "pred_needed", "pred_predicted")
+
+
+@dataclass
+class PrefetchConfig:
+    """How far ahead to preload: `layers` MoE layers, `experts` per layer (None: top_k + 1)."""
+
+    predictor: Predictor | None = None
+    layers: int = 1
+    experts: int | None = None
+    enabled: bool = True
+    reason: str = ""  # why it is off, when it is
+
+    @property
+    def active(self) -> bool:
+        return self.enabled and self.predictor is not None
+
+    def describe(self) -> dict:
+        if not self.active:
+            return {"prefetch": False, "prefetch_off": self.reason or "off"}
+        return {"prefetch": True, "predictor": self.predictor.name, "prefetch_layers": self.layers,
+                "prefetch_experts": self.experts or self.predictor.k + 1}
+
+
+def check_prefetch_options(predictor: str | None, experts: int | None, layers: int | None,
+                           threads: int | None) -> None:
+    if predictor is not None and predictor not in ("auto", *METHODS):
+        raise InvalidArgument(f"unknown predictor {predictor!r} (choose from auto, {', '.join(METHODS)})")
+    for name, v in (("prefetch experts", experts), ("prefetch layers", layers), ("prefetch threads", threads)):
+        if v is not None and v < 1:
+            raise InvalidArgument(f"{name} must be at least 1, got {v}")
+
+
+def prefetch_config(path, model, args, mode: str, capacity: int, min_cache: int, prefetch: bool | None,
+                    predictor: str | None, experts: int | None, layers: int | None) -> PrefetchConfig:
+    """Preloading as asked for, with its defaults: on in io-exp mode; the predictor is
+    `combined` when the converted directory holds a fitted predictor.npz, else the gate
+    look-ahead (which needs no fitting); top_k + 1 experts, one MoE layer ahead. It is off
+    when the cache cannot hold two layers' experts (it could only evict what is needed)."""
+    from pathlib import Path
+
+    layers = layers or DEFAULT_LAYERS
+    if prefetch is False:
+        return PrefetchConfig(enabled=False, reason="off (--no-prefetch)")
+    if mode == "io-free":
+        return PrefetchConfig(enabled=False, reason="off (io-free: every expert is in RAM)")
+    moe = args.moe_layers()
+    if len(moe) < 2:
+        return PrefetchConfig(enabled=False, reason="off (one MoE layer: nothing to predict)")
+    file = Path(path) / PREDICTOR_FILE
+    method = predictor if predictor not in (None, "auto") else ("combined" if file.exists() else "gate")
+    stats = PredictorStats.load(file) if method in FITTED or file.exists() else None
+    pred = make_predictor(method, stats, GateLookahead.from_model(model), moe, args.experts_per_layer, args.top_k)
+    if capacity < 2 * min_cache:
+        reason = "off (the cache holds fewer than two layers' experts)"
+        return PrefetchConfig(pred, layers, experts, enabled=False, reason=reason)
+    return PrefetchConfig(pred, layers, experts)
+
+
+@dataclass(eq=False)
+class _Prefetch:
+    key: tuple[int, int]
+    target: int  # MoE position it was predicted for
+    future: LoadFuture
+    length: int
+    phase: str
+    needed: bool | None = None  # settled: did the target layer use it?
+    discard: bool = False  # its forward failed: ignore the outcome
 
 
 class OffloadedProvider(ExpertProvider):
-    def __init__(self, cache: ExpertCache, info: dict):
+    def __init__(self, cache: ExpertCache, info: dict, moe_layers: Sequence[int] | None = None,
+                 prefetch: PrefetchConfig | None = None, routers: Sequence[torch.Tensor] | None = None):
         self.cache = cache
         self.info = info  # static facts for the statistics: mode, policy, budget, resident bytes, baseline RSS
+        self.layers = list(moe_layers) if moe_layers is not None else sorted({k[0] for k in cache.store.entries})
+        self.pos = {layer: i for i, layer in enumerate(self.layers)}
+        self.L = len(self.layers)
+        self.top_k = cache.store.args.top_k
+        self.prefetch = prefetch or PrefetchConfig(enabled=False, reason="off")
+        self.n_prefetch = self.prefetch.experts or self.top_k + 1
+        self.routers = list(routers) if routers is not None else None  # per position, for per-row routing in prefill
+        self.forwards_started = 0
+        self._base = 0  # request number of this forward's first MoE layer
+        self._rows: dict[int, np.ndarray] = {}  # position -> (N, k) expert ids of this forward
+        self._records: dict[tuple[int, int], _Prefetch] = {}  # prefetches not yet settled
+        self._retired: list[_Prefetch] = []  # settled, still reading
+        self._predicted: dict[int, list[int]] = {}  # position -> top-N predicted at distance 1
         self.reset_stats()
 
+    # ----------------------------------------------------------------- forwards
+
     def begin_forward(self, num_tokens: int) -> None:
+        self._drop_all(discard=False)
+        self._poll_retired()
         with self.cache.cond:
             self.cache.policy.on_forward(num_tokens)
+            self._base = self.forwards_started * max(self.L, 1)
+            self.cache.now = self._base  # guards of the last forward lapse
+        self.forwards_started += 1
+        self._rows.clear()
+        self._predicted.clear()
         self._account()
         self._phase = "decode" if num_tokens == 1 else "prefill"
         self.tokens += num_tokens
@@ -35,24 +166,42 @@ class OffloadedProvider(ExpertProvider):
             self.decode_forwards += 1
 
     def _account(self) -> None:
-        """Add the counters' growth since the last forward began to the phase (prefill or
-        decode) that forward belonged to: the paper's numbers are decode numbers."""
+        """Add the cache counters' growth since the last forward began to the phase
+        (prefill or decode) that forward belonged to."""
         c = self.cache
         with c.cond:
             now = (c.hits, c.misses, c.store.bytes_read, c.stall_s)
         acc = self._phases[self._phase]
-        for i, (a, b) in enumerate(zip(now, self._mark)):
-            acc[i] += a - b
+        for name, a, b in zip(_COUNTERS[:4], now, self._mark):
+            acc[name] += a - b
         self._mark = now
+
+    # ----------------------------------------------------------------- serving a layer
 
     def experts(self, layer: int, ids: Sequence[int], x: torch.Tensor) -> Iterator[tuple[int, Expert]]:
         cache = self.cache
         keys = [(layer, int(e)) for e in ids]
+        pos = self.pos.get(layer, 0)
+        try:
+            self._poll_retired()
+        except BaseException:
+            self._drop_all(discard=True)
+            raise
         with cache.cond:
+            cache.now = self._base + pos
             cache.policy.on_request(layer, [k[1] for k in keys])
             pinned = cache.pin(keys)
         present = set(pinned)
+        try:
+            self._settle(pos, set(keys))
+            if self.prefetch.active:
+                self._prefetch(pos, ids, x)
+        except BaseException:
+            cache.unpin(pinned)
+            self._drop_all(discard=True)
+            raise
         order = pinned + [k for k in keys if k not in present]  # cached experts first
+        ok = False
         try:
             for key in order:
                 entry, _ = cache.acquire(key)
@@ -63,14 +212,150 @@ class OffloadedProvider(ExpertProvider):
                     yield key[1], cache.expert(entry)
                 finally:
                     cache.release(entry)
+            ok = True
         finally:
             if present:  # the caller stopped early (or a load failed): drop the remaining pins
                 cache.unpin(list(present))
+            if not ok:  # this forward is over: its prefetches are of no use, their errors moot
+                self._drop_all(discard=True)
+
+    # ----------------------------------------------------------------- prefetching
+
+    def _rows_of(self, pos: int, ids: Sequence[int], x: torch.Tensor):
+        """Expert ids per token row at `pos`: with one row the request is exactly its
+        top-k (kept as a list: the decode path); a prefill request lists distinct experts
+        only, so the rows (N, k) are routed again from x (the same router, for prediction
+        only)."""
+        if x.shape[0] == 1 or self.routers is None:
+            return list(ids)[: self.top_k]
+        logits = torch.nn.functional.linear(x, self.routers[pos])  # (N, E)
+        return torch.topk(logits.float(), self.top_k, dim=-1).indices.numpy().astype(np.int16)
+
+    def _prefetch(self, pos: int, ids: Sequence[int], x: torch.Tensor) -> None:
+        cfg, cache = self.prefetch, self.cache
+        if pos + 1 >= self.L:
+            return
+        predictor = cfg.predictor
+        if predictor.needs_rows:
+            self._rows[pos] = self._rows_of(pos, ids, x)
+            context = {pos: self._rows[pos]}
+            if pos - 1 in self._rows:
+                context[pos - 1] = self._rows[pos - 1]
+        else:
+            context = {pos: np.empty((x.shape[0], 0), np.int16) if x.shape[0] > 1 else []}
+        E = cache.store.args.experts_per_layer
+        todo = []  # (key, priority, guard, target)
+        for d in range(1, cfg.layers + 1):
+            j = pos + d
+            if j >= self.L:
+                break
+            ranked = predictor.top(j, pos, context, x, self.n_prefetch)
+            if d == 1:
+                self._predicted[j] = ranked
+            until = self._base + j
+            keys = [(self.layers[j], e) for e in ranked]
+            present = set(cache.guard(keys, until))  # cached or being read already: keep them for layer j
+            for rank, key in enumerate(keys):
+                if key not in present and key not in self._records:
+                    todo.append((key, PREFETCH + (d - 1) * E + rank, until, j))
+        if todo:
+            futures = cache.submit_many([t[:3] for t in todo])  # one wake-up of the loader
+            entries = cache.store.entries
+            for (key, _, _, j), fut in zip(todo, futures):
+                self._records[key] = _Prefetch(key, j, fut, entries[key].length, self._phase)
+
+    def _settle(self, pos: int, needed: set) -> None:
+        """Layer `pos` is being served: judge the prefetches made for it."""
+        acc = self._phases[self._phase]
+        predicted = self._predicted.pop(pos, None)
+        if predicted is not None:
+            got = {k[1] for k in needed}
+            acc["pred_hits"] += len(got.intersection(predicted))
+            acc["pred_needed"] += len(got)
+            acc["pred_predicted"] += len(predicted)
+        for key in [k for k, r in self._records.items() if r.target <= pos]:
+            r = self._records.pop(key)
+            r.needed = key in needed
+            if not r.future.done():
+                if r.needed:
+                    if r.future.cancel():  # still queued: it is read on demand instead
+                        self.pf_cancelled += 1
+                        self.pf_not_started += 1
+                        continue
+                    acc["pf_late"] += 1  # being read: the demand waits for it (and promotes it)
+                elif r.future.abort():  # unneeded and still queued: never started
+                    self.pf_cancelled += 1
+                    continue
+                self._retired.append(r)  # accounted for when its read ends
+                continue
+            self._finish(r)
+
+    def _finish(self, r: _Prefetch) -> None:
+        """Account for a settled prefetch whose load is done; raise its error, if any."""
+        acc = self._phases[r.phase]
+        try:
+            read = r.future.result()
+        except CancelledError:
+            self.pf_cancelled += 1
+            return
+        except CacheFull:
+            self.pf_no_room += 1
+            return
+        except ReadAborted as e:
+            self.pf_aborted += 1
+            acc["pf_wasted_bytes"] += e.bytes_read
+            acc["pf_bytes"] += e.bytes_read
+            return
+        except BaseException:
+            if r.discard:
+                return
+            raise
+        if not read:  # it was cached by the time the loader got to it
+            return
+        self.pf_reads += 1
+        acc["pf_bytes"] += r.length
+        if r.needed:
+            acc["pf_hits"] += 1
+        else:
+            acc["pf_wasted_bytes"] += r.length
+
+    def _poll_retired(self) -> None:
+        """Check background loads that finished since the last request: errors surface here."""
+        if self._records:
+            for r in list(self._records.values()):
+                f = r.future
+                if f.done() and not f.cancelled() and f.exception() is not None and not isinstance(
+                        f.exception(), (CacheFull, ReadAborted)):
+                    del self._records[r.key]
+                    self._finish(r)  # raises
+        if self._retired:
+            done = [r for r in self._retired if r.future.done()]
+            self._retired = [r for r in self._retired if not r.future.done()]
+            for r in done:
+                self._finish(r)
+
+    def _drop_all(self, discard: bool) -> None:
+        """Cancel or abort every unsettled prefetch (a new forward, or this one failed)."""
+        for r in self._records.values():
+            r.needed = False
+            r.discard = discard
+            if r.future.abort():
+                self.pf_cancelled += 1
+            else:
+                self._retired.append(r)
+        self._records.clear()
+        if discard:
+            for r in self._retired:
+                r.discard = True
+
+    # ----------------------------------------------------------------- statistics
 
     def stats(self) -> dict:
         self._account()
         c = self.cache.stats()
-        dh, dm, db, ds = self._phases["decode"]
+        dec, pre = self._phases["decode"], self._phases["prefill"]
+        tot = {k: dec[k] + pre[k] for k in _COUNTERS}
+        dh, dm = dec["hits"], dec["misses"]
         info = self.info
         resident = info["resident_bytes"]
         baseline = info["baseline_rss_bytes"]
@@ -86,12 +371,14 @@ class OffloadedProvider(ExpertProvider):
             "read_s": c["read_s"],
             "verify_s": c["verify_s"],
             "stall_s": c["stall_s"],
+            "stall_s_per_token": round(c["stall_s"] / self.tokens, 6) if self.tokens else 0.0,
             "evictions": c["evictions"],
             "compactions": c["compactions"],
             "forward_tokens": self.tokens,
             "decode_hit_rate": round(dh / (dh + dm), 4) if dh + dm else 0.0,
-            "decode_bytes_read_per_token": round(db / self.decode_forwards) if self.decode_forwards else 0,
-            "decode_stall_s": round(ds, 6),
+            "decode_bytes_read_per_token": round(dec["bytes"] / self.decode_forwards) if self.decode_forwards else 0,
+            "decode_stall_s": round(dec["stall_s"], 6),
+            "decode_stall_s_per_token": round(dec["stall_s"] / self.decode_forwards, 6) if self.decode_forwards else 0.0,
             "budget_bytes": info["budget_bytes"],
             "min_budget_bytes": info["min_budget_bytes"],
             "resident_bytes": resident,
@@ -102,6 +389,41 @@ class OffloadedProvider(ExpertProvider):
             "baseline_rss_bytes": baseline,
             "rss_over_baseline_bytes": max(peak_rss_bytes() - baseline, 0),
         }
+        throttle = self.cache.store.throttle
+        out["read_throttle_bps"] = int(throttle.rate) if throttle is not None else None
+        if throttle is not None:
+            out["throttle_wait_s"] = round(throttle.wait_s, 6)
+        cfg = self.prefetch
+        out["prefetch"] = cfg.active
+        if cfg.active:
+            def ratio(a, b):
+                return round(a / b, 4) if b else 0.0
+
+            out.update({
+                "predictor": cfg.predictor.name,
+                "prefetch_layers": cfg.layers,
+                "prefetch_experts": self.n_prefetch,
+                "prefetch_reads": self.pf_reads,
+                "prefetch_bytes": tot["pf_bytes"],
+                "prefetch_hits": tot["pf_hits"],
+                "prefetch_late": tot["pf_late"],
+                "prefetch_wasted_bytes": tot["pf_wasted_bytes"],
+                "prefetch_cancelled": self.pf_cancelled,
+                "prefetch_not_started": self.pf_not_started,
+                "prefetch_aborted": self.pf_aborted,
+                "prefetch_no_room": self.pf_no_room,
+                "decode_prefetch_hits": dec["pf_hits"],
+                "decode_prefetch_late": dec["pf_late"],
+                "decode_prefetch_wasted_bytes": dec["pf_wasted_bytes"],
+                "decode_prefetch_wasted_bytes_per_token": (round(dec["pf_wasted_bytes"] / self.decode_forwards)
+                                                           if self.decode_forwards else 0),
+                "predictor_recall": ratio(tot["pred_hits"], tot["pred_needed"]),
+                "predictor_precision": ratio(tot["pred_hits"], tot["pred_predicted"]),
+                "decode_predictor_recall": ratio(dec["pred_hits"], dec["pred_needed"]),
+                "decode_predictor_precision": ratio(dec["pred_hits"], dec["pred_predicted"]),
+            })
+        elif cfg.reason:
+            out["prefetch_off"] = cfg.reason
         if c["compact_bytes"]:
             out["compact_bytes"] = c["compact_bytes"]
         if c["background_loads"]:
@@ -110,11 +432,23 @@ class OffloadedProvider(ExpertProvider):
         return out
 
     def reset_stats(self) -> None:
+        self._poll_quietly()
         self.cache.reset_stats()
+        if self.cache.store.throttle is not None:
+            self.cache.store.throttle.wait_s = 0.0
         self.tokens = self.forwards = self.decode_forwards = 0
+        self.pf_reads = self.pf_cancelled = self.pf_not_started = self.pf_aborted = self.pf_no_room = 0
         self._phase = "prefill"
-        self._phases = {"prefill": [0, 0, 0, 0.0], "decode": [0, 0, 0, 0.0]}  # hits, misses, bytes, stall
+        self._phases = {p: {k: 0 for k in _COUNTERS} for p in ("prefill", "decode")}
         self._mark = (0, 0, 0, 0.0)
 
+    def _poll_quietly(self) -> None:
+        """Forget finished background loads of an earlier request (statistics restart)."""
+        for r in list(getattr(self, "_retired", [])):
+            r.discard = True
+        if hasattr(self, "_retired"):
+            self._retired = [r for r in self._retired if not r.future.done()]
+
     def close(self) -> None:
+        self._drop_all(discard=True)
         self.cache.close()

@@ -33,6 +33,7 @@ from .format import (
     read_manifest,
 )
 from .tensorfile import TensorFileError, pread_into, read_header, read_tensor
+from .throttle import CHUNK, TokenBucket
 
 O_DIRECT = getattr(os, "O_DIRECT", 0)
 
@@ -76,16 +77,30 @@ def check_manifest(manifest: Manifest):
     return args
 
 
+class ReadAborted(EdgeMoEError):
+    """A background read was stopped because its expert is no longer wanted."""
+
+    def __init__(self, message: str, bytes_read: int = 0):
+        super().__init__(message)
+        self.bytes_read = bytes_read
+
+
 class ExpertStore:
     """An open expert store: the manifest's table plus file descriptors for reading."""
 
-    def __init__(self, directory: str | Path, *, direct_io: bool = True, manifest: Manifest | None = None):
+    def __init__(self, directory: str | Path, *, direct_io: bool = True, manifest: Manifest | None = None,
+                 throttle: int | None = None):
         self.dir = Path(directory)
+        # Bytes per second all reads share (--read-throttle), to emulate slower storage.
+        self.throttle = TokenBucket(throttle) if throttle else None
         self.manifest = manifest or read_manifest(self.dir)
         self.args = check_manifest(self.manifest)
         self.path = self.dir / self.manifest.store_file
         self.entries: dict[tuple[int, int], ExpertEntry] = self.manifest.table()
         self.formats = {name: (get_format(name), info) for name, info in self.manifest.formats.items()}
+        # Where each format's tensors lie in a blob, computed once (experts are built per use).
+        self._parts = {name: [(p.name, p.offset, p.offset + p.nbytes, p.dtype, tuple(p.shape)) for p in info.parts]
+                       for name, info in self.manifest.formats.items()}
         self._lock = threading.Lock()
         self.bytes_read = 0
         self.read_s = 0.0
@@ -136,14 +151,20 @@ class ExpertStore:
 
     # --- reading
 
-    def read_into(self, entry: ExpertEntry, buf: memoryview) -> float:
+    def read_into(self, entry: ExpertEntry, buf: memoryview, *, urgent=True, abort=None) -> float:
         """Read the padded blob of `entry` into `buf` (len >= entry.length, 4 KiB-aligned
-        address for O_DIRECT). Returns the seconds spent reading."""
+        address for O_DIRECT). Returns the seconds spent reading. Under a read throttle the
+        blob is read in chunks, urgent (demand) reads taking bandwidth first; `urgent` may
+        be a callable, asked before each chunk. `abort`, a callable checked between
+        chunks, may stop a background read (ReadAborted)."""
         n = entry.length
         view = buf[:n]
         t0 = time.perf_counter()
         try:
-            got = self._read(view, entry.offset)
+            if self.throttle is None:
+                got = self._read(view, entry.offset)
+            else:
+                got = self._read_throttled(entry, view, urgent, abort)
         except OSError as e:
             raise StoreError(f"{self.path}: {entry.name}: read failed at offset {entry.offset}: "
                              f"{e.strerror or e}") from None
@@ -156,6 +177,25 @@ class ExpertStore:
             self.read_s += dt
             self.reads += 1
         return dt
+
+    def _read_throttled(self, entry: ExpertEntry, view: memoryview, urgent: bool, abort) -> int:
+        got = 0
+        for start in range(0, len(view), CHUNK):
+            chunk = view[start : start + CHUNK]
+            self._check_abort(abort, entry, got)
+            self.throttle.take(len(chunk), urgent() if callable(urgent) else urgent)
+            self._check_abort(abort, entry, got)  # the wait for bandwidth can be long
+            n = self._read(chunk, entry.offset + start)
+            got += n
+            if n < len(chunk):
+                break
+        return got
+
+    def _check_abort(self, abort, entry: ExpertEntry, got: int) -> None:
+        if abort is not None and abort():
+            with self._lock:
+                self.bytes_read += got
+            raise ReadAborted(f"{self.path}: {entry.name}: background read stopped", got)
 
     def _read(self, view: memoryview, offset: int) -> int:
         fd = self._fd_direct
@@ -185,8 +225,8 @@ class ExpertStore:
 
     def expert(self, entry: ExpertEntry, blob: torch.Tensor, act: str, dtype: torch.dtype) -> Expert:
         """An Expert computing from zero-copy views into `blob` (uint8, the blob's bytes)."""
-        fmt, info = self.formats[entry.format]
-        parts = {p.name: blob[p.offset : p.offset + p.nbytes].view(p.dtype).view(p.shape) for p in info.parts}
+        fmt = self.formats[entry.format][0]
+        parts = {name: blob[a:b].view(dt).view(shape) for name, a, b, dt, shape in self._parts[entry.format]}
         return fmt.expert(parts, act, dtype)
 
 

@@ -178,12 +178,12 @@ def test_background_loads_run_in_priority_order(mixed):
     gate, started, order = threading.Event(), threading.Event(), []
     real = store.read_into
 
-    def read_into(entry, buf):
+    def read_into(entry, buf, **kw):
         order.append(entry.key)
         if len(order) == 1:
             started.set()
             gate.wait(10)  # hold the loader on its first request while the queue fills
-        return real(entry, buf)
+        return real(entry, buf, **kw)
 
     store.read_into = read_into
     keys = sorted(store.entries)
@@ -204,10 +204,10 @@ def test_demand_waits_for_an_expert_being_loaded_in_background(mixed):
     store, gate, started = cache.store, threading.Event(), threading.Event()
     real = store.read_into
 
-    def slow(entry, buf):
+    def slow(entry, buf, **kw):
         started.set()
         gate.wait(10)
-        return real(entry, buf)
+        return real(entry, buf, **kw)
 
     store.read_into = slow
     key = sorted(store.entries)[0]

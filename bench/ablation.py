@@ -1,0 +1,321 @@
+"""The EdgeMoE paper's ablation on the bundled trained model: what each technique adds to
+decode time per token (TPOT) under a memory budget well below the experts' size, on three
+kinds of storage.
+
+    python bench/ablation.py [--repeats 3] [--tokens 128] [--budget-frac 0.30] [--wait-quiet 120]
+
+Configurations (every one runs `edgemoe generate DIR --json` in a fresh process, with the
+page cache dropped before it, OMP_NUM_THREADS=1 so that torch computes on one core and
+the expert loader has the other):
+
+    IO-FREE                  bf16 experts, all read into RAM at load (no reads while decoding)
+    IO-EXP                   bf16 experts on demand into the cache (LRU), no preloading
+    + bitwidth plan          the mixed-bit plan's experts, otherwise as IO-EXP
+    + preloading             ... plus expert prediction and preloading (the runtime's defaults)
+    + EdgeMoE cache policy   ... plus the paper's eviction score instead of LRU  (= EdgeMoE)
+    IO-QEXP                  uniform int4 experts on demand (LRU), no preloading
+
+Storage: the real disk (O_DIRECT, page cache dropped) and the store reader's token-bucket
+throttle at 90 MB/s (a Raspberry Pi's SD card) and 550 MB/s (a Jetson's SATA SSD). The
+budget (resident weights + expert cache) is the same for every configuration but IO-FREE:
+the resident weights plus --budget-frac of the plan's expert bytes.
+
+The mixed-bit plan comes from `edgemoe profile` + `edgemoe plan --max-loss 2%` (issue 5)
+when those commands exist, else from --plan FILE. The predictor is fitted on a routing
+trace of the plan model over the calibration text (`edgemoe trace` + `edgemoe fit-predictor`).
+Configurations alternate within each repeat (rotated between repeats); medians of the
+repeats are reported and the speed ratios are taken within each repeat. Writes
+bench/results/ablation.{md,json,png}; working files go to bench/work/ablation/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+WORK = ROOT / "bench" / "work" / "ablation"
+RESULTS = ROOT / "bench" / "results"
+sys.path.insert(0, str(ROOT / "bench"))
+
+from offload_baselines import drop_caches, wait_quiet  # noqa: E402
+
+CONDITIONS = {"disk": None, "90MB/s": "90MB/s", "550MB/s": "550MB/s"}
+ROWS = ["IO-FREE", "IO-EXP", "+ bitwidth plan", "+ preloading", "+ EdgeMoE cache policy", "IO-QEXP"]
+ENV = dict(os.environ, OMP_NUM_THREADS="1")
+
+
+def edgemoe(*args, check: bool = True) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "edgemoe", *map(str, args)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV)
+    if check and proc.returncode != 0:
+        raise SystemExit(f"failed: {' '.join(cmd)}\n{proc.stderr}")
+    return proc
+
+
+def prepare(opts) -> dict:
+    """Converted models, the plan, the fitted predictor. Reused when present."""
+    from edgemoe import assets
+
+    WORK.mkdir(parents=True, exist_ok=True)
+    src = assets.MODEL_DIR
+    dirs = {"bf16": WORK / "bf16", "int4": WORK / "int4", "plan": WORK / "plan"}
+    if not (dirs["bf16"] / "manifest.json").exists():
+        edgemoe("convert", src, dirs["bf16"], "--quiet", "--force")
+    if not (dirs["int4"] / "manifest.json").exists():
+        edgemoe("convert", src, dirs["int4"], "--bits", "4", "--quiet", "--force")
+    plan = Path(opts.plan) if opts.plan else WORK / "plan.json"
+    how = f"given: {opts.plan}" if opts.plan else None
+    if not opts.plan and not plan.exists():
+        if edgemoe("plan", "--help", check=False).returncode != 0:
+            raise SystemExit("no 'edgemoe plan' here: give a plan with --plan FILE")
+        profile = WORK / "profile.json"
+        if not profile.exists():
+            edgemoe("profile", src, "-o", profile, "--quiet")
+        edgemoe("plan", profile, "--max-loss", opts.max_loss, "-o", plan, "--quiet", "--no-plot")
+    if how is None:
+        how = f"`edgemoe profile` + `edgemoe plan --max-loss {opts.max_loss}`"
+    if not (dirs["plan"] / "manifest.json").exists() or opts.plan:
+        edgemoe("convert", src, dirs["plan"], "--plan", plan, "--quiet", "--force")
+    calib = WORK / "calib.npz"
+    if not (dirs["plan"] / "predictor.npz").exists():
+        edgemoe("trace", dirs["plan"], "-o", calib, *(["--max-tokens", opts.calib_tokens] if opts.calib_tokens else []))
+        edgemoe("fit-predictor", dirs["plan"], "--trace", calib, "--json")
+    return {"dirs": dirs, "plan": plan, "plan_how": how}
+
+
+def manifest_bytes(d: Path) -> tuple[int, dict]:
+    m = json.loads((d / "manifest.json").read_text())
+    counts: dict[str, int] = {}
+    for e in m["experts"]:
+        counts[e["format"]] = counts.get(e["format"], 0) + 1
+    return sum(-(-e["size"] // 4096) * 4096 for e in m["experts"]), counts
+
+
+def configs(dirs: dict, budget: int) -> dict[str, tuple[Path, list]]:
+    mem = ["--memory", budget]
+    return {
+        "IO-FREE": (dirs["bf16"], ["--mode", "io-free"]),
+        "IO-EXP": (dirs["bf16"], mem + ["--cache-policy", "lru", "--no-prefetch"]),
+        "+ bitwidth plan": (dirs["plan"], mem + ["--cache-policy", "lru", "--no-prefetch"]),
+        "+ preloading": (dirs["plan"], mem + ["--cache-policy", "lru"]),
+        "+ EdgeMoE cache policy": (dirs["plan"], mem + ["--cache-policy", "edgemoe"]),
+        "IO-QEXP": (dirs["int4"], mem + ["--cache-policy", "lru", "--no-prefetch"]),
+    }
+
+
+def run_one(d: Path, flags: list, throttle: str | None, common: list) -> dict:
+    args = ["generate", d, *flags, *common] + (["--read-throttle", throttle] if throttle else [])
+    dropped = drop_caches()
+    t0 = time.perf_counter()
+    proc = edgemoe(*args)
+    out = json.loads(proc.stdout)
+    out["wall_s"] = time.perf_counter() - t0
+    out["page_cache_dropped"] = dropped
+    s = out["stats"]
+    out["tpot_ms"] = 1000 * s["decode_s"] / max(s["generated_tokens"] - 1, 1)
+    return out
+
+
+def med(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def summarize(runs: list[dict]) -> dict:
+    s = lambda r, k, default=None: r["stats"].get(k, default)  # noqa: E731
+    dec = lambda r: max(r["stats"]["generated_tokens"] - 1, 1)  # noqa: E731
+    return {
+        "tpot_ms": med(r["tpot_ms"] for r in runs),
+        "decode_hit_rate": med(s(r, "decode_hit_rate", 1.0) for r in runs),
+        "decode_bytes_read_per_token": med(s(r, "decode_bytes_read_per_token", 0) for r in runs),
+        "decode_stall_ms_per_token": med(1000 * s(r, "decode_stall_s_per_token", 0.0) for r in runs),
+        "decode_prefetch_hits_per_token": med(s(r, "decode_prefetch_hits", 0) / dec(r) for r in runs),
+        "decode_prefetch_wasted_bytes_per_token": med(s(r, "decode_prefetch_wasted_bytes_per_token", 0) for r in runs),
+        "prefetch_hits": med(s(r, "prefetch_hits", 0) for r in runs),
+        "prefetch_wasted_bytes": med(s(r, "prefetch_wasted_bytes", 0) for r in runs),
+        "decode_predictor_recall": med(s(r, "decode_predictor_recall") for r in runs),
+        "decode_predictor_precision": med(s(r, "decode_predictor_precision") for r in runs),
+        "rss_over_baseline_bytes": med(s(r, "rss_over_baseline_bytes", 0) for r in runs),
+        "budget_used_bytes": med(s(r, "budget_used_bytes", 0) for r in runs),
+        "io": runs[0]["stats"].get("io"),
+    }
+
+
+def plot(summary: dict, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    conds = list(summary)
+    fig, axes = plt.subplots(1, len(conds), figsize=(4.2 * len(conds), 4.2), sharey=False)
+    colors = ["#999999", "#d62728", "#ff7f0e", "#2ca02c", "#1f77b4", "#9467bd"]
+    for ax, cond in zip(axes, conds):
+        vals = [summary[cond][r]["tpot_ms"] for r in ROWS]
+        bars = ax.bar(range(len(ROWS)), vals, color=colors)
+        for b, v, r in zip(bars, vals, ROWS):
+            x = summary[cond][r].get("vs_io_exp")
+            ax.text(b.get_x() + b.get_width() / 2, v, f"{v:.1f}" + (f"\n{x:.2f}x" if x and r != "IO-EXP" else ""),
+                    ha="center", va="bottom", fontsize=7)
+        ax.set_xticks(range(len(ROWS)))
+        ax.set_xticklabels([r.replace("+ ", "+").replace(" cache policy", "\npolicy") for r in ROWS],
+                           rotation=35, ha="right", fontsize=8)
+        ax.set_title(f"storage: {cond}", fontsize=10)
+        ax.set_ylabel("decode ms / token (TPOT)")
+        ax.margins(y=0.2)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--tokens", type=int, default=128, help="tokens to generate per run (default 128)")
+    ap.add_argument("--budget-frac", type=float, default=0.30,
+                    help="expert cache = this share of the plan's expert bytes (default 0.30)")
+    ap.add_argument("--plan", default=None, help="a plan file for the bitwidth row (default: edgemoe profile + plan)")
+    ap.add_argument("--max-loss", default="2%", help="loss tolerance for edgemoe plan (default 2%%)")
+    ap.add_argument("--calib-tokens", type=int, default=None, help="tokens of calibration text to fit the predictor on")
+    ap.add_argument("--conditions", default=",".join(CONDITIONS), help="storage conditions to run")
+    ap.add_argument("--wait-quiet", type=float, default=0, metavar="SECONDS",
+                    help="before each repeat, wait up to SECONDS for other processes to leave the CPUs idle")
+    opts = ap.parse_args()
+
+    from edgemoe import assets
+    from edgemoe.assets import read_documents
+    from edgemoe.utils import format_bytes
+
+    prep = prepare(opts)
+    dirs = prep["dirs"]
+    plan_bytes, plan_counts = manifest_bytes(dirs["plan"])
+    bf16_bytes, _ = manifest_bytes(dirs["bf16"])
+    int4_bytes, _ = manifest_bytes(dirs["int4"])
+    resident = (dirs["bf16"] / "resident.safetensors").stat().st_size
+    info = json.loads(edgemoe("generate", dirs["bf16"], "-p", "x", "-n", "1", "--json").stdout)["load"]
+    resident = info["resident_bytes"]
+    budget = resident + int(opts.budget_frac * plan_bytes)
+    prompt = read_documents(assets.HELDOUT_TEXT)[1][:400]
+    common = ["-p", prompt, "-n", opts.tokens, "--ignore-eos", "--temperature", "0.8", "--top-p", "0.95",
+              "--seed", "0", "--json"]
+    cfgs = configs(dirs, budget)
+    conds = [c for c in opts.conditions.split(",") if c]
+    runs: dict[str, dict[str, list]] = {c: {r: [] for r in ROWS} for c in conds}
+    load_before = Path("/proc/loadavg").read_text().split()[:3]
+    quiet = []
+    for rep in range(opts.repeats):
+        if opts.wait_quiet:
+            waited, busy = wait_quiet(opts.wait_quiet)
+            quiet.append({"waited_s": round(waited, 1), "cpu_busy_before": round(busy, 3)})
+            print(f"repeat {rep + 1}: waited {waited:.0f} s for idle CPUs (busy {100 * busy:.0f}%)", flush=True)
+        order = ROWS[rep % len(ROWS):] + ROWS[: rep % len(ROWS)]
+        for cond in conds:
+            for name in order:
+                d, flags = cfgs[name]
+                r = run_one(d, flags, CONDITIONS[cond], common)
+                runs[cond][name].append(r)
+                s = r["stats"]
+                print(f"repeat {rep + 1} {cond:8s} {name:24s} TPOT {r['tpot_ms']:7.2f} ms  "
+                      f"hit {s.get('decode_hit_rate', 1.0):.3f}  stall {1000 * s.get('decode_stall_s_per_token', 0):6.2f} "
+                      f"ms/tok  recall {s.get('decode_predictor_recall', '-')}", flush=True)
+    # Same model, same seed: same tokens whatever the cache, policy, preloading and storage.
+    by_dir: dict[str, list] = {}
+    for cond in conds:
+        for name in ROWS:
+            key = str(cfgs[name][0]) if name != "IO-FREE" else "bf16"
+            for r in runs[cond][name]:
+                by_dir.setdefault(key if name != "IO-FREE" else str(dirs["bf16"]), []).append(r["token_ids"])
+    for key, toks in by_dir.items():
+        assert all(t == toks[0] for t in toks), f"runs of {key} generated different tokens"
+
+    summary = {}
+    for cond in conds:
+        summary[cond] = {name: summarize(runs[cond][name]) for name in ROWS}
+        for name in ROWS:
+            for ref, label in (("IO-EXP", "vs_io_exp"), ("IO-QEXP", "vs_io_qexp")):
+                ratios = [a["tpot_ms"] / b["tpot_ms"] for a, b in zip(runs[cond][ref], runs[cond][name])]
+                summary[cond][name][label] = statistics.median(ratios)
+
+    cmd = (f"python bench/ablation.py --repeats {opts.repeats} --tokens {opts.tokens} --budget-frac {opts.budget_frac:g}"
+           + (f" --plan {opts.plan}" if opts.plan else "") + (f" --wait-quiet {opts.wait_quiet:g}" if opts.wait_quiet else "")
+           + (f" --calib-tokens {opts.calib_tokens}" if opts.calib_tokens else ""))
+    plan_json = json.loads(prep["plan"].read_text())
+    meta = {
+        "command": cmd, "date": time.strftime("%Y-%m-%d %H:%M"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
+        "cpu": next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
+                     if l.startswith("model name")), "?"),
+        "resident_bytes": resident, "budget_bytes": budget, "cache_bytes": budget - resident,
+        "expert_bytes": {"bf16": bf16_bytes, "int4": int4_bytes, "plan": plan_bytes},
+        "plan_formats": plan_counts, "plan_how": prep["plan_how"], "plan_meta": plan_json.get("meta"),
+        "prompt_tokens": runs[conds[0]]["IO-EXP"][0]["stats"]["prompt_tokens"], "generated_tokens": opts.tokens,
+        "loadavg_before_after": [load_before, Path("/proc/loadavg").read_text().split()[:3]],
+        "quiet_before_repeats": quiet,
+        "page_cache_dropped": all(r["page_cache_dropped"] for c in runs.values() for rs in c.values() for r in rs),
+        "predictor": runs[conds[0]]["+ preloading"][0]["stats"].get("predictor"),
+        "prefetch_experts": runs[conds[0]]["+ preloading"][0]["stats"].get("prefetch_experts"),
+        "prefetch_layers": runs[conds[0]]["+ preloading"][0]["stats"].get("prefetch_layers"),
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "ablation.json").write_text(json.dumps({"meta": meta, "summary": summary, "runs": runs}, indent=1))
+    plot(summary, RESULTS / "ablation.png",
+         f"bundled tiny MoE, budget {format_bytes(budget)} (cache {format_bytes(budget - resident)}), "
+         f"labels: TPOT ms and speed-up over IO-EXP")
+
+    formats = ", ".join(f"{f} x{n}" for f, n in sorted(plan_counts.items()))
+    lines = [
+        "# Ablation: what each EdgeMoE technique adds (bundled model)",
+        "",
+        f"Command: `{cmd}` ({meta['date']}, {meta['machine']}, {meta['cpu']}).",
+        "",
+        f"Model: the bundled tiny MoE (8 MoE layers x 8 experts, top-2, hidden 128). Experts: bf16 "
+        f"{format_bytes(bf16_bytes)}, uniform int4 {format_bytes(int4_bytes)}, mixed-bit plan {format_bytes(plan_bytes)} "
+        f"({formats}; plan from {prep['plan_how']}). Budget for every row but IO-FREE: {format_bytes(budget)} = "
+        f"resident weights {format_bytes(resident)} + an expert cache of {format_bytes(budget - resident)} "
+        f"({100 * opts.budget_frac:.0f}% of the plan's experts, {100 * (budget - resident) / bf16_bytes:.0f}% of the "
+        f"bf16 experts, {100 * (budget - resident) / int4_bytes:.0f}% of the int4 ones). Prompt: "
+        f"{meta['prompt_tokens']} tokens of held-out text; {opts.tokens} tokens sampled (temperature 0.8, top-p 0.95, "
+        f"seed 0: the same tokens in every run of one model). Each run is a fresh `edgemoe generate --json` process "
+        f"with OMP_NUM_THREADS=1, the page cache dropped before it "
+        f"({'yes' if meta['page_cache_dropped'] else 'NO: not root'}); medians of {opts.repeats} repeats with the "
+        f"configurations alternating, ratios taken within each repeat. Preloading: the {meta['predictor']} predictor, "
+        f"{meta['prefetch_experts']} experts, {meta['prefetch_layers']} layer ahead (the defaults). Load average "
+        f"{' '.join(meta['loadavg_before_after'][0])} before, {' '.join(meta['loadavg_before_after'][1])} after "
+        "(2 cores, shared with other work).",
+        "",
+    ]
+    for cond in conds:
+        title = {"disk": "real disk (O_DIRECT, page cache dropped)", "90MB/s": "throttled to 90 MB/s (Raspberry Pi SD card)",
+                 "550MB/s": "throttled to 550 MB/s (Jetson SSD)"}.get(cond, cond)
+        lines += [f"## Storage: {title}", "",
+                  "| configuration | TPOT ms | vs IO-EXP | vs IO-QEXP | decode hit rate | read / token | stall ms / token | "
+                  "prefetch hits / token | wasted prefetch / token | predictor recall (precision) | peak RSS over baseline |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for name in ROWS:
+            s = summary[cond][name]
+            rec = (f"{100 * s['decode_predictor_recall']:.1f}% ({100 * s['decode_predictor_precision']:.1f}%)"
+                   if s["decode_predictor_recall"] is not None else "-")
+            pf = name in ("+ preloading", "+ EdgeMoE cache policy")
+            bold = "**" if name == "+ EdgeMoE cache policy" else ""
+            lines.append(
+                f"| {bold}{name}{bold} | {bold}{s['tpot_ms']:.2f}{bold} | {bold}{s['vs_io_exp']:.2f}x{bold} | "
+                f"{s['vs_io_qexp']:.2f}x | {100 * s['decode_hit_rate']:.1f}% | "
+                f"{format_bytes(s['decode_bytes_read_per_token'])} | {s['decode_stall_ms_per_token']:.2f} | "
+                f"{s['decode_prefetch_hits_per_token']:.2f} | "
+                f"{format_bytes(s['decode_prefetch_wasted_bytes_per_token']) if pf else '-'} | {rec} | "
+                f"{format_bytes(s['rss_over_baseline_bytes'])} |")
+        lines.append("")
+    (RESULTS / "ablation.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
