@@ -15,6 +15,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train-tiny": ("edgemoe.tools.train_tiny", "train the bundled tiny MoE from the Python stdlib"),
     "serve": ("edgemoe.cli.serve", "OpenAI-compatible HTTP server"),
     "convert": ("edgemoe.cli.convert", "convert a Hugging Face checkpoint into resident weights + expert store"),
+    "profile": ("edgemoe.cli.profile", "measure each expert's activation frequency and sensitivity to each bitwidth"),
+    "plan": ("edgemoe.cli.plan", "choose each expert's bitwidth for a loss tolerance or a size budget"),
+    "eval": ("edgemoe.cli.eval", "perplexity on held-out text (Hugging Face or converted model)"),
+    "trace": ("edgemoe.cli.trace", "record every token's experts over a text (a routing trace)"),
+    "fit-predictor": ("edgemoe.cli.fit_predictor", "fit expert predictors for preloading from routing traces"),
+    "bench": ("edgemoe.cli.bench", "compare with llama.cpp and transformers under memory limits (cgroups)"),
 }
 
 
