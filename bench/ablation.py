@@ -15,7 +15,7 @@ the expert loader has the other):
     + EdgeMoE cache policy   ... plus the paper's eviction score instead of LRU  (= EdgeMoE)
     IO-QEXP                  uniform int4 experts on demand (LRU), no preloading
 
-Storage: the real disk (O_DIRECT, page cache dropped) and the store reader's token-bucket
+Storage: the real disk (O_DIRECT, page cache dropped) and the store reader's bandwidth
 throttle at 90 MB/s (a Raspberry Pi's SD card) and 550 MB/s (a Jetson's SATA SSD). The
 budget (resident weights + expert cache) is the same for every configuration but IO-FREE:
 the resident weights plus --budget-frac of the plan's expert bytes.

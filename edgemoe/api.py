@@ -17,6 +17,7 @@ import torch
 from .errors import InvalidArgument, ModelLoadError
 from .generate import GenerationResponse, GenerationStats, PromptCache, provider_of, stream_generate
 from .models.base import Transformer
+from .models.moe import set_adaptive_gating
 from .sample import make_logits_processors, make_sampler
 from .tokenizer import Tokenizer
 
@@ -162,6 +163,7 @@ def load(
     dtype: str | None = None,
     memory: str | int | None = None,
     threads: int | None = None,
+    adaptive_gating: float | None = None,
     **runtime,
 ) -> Engine:
     """Load a model for generation.
@@ -172,6 +174,9 @@ def load(
     cache ("800MB", "1.5GB" or an int); None means unlimited.
     threads: compute threads for this process (torch's setting is process-wide); None picks
     one thread for small models and torch's default (all cores) otherwise.
+    adaptive_gating: adaptive top-k gating (Edge-MoE survey): each token keeps its top
+    experts only until this share of routing probability (e.g. 0.8), at least one and at
+    most top-k; fewer experts computed and read. None keeps plain top-k.
     runtime: options for the offloaded runtime (cache_policy, prefetch, ...).
     """
     path = Path(path) if path is not None else default_model_dir()
@@ -191,6 +196,9 @@ def load(
     try:
         tokenizer = Tokenizer(path, eos_token_ids=model.args.eos_ids)
         info["threads"] = set_threads(threads, model)
+        if adaptive_gating is not None:
+            set_adaptive_gating(model, adaptive_gating)
+            info["adaptive_gating"] = adaptive_gating
     except BaseException:
         provider = provider_of(model)
         if provider is not None:

@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("edgemoe.cli.eval", "perplexity on held-out text (Hugging Face or converted model)"),
     "trace": ("edgemoe.cli.trace", "record every token's experts over a text (a routing trace)"),
     "fit-predictor": ("edgemoe.cli.fit_predictor", "fit expert predictors for preloading from routing traces"),
+    "activity": ("edgemoe.cli.activity", "plot expert activity from a routing trace"),
     "bench": ("edgemoe.cli.bench", "compare with llama.cpp and transformers under memory limits (cgroups)"),
 }
 

@@ -20,6 +20,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="compute dtype: auto (default), float32, bfloat16")
     p.add_argument("--threads", "-t", type=int, default=None,
                    help="compute threads (default: 1 for small models, all cores otherwise)")
+    p.add_argument("--adaptive-gating", type=float, default=None, metavar="MASS",
+                   help="adaptive top-k gating: keep each token's top experts only until MASS of routing "
+                        "probability (e.g. 0.8), at least one; fewer experts computed and read (default: plain top-k)")
     p.add_argument("--memory", default=None,
                    help="memory budget for resident weights + expert cache, e.g. 800MB, 1.5GB (converted models)")
     g = p.add_argument_group("offloaded runtime (directories written by 'edgemoe convert')")
@@ -95,7 +98,8 @@ def runtime_kwargs(args: argparse.Namespace) -> dict:
 
 
 def load_engine(args: argparse.Namespace) -> Engine:
-    engine = load(args.model, dtype=args.dtype, memory=args.memory, threads=args.threads, **runtime_kwargs(args))
+    engine = load(args.model, dtype=args.dtype, memory=args.memory, threads=args.threads,
+                  adaptive_gating=getattr(args, "adaptive_gating", None), **runtime_kwargs(args))
     path = getattr(args, "record_trace", None)
     if path:
         from ..runtime.trace import TraceRecorder

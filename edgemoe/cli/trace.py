@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="record the gate look-ahead logits of the next N MoE layers (default 2; 0: none)")
     p.add_argument("--dtype", default=None, help="compute dtype: auto (default), float32, bfloat16")
     p.add_argument("--memory", default=None, help="memory budget for a converted model (default: unlimited)")
+    p.add_argument("--plot", default=None, metavar="PNG", help="also draw the expert activity (see 'edgemoe activity')")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
     return p
 
@@ -85,6 +86,11 @@ def main(argv: list[str]) -> int:
         trace = recorder.save(args.output)
         recorder.detach()
     h = trace.header
+    if args.plot:
+        from ..expert_activity import activity_plot
+
+        why_not = activity_plot(trace, args.plot)
+        eprint(why_not or f"expert activity -> {args.plot}")
     summary = {"output": str(args.output), "tokens": h["tokens"], "forwards": h["forwards"], "window": window,
                "moe_layers": len(h["moe_layers"]), "num_experts": h["num_experts"], "top_k": h["top_k"],
                "lookahead_depth": h["lookahead_depth"], "texts": texts, "seconds": round(time.perf_counter() - t0, 3)}

@@ -329,6 +329,9 @@ def fit(traces: Sequence, max_distance: int = 2, beta: float = DEFAULT_BETA, hol
     L, E, k = len(h["moe_layers"]), int(h["num_experts"]), int(h["top_k"])
     D = max(1, min(max_distance, L - 1))
     ids = np.concatenate([t.ids for t in traces]).astype(np.int16)  # (T, L, k)
+    if (ids < 0).any():
+        raise PredictorError("the routing traces were recorded with adaptive gating (dropped slots); "
+                             "record them with plain top-k routing to fit a predictor")
     if len(ids) < 2:
         raise PredictorError("the routing traces hold fewer than 2 tokens")
     # Distances the traces' gate look-ahead logits cover: the combination is tuned for those.
@@ -575,6 +578,9 @@ def evaluate(predictor: Predictor, trace, ns: Sequence[int], distance: int = 1) 
     {"recall": {n: r}, "precision": {n: p}, "per_layer": {target: {n: recall}}, "tokens": T}."""
     L, k = trace.ids.shape[1], trace.ids.shape[2]
     E = int(trace.header["num_experts"])
+    if (trace.ids < 0).any():
+        raise PredictorError(f"{trace.source}: recorded with adaptive gating (dropped slots); "
+                             "evaluate on a trace with plain top-k routing")
     hits = {n: 0.0 for n in ns}
     total = 0.0
     rows = 0

@@ -8,6 +8,7 @@ teacher-forced over a text by `edgemoe trace`, and saved as a compressed `.npz` 
                             "model_type", "moe_layers": [...], "num_experts", "top_k",
                             "tokens", "forwards", "lookahead_depth", "created_by", ...}
     ids             int16   (T, L, k)  expert ids per token, MoE layer (in layer order) and slot
+                            (-1: a slot that adaptive gating dropped)
     weights         float16 (T, L, k)  their routing weights
     forward_tokens  int32   (F,)       tokens processed by each model forward, in order
     lookahead       float16 (T, L, D, E)  optional (D = lookahead_depth > 0): the router
@@ -64,7 +65,8 @@ class RoutingTrace:
         for n in self.forward_tokens.tolist():
             block = self.ids[row : row + n]  # (n, L, k)
             for li, layer in enumerate(self.moe_layers):
-                out.append((layer, frozenset(np.unique(block[:, li]).tolist())))
+                ids = np.unique(block[:, li])
+                out.append((layer, frozenset(ids[ids >= 0].tolist())))  # -1: a slot adaptive gating dropped
             row += n
         return out
 
@@ -119,8 +121,8 @@ class RoutingTrace:
             raise TraceError(f"{path}: ids array has shape {ids.shape}, expected (tokens, {L}, {k})")
         if fwd.ndim != 1 or int(fwd.sum()) != ids.shape[0] or (fwd < 1).any():
             raise TraceError(f"{path}: forward_tokens do not add up to the {ids.shape[0]} recorded tokens")
-        if ids.size and (ids.min() < 0 or ids.max() >= header["num_experts"]):
-            raise TraceError(f"{path}: expert ids outside 0..{header['num_experts'] - 1}")
+        if ids.size and (ids.min() < -1 or ids.max() >= header["num_experts"]):  # -1: dropped by adaptive gating
+            raise TraceError(f"{path}: expert ids outside 0..{header['num_experts'] - 1} (and -1 for a dropped slot)")
         if weights is not None and weights.shape != ids.shape:
             raise TraceError(f"{path}: weights shape {weights.shape} does not match ids {ids.shape}")
         if lookahead is not None and (lookahead.ndim != 4 or lookahead.shape[:2] != ids.shape[:2]

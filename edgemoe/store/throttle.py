@@ -1,4 +1,4 @@
-"""A token-bucket limit on read bandwidth, to emulate slower storage on a fast disk.
+"""A bandwidth limit on read bandwidth, to emulate slower storage on a fast disk.
 
 `--read-throttle 90MB/s` makes the expert store read no faster than a Raspberry Pi's SD
 card, `550MB/s` like a SATA SSD on a Jetson. Every expert read (on demand, prefetch, or
@@ -6,10 +6,10 @@ the IO-FREE load) takes its bytes from one bucket shared by all threads, so conc
 readers split the bandwidth the way they would on the real device. Reads go through in
 chunks; before each chunk the reader waits until the bucket holds the chunk's bytes.
 
-Demand reads (the compute thread is waiting for them) go first: while one waits, a
-background chunk does not take bytes, so a prefetch in progress yields at its next chunk
-boundary. The bucket holds at most one chunk (no burst): storage that was idle while
-the model computed does not read faster afterwards.
+Demand reads (the compute thread is waiting for them) go first: a background chunk
+reserves the device only once it is idle, so a prefetch in progress yields at its next
+chunk boundary. There is no burst: storage that was idle while the model computed does
+not read faster afterwards, and every chunk takes its bytes / rate.
 """
 
 from __future__ import annotations
@@ -43,42 +43,29 @@ def parse_rate(value: str | int | float) -> int:
 
 
 class TokenBucket:
-    """Bytes per second shared by all threads; `take(n, urgent)` blocks until n bytes
-    may be read. Urgent (demand) takers are served before the others."""
+    """Bytes per second shared by all threads, modelled as one device that reads one
+    request at a time: `take(n, urgent)` reserves the next n / rate seconds of the device
+    and sleeps until they have passed. Idle time earns no credit (no burst), as on a real
+    SD card. A background (non-urgent) request waits until the device is free before it
+    reserves, so a demand read that arrives meanwhile goes first."""
 
-    def __init__(self, rate: int, burst: int = CHUNK):
+    def __init__(self, rate: int):
         self.rate = float(rate)
-        self.burst = float(max(burst, CHUNK))
-        self.tokens = self.burst
-        self.last = time.monotonic()
+        self.free_at = time.monotonic()  # when the device finishes the requests reserved so far
         self.cond = threading.Condition()
-        self.urgent_waiting = 0
         self.wait_s = 0.0  # total time readers spent waiting for bytes
 
     def take(self, n: int, urgent: bool = True) -> float:
-        """Wait until `n` (at most one burst) bytes are available and take them; returns
-        the seconds waited."""
-        n = min(float(n), self.burst)
+        """Wait until `n` bytes have had their time on the device; returns the seconds waited."""
         t0 = time.monotonic()
         with self.cond:
-            if urgent:
-                self.urgent_waiting += 1
-            try:
-                while True:
-                    now = time.monotonic()
-                    self.tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)
-                    self.last = now
-                    if urgent or not self.urgent_waiting:
-                        if self.tokens >= n:
-                            self.tokens -= n
-                            break
-                        self.cond.wait((n - self.tokens) / self.rate)
-                    else:
-                        self.cond.wait(0.05)  # an urgent reader is waiting: it is woken first
-            finally:
-                if urgent:
-                    self.urgent_waiting -= 1
-                    self.cond.notify_all()
-            waited = time.monotonic() - t0
+            while not urgent and self.free_at > time.monotonic():
+                self.cond.wait(self.free_at - time.monotonic())
+            start = max(time.monotonic(), self.free_at)
+            self.free_at = end = start + n / self.rate
+            self.cond.notify_all()
+        time.sleep(max(0.0, end - time.monotonic()))
+        waited = time.monotonic() - t0
+        with self.cond:
             self.wait_s += waited
         return waited
