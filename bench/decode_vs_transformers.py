@@ -145,10 +145,11 @@ def main() -> None:
     a, b = runs["edgemoe"][0]["token_ids"], runs["transformers"][0]["token_ids"]
     agree = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
     command = f"python bench/decode_vs_transformers.py --tokens {args.tokens} --repeats {args.repeats} --threads {args.threads}"
-    n_params = sum(
-        v for v in [CONFIG["vocab_size"] * CONFIG["hidden_size"] * 2,
-                    CONFIG["num_hidden_layers"] * CONFIG["num_local_experts"] * 3 * CONFIG["hidden_size"] * CONFIG["intermediate_size"]]
-    )
+    H, L, E = CONFIG["hidden_size"], CONFIG["num_hidden_layers"], CONFIG["num_local_experts"]
+    head_dim = H // CONFIG["num_attention_heads"]
+    attention = L * (2 * H * H + 2 * H * CONFIG["num_key_value_heads"] * head_dim)  # q, o + k, v
+    n_params = (CONFIG["vocab_size"] * H * 2 + attention + L * E * H  # embeddings, lm_head, attention, routers
+                + L * E * 3 * H * CONFIG["intermediate_size"])  # experts
     doc = {
         "command": command, "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus",
         "model": {"config": CONFIG, "approx_params": n_params, "dtype": "bfloat16"}, "tokens": args.tokens,

@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from edgemoe.bench.machine import cpu_busy, drop_caches  # noqa: F401  (drop_caches: also used by ablation.py)
+
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "bench" / "work" / "offload"
 RESULTS = ROOT / "bench" / "results"
@@ -86,35 +88,14 @@ def make_checkpoint(path: Path) -> None:
     tmp.rename(path)
 
 
-def drop_caches() -> bool:
-    os.sync()
-    try:
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-        return True
-    except OSError:
-        return False
-
-
-def cpu_busy(seconds: float = 5.0) -> float:
-    """Fraction of all CPUs busy over `seconds` (from /proc/stat), while we sleep."""
-    def sample():
-        v = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        return sum(v), v[3] + v[4]  # total, idle + iowait
-
-    t0, i0 = sample()
-    time.sleep(seconds)
-    t1, i1 = sample()
-    return 1 - (i1 - i0) / max(t1 - t0, 1)
-
-
 def wait_quiet(limit_s: float, threshold: float = 0.1) -> tuple[float, float]:
     """The machine is shared: wait (up to limit_s) until the CPUs are idle before a
     repeat, so that the configurations of one repeat see the same conditions. Returns
     (seconds waited, busy fraction last seen)."""
     t0 = time.perf_counter()
-    busy = cpu_busy()
+    busy = cpu_busy(5.0)
     while busy > threshold and time.perf_counter() - t0 < limit_s:
-        busy = cpu_busy()
+        busy = cpu_busy(5.0)
     return time.perf_counter() - t0, busy
 
 

@@ -182,7 +182,7 @@ def markdown(meta, rows, summary, labels, bounds, goal_rows, ratios, plots, bw) 
                                  m.get("limit_adds_overhead") else "the cgroup limit is the same for every engine. ")
         + "edgemoe's converted model: "
         f"{format_bytes(m['edgemoe_store']['bytes'])} ({format_bytes(m['edgemoe_store']['resident_bytes'])} resident "
-        f"weights in bf16 + {format_bytes(m['edgemoe_store']['expert_bytes'])} of "
+        f"weights ({m['edgemoe_store'].get('resident_format', 'bf16')}; IO-EXP: bf16) + {format_bytes(m['edgemoe_store']['expert_bytes'])} of "
         f"{'/'.join(m['edgemoe_store']['expert_format'])} experts).",
         "",
         f"Token stream: the same {m['token_stream']['prompt_tokens']} prompt tokens and the same "

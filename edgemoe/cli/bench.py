@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default=None, help="prompt text (default: a short Python snippet)")
     p.add_argument("--timeout", type=float, default=300, help="time limit of one run in seconds (default 300)")
     p.add_argument("--threads", type=int, default=None, help="threads for every engine (default: all CPUs)")
+    p.add_argument("--resident", choices=("int8", "float"), default="int8",
+                   help="non-expert weights of the quantized edgemoe stores (IO-QEXP, LRU-only, EdgeMoE, IO-FREE): "
+                        "int8 (default; llama.cpp's GGUF quantizes attention too) or float (bf16); IO-EXP stays bf16")
     p.add_argument("--plan", default=None, metavar="PLAN.json",
                    help="per-expert bitwidth plan for the full EdgeMoE configuration (edgemoe convert --plan)")
     p.add_argument("--no-cgroup", action="store_true", help="run without memory cgroups (no limits enforced)")
@@ -229,16 +232,18 @@ class Bench:
         hf, desc = self.model_dir()
         meta["model"] = desc
         meta["model_dir"] = str(hf)
-        quant = self.ensure_store(hf, f"edgemoe-int{opts.bits}-{hf.name}", ["--bits", str(opts.bits)])
+        resident = ["--resident", opts.resident]
+        quant = self.ensure_store(hf, f"edgemoe-int{opts.bits}-{hf.name}", ["--bits", str(opts.bits), *resident])
         stores = {"quant": quant}
         if any(c.store == "bf16" for c in cfgs):
             stores["bf16"] = self.ensure_store(hf, f"edgemoe-bf16-{hf.name}", ["--bits", "16"])
         if opts.plan and any(c.store == "plan" for c in cfgs):
-            stores["plan"] = self.ensure_store(hf, f"edgemoe-plan-{hf.name}", ["--plan", str(Path(opts.plan).resolve())])
+            stores["plan"] = self.ensure_store(hf, f"edgemoe-plan-{hf.name}", ["--plan", str(Path(opts.plan).resolve()), *resident])
         man = json.loads((quant / "manifest.json").read_text())
         edgemoe_size = (quant / "resident.safetensors").stat().st_size + (quant / "experts.bin").stat().st_size
         meta["edgemoe_store"] = {"path": str(quant), "bytes": edgemoe_size,
                                  "resident_bytes": (quant / "resident.safetensors").stat().st_size,
+                                 "resident_format": "int8 linear layers" if opts.resident == "int8" else "bf16",
                                  "expert_bytes": (quant / "experts.bin").stat().st_size,
                                  "expert_format": sorted({e["format"] for e in man["experts"]})}
 

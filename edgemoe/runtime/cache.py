@@ -136,6 +136,16 @@ class SlabAllocator:
             self.free.append((pos, self.capacity - pos))
         self.free_bytes = sum(n for _, n in self.free)
 
+    def hole_around(self, offset: int, size: int) -> int:
+        """Bytes of the contiguous free range that releasing [offset, offset + size) would make."""
+        hole = size
+        i = bisect.bisect_left(self.free, (offset, 0))
+        if i > 0 and self.free[i - 1][0] + self.free[i - 1][1] == offset:
+            hole += self.free[i - 1][1]
+        if i < len(self.free) and self.free[i][0] == offset + size:
+            hole += self.free[i][1]
+        return hole
+
     @property
     def largest_free(self) -> int:
         return max((n for _, n in self.free), default=0)
@@ -169,6 +179,7 @@ class ExpertCache:
         self.capacity = capacity - capacity % ALIGN
         self.slab = Slab(self.capacity)
         self.alloc = SlabAllocator(self.capacity)
+        self.fit_victims = True  # False: make room in the policy's order only, compacting fragments
         self.entries: dict[Key, Entry] = {}
         self.cond = threading.Condition()
         self.verified: set[Key] = set()
@@ -378,14 +389,19 @@ class ExpertCache:
             off = self.alloc.alloc(need)
             if off is not None:
                 break
-            if self.alloc.free_bytes >= need and not compacted:
-                self._compact()
-                compacted = True
-                continue
             victims = [k for k, e in self.entries.items()
                        if e.state == READY and not e.pins and not e.leases and e.guard <= self.now]
             if not victims and not background:
                 victims = [k for k, e in self.entries.items() if e.state == READY and not e.pins and not e.leases]
+            fit = self._victim_that_fits(victims, need) if victims else None
+            if fit is not None:  # one eviction makes the hole: cheaper than moving blobs around
+                self._evict(fit)
+                compacted = False
+                continue
+            if self.alloc.free_bytes >= need and not compacted:
+                self._compact()
+                compacted = True
+                continue
             if victims:
                 self._evict(self.policy.victim(victims))
                 compacted = False
@@ -429,6 +445,18 @@ class ExpertCache:
             e.state = READY
             self.policy.on_insert(e.key)
             self.cond.notify_all()
+
+    def _victim_that_fits(self, victims: list[Key], need: int) -> Key | None:
+        """The policy's pick among the victims whose room, with the free space around it,
+        holds `need` bytes (None if none does, or with fit_victims off). With experts of
+        mixed sizes (a bitwidth plan) the policy's overall pick may leave only fragments,
+        and compaction copies up to the whole slab (measured: 17 GB moved in a 32-token run
+        of a 2.3 B model), far more than re-reading one expert costs. With equal sizes every
+        victim fits, so the policy's order is unchanged."""
+        if not self.fit_victims:
+            return None
+        fits = [k for k in victims if self.alloc.hole_around(self.entries[k].offset, self.entries[k].length) >= need]
+        return self.policy.victim(fits) if fits else None
 
     def _evict(self, key: Key) -> None:
         e = self.entries.pop(key)

@@ -151,6 +151,7 @@ def test_compaction_moves_blobs_without_changing_them(mixed):
     must be rebuilt from the new place."""
     rng = random.Random(3)
     cache = new_cache(mixed, 3 * 73728 + 36864, "lfu")
+    cache.fit_victims = False  # evict in the policy's order only, so that fragments pile up and get compacted
     keys = sorted(cache.store.entries)
     want = {}
     for _ in range(300):
@@ -162,6 +163,23 @@ def test_compaction_moves_blobs_without_changing_them(mixed):
         check_invariants(cache)
     assert cache.compactions > 0 and cache.compact_bytes > 0
     cache.close()
+
+
+def test_mixed_sizes_evict_a_victim_that_opens_a_hole(mixed):
+    """With a choice among cold experts, the cache evicts one whose room fits the new expert
+    instead of copying blobs around: far fewer bytes moved than with the policy's order alone."""
+    moved = {}
+    for fit in (False, True):
+        rng = random.Random(3)
+        cache = new_cache(mixed, 3 * 73728 + 36864, "lfu")
+        cache.fit_victims = fit
+        keys = sorted(cache.store.entries)
+        for _ in range(300):
+            use(cache, rng.choice(keys))
+            check_invariants(cache)
+        moved[fit] = cache.compact_bytes
+        cache.close()
+    assert moved[True] < moved[False] / 2
 
 
 def test_expert_larger_than_cache_is_refused(mixed):
