@@ -150,8 +150,13 @@ def main() -> None:
     attention = L * (2 * H * H + 2 * H * CONFIG["num_key_value_heads"] * head_dim)  # q, o + k, v
     n_params = (CONFIG["vocab_size"] * H * 2 + attention + L * E * H  # embeddings, lm_head, attention, routers
                 + L * E * 3 * H * CONFIG["intermediate_size"])  # experts
+    # Weight bytes one decode step must read: attention, routers, top-k experts per layer, LM head (bf16).
+    active = 2 * (attention + L * E * H + L * CONFIG["num_experts_per_tok"] * 3 * H * CONFIG["intermediate_size"]
+                  + CONFIG["vocab_size"] * H)
+    for s in summary.values():
+        s["weight_gb_s"] = active * s["decode_tok_s_median"] / 1e9
     doc = {
-        "command": command, "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus",
+        "command": command, "active_weight_bytes_per_token": active, "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus",
         "model": {"config": CONFIG, "approx_params": n_params, "dtype": "bfloat16"}, "tokens": args.tokens,
         "summary": summary, "ratio_edgemoe_over_transformers": ratio, "greedy_tokens_agree_prefix": agree,
         "runs": {k: [{kk: vv for kk, vv in r.items() if kk != "token_ids"} for r in v] for k, v in runs.items()},
@@ -159,8 +164,8 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "decode_vs_transformers.json").write_text(json.dumps(doc, indent=2))
     rows = "\n".join(
-        f"| {e} | {s['decode_tok_s_median']:.2f} ({s['min']:.2f}–{s['max']:.2f}) | {s['prefill_s_median']:.3f} | "
-        f"{s['peak_rss_bytes'] / 1e9:.2f} |" for e, s in summary.items()
+        f"| {e} | {s['decode_tok_s_median']:.2f} ({s['min']:.2f}–{s['max']:.2f}) | {s['weight_gb_s']:.1f} | "
+        f"{s['prefill_s_median']:.3f} | {s['peak_rss_bytes'] / 1e9:.2f} |" for e, s in summary.items()
     )
     (RESULTS / "decode_vs_transformers.md").write_text(
         f"# Decode speed: edgemoe vs transformers (all in RAM, bf16)\n\n"
@@ -169,8 +174,16 @@ def main() -> None:
         f"{CONFIG['num_hidden_layers']} layers x {CONFIG['num_local_experts']} experts, top-{CONFIG['num_experts_per_tok']}. "
         f"Prompt 32 tokens, {args.tokens} generated tokens, greedy. {args.repeats} runs per engine, alternating, "
         f"each in a fresh process, {args.threads} threads.\n\n"
-        f"| engine | decode tok/s, median (min–max) | prefill s | peak RSS GB |\n|---|---|---|---|\n{rows}\n\n"
-        f"**edgemoe / transformers decode speed: {ratio:.2f}x** (goal: >= 1.5x)\n\n"
+        f"| engine | decode tok/s, median (min–max) | weight GB/s | prefill s | peak RSS GB |\n|---|---|---|---|---|\n{rows}\n\n"
+        f"**edgemoe / transformers decode speed: {ratio:.2f}x** (goal: >= 1.5x: "
+        f"{'met' if ratio >= 1.5 else 'not met'})\n\n"
+        f"Weight GB/s = the {active / 1e6:.0f} MB of bf16 weights one decode step reads (attention, routers, top-k "
+        f"experts, LM head) x tokens/s. Batch-1 decode is a chain of matrix-vector products bound by how fast the CPU "
+        f"streams bf16 weights through its matmul kernel; both engines call the same torch (oneDNN/MKL) bf16 kernels "
+        f"for these weights, so once edgemoe's Python-side overhead is gone the remaining gap is small. On this "
+        f"2-core AVX2 CPU (no native bf16 arithmetic) bf16 matvec tops out near the rates in the table "
+        f"(bench/results/quant_kernels.md: bf16 9.3-9.5 GB/s per core). The larger speedups come from the "
+        f"quantized formats (same file: int4/int8 kernels) and, out of RAM, from the expert store.\n\n"
         f"Greedy tokens agree for the first {agree} of {len(a)} tokens (bf16 rounding differs between the two "
         f"implementations, so long greedy runs on random weights may drift; fp32 equality is tested in tests/models).\n"
     )
