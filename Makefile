@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: setup
-	$(BIN)/edgemoe generate --prompt "def fibonacci(n):" --max-tokens 80 --temperature 0
+	$(BIN)/edgemoe generate --prompt "def fibonacci(n):" --max-tokens 80 --temperature 0 --repetition-penalty 1.15
 
 chat: setup
 	$(BIN)/edgemoe chat

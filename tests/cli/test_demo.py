@@ -23,7 +23,7 @@ def test_demo_runs_offline_with_the_bundled_model(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(tmp_path), HF_HUB_OFFLINE="1")
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "edgemoe", "generate", "--prompt", "def fibonacci(n):",
-                           "--max-tokens", "24", "--temperature", "0", "--json"],
+                           "--max-tokens", "24", "--temperature", "0", "--repetition-penalty", "1.15", "--json"],
                           capture_output=True, text=True, env=env, timeout=120)
     elapsed = time.perf_counter() - t0
     assert proc.returncode == 0, proc.stderr
