@@ -311,7 +311,6 @@ def markdown(d: dict, profile: dict, plans: dict) -> str:
 
 
 def verdict_text(d: dict, rows: list[dict], comps: list[dict]) -> str:
-    by = {r["name"]: r for r in rows}
     lines = []
     main = [cp for cp in comps if "taylor" not in cp["planned"]]
     wins = [cp for cp in main if cp["planned_loss"] < cp["uniform_loss"]]

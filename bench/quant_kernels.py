@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import mmap
 import os
-import platform
 import statistics
 import sys
 import time
@@ -34,6 +33,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from edgemoe.bench.machine import cpu_model  # noqa: E402
 from edgemoe.quant import kernels as K  # noqa: E402
 from edgemoe.quant.formats import get_format  # noqa: E402
 
@@ -49,16 +49,6 @@ DISK_GBS = 1.66  # one-thread O_DIRECT read rate of this machine's disk (DEVELOP
 
 def median_ms(times: list[float]) -> float:
     return statistics.median(times) * 1e3
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 # ----------------------------------------------------------------------------- experts
@@ -264,7 +254,7 @@ def disk_table(args, shape: str, hidden: int, inter: int, emit) -> None:
          f"(DEVELOPERS.md).")
     emit()
     emit("| format | MB read | read ms | read GB/s | compute ms | total ms | total vs int4 | compute vs int4 "
-         f"| modeled total ms | modeled vs int4 |")
+         "| modeled total ms | modeled vs int4 |")
     emit("|---|---|---|---|---|---|---|---|---|---|")
     disk_formats = ["int4", "int4-asym", "int3", "int3-asym", "int2", "int2-asym"]
     try:
@@ -308,7 +298,7 @@ def main(argv=None) -> None:
     emit()
     emit(f"Command: `python bench/quant_kernels.py {' '.join(argv if argv is not None else sys.argv[1:])}`")
     emit()
-    emit(f"- CPU: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__} "
+    emit(f"- CPU: {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__} "
          f"(ATen capability {torch.backends.cpu.get_cpu_capability()}), {args.threads} thread(s)")
     emit(f"- timed by: {'CPU time of the one calling thread' if args.cpu_time else 'wall clock'}")
     emit(f"- edgemoe C kernel: {'built, SIMD level ' + str(K._native.get().em_simd()) if K.native_available() else 'unavailable: ' + str(K.native_error())}")

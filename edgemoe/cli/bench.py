@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from ..errors import InvalidArgument
-from ..utils import format_bytes, parse_size
+from ..utils import format_bytes
 
 DEFAULT_PROMPT = (
     "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n\n"

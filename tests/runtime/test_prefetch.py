@@ -11,14 +11,13 @@ import time
 from contextlib import contextmanager
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 
 import edgemoe
 from edgemoe import assets
 from edgemoe.errors import EdgeMoEError, StoreError
-from edgemoe.runtime.cache import DEMAND, PREFETCH, READY, CacheFull, ExpertCache
+from edgemoe.runtime.cache import DEMAND, PREFETCH, CacheFull, ExpertCache
 from edgemoe.runtime.policies import PolicyContext, make_policy
 from edgemoe.runtime.predict import PREDICTOR_FILE, PredictorStats, fit
 from edgemoe.runtime.trace import TraceRecorder
