@@ -76,3 +76,33 @@ def return_large_frees_to_os(threshold: int = 1 << 20) -> bool:
         return bool(libc.mallopt(M_MMAP_THRESHOLD, threshold))
     except (OSError, AttributeError):
         return False
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (for cleaning up what dead runs left behind)."""
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
+def save_npz_atomic(path, arrays: dict) -> None:
+    """Write numpy arrays as a compressed .npz, atomically (a temporary sibling, then a
+    rename), so that a reader never sees half a file."""
+    import io
+    import os
+    from pathlib import Path
+
+    import numpy as np
+
+    path = Path(path)
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(buf.getvalue())
+    os.replace(tmp, path)

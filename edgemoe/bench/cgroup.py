@@ -24,6 +24,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..utils import pid_alive
+
 PREFIX = "edgemoe-bench-"
 V1_ROOT = Path("/sys/fs/cgroup/memory")
 V2_ROOTS = (Path("/sys/fs/cgroup"), Path("/sys/fs/cgroup/unified"))
@@ -70,16 +72,6 @@ def detect(v1_root: Path = V1_ROOT, v2_roots=V2_ROOTS, need_root: bool = True) -
     if not reasons:
         reasons.append(f"no cgroup memory controller is mounted ({v1_root} or {' / '.join(map(str, v2_roots))})")
     return None, "; ".join(reasons)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class MemoryCgroup:
@@ -241,7 +233,7 @@ def remove_stale(ctl: Controller) -> list[str]:
             owner = int(d.name[len(PREFIX):].split("-")[0])
         except ValueError:
             continue
-        if owner == os.getpid() or _pid_alive(owner):
+        if owner == os.getpid() or pid_alive(owner):
             continue
         try:
             MemoryCgroup(ctl, d, None).remove()

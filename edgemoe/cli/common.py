@@ -183,5 +183,17 @@ def _fmt(key: str, value) -> str:
     return str(value)
 
 
+def set_compute_threads(threads: int | None) -> None:
+    """--threads for commands that compute without an Engine (profile, plan): torch's
+    intra-op threads, or torch's default when None."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise InvalidArgument(f"--threads must be at least 1, got {threads}")
+    import torch
+
+    torch.set_num_threads(threads)
+
+
 def eprint(*a, **k) -> None:
     print(*a, file=sys.stderr, **k)

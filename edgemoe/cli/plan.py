@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..errors import InvalidArgument
 from ..utils import format_bytes
-from .common import eprint
+from .common import eprint, set_compute_threads
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,12 +67,7 @@ def main(argv: list[str]) -> int:
     out = Path(args.output)
     if out.is_dir():
         raise InvalidArgument(f"{out}: is a directory; -o takes the plan's file name")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise InvalidArgument(f"--threads must be at least 1, got {args.threads}")
-        import torch
-
-        torch.set_num_threads(args.threads)
+    set_compute_threads(args.threads)
     profile = read_profile(args.profile)
     log = None if args.quiet else eprint
     plan = make_plan(profile, max_loss=max_loss, target_size=target, candidates=formats, top=args.top,

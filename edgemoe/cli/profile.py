@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from ..errors import InvalidArgument
-from .common import eprint
+from .common import eprint, set_compute_threads
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,12 +72,7 @@ def main(argv: list[str]) -> int:
     out = Path(args.output)
     if out.is_dir():
         raise InvalidArgument(f"{out}: is a directory; -o takes the profile's file name")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise InvalidArgument(f"--threads must be at least 1, got {args.threads}")
-        import torch
-
-        torch.set_num_threads(args.threads)
+    set_compute_threads(args.threads)
     model = args.model
     if model is None:
         from ..api import default_model_dir

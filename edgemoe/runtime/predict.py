@@ -27,10 +27,8 @@ one row picks them, 1 - prod_rows(1 - p).
 
 from __future__ import annotations
 
-import io
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -40,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import EdgeMoEError
+from ..utils import save_npz_atomic
 
 PREDICTOR_FILE = "predictor.npz"
 PREDICTOR_FORMAT = "edgemoe-expert-predictor"
@@ -224,7 +223,6 @@ class PredictorStats:
 
     def save(self, path: str | Path) -> None:
         """Write atomically (temporary file, then rename)."""
-        path = Path(path)
         arrays = {"header": np.frombuffer(json.dumps(self.header).encode(), dtype=np.uint8),
                   "freq": self.freq.astype(np.float32)}
         for name, tables, width in (("t1", self.t1, self.top_k), ("t2", self.t2, 2 * self.top_k)):
@@ -236,11 +234,7 @@ class PredictorStats:
             arrays[f"{name}_counts"] = (np.concatenate([t.counts for _, t in items]) if items
                                         else np.zeros((0, self.num_experts), np.float32))
             arrays[f"{name}_n"] = np.concatenate([t.n for _, t in items]) if items else np.zeros(0, np.int32)
-        buf = io.BytesIO()
-        np.savez_compressed(buf, **arrays)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_bytes(buf.getvalue())
-        os.replace(tmp, path)
+        save_npz_atomic(path, arrays)
 
     @classmethod
     def load(cls, path: str | Path) -> "PredictorStats":

@@ -26,15 +26,14 @@ That is what the Belady policy replays; predictors and plots can use the same fi
 
 from __future__ import annotations
 
-import io
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..errors import EdgeMoEError
+from ..utils import save_npz_atomic
 
 TRACE_FORMAT = "edgemoe-routing-trace"
 TRACE_VERSION = 2
@@ -80,18 +79,13 @@ class RoutingTrace:
 
     def save(self, path: str | Path) -> None:
         """Write atomically (temporary file, then rename)."""
-        path = Path(path)
-        buf = io.BytesIO()
         arrays = {"header": np.frombuffer(json.dumps(self.header).encode(), dtype=np.uint8),
                   "ids": self.ids, "forward_tokens": self.forward_tokens}
         if self.weights is not None:
             arrays["weights"] = self.weights
         if self.lookahead is not None:
             arrays["lookahead"] = self.lookahead
-        np.savez_compressed(buf, **arrays)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_bytes(buf.getvalue())
-        os.replace(tmp, path)
+        save_npz_atomic(path, arrays)
 
     @classmethod
     def load(cls, path: str | Path) -> "RoutingTrace":

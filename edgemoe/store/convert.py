@@ -31,7 +31,7 @@ from ..errors import EdgeMoEError, ModelLoadError
 from ..models.base import EXPERT_KEY
 from ..quant.formats import get_format
 from ..quant.resident import RESIDENT_FORMATS, quantize_resident
-from ..utils import peak_rss_bytes, return_large_frees_to_os, rss_bytes
+from ..utils import peak_rss_bytes, pid_alive, return_large_frees_to_os, rss_bytes
 from .format import (
     ALIGN,
     MANIFEST_NAME,
@@ -99,21 +99,11 @@ def _partial_dirs(out: Path) -> list[Path]:
     return sorted(out.parent.glob(f".{out.name}.partial-*"))
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _remove_stale(out: Path) -> None:
     """Debris of conversions that were killed (their process is gone)."""
     for d in _partial_dirs(out):
         pid = d.name.rsplit("-", 1)[-1]
-        if not pid.isdigit() or not _alive(int(pid)):
+        if not pid.isdigit() or not pid_alive(int(pid)):
             shutil.rmtree(d, ignore_errors=True)
 
 

@@ -113,6 +113,8 @@ def test_bad_inputs(flow, tmp_path, capsys):
     assert "unknown expert format 'int9'" in _error(capsys, "profile", hf, "--formats", "int9", "-o", out)
     assert "--calib-tokens" in _error(capsys, "profile", hf, "--calib-tokens", "many", "-o", out)
     assert "required: -o" in _error(capsys, "profile", hf)
+    assert "--threads must be at least 1" in _error(capsys, "profile", hf, "-t", "0", "-o", out)
+    assert "--threads must be at least 1" in _error(capsys, "plan", prof, "--max-loss", "2%", "-t", "0", "-o", out)
     assert "evaluation text file not found" in _error(capsys, "eval", hf, "--text", tmp_path / "no.txt")
     assert "does not exist" in _error(capsys, "eval", tmp_path / "nodir")
     assert "fewer than one window" in _error(capsys, "eval", hf, "--text", _short(tmp_path))
