@@ -14,7 +14,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .errors import InvalidArgument, ModelLoadError
+from .errors import ContextLengthError, InvalidArgument, ModelLoadError
 from .generate import GenerationResponse, GenerationStats, PromptCache, provider_of, stream_generate
 from .models.base import Transformer
 from .models.moe import set_adaptive_gating
@@ -51,29 +51,74 @@ class GenerationResult:
         }
 
 
-class Engine:
-    """A loaded model with its tokenizer. Obtain one with `edgemoe.load`."""
+DEFAULT_MAX_TOKENS = 256
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, path: Path, info: dict | None = None):
+
+class Engine:
+    """A loaded model with its tokenizer. Obtain one with `edgemoe.load`.
+
+    `ctx_size` is the most tokens (prompt plus generated) one sequence may hold; the
+    engine's KV cache is allocated for that many positions once, inside the memory budget.
+    """
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, path: Path, info: dict | None = None,
+                 ctx_size: int | None = None, onednn: bool = True):
         self.model = model
         self.tokenizer = tokenizer
         self.path = path
         self.info = info or {}  # how it was loaded: kind, dtype, memory budget, ...
         self.on_close: list = []  # callables run by close() (e.g. saving a recorded routing trace)
+        self.ctx_size = ctx_size or model.args.max_position_embeddings
+        self.onednn = onednn
+        self._cache = PromptCache(model, self.ctx_size)  # used when a call brings none
 
     @property
     def provider(self):
         return provider_of(self.model)
 
+    @property
+    def vocab_limit(self) -> int:
+        """Token ids must be below this: the embedding's row count."""
+        return self.model.args.vocab_size
+
     def new_cache(self) -> PromptCache:
-        """A KV cache that can be passed to successive calls to reuse a shared prefix."""
-        return PromptCache(self.model)
+        """A KV cache that can be passed to successive calls to reuse a shared prefix. Each
+        one holds up to ctx_size positions; only the engine's own cache is counted in the
+        memory budget."""
+        return PromptCache(self.model, self.ctx_size)
+
+    def tokenize(self, prompt: str | Sequence[int]) -> list[int]:
+        """Token ids of a prompt (text, or ids that are checked against the vocabulary)."""
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = list(prompt)
+            bad = next((t for t in ids if isinstance(t, bool) or not isinstance(t, int)
+                        or not 0 <= t < self.vocab_limit), None)
+            if bad is not None:
+                raise InvalidArgument(f"prompt token id {bad!r} is not an id of this model's vocabulary "
+                                      f"(0 to {self.vocab_limit - 1})")
+        if not ids:
+            raise InvalidArgument("the prompt is empty (no tokens)")
+        return ids
+
+    def check_context(self, prompt_tokens: int, max_tokens: int) -> None:
+        """Raise ContextLengthError unless prompt + max_tokens fit the context size."""
+        if prompt_tokens + max_tokens > self.ctx_size:
+            raise ContextLengthError(
+                f"the prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) is more than the context "
+                f"size of {self.ctx_size} tokens; shorten the prompt, lower max_tokens, or raise the context "
+                "size (--ctx-size / ctx_size, up to the model's maximum positions)")
+
+    def room(self, prompt_tokens: int) -> int:
+        """Default max_tokens for a prompt: DEFAULT_MAX_TOKENS, or fewer if the context is short."""
+        return min(DEFAULT_MAX_TOKENS, self.ctx_size - prompt_tokens)
 
     def stream(
         self,
         prompt: str | Sequence[int],
         *,
-        max_tokens: int = 256,
+        max_tokens: int | None = None,
         temperature: float = 0.0,
         top_p: float = 1.0,
         top_k: int = 0,
@@ -84,16 +129,33 @@ class Engine:
         ignore_eos: bool = False,
         cache: PromptCache | None = None,
     ) -> Iterator[GenerationResponse]:
-        """Yield responses with text deltas; the last one has finish_reason and stats."""
-        if max_tokens < 1:
-            raise InvalidArgument(f"max_tokens must be >= 1, got {max_tokens}")
+        """Return an iterator of responses with text deltas; the last one has finish_reason
+        and stats. Every option is checked here, before anything runs: bad values raise
+        InvalidArgument, and a prompt plus max_tokens beyond the context size raises
+        ContextLengthError. max_tokens None means 256, or fewer if the context is short."""
+        ids = self.tokenize(prompt)
+        if max_tokens is None:
+            max_tokens = self.room(len(ids))
+            if max_tokens < 1:
+                self.check_context(len(ids), 1)
+        elif isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+            raise InvalidArgument(f"max_tokens must be an integer >= 1, got {max_tokens!r}")
+        self.check_context(len(ids), max_tokens)
         sampler = make_sampler(temperature, top_p, top_k, min_p, seed)
         procs = make_logits_processors(repetition_penalty)
+        stop = [stop] if isinstance(stop, str) else list(stop)
+        if not all(isinstance(s, str) for s in stop):
+            raise InvalidArgument("stop must be a string or a list of strings")
+        if cache is None:
+            cache = self._cache
+            cache.clear()  # a fresh sequence; reusing a prefix across calls takes an explicit cache
+        elif cache.capacity is not None and cache.capacity < len(ids) + max_tokens:
+            raise ContextLengthError(f"the prompt ({len(ids)} tokens) plus max_tokens ({max_tokens}) does not fit "
+                                     f"the given cache of {cache.capacity} positions")
         if self.provider is not None:
             self.provider.reset_stats()  # statistics describe this request only
-        yield from stream_generate(
-            self.model, self.tokenizer, prompt, max_tokens, sampler, procs, stop, ignore_eos, cache
-        )
+        return stream_generate(self.model, self.tokenizer, ids, max_tokens, sampler, procs, stop, ignore_eos, cache,
+                               onednn=self.onednn)
 
     def generate(self, prompt: str | Sequence[int], **kwargs) -> GenerationResult:
         """Generate to completion; same options as `stream`. `token_ids` holds the
@@ -146,12 +208,41 @@ def decode_bytes_per_token(model: Transformer) -> int:
     return params + len(args.moe_layers()) * args.top_k * expert
 
 
+# More threads than this many times the cores only adds contention (and a huge count
+# makes OpenMP spend minutes creating threads).
+MAX_THREADS_PER_CORE = 4
+
+
+def check_threads(threads, name: str = "threads") -> int | None:
+    """Validate a thread count: None, or an integer from 1 to 4x the cores."""
+    if threads is None:
+        return None
+    import os
+
+    limit = MAX_THREADS_PER_CORE * (os.cpu_count() or 1)
+    if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= limit:
+        raise InvalidArgument(f"{name} must be at least 1 and at most {limit} (4x the {os.cpu_count()} cores), "
+                              f"got {threads!r}")
+    return threads
+
+
+def check_ctx_size(ctx_size, max_positions: int, source: str) -> int:
+    """The context size to use: `ctx_size` checked against the model, or its maximum positions."""
+    if ctx_size is None:
+        return max_positions
+    if isinstance(ctx_size, bool) or not isinstance(ctx_size, int) or ctx_size < 1:
+        raise InvalidArgument(f"ctx_size must be a positive integer, got {ctx_size!r}")
+    if ctx_size > max_positions:
+        raise InvalidArgument(f"ctx_size {ctx_size} is more than the {max_positions} positions {source} was "
+                              "trained for (max_position_embeddings)")
+    return ctx_size
+
+
 def set_threads(threads: int | None, model: Transformer) -> int:
     """Apply a thread count (None: one thread for small models, torch's default otherwise)."""
+    threads = check_threads(threads)
     if threads is None:
         torch.set_num_threads(1 if decode_bytes_per_token(model) < SMALL_MODEL_BYTES else _DEFAULT_THREADS)
-    elif threads < 1:
-        raise InvalidArgument(f"threads must be >= 1, got {threads}")
     else:
         torch.set_num_threads(threads)
     return torch.get_num_threads()
@@ -164,6 +255,8 @@ def load(
     memory: str | int | None = None,
     threads: int | None = None,
     adaptive_gating: float | None = None,
+    ctx_size: int | None = None,
+    onednn: bool = True,
     **runtime,
 ) -> Engine:
     """Load a model for generation.
@@ -177,13 +270,23 @@ def load(
     adaptive_gating: adaptive top-k gating (Edge-MoE survey): each token keeps its top
     experts only until this share of routing probability (e.g. 0.8), at least one and at
     most top-k; fewer experts computed and read. None keeps plain top-k.
+    ctx_size: the most tokens (prompt + generated) a sequence may hold; the KV cache is
+    allocated for it inside the memory budget. None: the model's maximum positions, capped
+    so that the KV cache takes at most half of what the budget leaves after the resident
+    weights and one layer's experts.
+    onednn: False keeps every matmul off oneDNN (by default prefill uses it where the CPU
+    has AVX-512-BF16/AMX, and the budget reserves what it needs; see edgemoe.cpu).
     runtime: options for the offloaded runtime (cache_policy, prefetch, ...).
     """
     path = Path(path) if path is not None else default_model_dir()
+    if not isinstance(onednn, bool):
+        raise InvalidArgument(f"onednn must be True or False, got {onednn!r}")
+    threads = check_threads(threads)
     if any((path / name).exists() for name in CONVERTED_FILES):
         from .runtime.engine import load_converted
 
-        model, info = load_converted(path, memory=memory, dtype=dtype, **runtime)
+        model, info = load_converted(path, memory=memory, dtype=dtype, ctx_size=ctx_size, onednn=onednn, **runtime)
+        ctx_size = info["ctx_size"]
     else:
         if memory is not None or runtime:
             raise ModelLoadError(
@@ -193,6 +296,9 @@ def load(
 
         model, ckpt = load_hf(path, dtype)
         info = {"kind": "hf", "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
+        ctx_size = check_ctx_size(ctx_size, model.args.max_position_embeddings, str(path))
+        info["ctx_size"] = ctx_size
+        info["kv_bytes"] = ctx_size * model.kv_bytes_per_token()
     try:
         tokenizer = Tokenizer(path, eos_token_ids=model.args.eos_ids)
         info["threads"] = set_threads(threads, model)
@@ -204,4 +310,4 @@ def load(
         if provider is not None:
             provider.close()  # stop loader threads and close the store before giving up
         raise
-    return Engine(model, tokenizer, path, info)
+    return Engine(model, tokenizer, path, info, ctx_size=ctx_size, onednn=onednn)

@@ -23,3 +23,7 @@ class BudgetError(EdgeMoEError):
 
 class InvalidArgument(EdgeMoEError, ValueError):
     """An option value is out of range (temperature < 0, top_p > 1, ...)."""
+
+
+class ContextLengthError(InvalidArgument):
+    """A prompt plus the tokens asked for do not fit the context size."""

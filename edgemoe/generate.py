@@ -3,21 +3,17 @@
 
 from __future__ import annotations
 
-import resource
 import time
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 import torch
 
+from .cpu import native_matmuls
 from .models.base import KVCache, Transformer
 from .sample import LogitsProcessor, Sampler, make_sampler
 from .tokenizer import Tokenizer
-
-
-def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+from .utils import peak_rss_bytes
 
 
 def provider_of(model: Transformer):
@@ -26,11 +22,19 @@ def provider_of(model: Transformer):
 
 class PromptCache:
     """A KV cache plus the token ids it holds, so that a follow-up prompt sharing a prefix
-    (the next chat turn) only prefills the new part."""
+    (the next chat turn) only prefills the new part. `capacity` is the context size in
+    tokens (None: grow as needed)."""
 
-    def __init__(self, model: Transformer):
-        self.layers: list[KVCache] = model.make_cache()
+    def __init__(self, model: Transformer, capacity: int | None = None):
+        self.capacity = capacity
+        self.layers: list[KVCache] = model.make_cache(capacity)
         self.tokens: list[int] = []
+
+    def clear(self) -> None:
+        """Forget every position (the buffers stay allocated)."""
+        for c in self.layers:
+            c.trim(c.offset)
+        self.tokens = []
 
     def reuse(self, prompt: Sequence[int]) -> int:
         """Trim the cache to its longest common prefix with `prompt`; returns its length.
@@ -54,11 +58,14 @@ def generate_step(
     max_tokens: int = 256,
     cache: PromptCache | None = None,
     prefill_chunk: int = 512,
+    onednn: bool = True,
 ) -> Iterator[int]:
     """Yield up to `max_tokens` sampled token ids after `prompt`.
 
     The next forward pass runs only when the caller asks for the next token, so stopping
-    early (EOS, stop string) costs nothing extra.
+    early (EOS, stop string) costs nothing extra. Decode steps run torch's native matmuls
+    (faster at one row, see edgemoe.cpu); prefill uses oneDNN where the CPU has it, unless
+    `onednn` is False.
     """
     if not prompt:
         raise ValueError("the prompt must contain at least one token")
@@ -73,7 +80,8 @@ def generate_step(
         chunk = todo[:, i : i + prefill_chunk]
         if provider is not None:
             provider.begin_forward(chunk.shape[1])
-        logits = model(chunk, cache.layers, last_only=True)  # (1, 1, V)
+        with native_matmuls(not onednn):
+            logits = model(chunk, cache.layers, last_only=True)  # (1, 1, V)
     cache.tokens = list(context)
     for n in range(max_tokens):
         scores = logits[0, -1].float()  # (V,)
@@ -86,7 +94,8 @@ def generate_step(
         context.append(token)
         if provider is not None:
             provider.begin_forward(1)
-        logits = model(torch.tensor([[token]]), cache.layers)  # (1, 1, V)
+        with native_matmuls():
+            logits = model(torch.tensor([[token]]), cache.layers)  # (1, 1, V)
         cache.tokens.append(token)
 
 
@@ -97,6 +106,9 @@ class GenerationStats:
     prefill_s: float = 0.0  # prompt processing and the first token
     decode_s: float = 0.0  # every token after the first
     peak_rss_bytes: int = 0
+    ctx_size: int = 0  # the context size of the KV cache used
+    kv_bytes: int = 0  # bytes of that KV cache (allocated for ctx_size positions)
+    kv_used_bytes: int = 0  # bytes of the positions this sequence filled
     extra: dict = field(default_factory=dict)  # provider statistics (cache hits, bytes read, ...)
 
     @property
@@ -117,6 +129,9 @@ class GenerationStats:
             "prompt_tps": round(self.prompt_tps, 3),
             "decode_tps": round(self.decode_tps, 3),
             "peak_rss_bytes": self.peak_rss_bytes,
+            "ctx_size": self.ctx_size,
+            "kv_bytes": self.kv_bytes,
+            "kv_used_bytes": self.kv_used_bytes,
             **self.extra,
         }
 
@@ -150,6 +165,7 @@ def stream_generate(
     stop: Sequence[str] = (),
     ignore_eos: bool = False,
     cache: PromptCache | None = None,
+    onednn: bool = True,
 ) -> Iterator[GenerationResponse]:
     """Stream text. The last response has a finish_reason and the final statistics."""
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
@@ -161,7 +177,7 @@ def stream_generate(
     finish, cut = "length", False
     t0 = time.perf_counter()
     t_first = None
-    for token in generate_step(model, ids, sampler, logits_processors, max_tokens, cache):
+    for token in generate_step(model, ids, sampler, logits_processors, max_tokens, cache, onednn=onednn):
         if t_first is None:
             t_first = time.perf_counter()
             stats.prefill_s = t_first - t0
@@ -183,6 +199,10 @@ def stream_generate(
         stats.decode_s = time.perf_counter() - t_first
     tail = pending if cut else pending + detok.flush()
     stats.peak_rss_bytes = peak_rss_bytes()
+    if cache is not None and cache.capacity is not None:
+        per_token = model.kv_bytes_per_token()
+        stats.ctx_size, stats.kv_bytes = cache.capacity, cache.capacity * per_token
+        stats.kv_used_bytes = cache.layers[0].offset * per_token if cache.layers else 0
     if provider is not None:
         stats.extra = provider.stats()
     yield GenerationResponse(tail, None, finish, stats)

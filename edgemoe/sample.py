@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 import torch
@@ -11,25 +12,55 @@ from .errors import InvalidArgument
 Sampler = Callable[[torch.Tensor], int]  # logits (V,) fp32 -> token id
 LogitsProcessor = Callable[[Sequence[int], torch.Tensor], torch.Tensor]  # (context ids, logits) -> logits
 
+# Below this, logits / temperature leaves fp32's range for ordinary logit gaps; such a
+# temperature is greedy decoding in all but name, so ask for 0 instead.
+MIN_TEMPERATURE = 1e-6
+SEED_RANGE = (-(1 << 63), 1 << 64)  # what torch's generators accept
+
+
+def _real(name: str, value, lo: float | None = None, hi: float | None = None, lo_open: bool = False) -> float:
+    """A finite real number within [lo, hi] (or (lo, hi] with lo_open), else InvalidArgument."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidArgument(f"{name} must be a number, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise InvalidArgument(f"{name} must be a finite number, got {value}")
+    if lo is not None and (value <= lo if lo_open else value < lo) or hi is not None and value > hi:
+        left = "(" if lo_open else "["
+        raise InvalidArgument(f"{name} must be in {left}{lo}, {hi if hi is not None else 'inf'}], got {value}")
+    return value
+
+
+def check_seed(seed) -> int | None:
+    if seed is None:
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, int) or not SEED_RANGE[0] <= seed < SEED_RANGE[1]:
+        raise InvalidArgument(f"seed must be an integer from -2**63 to 2**64-1, got {seed!r}")
+    return seed
+
 
 def make_sampler(
     temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0, seed: int | None = None
 ) -> Sampler:
     """Greedy when temperature is 0; otherwise temperature scaling followed by top-k,
-    top-p (nucleus) and min-p filtering, then a draw from a seeded generator."""
-    if temperature < 0:
-        raise InvalidArgument(f"temperature must be >= 0, got {temperature}")
-    if not 0 < top_p <= 1:
-        raise InvalidArgument(f"top_p must be in (0, 1], got {top_p}")
-    if top_k < 0:
-        raise InvalidArgument(f"top_k must be >= 0, got {top_k}")
+    top-p (nucleus) and min-p filtering, then a draw from a seeded generator. Every
+    option is checked here: non-finite or out-of-range values raise InvalidArgument."""
+    temperature = _real("temperature", temperature, 0.0)
+    if 0 < temperature < MIN_TEMPERATURE:
+        raise InvalidArgument(f"temperature {temperature} is too small: logits / temperature overflows; "
+                              f"use 0 for greedy decoding or at least {MIN_TEMPERATURE}")
+    top_p = _real("top_p", top_p, 0.0, 1.0, lo_open=True)
+    min_p = _real("min_p", min_p, 0.0, 1.0)
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise InvalidArgument(f"top_k must be an integer >= 0, got {top_k!r}")
+    seed = check_seed(seed)
     if temperature == 0:
         return lambda logits: int(torch.argmax(logits))
     gen = torch.Generator()
     gen.manual_seed(seed if seed is not None else torch.seed())
 
     def sample(logits: torch.Tensor) -> int:
-        logits = logits / temperature  # (V,)
+        logits = (logits - logits.max()) / temperature  # (V,); shifted so the top logit is 0
         if top_k and top_k < logits.shape[-1]:
             kth = torch.topk(logits, top_k).values[-1]
             logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -51,8 +82,7 @@ def make_sampler(
 def make_repetition_penalty(penalty: float, context: int = 0) -> LogitsProcessor:
     """CTRL-style penalty as in transformers: positive logits of seen tokens are divided
     by `penalty`, negative ones multiplied. `context` > 0 limits it to the last N ids."""
-    if penalty <= 0:
-        raise InvalidArgument(f"repetition_penalty must be > 0, got {penalty}")
+    penalty = _real("repetition_penalty", penalty, 0.0, lo_open=True)
 
     def process(ids: Sequence[int], logits: torch.Tensor) -> torch.Tensor:
         recent = ids[-context:] if context else ids

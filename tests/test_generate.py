@@ -20,8 +20,8 @@ class ScriptedModel:
         self.args = SimpleNamespace(eos_ids=[])
         self.positions_processed = 0
 
-    def make_cache(self):
-        return [KVCache()]
+    def make_cache(self, capacity=None):
+        return [KVCache(capacity)]
 
     def moe_blocks(self):
         return iter(())

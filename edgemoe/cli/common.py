@@ -24,7 +24,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="adaptive top-k gating: keep each token's top experts only until MASS of routing "
                         "probability (e.g. 0.8), at least one; fewer experts computed and read (default: plain top-k)")
     p.add_argument("--memory", default=None,
-                   help="memory budget for resident weights + expert cache, e.g. 800MB, 1.5GB (converted models)")
+                   help="memory budget for the whole run (resident weights, KV cache, compute workspace, expert "
+                        "cache), e.g. 800MB, 1.5GB (converted models)")
+    p.add_argument("--ctx-size", "-c", type=int, default=None, metavar="N",
+                   help="context size in tokens, prompt plus generated (default: the model's maximum positions, "
+                        "capped so that the KV cache takes at most half of what --memory leaves)")
+    p.add_argument("--no-onednn", action="store_true",
+                   help="keep every matmul off oneDNN (by default prefill uses it on CPUs with AVX-512-BF16/AMX)")
     g = p.add_argument_group("offloaded runtime (directories written by 'edgemoe convert')")
     g.add_argument("--mode", choices=MODES, default=None,
                    help="io-exp: read experts on demand into a cache within --memory (default); "
@@ -56,7 +62,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_sampling_args(p: argparse.ArgumentParser, temperature: float = 0.0) -> None:
-    p.add_argument("--max-tokens", "-n", type=int, default=256, help="maximum tokens to generate (default 256)")
+    p.add_argument("--max-tokens", "-n", type=int, default=None,
+                   help="maximum tokens to generate (default 256, or what the context has room for)")
     p.add_argument("--temperature", "--temp", type=float, default=temperature,
                    help=f"sampling temperature; 0 is greedy (default {temperature})")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0: off)")
@@ -69,7 +76,7 @@ def add_sampling_args(p: argparse.ArgumentParser, temperature: float = 0.0) -> N
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict:
-    if args.max_tokens < 1:
+    if args.max_tokens is not None and args.max_tokens < 1:
         raise InvalidArgument("--max-tokens must be at least 1")
     return dict(
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
@@ -97,10 +104,29 @@ def runtime_kwargs(args: argparse.Namespace) -> dict:
     return {k: v for k, v in kw.items() if v is not None}
 
 
+def check_output_path(path, flag: str) -> None:
+    """Fail before any work if `path` cannot be written: its directory must exist and be
+    writable, and the path must not be a directory."""
+    import os
+    from pathlib import Path
+
+    p = Path(path)
+    parent = p.parent if str(p.parent) else Path(".")
+    if p.is_dir():
+        raise InvalidArgument(f"{flag} {path}: is a directory; give a file name")
+    if not parent.is_dir():
+        raise InvalidArgument(f"{flag} {path}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise InvalidArgument(f"{flag} {path}: not writable")
+
+
 def load_engine(args: argparse.Namespace) -> Engine:
-    engine = load(args.model, dtype=args.dtype, memory=args.memory, threads=args.threads,
-                  adaptive_gating=getattr(args, "adaptive_gating", None), **runtime_kwargs(args))
     path = getattr(args, "record_trace", None)
+    if path:
+        check_output_path(path, "--record-trace")
+    engine = load(args.model, dtype=args.dtype, memory=args.memory, threads=args.threads,
+                  adaptive_gating=getattr(args, "adaptive_gating", None), ctx_size=getattr(args, "ctx_size", None),
+                  onednn=not getattr(args, "no_onednn", False), **runtime_kwargs(args))
     if path:
         from ..runtime.trace import TraceRecorder
 
@@ -186,10 +212,10 @@ def _fmt(key: str, value) -> str:
 def set_compute_threads(threads: int | None) -> None:
     """--threads for commands that compute without an Engine (profile, plan): torch's
     intra-op threads, or torch's default when None."""
-    if threads is None:
+    from ..api import check_threads
+
+    if check_threads(threads, "--threads") is None:
         return
-    if threads < 1:
-        raise InvalidArgument(f"--threads must be at least 1, got {threads}")
     import torch
 
     torch.set_num_threads(threads)

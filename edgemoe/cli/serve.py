@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import math
+import sys
 
+from ..errors import InvalidArgument
 from .common import add_model_args, eprint, load_engine
+
+DEFAULT_TIMEOUT = 30.0  # same defaults as edgemoe.server (not imported here: it loads torch)
+DEFAULT_MAX_CONNECTIONS = 64
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -13,21 +20,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")
     p.add_argument("--model-name", default=None, help="model id reported by /v1/models (default: directory name)")
-    p.add_argument("--max-tokens", type=int, default=256, help="default max_tokens when a request gives none")
+    p.add_argument("--max-tokens", type=int, default=256,
+                   help="default max_tokens when a request gives none (default 256; never more than the context allows)")
+    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+                   help=f"close a connection that sends nothing for this long while a request is read, or that "
+                        f"stays idle between requests (default {DEFAULT_TIMEOUT:g})")
+    p.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS, metavar="N",
+                   help=f"open connections served at once; more get a 503 (default {DEFAULT_MAX_CONNECTIONS})")
     p.add_argument("--verbose", action="store_true", help="log every request")
     return p
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Reject bad option values before the model is loaded."""
+    if not 0 <= args.port <= 65535:
+        raise InvalidArgument(f"--port must be between 0 and 65535, got {args.port}")
+    if args.max_tokens < 1:
+        raise InvalidArgument(f"--max-tokens must be at least 1, got {args.max_tokens}")
+    if not math.isfinite(args.timeout) or args.timeout <= 0:
+        raise InvalidArgument(f"--timeout must be a positive number of seconds, got {args.timeout:g}")
+    if args.max_connections < 1:
+        raise InvalidArgument(f"--max-connections must be at least 1, got {args.max_connections}")
+
+
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    check_args(args)
     from ..server import make_server
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("edgemoe serve: %(levelname)s: %(message)s"))
+    logger = logging.getLogger("edgemoe.server")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO if args.verbose else logging.WARNING)
+    logger.propagate = False
 
     engine = load_engine(args)
     try:
         server = make_server(engine, args.host, args.port, model_name=args.model_name,
-                             default_max_tokens=args.max_tokens, verbose=args.verbose)
+                             default_max_tokens=args.max_tokens, verbose=args.verbose,
+                             timeout=args.timeout, max_connections=args.max_connections)
     except OSError as e:
-        eprint(f"edgemoe: error: cannot listen on {args.host}:{args.port}: {e.strerror}")
+        engine.close()
+        eprint(f"edgemoe: error: cannot listen on {args.host}:{args.port}: {e.strerror or e}")
         return 1
     host, port = server.server_address[:2]
     eprint(f"edgemoe serve: {engine.path} on http://{host}:{port}/v1 (Ctrl-C to stop)", flush=True)
@@ -36,6 +71,7 @@ def main(argv: list[str]) -> int:
     except KeyboardInterrupt:
         pass
     finally:
-        server.server_close()
-        engine.close()
+        server.server_close()  # running generations stop at their next token
+        with server.lock:  # ...then nothing uses the engine any more
+            engine.close()
     return 0

@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import types
+import typing
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
@@ -17,14 +19,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ModelLoadError
+from ..cpu import Linear, linear
+from ..errors import ContextLengthError, ModelLoadError
 
 # ----------------------------------------------------------------------------- config
 
 
 @dataclass
 class BaseModelArgs:
-    """Fields every family has. Families subclass this and add their own."""
+    """Fields every family has. Families subclass this and add their own.
+
+    `from_dict` checks every value against its field's type before the dataclass is
+    built: an int field takes a JSON integer (not a bool, not 2.0), a float field any
+    finite number, a bool field only true/false, `X | None` also null. Every number in
+    a config is a size, a count or a scale, so it must be positive; fields named in
+    ZERO_OK may also be 0, and those in LIMITS have an upper bound. `validate` then
+    checks how the values fit together."""
 
     model_type: str
     vocab_size: int
@@ -42,14 +52,27 @@ class BaseModelArgs:
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
 
+    # Numeric fields that may be 0 (token ids; families add sizes that may be absent).
+    ZERO_OK = frozenset({"bos_token_id", "eos_token_id"})
+    # field -> other config key read when the field's own key is absent.
+    ALIASES = {}
+    # Upper bounds on the counts that size loops and lists before any weight is read, so
+    # that a corrupt config fails at once instead of hanging; far above released models.
+    LIMITS = {"num_hidden_layers": 1024, "num_experts": 4096, "num_local_experts": 4096}
+
     @classmethod
     def from_dict(cls, config: dict, source: str = "config.json") -> "BaseModelArgs":
-        """Build the dataclass from a parsed config.json, ignoring keys we do not use."""
-        config = dict(config)
-        theta, scaling = _rope_from_config(config, source)
-        config["rope_theta"], config["rope_scaling"] = theta, scaling
-        names = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: v for k, v in config.items() if k in names}
+        """Build the dataclass from a parsed config.json, ignoring keys we do not use.
+        Every problem is a ModelLoadError naming `source` and the key."""
+        types_ = _field_types(cls)
+        kwargs = {}
+        for name in types_:
+            if name in ("rope_theta", "rope_scaling"):
+                continue  # read by _rope_from_config, from either layout
+            key = name if name in config or name not in cls.ALIASES else cls.ALIASES[name]
+            if key in config:
+                kwargs[name] = check_value(key, config[key], types_[name], name in cls.ZERO_OK, source,
+                                           cls.LIMITS.get(name))
         missing = [
             f.name
             for f in dataclasses.fields(cls)
@@ -59,6 +82,8 @@ class BaseModelArgs:
         ]
         if missing:
             raise ModelLoadError(f"{source}: missing required key(s): {', '.join(missing)}")
+        max_positions = kwargs.get("max_position_embeddings", _field_default(cls, "max_position_embeddings"))
+        kwargs["rope_theta"], kwargs["rope_scaling"] = _rope_from_config(config, source, max_positions)
         try:
             args = cls(**kwargs)
         except (TypeError, ValueError) as e:
@@ -71,15 +96,17 @@ class BaseModelArgs:
         return args
 
     def validate(self, source: str) -> None:
-        """Reject configs whose numbers cannot describe a working model."""
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ModelLoadError(f"{source}: {name} must be a positive integer, got {value!r}")
+        """Reject configs whose values (each already of the right type and sign) cannot
+        describe a working model together."""
         if self.num_attention_heads % self.num_key_value_heads:
             raise ModelLoadError(
                 f"{source}: num_attention_heads ({self.num_attention_heads}) is not a multiple "
                 f"of num_key_value_heads ({self.num_key_value_heads})"
+            )
+        if self.head_dim < 1 or self.head_dim % 2:
+            raise ModelLoadError(
+                f"{source}: head_dim must be a positive even number (RoPE rotates pairs of dimensions), "
+                f"got {self.head_dim}"
             )
         if self.moe_layers() and not 0 < self.top_k <= self.experts_per_layer:
             raise ModelLoadError(
@@ -121,32 +148,147 @@ class BaseModelArgs:
         raise NotImplementedError
 
 
+_TYPE_CACHE: dict[type, dict[str, object]] = {}
+
+
+def _field_types(cls: type) -> dict[str, object]:
+    """Resolved type of each dataclass field (annotations are strings here)."""
+    if cls not in _TYPE_CACHE:
+        hints = typing.get_type_hints(cls)
+        _TYPE_CACHE[cls] = {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+    return _TYPE_CACHE[cls]
+
+
+def _field_default(cls: type, name: str):
+    return next(f.default for f in dataclasses.fields(cls) if f.name == name)
+
+
+def _members(tp) -> tuple:
+    """The alternatives of a union type (`int | None` -> (int, NoneType)), or (tp,)."""
+    return typing.get_args(tp) if typing.get_origin(tp) in (types.UnionType, typing.Union) else (tp,)
+
+
+def _conforms(value, tp) -> bool:
+    for t in _members(tp):
+        if typing.get_origin(t) is list:
+            if isinstance(value, list) and all(_conforms(v, typing.get_args(t)[0]) for v in value):
+                return True
+        elif t is type(None):
+            if value is None:
+                return True
+        elif t is bool or isinstance(value, bool):  # JSON true/false are not numbers here
+            if t is bool and isinstance(value, bool):
+                return True
+        elif t is float:
+            if isinstance(value, (int, float)):
+                return True
+        elif t in (int, str, dict):
+            if isinstance(value, t):
+                return True
+        else:
+            raise TypeError(f"config fields of type {t} are not supported by check_value")
+    return False
+
+
+_TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "an object",
+               type(None): "null"}
+_PLURALS = {int: "integers", float: "numbers", str: "strings", bool: "booleans", dict: "objects"}
+
+
+def _describe(tp) -> str:
+    words = []
+    for t in _members(tp):
+        if typing.get_origin(t) is list:
+            words.append("a list of " + _PLURALS[typing.get_args(t)[0]])
+        else:
+            words.append(_TYPE_WORDS[t])
+    return " or ".join(words)
+
+
+def short_repr(value, limit: int = 60) -> str:
+    """repr for an error message: one line, at most about `limit` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def check_value(name: str, value, tp, zero_ok: bool, source: str, limit: int | None = None):
+    """Check one config value against a field type (see BaseModelArgs) and return it,
+    ints widened to float for float fields. Numbers must be finite and positive (or
+    zero, with zero_ok) and at most `limit`; lists are checked element by element."""
+    if not _conforms(value, tp):
+        raise ModelLoadError(f"{source}: {name} must be {_describe(tp)}, got {short_repr(value)}")
+    for x in value if isinstance(value, list) else [value]:
+        if isinstance(x, bool) or not isinstance(x, (int, float)):
+            continue
+        if not math.isfinite(x):
+            raise ModelLoadError(f"{source}: {name} must be a finite number, got {short_repr(value)}")
+        if x < 0 or (x == 0 and not zero_ok):
+            sign = "non-negative" if zero_ok else "positive"
+            raise ModelLoadError(f"{source}: {name} must be {sign}, got {short_repr(value)}")
+        if limit is not None and x > limit:
+            raise ModelLoadError(f"{source}: {name} {x} is implausibly large (edgemoe supports up to {limit})")
+    if isinstance(value, int) and not isinstance(value, bool) and float in _members(tp) and int not in _members(tp):
+        value = float(value)
+    return value
+
+
 SUPPORTED_ROPE = ("default", "linear", "llama3", "yarn")
 
+# Rope parameters we read, with their types; the ones that may be 0 mean "absent".
+ROPE_FIELDS = {
+    "factor": float | None,
+    "original_max_position_embeddings": int,
+    "low_freq_factor": float,
+    "high_freq_factor": float,
+    "attention_factor": float | None,
+    "mscale": float | None,
+    "mscale_all_dim": float | None,
+    "beta_fast": float | None,
+    "beta_slow": float | None,
+    "truncate": bool,
+}
+ROPE_ZERO_OK = frozenset({"mscale", "mscale_all_dim", "beta_fast", "beta_slow"})
 
-def _rope_from_config(config: dict, source: str) -> tuple[float, dict | None]:
+
+def _rope_from_config(config: dict, source: str, max_positions: int = 4096) -> tuple[float, dict | None]:
     """Read rope theta and scaling from either the legacy (`rope_theta`, `rope_scaling`)
-    or the transformers-5 (`rope_parameters`) layout."""
-    params = dict(config.get("rope_parameters") or {})
-    legacy = config.get("rope_scaling") or {}
-    if not isinstance(params, dict) or not isinstance(legacy, dict):
-        raise ModelLoadError(f"{source}: rope_parameters / rope_scaling must be objects")
-    params = {**legacy, **params}
-    theta = float(params.pop("rope_theta", config.get("rope_theta", 10000.0)))
+    or the transformers-5 (`rope_parameters`) layout, checking every value we use.
+    `max_positions` is the (checked) max_position_embeddings."""
+    params: dict = {}
+    where: dict[str, str] = {}  # key -> how to name it in an error
+    for key in ("rope_scaling", "rope_parameters"):  # rope_parameters wins
+        block = config.get(key)
+        if block is None:
+            continue
+        if not isinstance(block, dict):
+            raise ModelLoadError(f"{source}: {key} must be an object or null, got {short_repr(block)}")
+        params.update(block)
+        where.update({k: f"{key}.{k}" for k in block})
+    if "rope_theta" in params:
+        theta = check_value(where["rope_theta"], params.pop("rope_theta"), float, False, source)
+    else:
+        theta = check_value("rope_theta", config.get("rope_theta", 10000.0), float, False, source)
+    if theta <= 1:  # frequencies theta^(-2i/d) must fall with i; log(theta) divides in yarn
+        raise ModelLoadError(f"{source}: {where.get('rope_theta', 'rope_theta')} must be greater than 1, got {theta!r}")
     rope_type = params.pop("rope_type", params.pop("type", "default"))
-    if rope_type not in SUPPORTED_ROPE:
+    if not isinstance(rope_type, str) or rope_type not in SUPPORTED_ROPE:
         raise ModelLoadError(
-            f"{source}: rope type {rope_type!r} is not supported (supported: {', '.join(SUPPORTED_ROPE)})"
+            f"{source}: rope type {short_repr(rope_type)} is not supported (supported: {', '.join(SUPPORTED_ROPE)})"
         )
     if rope_type == "default":
         return theta, None
+    for key, tp in ROPE_FIELDS.items():
+        if key in params:
+            params[key] = check_value(where.get(key, key), params[key], tp, key in ROPE_ZERO_OK, source)
     params["rope_type"] = rope_type
-    params.setdefault("original_max_position_embeddings", config.get("max_position_embeddings", 4096))
+    params.setdefault("original_max_position_embeddings", max_positions)
     if params.get("factor") is None:
         if rope_type != "yarn":
             raise ModelLoadError(f"{source}: rope type {rope_type!r} needs a 'factor'")
         # As transformers does: yarn without a factor scales from the original context.
-        params["factor"] = config.get("max_position_embeddings", 4096) / params["original_max_position_embeddings"]
+        params["factor"] = max_positions / params["original_max_position_embeddings"]
+    if rope_type == "llama3" and not params.get("low_freq_factor", 1.0) < params.get("high_freq_factor", 4.0):
+        raise ModelLoadError(f"{source}: llama3 rope needs low_freq_factor < high_freq_factor")
     return theta, params
 
 
@@ -180,9 +322,9 @@ class MLP(nn.Module):
 
     def __init__(self, hidden: int, intermediate: int, act: str):
         super().__init__()
-        self.gate = nn.Linear(hidden, intermediate, bias=False)
-        self.up = nn.Linear(hidden, intermediate, bias=False)
-        self.down = nn.Linear(intermediate, hidden, bias=False)
+        self.gate = Linear(hidden, intermediate, bias=False)
+        self.up = Linear(hidden, intermediate, bias=False)
+        self.down = Linear(intermediate, hidden, bias=False)
         self.act = ACTIVATIONS[act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -270,12 +412,18 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 class KVCache:
-    """Preallocated keys and values of one attention layer. Grows in steps so that a
-    decode step never allocates."""
+    """Keys and values of one attention layer.
+
+    With a `capacity` (the context size) the buffers are allocated once, at the first
+    update, for every position, so that the budget can count them and no step allocates;
+    untouched pages cost no RSS until used. A step past the capacity raises
+    ContextLengthError instead of running positions the cache has no room for. Without a
+    capacity (reference checks, perplexity windows) the buffers grow in steps."""
 
     STEP = 256
 
-    def __init__(self):
+    def __init__(self, capacity: int | None = None):
+        self.capacity = capacity
         self.k: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
         self.offset = 0
@@ -283,8 +431,12 @@ class KVCache:
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         B, H, T, D = k.shape  # (B, KV, T, D)
         end = self.offset + T
+        if self.capacity is not None and end > self.capacity:
+            raise ContextLengthError(
+                f"the context is full: {end} tokens do not fit the context size of {self.capacity} "
+                "(--ctx-size / ctx_size)")
         if self.k is None or end > self.k.shape[2]:
-            cap = (end + self.STEP - 1) // self.STEP * self.STEP
+            cap = self.capacity or (end + self.STEP - 1) // self.STEP * self.STEP
             new_k = k.new_empty(B, H, cap, D)
             new_v = v.new_empty(B, H, cap, v.shape[-1])
             if self.k is not None:
@@ -319,10 +471,10 @@ class Attention(nn.Module):
     def __init__(self, spec: AttentionSpec, rope: RoPE):
         super().__init__()
         s = self.spec = spec
-        self.q = nn.Linear(s.hidden, s.heads * s.head_dim, bias=s.qkv_bias)
-        self.k = nn.Linear(s.hidden, s.kv_heads * s.head_dim, bias=s.qkv_bias)
-        self.v = nn.Linear(s.hidden, s.kv_heads * s.head_dim, bias=s.qkv_bias)
-        self.o = nn.Linear(s.heads * s.head_dim, s.hidden, bias=s.o_bias)
+        self.q = Linear(s.hidden, s.heads * s.head_dim, bias=s.qkv_bias)
+        self.k = Linear(s.hidden, s.kv_heads * s.head_dim, bias=s.qkv_bias)
+        self.v = Linear(s.hidden, s.kv_heads * s.head_dim, bias=s.qkv_bias)
+        self.o = Linear(s.heads * s.head_dim, s.hidden, bias=s.o_bias)
         if s.qk_norm == "head":
             self.q_norm, self.k_norm = RMSNorm(s.head_dim, s.norm_eps), RMSNorm(s.head_dim, s.norm_eps)
         elif s.qk_norm == "full":
@@ -396,10 +548,16 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         if not args.tie_word_embeddings:
-            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+            self.lm_head = Linear(args.hidden_size, args.vocab_size, bias=False)
 
-    def make_cache(self) -> list[KVCache]:
-        return [KVCache() for _ in self.layers]
+    def make_cache(self, capacity: int | None = None) -> list[KVCache]:
+        """One KV cache per layer; `capacity` positions each (None: grow as needed)."""
+        return [KVCache(capacity) for _ in self.layers]
+
+    def kv_bytes_per_token(self, dtype: torch.dtype | None = None) -> int:
+        """Bytes of keys and values one position takes over all layers."""
+        elem = torch.empty(0, dtype=dtype or self.embed.weight.dtype).element_size()
+        return sum(2 * layer.attn.spec.kv_heads * layer.attn.spec.head_dim * elem for layer in self.layers)
 
     def forward(
         self, ids: torch.Tensor, cache: list[KVCache] | None = None, last_only: bool = False
@@ -412,7 +570,7 @@ class Transformer(nn.Module):
             x = x[:, -1:]
         x = self.norm(x)
         if self.args.tie_word_embeddings:
-            return F.linear(x, self.embed.weight)  # (B, T, V)
+            return linear(x, self.embed.weight)  # (B, T, V)
         return self.lm_head(x)  # (B, T, V); a module, so it can be swapped for a quantized one
 
     def moe_blocks(self) -> Iterator[nn.Module]:

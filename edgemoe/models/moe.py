@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..cpu import Linear, linear
 from .base import ACTIVATIONS, MLP
 
 
@@ -51,8 +52,8 @@ class DenseExpert:
         # Weights stored in another float type (fp16 experts, bf16 activations) are used as
         # stored: converting them would keep a second copy outside the cache budget.
         xin = x if x.dtype == self.w13.dtype else x.to(self.w13.dtype)
-        g, u = F.linear(xin, self.w13).chunk(2, dim=-1)  # (N, I) x2
-        y = F.linear(self.act(g) * u, self.w2)  # (N, H)
+        g, u = linear(xin, self.w13).chunk(2, dim=-1)  # (N, I) x2
+        y = linear(self.act(g) * u, self.w2)  # (N, H)
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
@@ -115,7 +116,7 @@ class Router(nn.Module):
         self.adaptive: float | None = None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        logits = F.linear(x, self.weight)  # (N, E)
+        logits = linear(x, self.weight)  # (N, E)
         probs = torch.softmax(logits.float(), dim=-1)  # (N, E)
         weights, ids = torch.topk(probs, self.top_k, dim=-1)  # (N, k) x2, descending
         total = weights.sum(dim=-1, keepdim=True)  # (N, 1)
@@ -165,7 +166,7 @@ class MoEBlock(nn.Module):
         self.num_experts = num_experts
         self.router = Router(hidden, num_experts, top_k, norm_topk)
         self.shared = MLP(hidden, shared_intermediate, act) if shared_intermediate else None
-        self.shared_gate = nn.Linear(hidden, 1, bias=False) if shared_gate else None
+        self.shared_gate = Linear(hidden, 1, bias=False) if shared_gate else None
         self.provider: ExpertProvider | None = None
         self.hook: RoutingHook | None = None
 

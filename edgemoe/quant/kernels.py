@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from ..cpu import linear
 from .quantize import QuantSpec
 
 log = logging.getLogger(__name__)
@@ -327,7 +328,7 @@ def _dequant_matmul_native(lib, x: torch.Tensor, w: QMatrix) -> torch.Tensor:
     for n0 in range(0, w.n, rows):
         n1 = min(w.n, n0 + rows)
         wt = dequant_rows(w, n0, n1, dt, out=buf[: n1 - n0])
-        y[:, n0:n1] = xd @ wt.t()
+        y[:, n0:n1] = linear(xd, wt)  # (M, n1-n0); bucketed rows, see edgemoe.cpu
     return y
 
 
@@ -405,7 +406,7 @@ def int8_mm(x: torch.Tensor, w: Int8Matrix, out_dtype: torch.dtype | None = None
     for n0 in range(0, w.q.shape[0], DEQUANT_ROWS):
         n1 = min(w.q.shape[0], n0 + DEQUANT_ROWS)
         wt = (w.q[n0:n1].float() * w.scale[n0:n1].float().unsqueeze(1)).to(dt)  # (rows, K)
-        y[:, n0:n1] = xd @ wt.t()
+        y[:, n0:n1] = linear(xd, wt)  # (M, n1-n0); bucketed rows, see edgemoe.cpu
     return y.to(out_dtype)
 
 

@@ -14,7 +14,11 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..cpu import Linear
 from .kernels import Int8Matrix, int8_mm, quantize_int8
+
+# The float linear layers int8 quantization may replace.
+FLOAT_LINEARS = (nn.Linear, Linear)
 
 
 class Int8Linear(nn.Module):
@@ -63,7 +67,7 @@ def quantize_linears_(
     for name, child in list(module.named_modules()):
         for attr, sub in list(child.named_children()):
             full = f"{name}.{attr}" if name else attr
-            if type(sub) is nn.Linear and (include is None or include(full, sub)):
+            if type(sub) in FLOAT_LINEARS and (include is None or include(full, sub)):
                 setattr(child, attr, Int8Linear.from_linear(sub))
                 done.append(full)
     return done

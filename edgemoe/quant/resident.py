@@ -18,7 +18,7 @@ from torch import nn
 
 from ..errors import StoreError
 from .kernels import quantize_int8
-from .linear import Int8Linear
+from .linear import FLOAT_LINEARS, Int8Linear
 
 RESIDENT_FORMATS = ("float", "int8")
 _KEEP_FLOAT = ("shared_gate",)  # module attribute names left in float
@@ -28,7 +28,7 @@ def int8_targets(model: nn.Module) -> list[str]:
     """Names of the linear layers `--resident int8` quantizes, in module order."""
     out = []
     for name, mod in model.named_modules():
-        if type(mod) is nn.Linear and name.rsplit(".", 1)[-1] not in _KEEP_FLOAT:
+        if type(mod) in FLOAT_LINEARS and name.rsplit(".", 1)[-1] not in _KEEP_FLOAT:
             out.append(name)
     return out
 
@@ -57,7 +57,7 @@ def swap_int8_(model: nn.Module, names: list[str], scale_dtype: torch.dtype, sou
     modules = dict(model.named_modules())
     for name in names:
         lin = modules.get(name)
-        if type(lin) is not nn.Linear:
+        if type(lin) not in FLOAT_LINEARS:
             raise StoreError(f"{source}: int8 resident layer {name!r} is not a linear layer of this model")
         parent_name, _, attr = name.rpartition(".")
         parent = modules[parent_name] if parent_name else model

@@ -1,9 +1,10 @@
 """`load_converted`: a directory from `edgemoe convert` -> model with offloaded experts.
 
-The memory budget M covers the model, as in the EdgeMoE paper: resident weights plus the
-expert cache. The cache slab gets whatever M leaves after the resident weights (never
-more than all the experts). M below resident + the largest top-k experts of one layer
-cannot run a token and is refused before anything is read.
+The memory budget M covers the whole run: resident weights, the KV cache for the context
+size, a compute workspace (prefill activations, and what oneDNN keeps where the CPU uses
+it: see edgemoe.cpu), and the expert cache, which gets whatever is left (never more than
+all the experts). M below resident + KV + workspace + the largest top-k experts of one
+layer cannot run a token and is refused, naming that minimum, before anything is read.
 
 Modes (the paper's baselines):
 - io-exp   experts read on demand into the byte-budgeted cache (default)
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import attach_provider, build_on_meta, load_resident, parse_dtype
+from ..cpu import ONEDNN_RESERVE, onednn_supported
 from ..errors import BudgetError, EdgeMoEError, InvalidArgument, StoreError
 from ..models import get_family
 from ..quant.resident import swap_int8_
@@ -33,6 +35,20 @@ from .trace import RoutingTrace
 
 MODES = ("io-exp", "io-free")
 DEFAULT_POLICY = "edgemoe"
+PREFILL_CHUNK = 512  # tokens per prefill forward (generate.generate_step's default)
+MIN_CTX = 256  # a budget must hold at least this much context (or the model's maximum, if less)
+KV_SHARE = 0.5  # the default context may take at most this share of what the budget leaves for KV and cache
+
+
+def workspace_bytes(args, dtype: torch.dtype, ctx_size: int, onednn: bool) -> int:
+    """Memory a forward needs beyond weights, KV and expert cache: live prefill activations
+    for one chunk (the native path measured 8-10 hidden-size fp32 vectors per token at a
+    peak; counted as one expert's fp32 intermediate plus 8 hidden-size vectors), plus
+    ONEDNN_RESERVE where oneDNN runs the reduced-precision matmuls."""
+    chunk = min(PREFILL_CHUNK, ctx_size)
+    acts = chunk * 4 * (args.expert_dim + 8 * args.hidden_size)
+    uses_onednn = onednn and dtype in (torch.bfloat16, torch.float16) and onednn_supported()
+    return acts + (ONEDNN_RESERVE if uses_onednn else 0)
 
 
 def min_cache_bytes(manifest: Manifest, top_k: int) -> int:
@@ -91,6 +107,8 @@ def load_converted(
     prefetch_layers: int | None = None,
     prefetch_threads: int | None = None,
     read_throttle: str | int | None = None,
+    ctx_size: int | None = None,
+    onednn: bool = True,
 ) -> tuple[torch.nn.Module, dict]:
     """Load a converted model with its experts offloaded.
 
@@ -101,6 +119,9 @@ def load_converted(
     False forces buffered reads. prefetch (default on in io-exp), predictor, prefetch_experts,
     prefetch_layers, prefetch_threads: expert preloading, see runtime/offload.py
     (`prefetch_config`). read_throttle: cap expert reads at this rate ("90MB/s").
+    ctx_size: context size in tokens, its KV cache counted in the budget (None: the
+    model's maximum positions, capped so the KV cache takes at most half of what the
+    budget leaves). onednn: whether prefill may use oneDNN (its reserve is then counted).
     """
     return_large_frees_to_os()  # large temporaries leave RSS when freed, not at exit
     _warm_up_torch(parse_dtype(dtype, {}) if dtype not in (None, "auto") else torch.bfloat16)
@@ -126,27 +147,46 @@ def load_converted(
     dt = stored if dtype in (None, "auto") else parse_dtype(dtype, manifest.config)
 
     # Budget arithmetic, before reading any weights.
+    from ..api import check_ctx_size
+
+    max_pos = args.max_position_embeddings
+    explicit_ctx = ctx_size is not None
+    ctx_size = check_ctx_size(ctx_size, max_pos, str(manifest.path))
+    model = build_on_meta(family, args)  # shapes only; no memory
+    kv_per_token = model.kv_bytes_per_token(dt)
     resident = resident_nbytes(path, manifest, dt)
     experts_total = manifest.expert_bytes
-    min_budget = resident + min_cache_bytes(manifest, args.top_k)
+    one_layer = min_cache_bytes(manifest, args.top_k)
+    min_ctx = ctx_size if explicit_ctx else min(max_pos, MIN_CTX)
+    workspace = workspace_bytes(args, dt, ctx_size, onednn)
+    fixed = resident + workspace + one_layer  # what any budget must hold besides the KV cache
+    min_budget = fixed + min_ctx * kv_per_token
+    if budget is not None and budget < min_budget:
+        raise BudgetError(
+            f"memory budget {format_bytes(budget)} ({budget} bytes) is too small for {path}: the resident weights "
+            f"take {format_bytes(resident)}, the KV cache for {min_ctx} tokens {format_bytes(min_ctx * kv_per_token)}, "
+            f"the compute workspace {format_bytes(workspace)} and one layer's top-{args.top_k} experts "
+            f"{format_bytes(one_layer)}; the minimum is {format_bytes(min_budget)} (--memory {min_budget})"
+        )
+    if budget is not None and not explicit_ctx:
+        # Default context: the model's maximum, unless its KV cache would take more than
+        # KV_SHARE of what the budget leaves (whole 256-token steps, at least min_ctx).
+        fit = int(KV_SHARE * (budget - fixed)) // kv_per_token
+        if fit < ctx_size:
+            ctx_size = max(min_ctx, fit // MIN_CTX * MIN_CTX)
+            workspace = workspace_bytes(args, dt, ctx_size, onednn)
+    kv_bytes = ctx_size * kv_per_token
     if mode == "io-free":
-        need = resident + experts_total
+        need = resident + kv_bytes + workspace + experts_total
         if budget is not None and budget < need:
             raise BudgetError(f"--mode io-free keeps every expert in RAM and needs {format_bytes(need)} "
-                              f"({need} bytes), more than the budget of {format_bytes(budget)}; "
-                              "use --mode io-exp for smaller budgets")
+                              f"({need} bytes: resident weights, KV cache, workspace and every expert), more than "
+                              f"the budget of {format_bytes(budget)}; use --mode io-exp for smaller budgets")
         capacity = experts_total
     elif budget is None:
         capacity = experts_total
     else:
-        if budget < min_budget:
-            raise BudgetError(
-                f"memory budget {format_bytes(budget)} ({budget} bytes) is too small for {path}: the resident "
-                f"weights take {format_bytes(resident)} and one layer's top-{args.top_k} experts "
-                f"{format_bytes(min_budget - resident)}; the minimum is {format_bytes(min_budget)} "
-                f"(--memory {min_budget})"
-            )
-        capacity = min((budget - resident) // ALIGN * ALIGN, experts_total)
+        capacity = min((budget - resident - kv_bytes - workspace) // ALIGN * ALIGN, experts_total)
 
     store = ExpertStore(path, direct_io=direct_io is not False, manifest=manifest, throttle=throttle)
     try:
@@ -154,7 +194,6 @@ def load_converted(
         ctx = PolicyContext(args.moe_layers(), args.experts_per_layer, args.top_k, trace_obj)
         policy = make_policy(policy_name, ctx)
         tensors = read_resident(path, manifest, dt)
-        model = build_on_meta(family, args)
         if manifest.resident_int8:  # resident linear layers stored as int8 (convert --resident int8)
             swap_int8_(model, manifest.resident_int8, dt, str(manifest.path))
         try:
@@ -164,7 +203,7 @@ def load_converted(
         del tensors
         cache = ExpertCache(store, capacity, policy, args.hidden_act, dt, verify or "first",
                             loader_threads=prefetch_threads or DEFAULT_THREADS)
-        pf = prefetch_config(path, model, args, mode, capacity, min_budget - resident, prefetch, predictor,
+        pf = prefetch_config(path, model, args, mode, capacity, one_layer, prefetch, predictor,
                              prefetch_experts, prefetch_layers)
     except BaseException:
         store.close()
@@ -177,6 +216,9 @@ def load_converted(
         "budget_bytes": budget,
         "min_budget_bytes": min_budget,
         "resident_bytes": resident,
+        "ctx_size": ctx_size,
+        "kv_bytes": kv_bytes,
+        "workspace_bytes": workspace,
         "expert_bytes": experts_total,
         "cache_bytes": cache.capacity,
         "io": store.io_mode,

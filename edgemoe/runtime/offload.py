@@ -382,10 +382,13 @@ class OffloadedProvider(ExpertProvider):
             "budget_bytes": info["budget_bytes"],
             "min_budget_bytes": info["min_budget_bytes"],
             "resident_bytes": resident,
+            "kv_bytes": info["kv_bytes"],
+            "workspace_bytes": info["workspace_bytes"],
             "cache_bytes": c["cache_bytes"],
             "cache_peak_bytes": c["cache_peak_bytes"],
-            # Memory this model really holds: resident weights plus every slab page ever written.
-            "budget_used_bytes": resident + c["cache_touched_bytes"],
+            # Memory this model holds or reserves: resident weights, the KV cache for the
+            # context, the compute workspace, and every slab page ever written.
+            "budget_used_bytes": resident + info["kv_bytes"] + info["workspace_bytes"] + c["cache_touched_bytes"],
             "baseline_rss_bytes": baseline,
             "rss_over_baseline_bytes": max(peak_rss_bytes() - baseline, 0),
         }

@@ -35,8 +35,8 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from ..cpu import linear
 from ..errors import EdgeMoEError
 from ..utils import save_npz_atomic
 
@@ -70,7 +70,7 @@ class GateLookahead:
     def logits(self, x: torch.Tensor, target: int) -> torch.Tensor:
         """Router logits of position `target` on an earlier position's MoE input x (N, H)."""
         w = self.routers[target]  # (E, H)
-        return F.linear(x.to(w.dtype), w).float()  # (N, E)
+        return linear(x.to(w.dtype), w).float()  # (N, E)
 
 
 def gate_probs(logits: np.ndarray | torch.Tensor, top_k: int, tau: float = 1.0) -> np.ndarray:
@@ -491,7 +491,7 @@ class GatePredictor(Predictor):
 
     def probs_one(self, target, pos, ids, x):
         w = self.gate.routers[target]
-        z = F.linear(x if x.dtype == w.dtype else x.to(w.dtype), w).view(-1).tolist()  # (E,) as floats
+        z = linear(x if x.dtype == w.dtype else x.to(w.dtype), w).view(-1).tolist()  # (E,) as floats
         tau = self.tau(target - pos, target)
         m = max(z)
         e = [math.exp((v - m) / tau) for v in z]

@@ -5,6 +5,7 @@ subprocesses, so the numbers are those of a user's process."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -13,6 +14,8 @@ import pytest
 import torch
 
 import edgemoe
+from edgemoe.cpu import onednn_supported
+from edgemoe.errors import ContextLengthError, InvalidArgument
 from edgemoe.store.tensorfile import read_header
 
 from cli.helpers import assert_clean_error, run_cli
@@ -79,37 +82,80 @@ def test_convert_peak_rss_well_under_model_size(big):
     assert over < size / 5, f"converter peak {over / 1e6:.0f} MB over baseline for a {size / 1e6:.0f} MB model"
 
 
-def test_generation_within_budget_matches_in_ram(big):
+@pytest.fixture(scope="module")
+def converted(big):
+    """The big model converted (by the first test, or here when run alone)."""
     d, _ = big
     if not (d / "conv").exists():
-        pytest.skip("needs the converted model of the previous test")
+        subprocess.run([sys.executable, "-m", "edgemoe", "convert", d / "hf", d / "conv"], check=True,
+                       capture_output=True, timeout=300)
+    return d
+
+
+# Both matmul paths: oneDNN (prefill, where the CPU sends bf16 matmuls to it) and torch's
+# native kernels throughout. A CPU without AVX-512-BF16/AMX has only the second.
+PATHS = [pytest.param(True, id="onednn", marks=pytest.mark.skipif(
+             not onednn_supported(), reason="this CPU does not send bf16 matmuls to oneDNN")),
+         pytest.param(False, id="native")]
+LONG_PROMPT = " ".join(["def fibonacci(n): return n"] * 20)  # > 256 tokens: prefill chunks of many rows
+
+
+@pytest.mark.parametrize("onednn", PATHS)
+def test_generation_within_budget_matches_in_ram(converted, onednn):
+    d = converted
     info, = [edgemoe.load(d / "conv").info]  # budget arithmetic only; no weights are kept
     assert info["expert_bytes"] >= 3 * BUDGET
-    proc = run_cli("generate", d / "conv", "--memory", BUDGET, "-p", PROMPT, "-n", "8", "--ignore-eos", "--json",
-                   timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    out = json.loads(proc.stdout)
-    s = out["stats"]
-    assert s["misses"] > 0 and s["evictions"] > 0 and s["budget_bytes"] == BUDGET
-    assert s["budget_used_bytes"] <= BUDGET
-    assert s["rss_over_baseline_bytes"] <= 1.10 * BUDGET, (
-        f"peak RSS {s['rss_over_baseline_bytes'] / 1e6:.1f} MB over a baseline of {s['baseline_rss_bytes'] / 1e6:.1f} MB "
-        f"for a budget of {BUDGET / 1e6:.0f} MB")
-    assert s["bytes_read"] > 2 * BUDGET  # it really streamed experts through the cache
-    ref = edgemoe.load(d / "hf")
-    try:
-        want = ref.generate(PROMPT, max_tokens=8, ignore_eos=True).token_ids
-    finally:
-        ref.close()
-    assert out["token_ids"] == want
+    flags = [] if onednn else ["--no-onednn"]
+    for prompt in (PROMPT, LONG_PROMPT):
+        proc = run_cli("generate", d / "conv", "--memory", BUDGET, "-p", prompt, "-n", "8", "--ignore-eos", "--json",
+                       *flags, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        out = json.loads(proc.stdout)
+        s = out["stats"]
+        assert s["misses"] > 0 and s["evictions"] > 0 and s["budget_bytes"] == BUDGET
+        assert s["budget_used_bytes"] <= BUDGET
+        assert s["kv_bytes"] == s["ctx_size"] * LAYERS * 2 * 2 * 128 * 2  # layers x (K, V) x kv heads x dim x bf16
+        assert s["rss_over_baseline_bytes"] <= 1.10 * BUDGET, (
+            f"peak RSS {s['rss_over_baseline_bytes'] / 1e6:.1f} MB over a baseline of {s['baseline_rss_bytes'] / 1e6:.1f} MB "
+            f"for a budget of {BUDGET / 1e6:.0f} MB ({s['prompt_tokens']}-token prompt)")
+        assert s["bytes_read"] > 2 * BUDGET  # it really streamed experts through the cache
+        ref = edgemoe.load(d / "hf", onednn=onednn)
+        try:
+            want = ref.generate(prompt, max_tokens=8, ignore_eos=True).token_ids
+        finally:
+            ref.close()
+        assert out["token_ids"] == want
 
 
-def test_budget_below_minimum_is_refused_with_the_minimum(big):
-    d, _ = big
-    if not (d / "conv").exists():
-        pytest.skip("needs the converted model of the first test")
+def test_budget_below_minimum_is_refused_with_the_minimum(converted):
+    d = converted
+    proc = run_cli("generate", d / "conv", "--memory", "40MB", "-p", "x")
+    assert_clean_error(proc, "too small", "resident weights", "KV cache", "workspace", "experts", "--memory ")
+    minimum = int(re.search(r"--memory (\d+)", proc.stderr).group(1))
     infos, _ = read_header(d / "conv" / "resident.safetensors")
     resident = sum(i.nbytes for i in infos.values())
-    minimum = resident + 2 * (3 * HIDDEN * INTER * 2)  # top-2 experts (bf16 blobs are 4 KiB multiples here)
-    assert_clean_error(run_cli("generate", d / "conv", "--memory", "40MB", "-p", "x"),
-                       "too small", f"--memory {minimum}")
+    assert minimum > resident + 2 * (3 * HIDDEN * INTER * 2)  # top-2 experts plus KV and workspace
+    # The minimum it names is the real one: one byte less is refused, the minimum runs.
+    assert_clean_error(run_cli("generate", d / "conv", "--memory", minimum - 1, "-p", "x"), "too small")
+    ok = run_cli("generate", d / "conv", "--memory", minimum, "-p", "x", "-n", "2", "--json")
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["stats"]["budget_used_bytes"] <= minimum
+
+
+def test_ctx_size_is_bounded_by_the_budget(converted):
+    """The default context is the model's maximum (512) unless its KV cache would take more
+    than half of what the budget leaves; an explicit one must fit or is refused."""
+    d = converted
+    roomy = edgemoe.load(d / "conv", memory=BUDGET)
+    assert roomy.ctx_size == 512 and roomy.info["kv_bytes"] == 512 * LAYERS * 2 * 2 * 128 * 2
+    roomy.close()
+    with pytest.raises(InvalidArgument, match="513 is more than the 512 positions"):
+        edgemoe.load(d / "conv", ctx_size=513)
+    small = edgemoe.load(d / "conv", ctx_size=16)
+    try:
+        assert small.ctx_size == 16
+        with pytest.raises(ContextLengthError, match="context size of 16"):
+            small.generate(LONG_PROMPT, max_tokens=1)
+        assert small.generate("def f", max_tokens=4, ignore_eos=True).stats.ctx_size == 16
+    finally:
+        small.close()

@@ -1,0 +1,97 @@
+"""Which CPU kernels torch's float matmuls take, and how to keep them inside a memory budget.
+
+On CPUs with AVX-512 (BF16) or AMX, torch sends bf16/fp16 matmuls to oneDNN. Measured on
+such a Xeon (bench/results/onednn_paths.md, 1024 x 5632 bf16 weight):
+
+- at 1 row (a decode step) torch's native kernel is faster: 0.59-0.89x oneDNN's time;
+- at 4 rows and more oneDNN is 4-23x faster (prefill, and experts that several tokens chose);
+- oneDNN keeps memory for every distinct (rows, in, out) shape it has seen: about 1.4 MB
+  each, outside any allocator we manage. An MoE prefill gives every expert its own row
+  count, so 400 distinct counts held 564 MB.
+
+So: decode steps run with oneDNN switched off (`native_matmuls`), and every float matmul
+of more than one row goes through `linear`, which pads the rows up to a power of two when
+oneDNN will run it. oneDNN then sees at most ~10 row counts per weight shape, and what it
+keeps stays below `ONEDNN_RESERVE`, which the offloaded runtime reserves inside the budget
+(runtime/engine.py). The padding costs at most 2x the rows, far less than the 4-23x the
+native kernel would cost. On CPUs without these instructions (AVX2 only) torch's native
+kernels run everything and none of this applies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# What oneDNN keeps after running every power-of-two row count from 2 to 512 on a model's
+# weight shapes, plus one weight's reorder buffer in flight: measured 6-14 MB on a
+# 2-core AVX-512-BF16 Xeon (bench/results/onednn_paths.md), rounded up.
+ONEDNN_RESERVE = 24 * 1000**2
+_REDUCED = (torch.bfloat16, torch.float16)
+
+
+@lru_cache(maxsize=None)
+def onednn_supported() -> bool:
+    """Whether this CPU and torch build send bf16/fp16 matmuls to oneDNN."""
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def onednn_used(dtype: torch.dtype) -> bool:
+    """Whether a matmul in `dtype` would run on oneDNN right now."""
+    return dtype in _REDUCED and onednn_supported() and torch._C._get_mkldnn_enabled()
+
+
+def bucket_rows(n: int) -> int:
+    """The padded row count oneDNN sees for n rows: the next power of two."""
+    return 1 << (n - 1).bit_length()
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear that gives oneDNN only power-of-two row counts (see the module docstring)."""
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if rows <= 1 or not onednn_used(x.dtype):
+        return F.linear(x, w, b)
+    padded = bucket_rows(rows)
+    if padded == rows:
+        return F.linear(x, w, b)
+    flat = x.reshape(rows, x.shape[-1])  # (R, in)
+    out = F.linear(F.pad(flat, (0, 0, 0, padded - rows)), w, b)[:rows]  # (R, out)
+    return out.reshape(*x.shape[:-1], w.shape[0])
+
+
+class Linear(nn.Linear):
+    """nn.Linear computed with `linear`; same parameters and state-dict names."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+@contextlib.contextmanager
+def native_matmuls(active: bool = True):
+    """Run the body with oneDNN off (decode steps: torch's native matvec is faster and
+    allocates nothing). The switch is process-wide; the previous setting comes back after."""
+    if not active:
+        yield
+        return
+    prev = torch._C._get_mkldnn_enabled()
+    torch._C._set_mkldnn_enabled(False)
+    try:
+        yield
+    finally:
+        torch._C._set_mkldnn_enabled(prev)
+
+
+def trim_heap() -> None:
+    """Give freed heap memory back to the OS (glibc keeps it otherwise)."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
