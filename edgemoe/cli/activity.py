@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .common import eprint
+from .common import check_output_path, eprint
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,8 +30,9 @@ def main(argv: list[str]) -> int:
 
     if args.tokens < 1:
         raise InvalidArgument("--tokens must be at least 1")
-    trace = RoutingTrace.load(args.trace)
     out = Path(args.output) if args.output else Path(args.trace).with_suffix(".png")
+    check_output_path(out, "-o")
+    trace = RoutingTrace.load(args.trace)
     summary = activity_summary(trace)
     why_not = activity_plot(trace, out, args.tokens)
     summary["png"] = None if why_not else str(out)

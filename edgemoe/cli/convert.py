@@ -29,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resident", choices=("float", "int8"), default=None,
                    help="non-expert weights: float (default, in --dtype) or int8 (attention, shared-expert, dense-MLP "
                         "and untied LM-head linears as per-channel int8; embeddings, norms and routers stay float)")
-    p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists (only once the new one is complete)")
+    p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists (swapped in only once the new one is complete; a "
+                        "conversion killed meanwhile leaves the old model, which the next one restores if needed)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     return p
@@ -44,6 +45,8 @@ def main(argv: list[str]) -> int:
     if args.json:
         print(json.dumps(result.to_dict()))
         return 0
+    for note in result.recovered:
+        eprint(note)
     total = result.resident_bytes + result.store_bytes
     formats = ", ".join(f"{n} x{c}" for n, c in sorted(result.formats.items()))
     eprint(f"converted {args.hf_dir} -> {result.out} in {result.seconds:.1f} s ({result.model_type}, {result.dtype})")

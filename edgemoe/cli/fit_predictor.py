@@ -16,7 +16,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .common import eprint
+from .common import check_output_path, eprint
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,6 +60,7 @@ def main(argv: list[str]) -> int:
     if args.distance < 1:
         raise InvalidArgument("--distance must be at least 1")
     path = Path(args.model)
+    check_output_path(Path(args.output) if args.output else path / PREDICTOR_FILE, "-o" if args.output else "MODEL_DIR")
     layers, E, k = model_shape(path)
     traces = [RoutingTrace.load(t) for t in args.trace]
     for t in traces:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..errors import InvalidArgument
 from ..utils import format_bytes
-from .common import eprint, set_compute_threads
+from .common import check_output_path, eprint, set_compute_threads
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,6 +67,9 @@ def main(argv: list[str]) -> int:
     out = Path(args.output)
     if out.is_dir():
         raise InvalidArgument(f"{out}: is a directory; -o takes the plan's file name")
+    check_output_path(out, "-o")
+    if args.png:
+        check_output_path(args.png, "--png")
     set_compute_threads(args.threads)
     profile = read_profile(args.profile)
     log = None if args.quiet else eprint

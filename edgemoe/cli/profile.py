@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from ..errors import InvalidArgument
-from .common import eprint, set_compute_threads
+from .common import check_output_path, eprint, set_compute_threads
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,6 +72,9 @@ def main(argv: list[str]) -> int:
     out = Path(args.output)
     if out.is_dir():
         raise InvalidArgument(f"{out}: is a directory; -o takes the profile's file name")
+    check_output_path(out, "-o")
+    if args.png:
+        check_output_path(args.png, "--png")
     set_compute_threads(args.threads)
     model = args.model
     if model is None:

@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from .common import eprint
+from .common import check_output_path, eprint
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,6 +56,9 @@ def main(argv: list[str]) -> int:
         raise InvalidArgument("--batch must be at least 1")
     if args.lookahead < 0:
         raise InvalidArgument("--lookahead must be 0 or more")
+    check_output_path(args.output, "-o")
+    if args.plot:
+        check_output_path(args.plot, "--plot")
     texts = args.text or [str(assets.CALIB_TEXT)]
     engine = load(args.model, dtype=args.dtype, memory=args.memory,
                   **({"prefetch": False} if engine_is_converted(args.model) else {}))
