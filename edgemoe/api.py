@@ -301,6 +301,7 @@ def load(
         info["kv_bytes"] = ctx_size * model.kv_bytes_per_token()
     try:
         tokenizer = Tokenizer(path, eos_token_ids=model.args.eos_ids)
+        tokenizer.check_vocab(model.args.vocab_size, str(path / (MANIFEST if info["kind"] == "converted" else "config.json")))
         info["threads"] = set_threads(threads, model)
         if adaptive_gating is not None:
             set_adaptive_gating(model, adaptive_gating)

@@ -19,9 +19,13 @@ from safetensors import SafetensorError, safe_open
 
 from .errors import ModelLoadError
 from .models import get_family
-from .models.base import EXPERT_KEY, BaseModelArgs, Transformer
+from .models.base import EXPERT_KEY, BaseModelArgs, Transformer, short_repr
 from .models.moe import DenseExpert, InRAMProvider
 from .store.tensorfile import TensorFileError, iter_tensors
+
+# safetensors dtypes a weight may have; integer, bool and float8 tensors only appear in
+# quantized checkpoints, whose scales edgemoe does not read.
+FLOAT_CODES = ("F32", "F16", "BF16", "F64")
 
 DTYPES = {
     "float32": torch.float32,
@@ -43,9 +47,11 @@ def read_config(path: Path) -> dict:
     if not cfg_file.exists():
         raise ModelLoadError(f"{cfg_file}: missing (not a Hugging Face model directory?)")
     try:
-        config = json.loads(cfg_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        config = json.loads(cfg_file.read_bytes().decode("utf-8"))
+    except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, a 5000-digit number, deep nesting
         raise ModelLoadError(f"{cfg_file}: invalid JSON: {e}") from None
+    except OSError as e:
+        raise ModelLoadError(f"{cfg_file}: cannot read: {e.strerror or e}") from None
     if not isinstance(config, dict):
         raise ModelLoadError(f"{cfg_file}: expected a JSON object")
     return config
@@ -68,6 +74,29 @@ def parse_dtype(name: str | torch.dtype | None, config: dict) -> torch.dtype:
     return DTYPES[name]
 
 
+def read_index(index: Path) -> list[str]:
+    """The shard file names listed by `model.safetensors.index.json`."""
+    try:
+        data = json.loads(index.read_bytes().decode("utf-8"))
+    except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, a 5000-digit number, deep nesting
+        raise ModelLoadError(f"{index}: not a valid safetensors index (invalid JSON: {e})") from None
+    except OSError as e:
+        raise ModelLoadError(f"{index}: cannot read: {e.strerror or e}") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ModelLoadError(
+            f"{index}: not a valid safetensors index (weight_map must be a non-empty object mapping tensor "
+            f"names to shard files, got {short_repr(weight_map)})"
+        )
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str) or not shard or "/" in shard or "\\" in shard or shard in (".", ".."):
+            raise ModelLoadError(
+                f"{index}: weight_map entry {short_repr(name)}: {short_repr(shard)} is not a shard file name "
+                "in the model directory"
+            )
+    return sorted(set(weight_map.values()))
+
+
 @dataclass
 class TensorRef:
     name: str  # name in the checkpoint
@@ -82,7 +111,10 @@ class HFCheckpoint:
         self.path = Path(path)
         self.config = read_config(self.path)
         cfg_file = self.path / "config.json"
-        self.family: ModuleType = get_family(self.config.get("model_type"), str(cfg_file))
+        model_type = self.config.get("model_type")
+        if model_type is not None and not isinstance(model_type, str):
+            raise ModelLoadError(f"{cfg_file}: model_type must be a string, got {short_repr(model_type)}")
+        self.family: ModuleType = get_family(model_type, str(cfg_file))
         self.args: BaseModelArgs = self.family.ModelArgs.from_dict(self.config, str(cfg_file))
         self.refs = self._index()
 
@@ -90,11 +122,7 @@ class HFCheckpoint:
         index = self.path / "model.safetensors.index.json"
         single = self.path / "model.safetensors"
         if index.exists():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ModelLoadError(f"{index}: not a valid safetensors index ({e})") from None
-            files = sorted(set(weight_map.values()))
+            files = read_index(index)
         elif single.exists():
             files = [single.name]
         else:
@@ -111,7 +139,14 @@ class HFCheckpoint:
                 raise ModelLoadError(f"{file}: weight shard listed in the index is missing")
             try:
                 with safe_open(str(file), "pt") as f:
-                    refs += [TensorRef(k, file) for k in f.keys()]
+                    for k in f.keys():
+                        dtype = f.get_slice(k).get_dtype()
+                        if dtype not in FLOAT_CODES:
+                            raise ModelLoadError(
+                                f"{file}: tensor {k!r} has dtype {dtype}; edgemoe loads floating-point weights "
+                                f"only ({', '.join(FLOAT_CODES)}), quantized checkpoints are not supported"
+                            )
+                        refs.append(TensorRef(k, file))
             except (SafetensorError, OSError) as e:
                 raise ModelLoadError(f"{file}: unreadable safetensors file (truncated or corrupted?): {e}") from None
         return refs

@@ -1,5 +1,12 @@
 """Tokenizer from a Hugging Face directory (tokenizer.json via the `tokenizers` library),
-with chat templates and a streaming detokenizer that never emits broken UTF-8."""
+with chat templates and a streaming detokenizer that never emits broken UTF-8.
+
+Every file is checked when the tokenizer loads: a value of the wrong kind
+(`chat_template: 5`, `eos_token: {"id": 2}`, `eos_token_id: "x"`) is a ModelLoadError
+naming the file and the key, not a crash later. Text that is not valid Unicode (lone
+surrogates, as Python makes of invalid UTF-8 bytes in a command line argument) is
+encoded with U+FFFD in place of each bad code point, as llama.cpp does.
+"""
 
 from __future__ import annotations
 
@@ -9,22 +16,78 @@ from pathlib import Path
 
 from .errors import ModelLoadError
 
+SPECIAL_KEYS = ("bos_token", "eos_token")
 
-def _token_text(value) -> str | None:
+
+def clean_text(text: str | bytes) -> str:
+    """`text` as valid Unicode: bytes are decoded as UTF-8, and every invalid byte
+    (which Python's surrogateescape turns into a lone surrogate such as U+DCFF) and every
+    unpaired surrogate (JSON allows "\\ud800") becomes U+FFFD. A high/low surrogate pair
+    becomes the character it encodes."""
+    if isinstance(text, (bytes, bytearray)):
+        return bytes(text).decode("utf-8", "replace")
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+
+
+def _short(value, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _token_text(value, key: str, source: Path) -> str | None:
     """Special tokens appear either as plain strings or as {"content": ...} objects."""
-    if isinstance(value, dict):
-        return value.get("content")
-    return value if isinstance(value, str) else None
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, dict) and isinstance(value.get("content"), str):
+        return value["content"]
+    raise ModelLoadError(
+        f"{source}: {key} must be a string or an object with a string \"content\", got {_short(value)}"
+    )
 
 
 def _read_json(path: Path) -> dict:
+    """A JSON object from `path`, or {} if the file does not exist."""
     if not path.exists():
         return {}
     try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, a 5000-digit number, deep nesting
         raise ModelLoadError(f"{path}: invalid JSON: {e}") from None
-    return data if isinstance(data, dict) else {}
+    except OSError as e:
+        raise ModelLoadError(f"{path}: cannot read: {e.strerror or e}") from None
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _chat_template(value, source: Path) -> str | None:
+    """A chat template is a string, or a list of {"name", "template"} objects (named
+    templates, of which "default" is used, else the first)."""
+    if value is None or isinstance(value, str):
+        return value or None
+    bad = f"{source}: chat_template must be a string or a list of {{\"name\": ..., \"template\": ...}} objects"
+    if not isinstance(value, list):
+        raise ModelLoadError(f"{bad}, got {_short(value)}")
+    named = {}
+    for entry in value:
+        if not (isinstance(entry, dict) and isinstance(entry.get("name"), str) and isinstance(entry.get("template"), str)):
+            raise ModelLoadError(f"{bad}, got an entry {_short(entry)}")
+        named[entry["name"]] = entry["template"]
+    return named.get("default") or next(iter(named.values()), None)
+
+
+def _token_ids(value, key: str, source: Path) -> list[int]:
+    """An id or a list of ids (generation_config.json's eos_token_id)."""
+    ids = value if isinstance(value, list) else [value]
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise ModelLoadError(
+            f"{source}: {key} must be a non-negative integer or a list of them, got {_short(value)}"
+        )
+    return ids
 
 
 class Tokenizer:
@@ -34,28 +97,36 @@ class Tokenizer:
         from tokenizers import Tokenizer as _HFTokenizer
 
         path = Path(path)
-        tok_file = path / "tokenizer.json"
+        self.file = tok_file = path / "tokenizer.json"
         if not tok_file.exists():
             raise ModelLoadError(f"{tok_file}: missing (edgemoe needs a fast-tokenizer tokenizer.json)")
         try:
             self._tok = _HFTokenizer.from_file(str(tok_file))
         except Exception as e:  # the tokenizers library raises a bare Exception
-            raise ModelLoadError(f"{tok_file}: cannot load tokenizer: {e}") from None
-        cfg = _read_json(path / "tokenizer_config.json")
-        special = {**_read_json(path / "special_tokens_map.json"), **cfg}
-        self.bos_token = _token_text(special.get("bos_token"))
-        self.eos_token = _token_text(special.get("eos_token"))
-        self.chat_template = cfg.get("chat_template")
-        if isinstance(self.chat_template, list):  # named templates: use "default"
-            named = {t.get("name"): t.get("template") for t in self.chat_template}
-            self.chat_template = named.get("default") or next(iter(named.values()), None)
+            raise ModelLoadError(f"{tok_file}: cannot load tokenizer: {_one_line(e)}") from None
+        cfg_file, map_file = path / "tokenizer_config.json", path / "special_tokens_map.json"
+        cfg, special_map = _read_json(cfg_file), _read_json(map_file)
+        texts = {}
+        for key in SPECIAL_KEYS:  # tokenizer_config.json wins over special_tokens_map.json
+            source = cfg_file if key in cfg else map_file
+            texts[key] = _token_text(cfg.get(key, special_map.get(key)), key, source)
+        self.bos_token, self.eos_token = texts["bos_token"], texts["eos_token"]
+        self.chat_template = _chat_template(cfg.get("chat_template"), cfg_file)
+        self.chat_template_source = cfg_file
         jinja = path / "chat_template.jinja"
         if self.chat_template is None and jinja.exists():
-            self.chat_template = jinja.read_text()
+            try:
+                self.chat_template = jinja.read_bytes().decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ModelLoadError(f"{jinja}: not valid UTF-8: {e}") from None
+            except OSError as e:
+                raise ModelLoadError(f"{jinja}: cannot read: {e.strerror or e}") from None
+            self.chat_template_source = jinja
         self.eos_ids: set[int] = set(eos_token_ids or [])
-        gen = _read_json(path / "generation_config.json").get("eos_token_id")
+        gen_file = path / "generation_config.json"
+        gen = _read_json(gen_file).get("eos_token_id")
         if gen is not None:
-            self.eos_ids |= set(gen if isinstance(gen, list) else [gen])
+            self.eos_ids |= set(_token_ids(gen, "eos_token_id", gen_file))
         if self.eos_token is not None and self.token_to_id(self.eos_token) is not None:
             self.eos_ids.add(self.token_to_id(self.eos_token))
         self.bos_id = self.token_to_id(self.bos_token) if self.bos_token else None
@@ -65,19 +136,42 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size()
 
+    def max_token_id(self) -> int:
+        """The largest id encoding can produce: vocabulary and added tokens, and the
+        special tokens the post-processor inserts (which need not be in the vocabulary)."""
+        ids = list(self._tok.get_vocab(with_added_tokens=True).values())
+        ids += self._tok.encode("x", add_special_tokens=True).ids
+        return max(ids, default=-1)
+
+    def check_vocab(self, model_vocab_size: int, source: str) -> None:
+        """Refuse a tokenizer that can produce ids the model has no embedding row for
+        (tokens added to the tokenizer without resizing the model); `source` names the
+        model's config (config.json or manifest.json)."""
+        top = self.max_token_id()
+        if top >= model_vocab_size:
+            raise ModelLoadError(
+                f"{self.file}: the tokenizer has {top + 1} token ids (0..{top}) but the model has vocab_size "
+                f"{model_vocab_size} ({source}); were tokens added to the tokenizer without resizing the model?"
+            )
+
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+    def encode(self, text: str | bytes, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`. Invalid input is not an error: bytes are decoded as UTF-8
+        and lone surrogates (invalid UTF-8 from a command line, "\\ud800" from JSON)
+        become U+FFFD, one per bad code point (see `clean_text`)."""
+        return self._tok.encode(clean_text(text), add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """Render messages with the model's Jinja chat template, as transformers does."""
+        """Render messages with the model's Jinja chat template, as transformers does.
+        The result is valid Unicode: lone surrogates in message contents become U+FFFD."""
         if not self.chat_template:
-            raise ModelLoadError("this model has no chat template (tokenizer_config.json has no chat_template)")
+            raise ModelLoadError(f"{self.chat_template_source}: this model has no chat template (no chat_template "
+                                 "key, no chat_template.jinja)")
         from jinja2 import TemplateError
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -89,14 +183,16 @@ class Tokenizer:
         env.globals["raise_exception"] = raise_exception
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
         try:
-            return env.from_string(self.chat_template).render(
+            text = env.from_string(self.chat_template).render(
                 messages=messages,
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token or "",
                 eos_token=self.eos_token or "",
             )
-        except TemplateError as e:
-            raise ModelLoadError(f"chat template failed: {e}") from None
+        # A template is data from the model directory: whatever its code raises is its error.
+        except (TemplateError, TypeError, ValueError, ArithmeticError, LookupError, AttributeError) as e:
+            raise ModelLoadError(f"{self.chat_template_source}: chat template failed: {_one_line(e)}") from None
+        return clean_text(text)
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         # The rendered template already holds any BOS text, so add no specials again.
@@ -104,6 +200,10 @@ class Tokenizer:
 
     def detokenizer(self) -> "StreamingDetokenizer":
         return StreamingDetokenizer(self)
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 class StreamingDetokenizer:

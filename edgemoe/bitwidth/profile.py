@@ -463,7 +463,9 @@ def load_for_profiling(model_dir: str | Path, dtype: str = "float32"):
     model, ckpt = load_hf(path, dtype)
     if not list(model.moe_blocks()):
         raise EdgeMoEError(f"{path}: the model has no routed experts to profile")
-    return model, ckpt, Tokenizer(path, eos_token_ids=model.args.eos_ids)
+    tokenizer = Tokenizer(path, eos_token_ids=model.args.eos_ids)
+    tokenizer.check_vocab(model.args.vocab_size, str(path / "config.json"))
+    return model, ckpt, tokenizer
 
 
 def run_profile(model_dir: str | Path, calib: str | Path | None = None, top: str | None = None, **kwargs) -> dict:

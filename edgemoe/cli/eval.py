@@ -118,7 +118,9 @@ def _load(args):
             counts[f] = counts.get(f, 0) + 1
         info = {"kind": "hf+plan", "dtype": args.dtype, "plan": str(args.plan), "formats": counts,
                 "expert_bytes": plan_bytes(formats, model.args.hidden_size, model.args.expert_dim)}
-        return Engine(model, Tokenizer(path, eos_token_ids=model.args.eos_ids), path, info)
+        tokenizer = Tokenizer(path, eos_token_ids=model.args.eos_ids)
+        tokenizer.check_vocab(model.args.vocab_size, str(path / "config.json"))
+        return Engine(model, tokenizer, path, info)
     args.model = str(path)
     engine = load_engine(args)
     if "expert_bytes" not in engine.info:

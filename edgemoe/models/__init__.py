@@ -19,7 +19,7 @@ FAMILIES: dict[str, str] = {
 
 def get_family(model_type: str | None, source: str = "config.json") -> ModuleType:
     """The family module for a model_type, or a clear error listing the supported ones."""
-    if model_type not in FAMILIES:
+    if not isinstance(model_type, str) or model_type not in FAMILIES:
         raise ModelLoadError(
             f"{source}: unsupported model_type {model_type!r} (supported: {', '.join(sorted(FAMILIES))})"
         )

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import ModelLoadError
 from .base import Attention, AttentionSpec, BaseModelArgs, DecoderLayer, RoPE, Transformer, make_sanitizer
 from .moe import MoEBlock
 
@@ -28,18 +27,8 @@ class ModelArgs(BaseModelArgs):
     clip_qkv: float | None = None
     rms_norm_eps: float = 1e-5
 
-    @classmethod
-    def from_dict(cls, config: dict, source: str = "config.json") -> "ModelArgs":
-        # `num_local_experts` is transformers' attribute alias of num_experts.
-        config = dict(config)
-        if "num_experts" not in config and "num_local_experts" in config:
-            config["num_experts"] = config["num_local_experts"]
-        return super().from_dict(config, source)
-
-    def validate(self, source: str) -> None:
-        super().validate(source)
-        if self.clip_qkv is not None and not self.clip_qkv > 0:
-            raise ModelLoadError(f"{source}: clip_qkv must be positive or null, got {self.clip_qkv!r}")
+    # `num_local_experts` is transformers' attribute alias of num_experts.
+    ALIASES = {"num_experts": "num_local_experts"}
 
     @property
     def experts_per_layer(self) -> int:

@@ -49,6 +49,13 @@ class ModelArgs(BaseModelArgs):
     max_window_layers: int = 28
     layer_types: list[str] | None = None
 
+    # 0 experts makes every layer dense; transformers writes sliding_window 0 when
+    # use_sliding_window is false (checked in validate).
+    ZERO_OK = BaseModelArgs.ZERO_OK | {
+        "num_experts", "num_experts_per_tok", "shared_expert_intermediate_size", "mlp_only_layers",
+        "max_window_layers", "sliding_window",
+    }
+
     def __post_init__(self):
         self.mlp_only_layers = list(self.mlp_only_layers or [])
         if self.layer_types is None:
@@ -62,8 +69,8 @@ class ModelArgs(BaseModelArgs):
 
     def validate(self, source: str) -> None:
         super().validate(source)
-        if not isinstance(self.decoder_sparse_step, int) or self.decoder_sparse_step < 1:
-            raise ModelLoadError(f"{source}: decoder_sparse_step must be a positive integer")
+        if self.use_sliding_window and self.sliding_window == 0:
+            raise ModelLoadError(f"{source}: sliding_window must be positive when use_sliding_window is true, got 0")
         if len(self.layer_types) != self.num_hidden_layers:
             raise ModelLoadError(
                 f"{source}: layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers"

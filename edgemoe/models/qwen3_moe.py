@@ -41,14 +41,11 @@ class ModelArgs(BaseModelArgs):
     use_sliding_window: bool = False
     sliding_window: int | None = 4096
 
-    @classmethod
-    def from_dict(cls, config: dict, source: str = "config.json") -> "ModelArgs":
-        # transformers 5 writes the expert count as `num_local_experts` (an attribute
-        # alias of num_experts); hub checkpoints use `num_experts`.
-        config = dict(config)
-        if "num_experts" not in config and "num_local_experts" in config:
-            config["num_experts"] = config["num_local_experts"]
-        return super().from_dict(config, source)
+    # 0 experts makes every layer dense; a window is unused without use_sliding_window.
+    ZERO_OK = BaseModelArgs.ZERO_OK | {"num_experts", "num_experts_per_tok", "mlp_only_layers", "sliding_window"}
+    # transformers 5 writes the expert count as `num_local_experts` (an attribute alias
+    # of num_experts); hub checkpoints use `num_experts`.
+    ALIASES = {"num_experts": "num_local_experts"}
 
     def __post_init__(self):
         self.mlp_only_layers = list(self.mlp_only_layers or [])
@@ -57,8 +54,8 @@ class ModelArgs(BaseModelArgs):
 
     def validate(self, source: str) -> None:
         super().validate(source)
-        if not isinstance(self.decoder_sparse_step, int) or self.decoder_sparse_step < 1:
-            raise ModelLoadError(f"{source}: decoder_sparse_step must be a positive integer")
+        if self.sliding_window == 0:  # kept only with use_sliding_window (__post_init__)
+            raise ModelLoadError(f"{source}: sliding_window must be positive when use_sliding_window is true, got 0")
 
     @property
     def experts_per_layer(self) -> int:

@@ -74,6 +74,10 @@ _DTYPE_NAMES = {
 }
 
 
+# What the manifest's "dtype" (resident weights and compute) may be.
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -245,7 +249,7 @@ def read_manifest(directory: str | Path) -> Manifest:
         raise StoreError(f"{src}: missing (not a directory written by 'edgemoe convert'?)")
     try:
         data = json.loads(path.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, a 5000-digit number, deep nesting
         raise StoreError(f"{src}: not valid JSON ({e}); the manifest is corrupted, re-run 'edgemoe convert'") from None
     except OSError as e:
         raise StoreError(f"{src}: cannot read: {e.strerror or e}") from None
@@ -318,9 +322,14 @@ def _parse(d: dict, path: Path) -> Manifest:
     int8 = res.get("int8", []) if d["version"] >= 2 else []
     if not isinstance(int8, list) or not all(isinstance(n, str) and n for n in int8):
         raise StoreError(f"{src}: resident.int8 must be a list of layer names")
+    if not isinstance(d["model_type"], str):
+        raise StoreError(f"{src}: model_type must be a string, got {d['model_type']!r}")
     config = d["config"]
     if not isinstance(config, dict) or config.get("model_type") != d["model_type"]:
         raise StoreError(f"{src}: config does not match model_type {d['model_type']!r}")
+    if d["dtype"] not in COMPUTE_DTYPES:
+        raise StoreError(f"{src}: dtype {d['dtype']!r} is not a compute dtype (expected one of "
+                         f"{', '.join(COMPUTE_DTYPES)}); re-run 'edgemoe convert'")
     return Manifest(
         store_id=str(d["store_id"]), model_type=str(d["model_type"]), dtype=str(d["dtype"]), config=config,
         resident_file=_filename(res["file"], src), resident_bytes=_int(res["bytes"], "resident bytes", src),

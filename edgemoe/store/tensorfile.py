@@ -82,8 +82,8 @@ def read_header(path: str | Path, f: BinaryIO | None = None) -> tuple[dict[str, 
             raise TensorFileError(f"{path}: header length {n} is impossible for a {size}-byte file (truncated or corrupted?)")
         try:
             header = json.loads(os.pread(f.fileno(), n, 8).decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise TensorFileError(f"{path}: header is not valid JSON ({e})") from None
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
+            raise TensorFileError(f"{path}: header is not valid JSON ({type(e).__name__}: {str(e)[:200]})") from None
         if not isinstance(header, dict):
             raise TensorFileError(f"{path}: header is not a JSON object")
         meta = header.pop("__metadata__", None) or {}

@@ -263,3 +263,139 @@ def test_cli_pickle_only(ckpt):
     (ckpt / "model.safetensors").unlink()
     (ckpt / "pytorch_model.bin").write_bytes(b"not really a pickle")
     assert_cli_error(cli(ckpt), str(ckpt), "pickle")
+
+
+# ----------------------------------------------------------------------------- config values and tensor dtypes
+
+
+@pytest.mark.parametrize(
+    "changes,fragment",
+    [
+        (dict(num_experts="6"), "num_experts must be an integer, got '6'"),
+        (dict(num_experts_per_tok=2.5), "num_experts_per_tok must be an integer, got 2.5"),
+        (dict(rms_norm_eps=0), "rms_norm_eps must be positive"),
+        (dict(rope_parameters={"rope_type": "linear", "factor": "x"}), "rope_parameters.factor must be a number"),
+        (dict(eos_token_id={"id": 1}), "eos_token_id must be an integer or a list of integers or null"),
+        (dict(num_key_value_heads=0), "num_key_value_heads must be positive, got 0"),
+        (dict(model_type=["qwen2_moe"]), "model_type must be a string"),
+    ],
+)
+def test_bad_config_values(ckpt, changes, fragment):
+    edit_config(ckpt, **changes)
+    msg = load_error(ckpt)
+    assert str(ckpt / "config.json") in msg and fragment in msg
+
+
+def test_config_that_is_a_directory(ckpt):
+    (ckpt / "config.json").unlink()
+    (ckpt / "config.json").mkdir()
+    assert str(ckpt / "config.json") in load_error(ckpt)
+
+
+@pytest.mark.parametrize("dtype,code", [(torch.int16, "I16"), (torch.uint16, "U16"), (torch.int32, "I32"),
+                                        (torch.bool, "BOOL"), (torch.uint8, "U8")])
+def test_integer_weights_are_refused(ckpt, dtype, code):
+    edit_tensors(ckpt, lambda t: t.__setitem__("model.norm.weight", t["model.norm.weight"].to(dtype)))
+    msg = load_error(ckpt)
+    assert str(ckpt / "model.safetensors") in msg and f"'model.norm.weight' has dtype {code}" in msg
+
+
+def test_half_and_double_weights_load(ckpt):
+    def retype(t):
+        t["model.norm.weight"] = t["model.norm.weight"].to(torch.float64)
+        t["model.embed_tokens.weight"] = t["model.embed_tokens.weight"].to(torch.float16)
+
+    edit_tensors(ckpt, retype)
+    model, _ = load_hf(ckpt, "float32")
+    assert model.norm.weight.dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    "index,fragment",
+    [
+        ({"weight_map": []}, "weight_map must be a non-empty object"),
+        ({"weight_map": {}}, "weight_map must be a non-empty object"),
+        ({"weight_map": {"a": 5}}, "'a': 5 is not a shard file name"),
+        ({"weight_map": {"a": "../model.safetensors"}}, "is not a shard file name"),
+        ([], "weight_map must be a non-empty object"),
+        ("{", "invalid JSON"),
+    ],
+)
+def test_broken_index(sharded, tmp_path, index, fragment):
+    path = tmp_path / "sharded"
+    shutil.copytree(sharded, path)
+    file = path / "model.safetensors.index.json"
+    file.write_text(index if isinstance(index, str) else json.dumps(index))
+    msg = load_error(path)
+    assert str(file) in msg and fragment in msg
+
+
+# ----------------------------------------------------------------------------- converted models
+
+
+@pytest.fixture(scope="module")
+def converted(good, tmp_path_factory) -> Path:
+    from edgemoe.store.convert import convert
+
+    out = tmp_path_factory.mktemp("converted") / "model"
+    convert(good, out)
+    return out
+
+
+def edit_manifest(path: Path, fn) -> Path:
+    """Edit manifest.json and re-sign it as the converter does, so that only the edit
+    itself can be refused."""
+    from edgemoe.store.format import _checksum
+
+    file = path / "manifest.json"
+    data = json.loads(file.read_text())
+    fn(data)
+    data["checksum"] = _checksum(data)
+    file.write_text(json.dumps(data))
+    return file
+
+
+@pytest.mark.parametrize(
+    "key,value,fragment",
+    [
+        ("num_experts", "6", "config: num_experts must be an integer, got '6'"),
+        ("rms_norm_eps", float("nan"), "config: rms_norm_eps must be a finite number"),
+        ("sliding_window", -1, "config: sliding_window must be non-negative"),
+        ("rope_parameters", [1, 2], "config: rope_parameters must be an object or null"),
+        ("eos_token_id", {"id": 1}, "config: eos_token_id must be"),
+    ],
+)
+def test_converted_manifest_config_is_checked(converted, tmp_path, key, value, fragment):
+    import edgemoe
+    from edgemoe.errors import StoreError
+
+    path = tmp_path / "model"
+    shutil.copytree(converted, path)
+    file = edit_manifest(path, lambda d: d["config"].__setitem__(key, value))
+    with pytest.raises(StoreError) as info:
+        edgemoe.load(path)
+    msg = str(info.value)
+    assert msg.startswith(f"{file}: ") and fragment in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("dtype", ["int8", "uint8", 5])
+def test_converted_manifest_dtype_must_be_a_float(converted, tmp_path, dtype):
+    import edgemoe
+    from edgemoe.errors import StoreError
+
+    path = tmp_path / "model"
+    shutil.copytree(converted, path)
+    file = edit_manifest(path, lambda d: d.__setitem__("dtype", dtype))
+    with pytest.raises(StoreError, match="is not a compute dtype") as info:
+        edgemoe.load(path)
+    assert str(file) in str(info.value)
+
+
+def test_cli_bad_config_value(ckpt):
+    edit_config(ckpt, num_experts_per_tok="2")
+    assert_cli_error(cli(ckpt), str(ckpt / "config.json"), "num_experts_per_tok must be an integer, got '2'")
+
+
+def test_cli_integer_weights(ckpt):
+    edit_tensors(ckpt, lambda t: t.__setitem__("model.norm.weight", t["model.norm.weight"].to(torch.int32)))
+    assert_cli_error(cli(ckpt), str(ckpt / "model.safetensors"), "has dtype I32")
