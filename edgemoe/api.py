@@ -15,6 +15,7 @@ from typing import Iterator, Sequence
 import torch
 
 from .errors import ContextLengthError, InvalidArgument, ModelLoadError
+from .cpu import prefill_onednn
 from .generate import GenerationResponse, GenerationStats, PromptCache, provider_of, stream_generate
 from .models.base import Transformer
 from .models.moe import set_adaptive_gating
@@ -52,6 +53,7 @@ class GenerationResult:
 
 
 DEFAULT_MAX_TOKENS = 256
+MAX_TOP_LOGPROBS = 20  # top alternatives per token (OpenAI's chat limit)
 
 
 class Engine:
@@ -128,21 +130,48 @@ class Engine:
         stop: Sequence[str] = (),
         ignore_eos: bool = False,
         cache: PromptCache | None = None,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+        logit_bias: dict[int, float] | None = None,
+        logprobs: int | None = None,
+        prompt_logprobs: bool = False,
+        logits_processors: Sequence = (),
     ) -> Iterator[GenerationResponse]:
         """Return an iterator of responses with text deltas; the last one has finish_reason
         and stats. Every option is checked here, before anything runs: bad values raise
         InvalidArgument, and a prompt plus max_tokens beyond the context size raises
-        ContextLengthError. max_tokens None means 256, or fewer if the context is short."""
+        ContextLengthError. max_tokens None means 256, or fewer if the context is short.
+
+        presence_penalty, frequency_penalty: OpenAI's penalties (-2 to 2) over generated tokens.
+        logit_bias: {token id: bias from -100 to 100} added to the logits.
+        logprobs: None, or how many top alternatives (0 to 20) to report with each token's
+        log-probability (GenerationResponse.logprobs; the model's distribution, before
+        penalties and sampling settings).
+        prompt_logprobs: also score the prompt (the first response's prompt_logprobs); then
+        max_tokens may be 0, which only scores.
+        logits_processors: extra callables (context ids, logits) -> logits, applied last
+        (constrained decoding, ...); each is used for this one call."""
         ids = self.tokenize(prompt)
+        if not isinstance(prompt_logprobs, bool):
+            raise InvalidArgument(f"prompt_logprobs must be True or False, got {prompt_logprobs!r}")
+        if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int)
+                                     or not 0 <= logprobs <= MAX_TOP_LOGPROBS):
+            raise InvalidArgument(f"logprobs must be None or an integer from 0 to {MAX_TOP_LOGPROBS}, got {logprobs!r}")
+        min_tokens = 0 if prompt_logprobs else 1
         if max_tokens is None:
             max_tokens = self.room(len(ids))
             if max_tokens < 1:
                 self.check_context(len(ids), 1)
-        elif isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-            raise InvalidArgument(f"max_tokens must be an integer >= 1, got {max_tokens!r}")
+        elif isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < min_tokens:
+            raise InvalidArgument(f"max_tokens must be an integer >= {min_tokens}, got {max_tokens!r}")
         self.check_context(len(ids), max_tokens)
         sampler = make_sampler(temperature, top_p, top_k, min_p, seed)
-        procs = make_logits_processors(repetition_penalty)
+        procs = make_logits_processors(repetition_penalty, presence_penalty=presence_penalty,
+                                       frequency_penalty=frequency_penalty, logit_bias=logit_bias,
+                                       vocab_size=self.vocab_limit)
+        if not all(callable(p) for p in logits_processors):
+            raise InvalidArgument("logits_processors must be callables (context ids, logits) -> logits")
+        procs += list(logits_processors)
         stop = [stop] if isinstance(stop, str) else list(stop)
         if not all(isinstance(s, str) for s in stop):
             raise InvalidArgument("stop must be a string or a list of strings")
@@ -155,7 +184,7 @@ class Engine:
         if self.provider is not None:
             self.provider.reset_stats()  # statistics describe this request only
         return stream_generate(self.model, self.tokenizer, ids, max_tokens, sampler, procs, stop, ignore_eos, cache,
-                               onednn=self.onednn)
+                               onednn=self.onednn, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
 
     def generate(self, prompt: str | Sequence[int], **kwargs) -> GenerationResult:
         """Generate to completion; same options as `stream`. `token_ids` holds the
@@ -263,6 +292,9 @@ def load(
 
     path: a Hugging Face model directory (everything in RAM) or a directory written by
     `edgemoe convert` (experts offloaded to an expert store). None means the bundled model.
+    A string of the form "ORG/NAME" that is not an existing path is a Hugging Face hub id:
+    its safetensors weights, config and tokenizer are downloaded into the hub cache (see
+    edgemoe.hub).
     memory: for converted models, the byte budget for resident weights plus the expert
     cache ("800MB", "1.5GB" or an int); None means unlimited.
     threads: compute threads for this process (torch's setting is process-wide); None picks
@@ -278,7 +310,12 @@ def load(
     has AVX-512-BF16/AMX, and the budget reserves what it needs; see edgemoe.cpu).
     runtime: options for the offloaded runtime (cache_policy, prefetch, ...).
     """
-    path = Path(path) if path is not None else default_model_dir()
+    if path is None:
+        path = default_model_dir()
+    else:
+        from .hub import resolve_model
+
+        path = resolve_model(path)  # an existing path, or a hub id ("ORG/NAME") downloaded into the hub cache
     if not isinstance(onednn, bool):
         raise InvalidArgument(f"onednn must be True or False, got {onednn!r}")
     threads = check_threads(threads)
@@ -286,7 +323,7 @@ def load(
         from .runtime.engine import load_converted
 
         model, info = load_converted(path, memory=memory, dtype=dtype, ctx_size=ctx_size, onednn=onednn, **runtime)
-        ctx_size = info["ctx_size"]
+        ctx_size, onednn = info["ctx_size"], info["onednn"]
     else:
         if memory is not None or runtime:
             raise ModelLoadError(
@@ -297,6 +334,9 @@ def load(
         model, ckpt = load_hf(path, dtype)
         info = {"kind": "hf", "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
         ctx_size = check_ctx_size(ctx_size, model.args.max_position_embeddings, str(path))
+        weight_bytes = sum(p.nbytes for p in model.parameters()) + provider_of(model).expert_bytes()
+        onednn = prefill_onednn(onednn, next(model.parameters()).dtype, weight_bytes)
+        info["onednn"] = onednn
         info["ctx_size"] = ctx_size
         info["kv_bytes"] = ctx_size * model.kv_bytes_per_token()
     try:

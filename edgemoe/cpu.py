@@ -14,8 +14,11 @@ of more than one row goes through `linear`, which pads the rows up to a power of
 oneDNN will run it. oneDNN then sees at most ~10 row counts per weight shape, and what it
 keeps stays below `ONEDNN_RESERVE`, which the offloaded runtime reserves inside the budget
 (runtime/engine.py). The padding costs at most 2x the rows, far less than the 4-23x the
-native kernel would cost. On CPUs without these instructions (AVX2 only) torch's native
-kernels run everything and none of this applies.
+native kernel would cost. Small models (`prefill_onednn`) prefill on native kernels too:
+the reserve would be larger than what oneDNN saves them. The choice depends on the model
+alone, never on the budget, so an offloaded run computes exactly what the in-RAM run does.
+On CPUs without these instructions (AVX2 only) torch's native kernels run everything and
+none of this applies.
 """
 
 from __future__ import annotations
@@ -32,6 +35,9 @@ from torch import nn
 # weight shapes, plus one weight's reorder buffer in flight: measured 6-14 MB on a
 # 2-core AVX-512-BF16 Xeon (bench/results/onednn_paths.md), rounded up.
 ONEDNN_RESERVE = 24 * 1000**2
+# Below this many weight bytes a model prefills on native kernels (the bundled 14.7 MB model
+# kept 20.5 MB in oneDNN over prompts of every length, more than its own weights).
+ONEDNN_MIN_MODEL_BYTES = 10 * ONEDNN_RESERVE
 _REDUCED = (torch.bfloat16, torch.float16)
 
 
@@ -47,6 +53,12 @@ def onednn_supported() -> bool:
 def onednn_used(dtype: torch.dtype) -> bool:
     """Whether a matmul in `dtype` would run on oneDNN right now."""
     return dtype in _REDUCED and onednn_supported() and torch._C._get_mkldnn_enabled()
+
+
+def prefill_onednn(requested: bool, dtype: torch.dtype, model_bytes: int) -> bool:
+    """Whether prefill runs on oneDNN: asked for, this CPU sends `dtype` matmuls to it, and the
+    model is large enough for the reserve to pay (see the module docstring)."""
+    return requested and dtype in _REDUCED and onednn_supported() and model_bytes >= ONEDNN_MIN_MODEL_BYTES
 
 
 def bucket_rows(n: int) -> int:

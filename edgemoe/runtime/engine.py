@@ -14,12 +14,13 @@ Modes (the paper's baselines):
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..checkpoint import attach_provider, build_on_meta, load_resident, parse_dtype
-from ..cpu import ONEDNN_RESERVE, onednn_supported
+from ..cpu import ONEDNN_RESERVE, prefill_onednn
 from ..errors import BudgetError, EdgeMoEError, InvalidArgument, StoreError
 from ..models import get_family
 from ..quant.resident import swap_int8_
@@ -47,8 +48,7 @@ def workspace_bytes(args, dtype: torch.dtype, ctx_size: int, onednn: bool) -> in
     ONEDNN_RESERVE where oneDNN runs the reduced-precision matmuls."""
     chunk = min(PREFILL_CHUNK, ctx_size)
     acts = chunk * 4 * (args.expert_dim + 8 * args.hidden_size)
-    uses_onednn = onednn and dtype in (torch.bfloat16, torch.float16) and onednn_supported()
-    return acts + (ONEDNN_RESERVE if uses_onednn else 0)
+    return acts + (ONEDNN_RESERVE if onednn else 0)
 
 
 def min_cache_bytes(manifest: Manifest, top_k: int) -> int:
@@ -73,6 +73,67 @@ def resident_nbytes(path: Path, manifest: Manifest, dtype: torch.dtype) -> int:
         numel = i.nbytes // element_size(i.dtype)
         total += numel * element_size(dtype) if i.dtype.is_floating_point else i.nbytes
     return total
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """How load_converted shares out a budget (bytes), decided before any weight is read."""
+
+    min_budget: int  # the least budget that runs: resident + workspace + one layer's experts + KV for min context
+    ctx_size: int  # the context size used
+    kv_bytes: int  # the KV cache for ctx_size
+    workspace: int  # compute workspace (workspace_bytes)
+    capacity: int  # the expert cache
+    onednn: bool  # whether prefill uses oneDNN (its reserve is in workspace)
+
+
+def memory_plan(args, dt: torch.dtype, path, budget: int | None, ctx_size: int, explicit_ctx: bool, resident: int,
+                kv_per_token: int, one_layer: int, experts_total: int, onednn: bool, mode: str) -> MemoryPlan:
+    """The budget arithmetic of load_converted, also used by 'edgemoe info'. ctx_size is the
+    checked context size (the model's maximum unless explicit_ctx); resident (resident_nbytes),
+    one_layer (min_cache_bytes) and experts_total (Manifest.expert_bytes) are bytes. A budget
+    below the minimum, or an io-free budget below every expert, is a BudgetError naming path."""
+    max_pos = args.max_position_embeddings
+    min_ctx = ctx_size if explicit_ctx else min(max_pos, MIN_CTX)
+    onednn = prefill_onednn(onednn, dt, resident + experts_total)
+
+    def fixed(ctx: int) -> int:  # what a budget must hold besides the KV cache, at this context size
+        return resident + workspace_bytes(args, dt, ctx, onednn) + one_layer
+
+    min_budget = fixed(min_ctx) + min_ctx * kv_per_token
+    if budget is not None and budget < min_budget and mode != "io-free":  # io-free: its own check below
+        ws = workspace_bytes(args, dt, min_ctx, onednn)
+        raise BudgetError(
+            f"memory budget {format_bytes(budget)} ({budget} bytes) is too small for {path}: the resident weights "
+            f"take {format_bytes(resident)}, the KV cache for {min_ctx} tokens {format_bytes(min_ctx * kv_per_token)}, "
+            f"the compute workspace {format_bytes(ws)} and one layer's top-{args.top_k} experts "
+            f"{format_bytes(one_layer)}; the minimum is {format_bytes(min_budget)} (--memory {min_budget})"
+        )
+    if budget is not None and not explicit_ctx:
+        # Default context: the model's maximum, stepped down in whole MIN_CTX steps (not below
+        # min_ctx) while its KV cache would take more than KV_SHARE of what the budget leaves
+        # (io-free: while everything would not fit).
+        def too_big(ctx: int) -> bool:
+            if mode == "io-free":
+                return fixed(ctx) + ctx * kv_per_token + experts_total > budget
+            return ctx * kv_per_token > KV_SHARE * (budget - fixed(ctx))
+
+        while ctx_size > min_ctx and too_big(ctx_size):
+            ctx_size = max(min_ctx, (ctx_size - 1) // MIN_CTX * MIN_CTX)
+    workspace = workspace_bytes(args, dt, ctx_size, onednn)
+    kv_bytes = ctx_size * kv_per_token
+    if mode == "io-free":
+        need = resident + kv_bytes + workspace + experts_total
+        if budget is not None and budget < need:
+            raise BudgetError(f"--mode io-free keeps every expert in RAM and needs {format_bytes(need)} "
+                              f"({need} bytes: resident weights, KV cache, workspace and every expert), more than "
+                              f"the budget of {format_bytes(budget)}; use --mode io-exp for smaller budgets")
+        capacity = experts_total
+    elif budget is None:
+        capacity = experts_total
+    else:
+        capacity = min((budget - resident - kv_bytes - workspace) // ALIGN * ALIGN, experts_total)
+    return MemoryPlan(min_budget, ctx_size, kv_bytes, workspace, capacity, onednn)
 
 
 def _warm_up_torch(dtype: torch.dtype) -> None:
@@ -121,7 +182,9 @@ def load_converted(
     (`prefetch_config`). read_throttle: cap expert reads at this rate ("90MB/s").
     ctx_size: context size in tokens, its KV cache counted in the budget (None: the
     model's maximum positions, capped so the KV cache takes at most half of what the
-    budget leaves). onednn: whether prefill may use oneDNN (its reserve is then counted).
+    budget leaves). onednn: whether prefill may use oneDNN; it does where `cpu.prefill_onednn`
+    says so (the CPU and the model's size, never the budget), and its reserve is then counted
+    in the budget (info["onednn"] says which).
     """
     return_large_frees_to_os()  # large temporaries leave RSS when freed, not at exit
     _warm_up_torch(parse_dtype(dtype, {}) if dtype not in (None, "auto") else torch.bfloat16)
@@ -157,36 +220,10 @@ def load_converted(
     resident = resident_nbytes(path, manifest, dt)
     experts_total = manifest.expert_bytes
     one_layer = min_cache_bytes(manifest, args.top_k)
-    min_ctx = ctx_size if explicit_ctx else min(max_pos, MIN_CTX)
-    workspace = workspace_bytes(args, dt, ctx_size, onednn)
-    fixed = resident + workspace + one_layer  # what any budget must hold besides the KV cache
-    min_budget = fixed + min_ctx * kv_per_token
-    if budget is not None and budget < min_budget:
-        raise BudgetError(
-            f"memory budget {format_bytes(budget)} ({budget} bytes) is too small for {path}: the resident weights "
-            f"take {format_bytes(resident)}, the KV cache for {min_ctx} tokens {format_bytes(min_ctx * kv_per_token)}, "
-            f"the compute workspace {format_bytes(workspace)} and one layer's top-{args.top_k} experts "
-            f"{format_bytes(one_layer)}; the minimum is {format_bytes(min_budget)} (--memory {min_budget})"
-        )
-    if budget is not None and not explicit_ctx:
-        # Default context: the model's maximum, unless its KV cache would take more than
-        # KV_SHARE of what the budget leaves (whole 256-token steps, at least min_ctx).
-        fit = int(KV_SHARE * (budget - fixed)) // kv_per_token
-        if fit < ctx_size:
-            ctx_size = max(min_ctx, fit // MIN_CTX * MIN_CTX)
-            workspace = workspace_bytes(args, dt, ctx_size, onednn)
-    kv_bytes = ctx_size * kv_per_token
-    if mode == "io-free":
-        need = resident + kv_bytes + workspace + experts_total
-        if budget is not None and budget < need:
-            raise BudgetError(f"--mode io-free keeps every expert in RAM and needs {format_bytes(need)} "
-                              f"({need} bytes: resident weights, KV cache, workspace and every expert), more than "
-                              f"the budget of {format_bytes(budget)}; use --mode io-exp for smaller budgets")
-        capacity = experts_total
-    elif budget is None:
-        capacity = experts_total
-    else:
-        capacity = min((budget - resident - kv_bytes - workspace) // ALIGN * ALIGN, experts_total)
+    plan = memory_plan(args, dt, path, budget, ctx_size, explicit_ctx, resident, kv_per_token, one_layer,
+                       experts_total, onednn, mode)
+    min_budget, ctx_size, kv_bytes, workspace = plan.min_budget, plan.ctx_size, plan.kv_bytes, plan.workspace
+    capacity, onednn = plan.capacity, plan.onednn
 
     store = ExpertStore(path, direct_io=direct_io is not False, manifest=manifest, throttle=throttle)
     try:
@@ -215,10 +252,12 @@ def load_converted(
         "cache_policy": policy_name,
         "budget_bytes": budget,
         "min_budget_bytes": min_budget,
+        "min_cache_bytes": one_layer,  # one layer's largest top-k experts: the least cache that runs a token
         "resident_bytes": resident,
         "ctx_size": ctx_size,
         "kv_bytes": kv_bytes,
         "workspace_bytes": workspace,
+        "onednn": onednn,  # prefill on oneDNN (its reserve is in workspace_bytes)
         "expert_bytes": experts_total,
         "cache_bytes": cache.capacity,
         "io": store.io_mode,

@@ -29,8 +29,8 @@ def converted(tmp_path_factory):
 
 def test_same_tokens_in_ram_and_offloaded_and_fewer_bytes(converted):
     in_ram = generate(assets.MODEL_DIR, "--adaptive-gating", "0.6")
-    plain = generate(converted, "--memory", "2.6MB", "--no-prefetch")
-    adaptive = generate(converted, "--memory", "2.6MB", "--no-prefetch", "--adaptive-gating", "0.6")
+    plain = generate(converted, "--memory", "4.4MB", "--no-prefetch")
+    adaptive = generate(converted, "--memory", "4.4MB", "--no-prefetch", "--adaptive-gating", "0.6")
     assert adaptive["token_ids"] == in_ram["token_ids"]
     assert adaptive["load"]["adaptive_gating"] == 0.6
     # Confident tokens keep one expert: fewer experts are requested, so fewer bytes are read.

@@ -61,12 +61,13 @@ def tiny(tmp_path_factory, tokenizer_dir):
     fitted = d / "fitted"
     fitted.mkdir()
     fit([trace]).save(fitted / PREDICTOR_FILE)
-    lo = min_budget(conv)
     e = edgemoe.load(conv)
-    resident = e.info["resident_bytes"]
+    lo, cache_min = e.info["min_budget_bytes"], e.info["min_cache_bytes"]
     e.close()
+    # `resident`: what every budget holds besides the expert cache (resident weights, KV cache,
+    # workspace), so that resident + k * cache_min leaves room for k layers' experts.
     return SimpleNamespace(hf=hf, conv=conv, ref=ref, trace=trace, predictor=fitted / PREDICTOR_FILE, lo=lo,
-                           cache_min=lo - resident, resident=resident, dir=d)
+                           cache_min=cache_min, resident=lo - cache_min, dir=d)
 
 
 def run(engine, prompts=PROMPTS, n=N_NEW):
@@ -132,11 +133,12 @@ def test_bundled_model_same_tokens_with_and_without_prefetch(tmp_path):
     prompt = "def fibonacci(n):"
     want = ref.generate(prompt, max_tokens=12, ignore_eos=True).token_ids
     ref.close()
-    expert_bytes = edgemoe.load(conv).info["expert_bytes"]
+    info = edgemoe.load(conv).info
+    expert_bytes, fixed = info["expert_bytes"], info["min_budget_bytes"] - info["min_cache_bytes"]
     runs = {"off": dict(prefetch=False), "gate": dict(predictor="gate"),
             "gate-throttled": dict(predictor="gate", read_throttle="200MB/s", prefetch_layers=2, prefetch_threads=2)}
     for name, kw in runs.items():
-        engine = edgemoe.load(conv, memory=2_000_000 + expert_bytes // 4, **kw)
+        engine = edgemoe.load(conv, memory=fixed + expert_bytes // 4, **kw)
         try:
             with deadline(120):
                 r = engine.generate(prompt, max_tokens=12, ignore_eos=True)
