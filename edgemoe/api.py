@@ -307,7 +307,8 @@ def load(
     so that the KV cache takes at most half of what the budget leaves after the resident
     weights and one layer's experts.
     onednn: False keeps every matmul off oneDNN (by default prefill uses it where the CPU
-    has AVX-512-BF16/AMX, and the budget reserves what it needs; see edgemoe.cpu).
+    has AVX-512-BF16/AMX and the model has 240 MB of weights or more, and the budget
+    reserves what it needs; see edgemoe.cpu).
     runtime: options for the offloaded runtime (cache_policy, prefetch, ...).
     """
     if path is None:
@@ -319,6 +320,13 @@ def load(
     if not isinstance(onednn, bool):
         raise InvalidArgument(f"onednn must be True or False, got {onednn!r}")
     threads = check_threads(threads)
+    if not path.exists():
+        from .store.convert import interrupted
+
+        hidden = interrupted(path)
+        if hidden is not None:
+            raise ModelLoadError(f"{path}: missing: a conversion to it was killed while replacing it, and the previous "
+                                 f"model is in {hidden}; the next 'edgemoe convert ... {path}' puts it back")
     if any((path / name).exists() for name in CONVERTED_FILES):
         from .runtime.engine import load_converted
 

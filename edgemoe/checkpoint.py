@@ -42,8 +42,13 @@ def read_config(path: Path) -> dict:
     if not path.exists():
         raise ModelLoadError(f"{path}: model directory does not exist")
     if not path.is_dir():
+        from .store.gguf import check_not_gguf
+
+        check_not_gguf(path)  # a GGUF file: say to convert it first
         raise ModelLoadError(f"{path}: not a directory")
     cfg_file = path / "config.json"
+    if cfg_file.exists() and not cfg_file.is_file():
+        raise ModelLoadError(f"{cfg_file}: not a regular file")
     if not cfg_file.exists():
         raise ModelLoadError(f"{cfg_file}: missing (not a Hugging Face model directory?)")
     try:
@@ -76,6 +81,8 @@ def parse_dtype(name: str | torch.dtype | None, config: dict) -> torch.dtype:
 
 def read_index(index: Path) -> list[str]:
     """The shard file names listed by `model.safetensors.index.json`."""
+    if not index.is_file():
+        raise ModelLoadError(f"{index}: not a regular file")
     try:
         data = json.loads(index.read_bytes().decode("utf-8"))
     except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, a 5000-digit number, deep nesting

@@ -49,10 +49,18 @@ def _token_text(value, key: str, source: Path) -> str | None:
     )
 
 
+def check_regular(path: Path) -> None:
+    """Refuse a directory, named pipe or device where a file is expected: reading a pipe
+    would block forever, inside a library that cannot be interrupted."""
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: not a regular file")
+
+
 def _read_json(path: Path) -> dict:
     """A JSON object from `path`, or {} if the file does not exist."""
     if not path.exists():
         return {}
+    check_regular(path)
     try:
         data = json.loads(path.read_bytes().decode("utf-8"))
     except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, a 5000-digit number, deep nesting
@@ -100,6 +108,7 @@ class Tokenizer:
         self.file = tok_file = path / "tokenizer.json"
         if not tok_file.exists():
             raise ModelLoadError(f"{tok_file}: missing (edgemoe needs a fast-tokenizer tokenizer.json)")
+        check_regular(tok_file)
         try:
             self._tok = _HFTokenizer.from_file(str(tok_file))
         except Exception as e:  # the tokenizers library raises a bare Exception
@@ -115,6 +124,7 @@ class Tokenizer:
         self.chat_template_source = cfg_file
         jinja = path / "chat_template.jinja"
         if self.chat_template is None and jinja.exists():
+            check_regular(jinja)
             try:
                 self.chat_template = jinja.read_bytes().decode("utf-8")
             except UnicodeDecodeError as e:

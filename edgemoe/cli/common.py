@@ -4,14 +4,22 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
-from ..api import Engine, load
 from ..errors import InvalidArgument
-from ..generate import GenerationStats
-from ..runtime.engine import DEFAULT_POLICY, MODES
 from ..runtime.policies import POLICIES
-from ..runtime.predict import METHODS as PREDICTORS
 from ..utils import format_bytes
+
+if TYPE_CHECKING:
+    from ..api import Engine
+    from ..generate import GenerationStats
+
+# Copies of runtime.engine.MODES / DEFAULT_POLICY and runtime.predict.METHODS: importing
+# those modules imports torch (1-3 s), which would make '--help' and argument errors slow.
+# tests/cli/test_startup.py checks that the copies match.
+MODES = ("io-exp", "io-free")
+DEFAULT_POLICY = "edgemoe"
+PREDICTORS = ("freq", "table", "gate", "combined")
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -42,7 +50,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--record-trace", default=None, metavar="FILE",
                    help="record which experts every token picked to FILE (.npz); works with any model directory")
     g.add_argument("--verify", choices=("first", "always"), default=None,
-                   help="check each expert's checksum the first time it is read (default) or on every read")
+                   help="check each expert's checksum on the first read of it in this process (default for generate "
+                        "and chat) or on every read from storage (default for serve: a long-running server must not "
+                        "serve bytes changed on disk; costs 4-10%% of decode speed when experts are re-read, "
+                        "bench/results/verify_cost.md)")
     g.add_argument("--no-direct-io", action="store_true",
                    help="read experts through the page cache instead of with O_DIRECT")
     g.add_argument("--read-throttle", default=None, metavar="RATE",
@@ -73,6 +84,60 @@ def add_sampling_args(p: argparse.ArgumentParser, temperature: float = 0.0) -> N
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
+
+
+def add_chat_template_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--chat-template", default=None, metavar="FILE",
+                   help="Jinja chat template to use instead of the model's (a .jinja/text file, or a JSON file "
+                        "with a \"chat_template\" key as Hugging Face writes chat_template.json)")
+
+
+def read_text_file(path, flag: str, errors: str = "replace") -> str:
+    """The text of a file named by a command-line flag; every problem is an InvalidArgument
+    naming the flag and the file. Invalid UTF-8 becomes U+FFFD (errors="replace", as for
+    prompts given on the command line) or is refused (errors="strict")."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise InvalidArgument(f"{flag} {path}: no such file") from None
+    except IsADirectoryError:
+        raise InvalidArgument(f"{flag} {path}: is a directory; give a file") from None
+    except OSError as e:
+        raise InvalidArgument(f"{flag} {path}: cannot read: {e.strerror or e}") from None
+    if errors == "strict":
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise InvalidArgument(f"{flag} {path}: not valid UTF-8 (byte {e.start})") from None
+    return data.decode("utf-8", errors)
+
+
+def read_chat_template(path) -> str:
+    """A chat template from --chat-template FILE, checked for Jinja syntax errors now
+    rather than at the first message."""
+    import json
+
+    text = read_text_file(path, "--chat-template", errors="strict")
+    if str(path).endswith(".json"):
+        try:
+            data = json.loads(text)
+        except (ValueError, RecursionError) as e:
+            raise InvalidArgument(f"--chat-template {path}: invalid JSON: {e}") from None
+        if not isinstance(data, dict) or not isinstance(data.get("chat_template"), str):
+            raise InvalidArgument(f"--chat-template {path}: a JSON template file must be an object with a string "
+                                  "\"chat_template\"")
+        text = data["chat_template"]
+    if not text.strip():
+        raise InvalidArgument(f"--chat-template {path}: the template is empty")
+    from jinja2 import TemplateSyntaxError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    try:
+        ImmutableSandboxedEnvironment(extensions=["jinja2.ext.loopcontrols"]).parse(text)
+    except TemplateSyntaxError as e:
+        raise InvalidArgument(f"--chat-template {path}: line {e.lineno}: {e.message}") from None
+    return text
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict:
@@ -120,13 +185,22 @@ def check_output_path(path, flag: str) -> None:
         raise InvalidArgument(f"{flag} {path}: not writable")
 
 
-def load_engine(args: argparse.Namespace) -> Engine:
+def load_engine(args: argparse.Namespace) -> "Engine":
+    from ..api import load
+
     path = getattr(args, "record_trace", None)
     if path:
         check_output_path(path, "--record-trace")
+    template_file = getattr(args, "chat_template", None)
+    template = read_chat_template(template_file) if template_file is not None else None
     engine = load(args.model, dtype=args.dtype, memory=args.memory, threads=args.threads,
                   adaptive_gating=getattr(args, "adaptive_gating", None), ctx_size=getattr(args, "ctx_size", None),
                   onednn=not getattr(args, "no_onednn", False), **runtime_kwargs(args))
+    if template is not None:
+        from pathlib import Path
+
+        engine.tokenizer.chat_template = template
+        engine.tokenizer.chat_template_source = Path(template_file)
     if path:
         from ..runtime.trace import TraceRecorder
 
@@ -140,7 +214,7 @@ def load_engine(args: argparse.Namespace) -> Engine:
     return engine
 
 
-def format_stats(stats: GenerationStats) -> str:
+def format_stats(stats: "GenerationStats") -> str:
     """Human summary printed after generation."""
     lines = [
         f"prompt: {stats.prompt_tokens} tokens, {stats.prompt_tps:.1f} tok/s | "

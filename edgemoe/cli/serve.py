@@ -55,6 +55,8 @@ def main(argv: list[str]) -> int:
     logger.setLevel(logging.INFO if args.verbose else logging.WARNING)
     logger.propagate = False
 
+    if args.verify is None:
+        args.verify = "always"  # a server runs for days: re-check every expert read from storage
     engine = load_engine(args)
     try:
         server = make_server(engine, args.host, args.port, model_name=args.model_name,

@@ -58,7 +58,12 @@ class BaseModelArgs:
     ALIASES = {}
     # Upper bounds on the counts that size loops and lists before any weight is read, so
     # that a corrupt config fails at once instead of hanging; far above released models.
-    LIMITS = {"num_hidden_layers": 1024, "num_experts": 4096, "num_local_experts": 4096}
+    # Upper bounds far beyond any released model (largest vocabularies ~262k, contexts 10M):
+    # past them a corrupted number would make shape arithmetic overflow or hang.
+    LIMITS = {"num_hidden_layers": 1024, "num_experts": 4096, "num_local_experts": 4096, "vocab_size": 1 << 24,
+              "hidden_size": 1 << 17, "num_attention_heads": 4096, "num_key_value_heads": 4096, "head_dim": 4096,
+              "max_position_embeddings": 1 << 26, "intermediate_size": 1 << 20, "moe_intermediate_size": 1 << 20,
+              "shared_expert_intermediate_size": 1 << 20}
 
     @classmethod
     def from_dict(cls, config: dict, source: str = "config.json") -> "BaseModelArgs":

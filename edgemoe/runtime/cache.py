@@ -196,6 +196,7 @@ class ExpertCache:
             self.hits = self.misses = self.evictions = self.compactions = self.compact_bytes = 0
             self.background_loads = self.background_bytes = self.waits = 0
             self.stall_s = self.verify_s = 0.0
+            self.verifications = self.verify_bytes = 0
             self.peak_used = self.used
             self.store.bytes_read = self.store.reads = 0
             self.store.read_s = 0.0
@@ -214,6 +215,8 @@ class ExpertCache:
                 "bytes_read": self.store.bytes_read,
                 "read_s": round(self.store.read_s, 6),
                 "verify_s": round(self.verify_s, 6),
+                "verifications": self.verifications,
+                "verify_bytes": self.verify_bytes,
                 "stall_s": round(self.stall_s, 6),
                 "evictions": self.evictions,
                 "compactions": self.compactions,
@@ -429,11 +432,15 @@ class ExpertCache:
                 self.store.read_into(e.info, buf)
             else:  # a background read: its urgency can change while it runs
                 self.store.read_into(e.info, buf, urgent=lambda: e.urgent, abort=abort)
+            # "first": each expert's first read in this cache is checked, not its re-reads
+            # after an eviction; "always": every read from storage is.
             if self.verify == "always" or e.key not in self.verified:
                 t0 = time.perf_counter()
                 self.store.verify(e.info, buf)
                 with self.cond:
                     self.verify_s += time.perf_counter() - t0
+                    self.verifications += 1
+                    self.verify_bytes += e.info.size
                     self.verified.add(e.key)
         except BaseException:
             with self.cond:

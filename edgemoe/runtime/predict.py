@@ -241,6 +241,8 @@ class PredictorStats:
         path = Path(path)
         if not path.exists():
             raise PredictorError(f"{path}: expert predictor not found; fit one with 'edgemoe fit-predictor'")
+        if not path.is_file():  # a directory or a named pipe (which would block the read forever)
+            raise PredictorError(f"{path}: not a regular file; fit the predictor again with 'edgemoe fit-predictor'")
         try:
             with np.load(path, allow_pickle=False) as z:
                 files = set(z.files)

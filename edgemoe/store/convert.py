@@ -6,15 +6,26 @@ three parts have arrived, then encoded in its planned format and appended to the
 as one aligned blob. Peak memory is therefore the resident weights plus about one
 checkpoint tensor, not the model.
 
-Everything is written into a hidden sibling directory that is renamed to OUT_DIR only
-once complete; the manifest is the last file written into it. A killed conversion leaves
-no OUT_DIR (and the next conversion to the same place removes the debris).
+Everything is written into a hidden sibling directory, `.OUT.partial-PID`, that becomes
+OUT_DIR only once complete; the manifest is the last file written into it. With --force
+the new directory and the previous OUT_DIR are swapped in one atomic step where the
+system can (Linux renameat2 RENAME_EXCHANGE), so OUT_DIR is at every instant the old
+model or the new one. Elsewhere the previous OUT_DIR is first renamed to `.OUT.old-PID`:
+a conversion killed between the two renames leaves OUT_DIR missing for a moment, and the
+next conversion to the same place puts the previous model back before it starts
+(`recover`). Whatever a killed conversion leaves (`.OUT.partial-PID`, `.OUT.old-PID`,
+`.OUT.trash-PID` of a process that is gone) is removed by the next conversion.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import glob
 import os
+import re
 import shutil
+import sys
 import time
 import uuid
 import zlib
@@ -32,6 +43,7 @@ from ..models.base import EXPERT_KEY
 from ..quant.formats import get_format
 from ..quant.resident import RESIDENT_FORMATS, quantize_resident
 from ..utils import peak_rss_bytes, pid_alive, return_large_frees_to_os, rss_bytes
+from .gguf import GGUFCheckpoint, is_gguf
 from .format import (
     ALIGN,
     MANIFEST_NAME,
@@ -72,6 +84,8 @@ class ConvertResult:
     source_bytes: int
     copied: list[str] = field(default_factory=list)
     resident_int8: list[str] = field(default_factory=list)  # resident linear layers stored as int8
+    recovered: list[str] = field(default_factory=list)  # what `recover` did before converting
+    added_error: dict = field(default_factory=dict)  # GGUF source: error re-quantizing added, per type -> format
 
     def to_dict(self) -> dict:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
@@ -95,16 +109,141 @@ def resolve_plan(bits: int | None, fmt: str | None, plan: ExpertPlan | str | Pat
     return ExpertPlan(fmt or FLOAT_FORMAT[dtype])
 
 
-def _partial_dirs(out: Path) -> list[Path]:
-    return sorted(out.parent.glob(f".{out.name}.partial-*"))
+def _crash_point(step: str) -> None:
+    """Called at each step of installing the output; tests replace it to stop the
+    conversion there (kill -9 or an exception) and check what the directory holds."""
 
 
-def _remove_stale(out: Path) -> None:
-    """Debris of conversions that were killed (their process is gone)."""
-    for d in _partial_dirs(out):
-        pid = d.name.rsplit("-", 1)[-1]
-        if not pid.isdigit() or not pid_alive(int(pid)):
-            shutil.rmtree(d, ignore_errors=True)
+_HIDDEN_KINDS = ("partial", "old", "trash")
+
+
+def _hidden(out: Path) -> dict[str, list[tuple[Path, int]]]:
+    """The hidden siblings of `out` that conversions create, by kind, with their pid."""
+    found: dict[str, list[tuple[Path, int]]] = {k: [] for k in _HIDDEN_KINDS}
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.({'|'.join(_HIDDEN_KINDS)})-(\d+)")
+    for d in out.parent.glob(f".{glob.escape(out.name)}.*-*"):
+        m = pattern.fullmatch(d.name)
+        if m:
+            found[m[1]].append((d, int(m[2])))
+    return found
+
+
+def _remove(path: Path) -> None:
+    """Delete a directory tree, or a file or link that stood where one was expected."""
+    if path.is_symlink() or (os.path.lexists(path) and not path.is_dir()):
+        try:
+            path.unlink()
+        except OSError:
+            pass
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _stale(pid: int) -> bool:
+    """Whether what a conversion with this pid left is debris: its process is gone, or it
+    is this process (which runs one conversion to a directory at a time)."""
+    return pid == os.getpid() or not pid_alive(pid)
+
+
+def interrupted(out: str | Path) -> Path | None:
+    """The hidden directory holding the previous model of `out`, if a conversion was
+    killed while it replaced `out` and `out` is missing (None otherwise). The next
+    conversion to `out` restores it; loaders can name it in their error."""
+    out = Path(out)
+    if os.path.lexists(out) or not out.parent.is_dir():
+        return None
+    olds = [d for d, pid in _hidden(out)["old"] if _stale(pid)]
+    return max(olds, key=lambda d: d.stat().st_mtime_ns) if olds else None
+
+
+def recover(out: str | Path) -> list[str]:
+    """Clean up after conversions to `out` that were killed (their process is gone):
+    put the previous model back if one was killed between setting it aside and
+    renaming its replacement into place, and delete everything else they left. Returns
+    one line per model restored."""
+    out = Path(out)
+    if not out.parent.is_dir():
+        return []
+    notes = []
+    old = interrupted(out)
+    if old is not None:
+        try:
+            os.rename(old, out)
+        except OSError as e:
+            raise EdgeMoEError(f"{out}: missing, and the previous model in {old} (left by a conversion that was "
+                               f"killed while replacing it) cannot be renamed back: {e.strerror or e}") from None
+        _fsync_dir(out.parent)
+        notes.append(f"restored {out} from {old.name}, left by a conversion that was killed while replacing it")
+    for dirs in _hidden(out).values():
+        for d, pid in dirs:
+            if _stale(pid):
+                _remove(d)
+    return notes
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+_renameat2 = None
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two directory entries (Linux renameat2 with RENAME_EXCHANGE).
+    False where the C library, the kernel or the file system cannot; other failures
+    raise OSError."""
+    global _renameat2
+    if not sys.platform.startswith("linux"):
+        return False
+    if _renameat2 is None:
+        try:
+            fn = ctypes.CDLL(None, use_errno=True).renameat2  # glibc >= 2.28, musl >= 1.2.5
+        except (OSError, AttributeError):
+            _renameat2 = False
+            return False
+        fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+        fn.restype = ctypes.c_int
+        _renameat2 = fn
+    if _renameat2 is False:
+        return False
+    if _renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
+def _install(tmp: Path, out: Path) -> None:
+    """Make the complete directory `tmp` the output `out`, replacing what is there."""
+    pid = os.getpid()
+    trash = out.parent / f".{out.name}.trash-{pid}"
+    if not os.path.lexists(out):
+        os.rename(tmp, out)
+        _fsync_dir(out.parent)
+        _crash_point("installed")
+        return
+    if _exchange(tmp, out):
+        _crash_point("exchanged")  # out: the new model, tmp: the previous one
+        try:
+            os.rename(tmp, trash)
+        except OSError:  # the new model is in place: delete the old one where it is
+            trash = tmp
+    else:
+        old = out.parent / f".{out.name}.old-{pid}"
+        os.rename(out, old)
+        try:
+            _crash_point("set-aside")  # out missing: a killed run is undone by `recover`
+            os.rename(tmp, out)
+        except BaseException:
+            os.rename(old, out)
+            raise
+        _crash_point("renamed")
+        try:
+            os.rename(old, trash)  # from here on never restored
+        except OSError:
+            trash = old
+    _fsync_dir(out.parent)
+    _crash_point("trash")
+    _remove(trash)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -176,36 +315,48 @@ def convert(src: str | Path, out: str | Path, *, bits: int | None = None, fmt: s
     return_large_frees_to_os()  # freed tensors leave RSS at once (we free one per expert)
     baseline = rss_bytes()
     src, out = Path(src), Path(out)
-    ckpt = HFCheckpoint(src)
+    ckpt = GGUFCheckpoint(src) if is_gguf(src) else HFCheckpoint(src)
+    gguf_src = ckpt if isinstance(ckpt, GGUFCheckpoint) else None
     args = ckpt.args
     dt = parse_dtype(dtype, ckpt.config)
+    if gguf_src is not None and bits is None and fmt is None and plan is None:
+        plan = gguf_src.default_plan(dt)  # keep at least the GGUF's precision
     plan = resolve_plan(bits, fmt, plan, dt)
     plan.check(args.moe_layers(), args.experts_per_layer, "plan")
     if resident not in (None, *RESIDENT_FORMATS):
         raise EdgeMoEError(f"resident weights format must be one of {', '.join(RESIDENT_FORMATS)}, got {resident!r}")
     if out.resolve() == src.resolve():
         raise EdgeMoEError(f"{out}: the output directory must differ from the input")
-    if out.exists() and not force:
-        raise EdgeMoEError(f"{out}: already exists (pass --force to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise EdgeMoEError(f"{out.parent}: cannot create the output's parent directory: {e.strerror or e}") from None
+    recovered = recover(out)
+    if os.path.lexists(out) and not force:
+        raise EdgeMoEError(f"{out}: already exists (pass --force to replace it)" + "".join(f"; {n}" for n in recovered))
+    if os.path.lexists(out) and not out.is_dir():
+        raise EdgeMoEError(f"{out}: exists and is not a directory; remove it first")
 
     H, I = args.hidden_size, args.expert_dim
     formats = {name: get_format(name) for name in sorted(plan.names())}  # plan spelling -> format
     infos = {f.name: FormatInfo.of(f, H, I) for f in formats.values()}  # canonical name -> layout
     wanted = {(l, e) for l in args.moe_layers() for e in range(args.experts_per_layer)}
-    source_bytes = sum(i.nbytes for f in {r.file for r in ckpt.refs} for i in read_header(f)[0].values())
+    source_bytes = gguf_src.source_bytes if gguf_src is not None else \
+        sum(i.nbytes for f in {r.file for r in ckpt.refs} for i in read_header(f)[0].values())
 
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    _remove(tmp)
+    try:
+        tmp.mkdir()
+    except OSError as e:
+        raise EdgeMoEError(f"{tmp}: cannot create the output directory: {e.strerror or e}") from None
     store_id = uuid.uuid4().hex
     writer = None
     try:
         writer = _StoreWriter(tmp / STORE_NAME, store_id)
         tensors: dict[str, torch.Tensor] = {}  # resident
         pending: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
-        bar = tqdm(total=source_bytes, unit="B", unit_scale=True, desc="converting", disable=not progress,
+        bar = tqdm(total=gguf_src.stream_bytes if gguf_src is not None else source_bytes, unit="B", unit_scale=True, desc="converting", disable=not progress,
                    leave=False, dynamic_ncols=True)
         for key, tensor in ckpt.tensors(None):
             bar.update(tensor.numel() * tensor.element_size())
@@ -221,6 +372,8 @@ def convert(src: str | Path, out: str | Path, *, bits: int | None = None, fmt: s
                 fmt = formats[plan.format_for(layer, expert)]
                 where = f"{src}: layer {layer} expert {expert}"
                 parts = _encode(fmt, infos[fmt.name], got["gate"], got["up"], got["down"], where)
+                if gguf_src is not None:
+                    gguf_src.observe_expert(layer, expert, fmt, got, parts)
                 writer.write(layer, expert, infos[fmt.name], parts)
                 del pending[(layer, expert)], parts
                 wanted.discard((layer, expert))
@@ -246,6 +399,8 @@ def convert(src: str | Path, out: str | Path, *, bits: int | None = None, fmt: s
                 with open(tmp / name, "rb") as f:
                     os.fsync(f.fileno())  # on disk before the rename makes the directory visible
                 copied.append(name)
+        if gguf_src is not None:
+            copied += gguf_src.write_aux_files(tmp)  # config and tokenizer built from the metadata
         entries = sorted(writer.entries, key=lambda e: e.key)
         manifest = Manifest(
             store_id=store_id, model_type=args.model_type, dtype=dtype_name(dt), config=ckpt.config,
@@ -256,22 +411,19 @@ def convert(src: str | Path, out: str | Path, *, bits: int | None = None, fmt: s
         )
         manifest.write(tmp / MANIFEST_NAME)
         _fsync_dir(tmp)
-        if out.exists():  # --force: swap the old directory out only once the new one is complete
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
-        _fsync_dir(out.parent)
-    except BaseException:
+        _crash_point("complete")
+        _install(tmp, out)
+    except BaseException as e:
         if writer is not None and not writer.f.closed:
             writer.f.close()
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove(tmp)
+        if isinstance(e, OSError):  # disk full, permissions, ...: one line naming the file
+            raise EdgeMoEError(f"{e.filename or tmp}: {e.strerror or e}; the conversion to {out} was abandoned") from None
         raise
     return ConvertResult(
         out=out, model_type=args.model_type, dtype=dtype_name(dt), resident_bytes=resident_bytes,
         store_bytes=store_bytes, experts=len(entries), formats=dict(Counter(e.format for e in entries)),
         seconds=time.perf_counter() - t0, baseline_rss_bytes=baseline, peak_rss_bytes=peak_rss_bytes(),
-        source_bytes=source_bytes, copied=copied, resident_int8=int8,
+        source_bytes=source_bytes, copied=copied, resident_int8=int8, recovered=recovered,
+        added_error=gguf_src.added_error() if gguf_src is not None else {},
     )

@@ -247,6 +247,8 @@ def read_manifest(directory: str | Path) -> Manifest:
     src = str(path)
     if not path.exists():
         raise StoreError(f"{src}: missing (not a directory written by 'edgemoe convert'?)")
+    if not path.is_file():  # a directory or a named pipe (which would block the read forever)
+        raise StoreError(f"{src}: not a regular file; re-run 'edgemoe convert'")
     try:
         data = json.loads(path.read_bytes().decode("utf-8"))
     except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, a 5000-digit number, deep nesting

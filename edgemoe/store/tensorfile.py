@@ -71,6 +71,8 @@ def read_header(path: str | Path, f: BinaryIO | None = None) -> tuple[dict[str, 
     path = Path(path)
     own = f is None
     if own:
+        if path.exists() and not path.is_file():  # a directory, or a named pipe that would block forever
+            raise TensorFileError(f"{path}: not a regular file")
         f = open(path, "rb")
     try:
         size = os.fstat(f.fileno()).st_size

@@ -115,6 +115,26 @@ def test_verify_always_catches_corruption_after_first_load(model, copy):
     engine.close()
 
 
+def test_verify_first_checks_each_expert_once_always_every_read(model, copy):
+    """What the two settings check, in numbers: "first" the first read of each expert
+    (not its re-reads after an eviction), "always" every read from storage."""
+    budget = edgemoe.load(copy).info["min_budget_bytes"]
+    counts = {}
+    for verify in ("first", "always"):
+        with edgemoe.load(copy, memory=budget, verify=verify) as engine:
+            store = engine.provider.cache.store
+            read, real = [], store.read_into
+            store.read_into = lambda entry, *a, **k: read.append(entry.key) or real(entry, *a, **k)
+            engine.generate(PROMPT, max_tokens=N, ignore_eos=True)
+            c = engine.provider.cache.stats()
+            counts[verify] = (c["verifications"], c["verify_bytes"], len(read), len(set(read)))
+    size = model.manifest.experts[0].size
+    checks, nbytes, reads, distinct = counts["first"]
+    assert reads > distinct and checks == distinct and nbytes == distinct * size  # re-reads go unchecked
+    checks, nbytes, reads, distinct = counts["always"]
+    assert reads > distinct and checks == reads and nbytes == reads * size
+
+
 def test_padding_bytes_are_not_payload(model, copy):
     """Padding (here: the end of the store header) is not payload: damaging it changes nothing."""
     flip(copy / "experts.bin", HEADER_BYTES - 1)
@@ -310,7 +330,7 @@ def test_fuzz_single_byte_corruptions(model, copy):
     m = model.manifest
     padding = [(e.offset + e.size, e.offset + e.length) for e in m.experts if e.length > e.size]
     assert padding
-    memory = m.resident_bytes + 3 * m.experts[0].length  # a small cache: reads and evictions
+    memory = edgemoe.load(copy).info["min_budget_bytes"] + m.experts[0].length  # a small cache: reads and evictions
     outcomes = {"same": 0, "error": 0}
     for trial in range(150):
         kind = rng.choices(["store", "store-padding", "manifest", "resident"], [45, 15, 25, 15])[0]
