@@ -13,10 +13,11 @@ from .common import eprint
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="edgemoe convert",
-        description="Convert a Hugging Face MoE checkpoint into resident weights plus an expert store that "
+        description="Convert a Hugging Face MoE checkpoint or a GGUF file into resident weights plus an expert store that "
                     "'edgemoe generate OUT_DIR --memory SIZE' runs under a memory budget.",
     )
-    p.add_argument("hf_dir", metavar="HF_DIR", help="Hugging Face model directory (config.json + safetensors)")
+    p.add_argument("hf_dir", metavar="HF_DIR|MODEL.gguf", help="Hugging Face model directory (config.json + "
+                   "safetensors) or a GGUF file (llama.cpp; of a split GGUF, any part)")
     p.add_argument("out_dir", metavar="OUT_DIR", help="output directory (must not exist unless --force)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--bits", type=int, choices=(16, 8, 4), default=None,
@@ -38,9 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    from ..hub import resolve_model
     from ..store.convert import convert
 
-    result = convert(args.hf_dir, args.out_dir, bits=args.bits, fmt=args.fmt, plan=args.plan, dtype=args.dtype,
+    source = resolve_model(args.hf_dir)  # a local path, or a hub id (ORG/NAME) fetched into the hub cache
+    result = convert(source, args.out_dir, bits=args.bits, fmt=args.fmt, plan=args.plan, dtype=args.dtype,
                      resident=args.resident, force=args.force, progress=not args.quiet and not args.json and sys.stderr.isatty())
     if args.json:
         print(json.dumps(result.to_dict()))
@@ -56,5 +59,8 @@ def main(argv: list[str]) -> int:
     eprint(f"  total             {format_bytes(total):>10}  (source checkpoint {format_bytes(result.source_bytes)})")
     eprint(f"  peak RSS          {format_bytes(result.peak_rss_bytes):>10}  "
            f"({format_bytes(result.peak_rss_bytes - result.baseline_rss_bytes)} over the baseline)")
+    for name, e in sorted(result.added_error.items()):
+        eprint(f"  re-quantized      {name}: {e['experts']} experts, added error {100 * e['rel_rms']:.2f}% RMS of "
+               f"the GGUF's dequantized weights (worst expert {100 * e['worst']:.2f}%)")
     eprint(f"run it with: edgemoe generate {result.out} --memory SIZE")
     return 0
