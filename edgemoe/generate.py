@@ -1,11 +1,12 @@
-"""Generation in layers: `generate_step` yields token ids from a model and a KV cache;
-`stream_generate` adds detokenized text, stop conditions and statistics."""
+"""Generation in layers: `generate_step` yields token ids from a model and a KV cache
+(with the model's log-probabilities when asked); `stream_generate` adds detokenized text,
+stop conditions, statistics and per-token log-probabilities with their top alternatives."""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -49,6 +50,10 @@ class PromptCache:
         return n
 
 
+PromptLogitsHook = Callable[[int, torch.Tensor], None]  # (position of the first row, logits (T, V) fp32)
+SCORE_ELEMENTS = 1 << 24  # logits of one prefill chunk when a prompt is scored (64 MB in fp32)
+
+
 @torch.inference_mode()
 def generate_step(
     model: Transformer,
@@ -59,18 +64,31 @@ def generate_step(
     cache: PromptCache | None = None,
     prefill_chunk: int = 512,
     onednn: bool = True,
-) -> Iterator[int]:
+    logprobs: bool = False,
+    prompt_logits: PromptLogitsHook | None = None,
+) -> Iterator[int] | Iterator[tuple[int, torch.Tensor]]:
     """Yield up to `max_tokens` sampled token ids after `prompt`.
 
     The next forward pass runs only when the caller asks for the next token, so stopping
     early (EOS, stop string) costs nothing extra. Decode steps run torch's native matmuls
     (faster at one row, see edgemoe.cpu); prefill uses oneDNN where the CPU has it, unless
     `onednn` is False.
+
+    logprobs: yield (token, log-probabilities (V,)) pairs instead of ids: the model's own
+    distribution for that step, before logits processors and sampling settings.
+    prompt_logits: called once per prefill chunk with the position of its first row and
+    the logits of every row (T, V): row i predicts prompt token position + i + 1. The whole
+    prompt is then prefilled (no prefix of `cache` is reused). max_tokens 0 only prefills.
     """
     if not prompt:
         raise ValueError("the prompt must contain at least one token")
     sampler = sampler or make_sampler(0.0)
     cache = cache or PromptCache(model)
+    if prompt_logits is not None:
+        cache.clear()
+        vocab = getattr(model.args, "vocab_size", None)
+        if vocab:  # every row's logits are kept for scoring: bound them to SCORE_ELEMENTS per chunk
+            prefill_chunk = max(1, min(prefill_chunk, SCORE_ELEMENTS // vocab))
     start = cache.reuse(prompt)
     context = list(prompt)
     todo = torch.tensor([context[start:]], dtype=torch.long)  # (1, T)
@@ -81,14 +99,17 @@ def generate_step(
         if provider is not None:
             provider.begin_forward(chunk.shape[1])
         with native_matmuls(not onednn):
-            logits = model(chunk, cache.layers, last_only=True)  # (1, 1, V)
+            logits = model(chunk, cache.layers, last_only=prompt_logits is None)  # (1, T or 1, V)
+        if prompt_logits is not None:
+            prompt_logits(start + i, logits[0].float())
     cache.tokens = list(context)
     for n in range(max_tokens):
-        scores = logits[0, -1].float()  # (V,)
+        raw = logits[0, -1].float()  # (V,)
+        scores = raw
         for proc in logits_processors:
             scores = proc(context, scores)
         token = sampler(scores)
-        yield token
+        yield (token, torch.log_softmax(raw, -1)) if logprobs else token
         if n == max_tokens - 1:
             break
         context.append(token)
@@ -97,6 +118,28 @@ def generate_step(
         with native_matmuls():
             logits = model(torch.tensor([[token]]), cache.layers)  # (1, 1, V)
         cache.tokens.append(token)
+
+
+@dataclass
+class TokenLogprob:
+    """A token's log-probability under the model, with the most likely alternatives at
+    that position (most likely first; `top` is empty when none were asked for)."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+def pick_logprobs(logprobs: torch.Tensor, tokens: Sequence[int], top: int) -> list[TokenLogprob]:
+    """Log-probabilities (T, V) -> one TokenLogprob per row for tokens[row], with `top` alternatives."""
+    idx = torch.tensor(list(tokens), dtype=torch.long)  # (T,)
+    chosen = logprobs.gather(1, idx[:, None])[:, 0].tolist()  # (T,)
+    out = [TokenLogprob(t, lp) for t, lp in zip(tokens, chosen)]
+    if top > 0:
+        values, ids = torch.topk(logprobs, min(top, logprobs.shape[-1]), dim=-1)  # (T, k)
+        for entry, v, i in zip(out, values.tolist(), ids.tolist()):
+            entry.top = list(zip(i, v))
+    return out
 
 
 @dataclass
@@ -142,6 +185,10 @@ class GenerationResponse:
     token: int | None  # the token of this step; None on the final flush
     finish_reason: str | None  # "stop" (EOS or stop string), "length", or None while running
     stats: GenerationStats
+    logprobs: TokenLogprob | None = None  # this step's token, when log-probabilities were asked for
+    # On the first response only, when prompt log-probabilities were asked for: one entry
+    # per prompt token, None for the first (nothing predicts it).
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 def _hold_back(text: str, stops: Sequence[str]) -> int:
@@ -166,8 +213,17 @@ def stream_generate(
     ignore_eos: bool = False,
     cache: PromptCache | None = None,
     onednn: bool = True,
+    logprobs: int | None = None,
+    prompt_logprobs: bool = False,
 ) -> Iterator[GenerationResponse]:
-    """Stream text. The last response has a finish_reason and the final statistics."""
+    """Stream text. The last response has a finish_reason and the final statistics.
+
+    logprobs: None, or how many top alternatives to report with each generated token's
+    log-probability (0: the token's own only). Log-probabilities are the model's
+    distribution, before logits processors and sampling settings.
+    prompt_logprobs: also score the prompt (the first response carries them, with
+    `logprobs` alternatives); max_tokens may then be 0.
+    """
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
     stats = GenerationStats(prompt_tokens=len(ids))
     provider = provider_of(model)
@@ -175,9 +231,20 @@ def stream_generate(
     stops = [s for s in stop if s]
     pending = ""  # decoded text not yet emitted because it may begin a stop string
     finish, cut = "length", False
+    top = logprobs or 0
+    scored: list[TokenLogprob | None] | None = [None] if prompt_logprobs else None
+
+    def score(pos: int, logits: torch.Tensor) -> None:
+        targets = ids[pos + 1 : pos + 1 + logits.shape[0]]  # the last row predicts past the prompt
+        if targets:
+            scored.extend(pick_logprobs(torch.log_softmax(logits[: len(targets)], -1), targets, top))
+
     t0 = time.perf_counter()
     t_first = None
-    for token in generate_step(model, ids, sampler, logits_processors, max_tokens, cache, onednn=onednn):
+    steps = generate_step(model, ids, sampler, logits_processors, max_tokens, cache, onednn=onednn,
+                          logprobs=logprobs is not None, prompt_logits=score if prompt_logprobs else None)
+    for step in steps:
+        token, lp = step if logprobs is not None else (step, None)
         if t_first is None:
             t_first = time.perf_counter()
             stats.prefill_s = t_first - t0
@@ -194,9 +261,13 @@ def stream_generate(
         emit = len(pending) - _hold_back(pending, stops)
         text, pending = pending[:emit], pending[emit:]
         stats.decode_s = time.perf_counter() - t_first
-        yield GenerationResponse(text, token, None, stats)
+        entry = pick_logprobs(lp[None], [token], top)[0] if lp is not None else None
+        yield GenerationResponse(text, token, None, stats, entry, scored)
+        scored = None
     if t_first is not None:
         stats.decode_s = time.perf_counter() - t_first
+    else:  # max_tokens 0: the prompt was only scored
+        stats.prefill_s = time.perf_counter() - t0
     tail = pending if cut else pending + detok.flush()
     stats.peak_rss_bytes = peak_rss_bytes()
     if cache is not None and cache.capacity is not None:
@@ -205,4 +276,4 @@ def stream_generate(
         stats.kv_used_bytes = cache.layers[0].offset * per_token if cache.layers else 0
     if provider is not None:
         stats.extra = provider.stats()
-    yield GenerationResponse(tail, None, finish, stats)
+    yield GenerationResponse(tail, None, finish, stats, None, scored)

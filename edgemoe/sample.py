@@ -97,8 +97,71 @@ def make_repetition_penalty(penalty: float, context: int = 0) -> LogitsProcessor
     return process
 
 
-def make_logits_processors(repetition_penalty: float = 1.0, repetition_context: int = 0) -> list[LogitsProcessor]:
+class PresenceFrequencyPenalty:
+    """OpenAI's presence and frequency penalties over the tokens generated so far (not the
+    prompt): logit[j] -= frequency * count[j] + presence * (count[j] > 0). The first call
+    sees the prompt alone and marks where generation starts."""
+
+    def __init__(self, presence: float = 0.0, frequency: float = 0.0):
+        self.presence = _real("presence_penalty", presence, -2.0, 2.0)
+        self.frequency = _real("frequency_penalty", frequency, -2.0, 2.0)
+        self.start: int | None = None
+        self.counts: torch.Tensor | None = None  # (V,) occurrences of each generated token
+        self.seen = 0
+
+    def __call__(self, ids: Sequence[int], logits: torch.Tensor) -> torch.Tensor:
+        if self.start is None:
+            self.start = self.seen = len(ids)
+            self.counts = torch.zeros(logits.shape[-1], dtype=torch.float32)
+        new = [t for t in ids[self.seen :] if 0 <= t < self.counts.shape[0]]
+        if new:
+            self.counts.index_add_(0, torch.tensor(new, dtype=torch.long), torch.ones(len(new)))
+        self.seen = len(ids)
+        if self.seen == self.start:
+            return logits
+        return logits - self.frequency * self.counts - self.presence * (self.counts > 0).float()
+
+
+MAX_LOGIT_BIAS = 100.0
+
+
+def make_logit_bias(bias: dict, vocab_size: int) -> LogitsProcessor:
+    """Add a bias in [-100, 100] to the logits of chosen token ids ({id: bias}), as OpenAI's
+    logit_bias: -100 bans a token, 100 all but forces it."""
+    if not isinstance(bias, dict):
+        raise InvalidArgument(f"logit_bias must map token ids to numbers, got {type(bias).__name__}")
+    ids, values = [], []
+    for key, value in bias.items():
+        token = key
+        if isinstance(key, str) and key.strip().lstrip("-").isdigit():
+            token = int(key)
+        if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < vocab_size:
+            raise InvalidArgument(f"logit_bias key {key!r} is not a token id of this model (0 to {vocab_size - 1})")
+        ids.append(token)
+        values.append(_real(f"logit_bias[{key!r}]", value, -MAX_LOGIT_BIAS, MAX_LOGIT_BIAS))
+    idx, add = torch.tensor(ids, dtype=torch.long), torch.tensor(values, dtype=torch.float32)
+
+    def process(context: Sequence[int], logits: torch.Tensor) -> torch.Tensor:
+        logits = logits.clone()
+        logits.index_add_(0, idx, add)
+        return logits
+
+    return process
+
+
+def make_logits_processors(repetition_penalty: float = 1.0, repetition_context: int = 0,
+                           presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+                           logit_bias: dict | None = None, vocab_size: int | None = None) -> list[LogitsProcessor]:
+    """The processors for a request's settings, each checked (InvalidArgument); `vocab_size`
+    bounds logit_bias keys."""
     procs: list[LogitsProcessor] = []
     if repetition_penalty != 1.0:
         procs.append(make_repetition_penalty(repetition_penalty, repetition_context))
+    penalty = PresenceFrequencyPenalty(presence_penalty, frequency_penalty)
+    if penalty.presence or penalty.frequency:
+        procs.append(penalty)
+    if logit_bias:
+        if vocab_size is None:
+            raise InvalidArgument("logit_bias needs the vocabulary size")
+        procs.append(make_logit_bias(logit_bias, vocab_size))
     return procs

@@ -30,7 +30,7 @@ class ScriptedModel:
         T = ids.shape[1]
         cache[0].offset += T
         self.positions_processed += T
-        nxt = self.script[min(cache[0].offset - self.prompt_len, len(self.script) - 1)]
+        nxt = self.script[max(0, min(cache[0].offset - self.prompt_len, len(self.script) - 1))]  # (chunked prefill)
         logits = torch.full((1, 1 if last_only else T, self.vocab), -10.0)
         logits[0, -1, nxt] = 10.0
         return logits
@@ -148,3 +148,62 @@ def test_thread_count_choice(tiny_mixtral):
     with pytest.raises(InvalidArgument):
         edgemoe.load(tiny_mixtral, threads=0)
     torch.set_num_threads(1)
+
+
+def test_generate_step_yields_the_models_logprobs(tok):
+    prompt = tok.encode("def f():")
+    model = ScriptedModel(len(prompt), [5, 6, 7], tok.vocab_size)
+    steps = list(generate_step(model, prompt, max_tokens=3, logprobs=True))
+    assert [t for t, _ in steps] == [5, 6, 7]
+    for token, lp in steps:
+        assert lp.shape == (tok.vocab_size,) and torch.isclose(lp.exp().sum(), torch.tensor(1.0))
+        assert int(lp.argmax()) == token
+    model = ScriptedModel(len(prompt), [5, 6, 7], tok.vocab_size)
+    assert list(generate_step(model, prompt, max_tokens=3)) == [5, 6, 7]  # plain ids without the option
+
+
+def test_prompt_logits_cover_every_position_and_skip_the_cache(tok):
+    prompt = tok.encode("def f(): return 1")
+    model = ScriptedModel(len(prompt), [5], tok.vocab_size)
+    cache = PromptCache(model)
+    list(generate_step(model, prompt, max_tokens=1, cache=cache))
+    seen = []
+    model.positions_processed = 0
+    list(generate_step(model, prompt, max_tokens=1, cache=cache, prefill_chunk=3,
+                       prompt_logits=lambda pos, logits: seen.append((pos, logits.shape[0]))))
+    assert model.positions_processed == len(prompt)  # the whole prompt again: a cached prefix has no logits
+    assert [p for p, _ in seen] == list(range(0, len(prompt), 3)) and sum(n for _, n in seen) == len(prompt)
+
+
+def test_stream_generate_scores_a_prompt_with_max_tokens_zero(tok):
+    prompt = tok.encode("def f():")
+    model = ScriptedModel(len(prompt), [5], tok.vocab_size)
+    responses = list(stream_generate(model, tok, prompt, max_tokens=0, prompt_logprobs=True, logprobs=2))
+    assert len(responses) == 1 and responses[0].finish_reason == "length" and responses[0].token is None
+    scored = responses[0].prompt_logprobs
+    assert len(scored) == len(prompt) and scored[0] is None
+    assert [e.token for e in scored[1:]] == prompt[1:] and all(len(e.top) == 2 for e in scored[1:])
+    assert responses[0].stats.generated_tokens == 0
+
+
+def test_stream_generate_attaches_logprobs_to_each_token(tok):
+    _, responses, script = run(tok, " return 1", max_tokens=50, logprobs=3)
+    tokens = [r for r in responses if r.token is not None]
+    assert [r.logprobs.token for r in tokens] == [r.token for r in tokens]
+    for r in tokens:
+        assert len(r.logprobs.top) == 3 and r.logprobs.top[0] == (r.token, r.logprobs.logprob)
+        assert [lp for _, lp in r.logprobs.top] == sorted((lp for _, lp in r.logprobs.top), reverse=True)
+    assert all(r.prompt_logprobs is None for r in responses)
+
+
+def test_engine_scoring_matches_generation(tiny_mixtral):
+    engine = edgemoe.load(tiny_mixtral)
+    gen = list(engine.stream("def add(a, b):", max_tokens=5, ignore_eos=True, logprobs=0))
+    ids = engine.tokenize("def add(a, b):") + [r.token for r in gen if r.token is not None]
+    scored = next(iter(engine.stream(ids, max_tokens=0, prompt_logprobs=True))).prompt_logprobs
+    expected = [r.logprobs.logprob for r in gen if r.logprobs is not None]
+    assert [e.logprob for e in scored[-5:]] == pytest.approx(expected, abs=1e-4)
+    with pytest.raises(edgemoe.errors.InvalidArgument):
+        engine.stream("x", max_tokens=0)  # without scoring there is nothing to do
+    with pytest.raises(edgemoe.errors.InvalidArgument):
+        engine.stream("x", max_tokens=1, logprobs=21)

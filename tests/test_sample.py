@@ -79,3 +79,29 @@ def test_top_p_agrees_with_hf_support():
 def test_bad_sampling_arguments_are_rejected(kwargs):
     with pytest.raises(InvalidArgument):
         make_sampler(**kwargs)
+
+
+def test_presence_and_frequency_penalties_count_generated_tokens_only():
+    from edgemoe.sample import PresenceFrequencyPenalty
+
+    proc = PresenceFrequencyPenalty(presence=0.5, frequency=1.0)
+    logits = torch.zeros(6)
+    assert proc([1, 1, 2], logits).tolist() == [0.0] * 6  # the prompt is not penalized
+    out = proc([1, 1, 2, 3, 3, 4], logits)  # generated: 3, 3, 4
+    assert out.tolist() == [0.0, 0.0, 0.0, -2.5, -1.5, 0.0]
+    with pytest.raises(InvalidArgument):
+        PresenceFrequencyPenalty(presence=2.5)
+    with pytest.raises(InvalidArgument):
+        PresenceFrequencyPenalty(frequency=float("nan"))
+
+
+def test_logit_bias_adds_and_checks_its_keys():
+    from edgemoe.sample import make_logit_bias
+
+    proc = make_logit_bias({"2": 5.0, 0: -100}, vocab_size=4)
+    logits = torch.zeros(4)
+    assert proc([], logits).tolist() == [-100.0, 0.0, 5.0, 0.0] and logits.tolist() == [0.0] * 4
+    for bad in ({"4": 1}, {"x": 1}, {1: 101}, {1: float("inf")}):
+        with pytest.raises(InvalidArgument):
+            make_logit_bias(bad, vocab_size=4)
+    assert len(make_logits_processors(1.0, presence_penalty=0.1, logit_bias={1: 1}, vocab_size=4)) == 2

@@ -114,18 +114,20 @@ def field_cases(rng: random.Random, ctx: int, vocab: int) -> list[tuple[str, dic
         [{"role": ["user"], "content": "x"}], [{"role": "user", "content": long_text}],
     ]
     prompts = [
-        None, "", [], 5, 2.5, True, {"a": 1}, [[1, 2]], [1.5], [-1], [vocab + rng.randint(0, 10**6)],
-        [True], ["a", "b"], [1, "a"], "\ud800", "x\udc00y", [5] * (ctx + rng.randint(0, 100)), long_text,
+        None, "", [], 5, 2.5, True, {"a": 1}, [[1, 2.5]], [1.5], [-1], [vocab + rng.randint(0, 10**6)],
+        [True], ["a", 5], [1, "a"], [[]], [["a"]], ["x"] * 65, "\ud800", "x\udc00y", [5] * (ctx + rng.randint(0, 100)), long_text,
     ]
     either = [
         *({"stop": v} for v in [5, [1], ["a"] * 9, {"a": 1}, "s" * rng.randint(257, 5000), ["\udc00"], True]),
         *({"stream": v} for v in ["yes", 1, 0, [], {}, "true"]),
         {"stream_options": {"include_usage": True}},  # without "stream": true
         *({"stream": True, "stream_options": v} for v in [5, "x", [], {"include_usage": "yes"}]),
-        *({k: v} for k, v in [("n", 2), ("n", 0), ("n", "1"), ("best_of", 3), ("logprobs", 5), ("logprobs", True),
-                              ("echo", True), ("tools", [{"type": "function"}]), ("logit_bias", {"1": 5}),
-                              ("presence_penalty", 0.5), ("frequency_penalty", -1), ("suffix", "x"),
-                              ("response_format", {"type": "json_object"}), ("top_logprobs", 2)]),
+        *({k: v} for k, v in [("n", 17), ("n", 0), ("n", "1"), ("best_of", 0), ("logprobs", 21), ("logprobs", "yes"),
+                              ("echo", "yes"), ("tools", [{"type": "function"}]), ("logit_bias", {"x": 5}),
+                              ("logit_bias", {"1": 101}), ("logit_bias", {str(vocab + 1): 1}),
+                              ("presence_penalty", 5), ("frequency_penalty", -3), ("suffix", "x"),
+                              ("response_format", {"type": "yaml"}), ("top_logprobs", 2), ("model", "other"),
+                              ("unknown_option", 1)]),
         *({"model": v} for v in [5, [], {}, True]),
         *({"ignore_eos": v} for v in ["true", 1, [], 0]),
         *({name: v} for name, values in numeric.items() for v in special + values),
