@@ -4,11 +4,16 @@ small byte-level BPE tokenizer, saved with save_pretrained like real hub models.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+
+# No test may reach the Hugging Face hub (hub ids are tested against a local cache); the
+# environment passes this on to every subprocess.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 CORPUS = (
     "def add(a, b):\n    return a + b\n\nclass Point:\n    def __init__(self, x, y):\n        self.x = x\n"

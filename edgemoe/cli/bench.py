@@ -425,6 +425,10 @@ def TRANSFORMERS_ON(cfgs) -> bool:
 
 def main(argv: list[str]) -> int:
     opts = build_parser().parse_args(argv)
+    from .common import check_output_dir
+
+    check_output_dir(opts.out, "--out")
+    check_output_dir(opts.work, "--work")
     if opts.setup:
         from ..bench import peers
 

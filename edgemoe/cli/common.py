@@ -297,3 +297,17 @@ def set_compute_threads(threads: int | None) -> None:
 
 def eprint(*a, **k) -> None:
     print(*a, file=sys.stderr, **k)
+
+
+def check_output_dir(path, flag: str) -> None:
+    """Create output directory `path` now (with its parents), so that a bad one fails before
+    any work rather than after it."""
+    from pathlib import Path
+
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise InvalidArgument(f"{flag} {path}: exists and is not a directory")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InvalidArgument(f"{flag} {path}: cannot create the directory: {e.strerror or e}") from None

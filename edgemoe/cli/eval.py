@@ -99,7 +99,9 @@ def _load(args):
     """The engine for MODEL, with its experts' stored bytes in info['expert_bytes']."""
     from ..api import CONVERTED_FILES, Engine, default_model_dir
 
-    path = Path(args.model) if args.model else default_model_dir()
+    from ..hub import resolve_model
+
+    path = resolve_model(args.model) if args.model else default_model_dir()
     converted = any((path / n).exists() for n in CONVERTED_FILES)
     if args.plan is not None:
         if converted:

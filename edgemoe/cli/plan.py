@@ -13,10 +13,12 @@ from ..errors import InvalidArgument
 from ..utils import format_bytes
 from .common import check_output_path, eprint, set_compute_threads
 
+# A copy of bitwidth.plan.DEFAULT_MAX_EVALS: that module imports torch (1-3 s), which would
+# make '--help' and argument errors slow. tests/cli/test_startup.py checks that it matches.
+DEFAULT_MAX_EVALS = 10
+
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..bitwidth.plan import DEFAULT_MAX_EVALS
-
     p = argparse.ArgumentParser(
         prog="edgemoe plan",
         description="Give each expert its own bitwidth: the least sensitive experts go to the fewest bits first, "

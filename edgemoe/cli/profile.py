@@ -12,9 +12,14 @@ from ..errors import InvalidArgument
 from .common import check_output_path, eprint, set_compute_threads
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from ..bitwidth.profile import DEFAULT_CALIB_TOKENS, DEFAULT_FORMATS, DEFAULT_VALIDATE
+# Copies of bitwidth.profile's defaults: that module imports torch (1-3 s), which would make
+# '--help' and argument errors slow. tests/cli/test_startup.py checks that they match.
+DEFAULT_FORMATS = ("int8", "int4", "int4-asym", "int3", "int3-asym", "int2", "int2-asym")
+DEFAULT_CALIB_TOKENS = 32768
+DEFAULT_VALIDATE = 12
 
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="edgemoe profile",
         description="Measure how often each expert is routed to and how much calibration loss each candidate "
@@ -77,6 +82,10 @@ def main(argv: list[str]) -> int:
         check_output_path(args.png, "--png")
     set_compute_threads(args.threads)
     model = args.model
+    if model is not None:
+        from ..hub import resolve_model
+
+        model = str(resolve_model(model))
     if model is None:
         from ..api import default_model_dir
 

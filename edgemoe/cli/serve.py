@@ -8,7 +8,7 @@ import math
 import sys
 
 from ..errors import InvalidArgument
-from .common import add_model_args, eprint, load_engine
+from .common import add_chat_template_arg, add_model_args, eprint, load_engine
 
 DEFAULT_TIMEOUT = 30.0  # same defaults as edgemoe.server (not imported here: it loads torch)
 DEFAULT_MAX_CONNECTIONS = 64
@@ -17,6 +17,7 @@ DEFAULT_MAX_CONNECTIONS = 64
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edgemoe serve", description="Serve a model over an OpenAI-compatible HTTP API.")
     add_model_args(p)
+    add_chat_template_arg(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")
     p.add_argument("--model-name", default=None, help="model id reported by /v1/models (default: directory name)")

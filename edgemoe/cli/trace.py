@@ -14,8 +14,6 @@ import argparse
 import json
 import time
 
-import torch
-
 from .common import check_output_path, eprint
 
 
@@ -44,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    import torch
+
     from .. import assets
     from ..api import load
     from ..errors import InvalidArgument

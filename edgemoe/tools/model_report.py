@@ -549,6 +549,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, default=None, help="also write the numbers as JSON here")
     p.add_argument("--max-tokens", type=int, default=80, help="tokens per sample generation")
     args = p.parse_args(argv)
+    from ..cli.common import check_output_dir, check_output_path
+
+    check_output_dir(args.out.parent, "--out")
+    if args.out.is_dir():
+        check_output_path(args.out, "--out")  # says it is a directory
     REPORT_COMMAND = shlex.join(["python", "-m", "edgemoe.tools.model_report", *argv])
     torch.set_num_threads(min(torch.get_num_threads(), 2))
     md, data = build_report(args.model, args.heldout, args.max_tokens)

@@ -547,6 +547,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.steps <= 0 or (args.minutes is not None and args.minutes <= 0) or args.batch <= 0:
         p.error("--steps, --minutes and --batch must be positive")
+    from ..cli.common import check_output_dir
+
+    check_output_dir(args.out, "--out")
     recipe = Recipe(seed=args.seed, steps=args.steps, batch=args.batch, lr=args.lr, threads=args.threads)
     texts = args.texts if args.texts is not None else args.out.resolve().parent
     train(recipe, args.out, texts, args.minutes, device=args.device, command=shlex.join(["edgemoe", "train-tiny", *argv]))
