@@ -14,7 +14,7 @@ import json
 from datetime import datetime
 from pathlib import Path
 
-from .errors import ModelLoadError
+from .errors import InvalidArgument, ModelLoadError
 
 SPECIAL_KEYS = ("bos_token", "eos_token")
 
@@ -176,9 +176,12 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """Render messages with the model's Jinja chat template, as transformers does.
-        The result is valid Unicode: lone surrogates in message contents become U+FFFD."""
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None) -> str:
+        """Render messages (and OpenAI-style `tools`, if any) with the model's Jinja chat
+        template, in a sandbox, as transformers does. The result is valid Unicode: lone
+        surrogates in message contents become U+FFFD. A template that fails on the request's
+        tools is the request's problem (InvalidArgument); otherwise the model's (ModelLoadError)."""
         if not self.chat_template:
             raise ModelLoadError(f"{self.chat_template_source}: this model has no chat template (no chat_template "
                                  "key, no chat_template.jinja)")
@@ -192,15 +195,20 @@ class Tokenizer:
         env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False: json.dumps(x, indent=indent, ensure_ascii=ensure_ascii)
         env.globals["raise_exception"] = raise_exception
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+        extra = {"tools": tools} if tools else {}
         try:
             text = env.from_string(self.chat_template).render(
                 messages=messages,
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token or "",
                 eos_token=self.eos_token or "",
+                **extra,
             )
         # A template is data from the model directory: whatever its code raises is its error.
         except (TemplateError, TypeError, ValueError, ArithmeticError, LookupError, AttributeError) as e:
+            if tools:
+                raise InvalidArgument(f"{self.chat_template_source}: chat template failed with tools: "
+                                      f"{_one_line(e)}") from None
             raise ModelLoadError(f"{self.chat_template_source}: chat template failed: {_one_line(e)}") from None
         return clean_text(text)
 

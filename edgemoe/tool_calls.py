@@ -18,7 +18,6 @@ import json
 import re
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 from .errors import InvalidArgument
@@ -56,31 +55,8 @@ def tool_format(tokenizer) -> str:
 
 
 def render_chat(tokenizer, messages: list[dict], tools: list[dict] | None, add_generation_prompt: bool = True) -> str:
-    """Render messages and tools with the model's chat template, in the sandboxed Jinja
-    environment transformers uses (the same setup as Tokenizer.apply_chat_template, which
-    has no `tools` argument)."""
-    if not tools:
-        return tokenizer.apply_chat_template(messages, add_generation_prompt)
-    from jinja2 import TemplateError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    from .tokenizer import clean_text
-
-    def raise_exception(message):
-        raise TemplateError(message)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-    env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False: json.dumps(x, indent=indent, ensure_ascii=ensure_ascii)
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    try:
-        text = env.from_string(tokenizer.chat_template).render(
-            messages=messages, tools=tools, add_generation_prompt=add_generation_prompt,
-            bos_token=tokenizer.bos_token or "", eos_token=tokenizer.eos_token or "")
-    except (TemplateError, TypeError, ValueError, ArithmeticError, LookupError, AttributeError) as e:
-        raise InvalidArgument(f"{tokenizer.chat_template_source}: chat template failed with tools: "
-                              f"{' '.join(str(e).split()) or type(e).__name__}") from None
-    return clean_text(text)
+    """Render messages and tools with the model's chat template (Tokenizer.apply_chat_template)."""
+    return tokenizer.apply_chat_template(messages, add_generation_prompt, tools=tools or None)
 
 
 def _bad(message: str) -> InvalidArgument:

@@ -71,7 +71,7 @@ def model_info(model=None, *, memory=None, ctx_size=None, dtype=None, onednn: bo
     ctx = check_ctx_size(ctx_size, max_pos, str(path))
     plan = _plan(facts, args, dt, path, None, ctx, explicit_ctx, kv_per_token, onednn)
     memory_facts = {
-        "min_budget_bytes": _min_budget(facts, args, dt, path, ctx, explicit_ctx, kv_per_token, onednn),
+        "min_budget_bytes": plan.min_budget,  # oneDNN's use depends on the model, not the budget
         "ctx_size": plan.ctx_size,
         "max_position_embeddings": max_pos,
         "kv_bytes_per_token": kv_per_token,
@@ -86,23 +86,6 @@ def model_info(model=None, *, memory=None, ctx_size=None, dtype=None, onednn: bo
                                        "workspace_bytes": b.workspace, "cache_bytes": b.capacity,
                                        "cache_share": b.capacity / facts["expert_cache_bytes"]}
     return {"path": str(Path(path)), **facts, "memory": memory_facts}
-
-
-def _min_budget(facts: dict, args, dt, path, ctx, explicit_ctx, kv_per_token, onednn) -> int:
-    """The least budget load_converted accepts. Whether prefill uses oneDNN (whose reserve
-    the budget must then hold) depends on the budget itself, so each candidate minimum
-    (with and without the reserve) is tried as a budget; the smallest that passes wins."""
-    from ..errors import BudgetError
-
-    candidates = sorted({_plan(facts, args, dt, path, None, ctx, explicit_ctx, kv_per_token, use).min_budget
-                         for use in {False, onednn}})
-    for budget in candidates:
-        try:
-            _plan(facts, args, dt, path, budget, ctx, explicit_ctx, kv_per_token, onednn)
-            return budget
-        except BudgetError:
-            continue
-    return candidates[-1]
 
 
 def _plan(facts: dict, args, dt, path, budget, ctx, explicit_ctx, kv_per_token, onednn):
