@@ -145,7 +145,7 @@ def main() -> None:
              f"(--repeats {args.repeats} --prompt-tokens {args.prompt_tokens})", "",
              f"Machine: {cpu_model()}; torch {torch.__version__}; "
              f"oneDNN handles bf16 here: {onednn_supported()}; flags: "
-             + " ".join(f for f in open("/proc/cpuinfo").read().split() if f.startswith(("avx512_bf16", "amx", "avx2", "avx_vnni", "avx512_vnni")) )[:300],
+             + " ".join(sorted({f for f in open("/proc/cpuinfo").read().split() if f.startswith(("avx512_bf16", "amx", "avx2", "avx_vnni", "avx512_vnni"))})),
              f"Load average at the start: {open('/proc/loadavg').read().split()[0]} on {os.cpu_count()} CPUs.", ""]
     lines += ["## 1. One expert (H=1024, I=2816, bf16), best of 2 alternating runs", "",
               "| rows | threads | oneDNN ms | native ms | native / oneDNN |", "|---|---|---|---|---|"]

@@ -573,3 +573,27 @@ def test_serve_cli_timeout_and_connection_cap(engine):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_serve_verifies_every_expert_read_by_default(tmp_path):
+    """A converted model served over HTTP checks every expert it reads from storage
+    (--verify always) unless told otherwise; generate keeps the cheaper 'first'."""
+    from edgemoe import assets
+    from edgemoe.store.convert import convert
+
+    conv = tmp_path / "conv"
+    convert(assets.MODEL_DIR, conv)
+    for flags, want in (([], "always"), (["--verify", "first"], "first")):
+        proc = subprocess.Popen([sys.executable, "-m", "edgemoe", "serve", str(conv), "--port", "0", *flags],
+                                stderr=subprocess.PIPE, text=True)
+        try:
+            port = int(re.search(r":(\d+)/v1", proc.stderr.readline()).group(1))
+            r = requests.post(f"http://127.0.0.1:{port}/v1/completions", json={"prompt": "a", "max_tokens": 2},
+                              timeout=60)
+            assert r.status_code == 200 and r.json()["stats"]["verify"] == want
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+    out = subprocess.run([sys.executable, "-m", "edgemoe", "generate", str(conv), "-p", "a", "-n", "2", "--json"],
+                         capture_output=True, text=True, timeout=120)
+    assert json.loads(out.stdout)["stats"]["verify"] == "first"

@@ -234,6 +234,7 @@ def _offload_lines(x: dict) -> list[str]:
     the keys used are removed from `x` so that anything else is still printed generically."""
     g = x.pop
     mode, policy, io = g("mode", "?"), g("cache_policy", "?"), g("io", "?")
+    verify = g("verify", "first")
     hits, misses, rate = g("hits", 0), g("misses", 0), g("hit_rate", 0.0)
     read, per_tok = g("bytes_read", 0), g("bytes_read_per_token", 0)
     read_s, stall_s, verify_s = g("read_s", 0.0), g("stall_s", 0.0), g("verify_s", 0.0)
@@ -250,7 +251,7 @@ def _offload_lines(x: dict) -> list[str]:
         io += f", throttled to {format_bytes(throttle)}/s"
     experts = (f"experts: {mode}, {policy} cache | hit rate {100 * rate:.1f}% ({hits} hits, {misses} misses; "
                f"decode {100 * d_rate:.1f}%) | read {format_bytes(read)} ({format_bytes(per_tok)}/token, decode "
-               f"{format_bytes(d_read)}/token, {io} I/O) in {read_s:.2f} s | checksums {verify_s:.2f} s | "
+               f"{format_bytes(d_read)}/token, {io} I/O) in {read_s:.2f} s | checksums ({verify}) {verify_s:.2f} s | "
                f"stall {stall_s:.2f} s")
     limit = "unlimited" if budget is None else format_bytes(budget)
     memory = (f"memory: budget {limit} | used {format_bytes(used)} (resident {format_bytes(resident)} + "

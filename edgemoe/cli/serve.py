@@ -56,8 +56,13 @@ def main(argv: list[str]) -> int:
     logger.setLevel(logging.INFO if args.verbose else logging.WARNING)
     logger.propagate = False
 
-    if args.verify is None:
-        args.verify = "always"  # a server runs for days: re-check every expert read from storage
+    if args.verify is None and args.model is not None:
+        from pathlib import Path
+
+        from ..api import CONVERTED_FILES
+
+        if any((Path(args.model) / name).exists() for name in CONVERTED_FILES):
+            args.verify = "always"  # a server runs for days: re-check every expert read from storage
     engine = load_engine(args)
     try:
         server = make_server(engine, args.host, args.port, model_name=args.model_name,

@@ -250,6 +250,7 @@ def load_converted(
         "dtype": str(dt).removeprefix("torch."),
         "mode": mode,
         "cache_policy": policy_name,
+        "verify": verify or "first",
         "budget_bytes": budget,
         "min_budget_bytes": min_budget,
         "min_cache_bytes": one_layer,  # one layer's largest top-k experts: the least cache that runs a token

@@ -369,6 +369,7 @@ class OffloadedProvider(ExpertProvider):
             "bytes_read": c["bytes_read"],
             "bytes_read_per_token": round(c["bytes_read"] / self.tokens) if self.tokens else 0,
             "read_s": c["read_s"],
+            "verify": info["verify"],
             "verify_s": c["verify_s"],
             "stall_s": c["stall_s"],
             "stall_s_per_token": round(c["stall_s"] / self.tokens, 6) if self.tokens else 0.0,
