@@ -59,9 +59,6 @@ def test_extreme_but_valid_options_run(engine):
                {"temperature": 1e-6, "seed": 0}, {"temperature": 100.0, "seed": 1}, {"min_p": 1.0, "temperature": 1.0}):
         r = engine.generate("def f", max_tokens=3, ignore_eos=True, **kw)
         assert len(r.token_ids) == 3
-    # A tiny temperature is greedy in all but name.
-    greedy = engine.generate("def f", max_tokens=6, ignore_eos=True).token_ids
-    assert engine.generate("def f", max_tokens=6, ignore_eos=True, temperature=1e-6, seed=3).token_ids == greedy
 
 
 @pytest.mark.parametrize("flags,message", [
