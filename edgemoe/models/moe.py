@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Callable, Iterator, Protocol, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..cpu import Linear, linear

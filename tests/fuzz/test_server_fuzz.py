@@ -4,7 +4,6 @@ lengths, garbage bytes). Each must get an HTTP answer that is a JSON 4xx error (
 would be a bug), and the server must stay healthy afterwards."""
 
 import http.client
-import io
 import json
 import random
 import socket
@@ -15,6 +14,8 @@ import pytest
 import requests
 
 import edgemoe
+
+from test_server_robust import _Bytes  # parses a raw HTTP response
 from edgemoe.server import MAX_BODY, make_server
 
 SEED = 20261124
@@ -39,17 +40,6 @@ def server(engine):
     server.server_close()
 
 
-class _Buffer(io.BytesIO):
-    def close(self):
-        pass
-
-
-class _Bytes:
-    def __init__(self, data):
-        self.buf = _Buffer(data)
-
-    def makefile(self, *args, **kwargs):
-        return self.buf
 
 
 def exchange(port: int, data: bytes) -> tuple[int, dict, bytes]:

@@ -24,11 +24,9 @@ import json
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
 import traceback
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -44,7 +42,7 @@ from edgemoe.store import format as store_format
 from edgemoe.store.format import read_manifest
 
 from cli.helpers import assert_clean_error
-from store.helpers import make_checkpoint, make_converted
+from store.helpers import deadline, make_checkpoint, make_converted
 
 SEED = 20261129
 PROMPT = [0, 17, 93, 211, 5, 48, 150, 260, 31, 77, 12]
@@ -115,23 +113,6 @@ def run_tokens(path: Path, opts: dict) -> list[int]:
         return engine.generate(PROMPT, max_tokens=N, ignore_eos=True).token_ids
 
 
-class Hang(BaseException):
-    """Raised by the deadline: a BaseException, so that no `except OSError` or `except
-    Exception` in the code under test turns a hang into an ordinary error."""
-
-
-@contextmanager
-def deadline(seconds: int):
-    def fire(*_):
-        raise Hang(f"no result within {seconds} s")
-
-    old = signal.signal(signal.SIGALRM, fire)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
 
 
 def restore(base) -> None:

@@ -7,8 +7,6 @@ import json
 import os
 import random
 import shutil
-import signal
-from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -20,7 +18,7 @@ from edgemoe.store import format as store_format
 from edgemoe.store.format import HEADER_BYTES, read_manifest
 
 from cli.helpers import assert_clean_error, run_cli
-from store.helpers import make_checkpoint, make_converted, reference
+from store.helpers import deadline, make_checkpoint, make_converted, reference
 
 PROMPT = [0, 17, 93, 211, 5, 48, 150, 260, 31, 77, 12]
 N = 6
@@ -308,18 +306,6 @@ def test_direct_io_refused_falls_back_to_buffered(copy, model, monkeypatch):
 # ----------------------------------------------------------------------------- fuzz
 
 
-@contextmanager
-def deadline(seconds: int):
-    def fire(*_):
-        raise TimeoutError(f"no result within {seconds} s (hang?)")
-
-    old = signal.signal(signal.SIGALRM, fire)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
 
 
 def test_fuzz_single_byte_corruptions(model, copy):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import signal
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -55,3 +57,23 @@ def min_budget(converted: Path) -> int:
 
 def manifest(converted: Path) -> dict:
     return json.loads((converted / "manifest.json").read_text())
+
+
+class Hang(BaseException):
+    """Raised by `deadline`: a BaseException, so that no `except OSError` or `except
+    Exception` in the code under test turns a hang into an ordinary error."""
+
+
+@contextmanager
+def deadline(seconds: int):
+    """Fail (raise Hang) if the body runs longer than `seconds` (main thread only)."""
+    def fire(*_):
+        raise Hang(f"no result within {seconds} s (hang?)")
+
+    old = signal.signal(signal.SIGALRM, fire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
