@@ -14,18 +14,15 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .errors import ContextLengthError, InvalidArgument, ModelLoadError
 from .cpu import prefill_onednn
+from .errors import ContextLengthError, InvalidArgument, ModelLoadError
 from .generate import GenerationResponse, GenerationStats, PromptCache, provider_of, stream_generate
 from .models.base import Transformer
 from .models.moe import set_adaptive_gating
 from .sample import make_logits_processors, make_sampler
+from .store.format import MANIFEST_NAME, is_converted
 from .tokenizer import Tokenizer
 
-MANIFEST = "manifest.json"
-# Any of these marks a directory written by `edgemoe convert` (so that one missing its
-# manifest is reported as such, not read as a Hugging Face checkpoint).
-CONVERTED_FILES = (MANIFEST, "experts.bin", "resident.safetensors")
 
 
 def default_model_dir() -> Path:
@@ -327,7 +324,7 @@ def load(
         if hidden is not None:
             raise ModelLoadError(f"{path}: missing: a conversion to it was killed while replacing it, and the previous "
                                  f"model is in {hidden}; the next 'edgemoe convert ... {path}' puts it back")
-    if any((path / name).exists() for name in CONVERTED_FILES):
+    if is_converted(path):
         from .runtime.engine import load_converted
 
         model, info = load_converted(path, memory=memory, dtype=dtype, ctx_size=ctx_size, onednn=onednn, **runtime)
@@ -349,7 +346,7 @@ def load(
         info["kv_bytes"] = ctx_size * model.kv_bytes_per_token()
     try:
         tokenizer = Tokenizer(path, eos_token_ids=model.args.eos_ids)
-        tokenizer.check_vocab(model.args.vocab_size, str(path / (MANIFEST if info["kind"] == "converted" else "config.json")))
+        tokenizer.check_vocab(model.args.vocab_size, str(path / (MANIFEST_NAME if info["kind"] == "converted" else "config.json")))
         info["threads"] = set_threads(threads, model)
         if adaptive_gating is not None:
             set_adaptive_gating(model, adaptive_gating)

@@ -452,12 +452,12 @@ def read_profile(path: str | Path) -> dict:
 
 def load_for_profiling(model_dir: str | Path, dtype: str = "float32"):
     """A Hugging Face model in RAM for profiling or planning, and its tokenizer."""
-    from ..api import CONVERTED_FILES
+    from ..store.format import is_converted
     from ..checkpoint import load_hf
     from ..tokenizer import Tokenizer
 
     path = Path(model_dir)
-    if any((path / n).exists() for n in CONVERTED_FILES):
+    if is_converted(path):
         raise EdgeMoEError(f"{path}: a converted model; profiling and planning need the Hugging Face directory "
                            "it was converted from (the original weights)")
     model, ckpt = load_hf(path, dtype)

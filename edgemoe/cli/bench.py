@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from ..errors import InvalidArgument
+from ..store.names import MANIFEST_NAME, RESIDENT_NAME, STORE_NAME
 from ..utils import format_bytes
 
 DEFAULT_PROMPT = (
@@ -127,7 +128,7 @@ class Bench:
         out = self.work / name
         stamp = {"source": str(hf), "flags": flags, "source_mtime": (hf / "config.json").stat().st_mtime}
         stamp_file = out / "bench-source.json"
-        if (out / "manifest.json").exists() and stamp_file.exists() and json.loads(stamp_file.read_text()) == stamp:
+        if (out / MANIFEST_NAME).exists() and stamp_file.exists() and json.loads(stamp_file.read_text()) == stamp:
             return out
         self.log(f"edgemoe convert {hf} -> {out} {' '.join(flags)}")
         proc = subprocess.run([sys.executable, "-m", "edgemoe", "convert", str(hf), str(out), *flags, "--force",
@@ -239,12 +240,12 @@ class Bench:
             stores["bf16"] = self.ensure_store(hf, f"edgemoe-bf16-{hf.name}", ["--bits", "16"])
         if opts.plan and any(c.store == "plan" for c in cfgs):
             stores["plan"] = self.ensure_store(hf, f"edgemoe-plan-{hf.name}", ["--plan", str(Path(opts.plan).resolve()), *resident])
-        man = json.loads((quant / "manifest.json").read_text())
-        edgemoe_size = (quant / "resident.safetensors").stat().st_size + (quant / "experts.bin").stat().st_size
+        man = json.loads((quant / MANIFEST_NAME).read_text())
+        edgemoe_size = (quant / RESIDENT_NAME).stat().st_size + (quant / STORE_NAME).stat().st_size
         meta["edgemoe_store"] = {"path": str(quant), "bytes": edgemoe_size,
-                                 "resident_bytes": (quant / "resident.safetensors").stat().st_size,
+                                 "resident_bytes": (quant / RESIDENT_NAME).stat().st_size,
                                  "resident_format": "int8 linear layers" if opts.resident == "int8" else "bf16",
-                                 "expert_bytes": (quant / "experts.bin").stat().st_size,
+                                 "expert_bytes": (quant / STORE_NAME).stat().st_size,
                                  "expert_format": sorted({e["format"] for e in man["experts"]})}
 
         # Peers.
@@ -303,7 +304,7 @@ class Bench:
 
         # Disk bandwidth.
         machine.drop_caches()
-        bw = machine.disk_read_bandwidth(quant / "experts.bin")
+        bw = machine.disk_read_bandwidth(quant / STORE_NAME)
         meta["disk"] = bw
         self.log(f"disk: {format_bytes(bw['bytes_per_s'])}/s ({bw['mode']} reads of {format_bytes(bw['chunk_bytes'])})")
 

@@ -97,12 +97,13 @@ def main(argv: list[str]) -> int:
 
 def _load(args):
     """The engine for MODEL, with its experts' stored bytes in info['expert_bytes']."""
-    from ..api import CONVERTED_FILES, Engine, default_model_dir
+    from ..api import Engine, default_model_dir
+    from ..store.format import is_converted
 
     from ..hub import resolve_model
 
     path = resolve_model(args.model) if args.model else default_model_dir()
-    converted = any((path / n).exists() for n in CONVERTED_FILES)
+    converted = is_converted(path)
     if args.plan is not None:
         if converted:
             raise InvalidArgument(f"{path}: --plan applies to Hugging Face directories; a converted model already "

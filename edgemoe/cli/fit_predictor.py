@@ -36,13 +36,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def model_shape(path: Path) -> tuple[list[int], int, int]:
     """(MoE layers, experts per layer, top-k) of a converted or Hugging Face directory."""
-    from ..api import CONVERTED_FILES
+    from ..store.format import is_converted
     from ..checkpoint import read_config
     from ..models import get_family
     from ..store.format import read_manifest
     from ..store.reader import check_manifest
 
-    if any((path / n).exists() for n in CONVERTED_FILES):
+    if is_converted(path):
         args = check_manifest(read_manifest(path))
     else:
         config = read_config(path)

@@ -53,14 +53,15 @@ def model_info(model=None, *, memory=None, ctx_size=None, dtype=None, onednn: bo
     """A JSON-ready description of a model directory (see the module docstring)."""
     from pathlib import Path
 
-    from ..api import CONVERTED_FILES, check_ctx_size, default_model_dir
+    from ..api import check_ctx_size, default_model_dir
+    from ..store.format import is_converted
     from ..errors import InvalidArgument
     from ..hub import resolve_model
     from ..utils import parse_size
 
     path = default_model_dir() if model is None else resolve_model(model)
     budget = parse_size(memory) if memory is not None else None
-    converted = any((path / name).exists() for name in CONVERTED_FILES)
+    converted = is_converted(path)
     if budget is not None and not converted:
         raise InvalidArgument(f"{path}: --memory applies to converted models; run 'edgemoe convert {path} OUT_DIR' "
                               "first (the minimum budget such a conversion needs is shown without --memory)")

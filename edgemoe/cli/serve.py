@@ -57,11 +57,9 @@ def main(argv: list[str]) -> int:
     logger.propagate = False
 
     if args.verify is None and args.model is not None:
-        from pathlib import Path
+        from ..store.format import is_converted
 
-        from ..api import CONVERTED_FILES
-
-        if any((Path(args.model) / name).exists() for name in CONVERTED_FILES):
+        if is_converted(args.model):
             args.verify = "always"  # a server runs for days: re-check every expert read from storage
     engine = load_engine(args)
     try:

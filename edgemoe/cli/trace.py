@@ -107,8 +107,6 @@ def main(argv: list[str]) -> int:
 
 
 def engine_is_converted(model) -> bool:
-    from pathlib import Path
+    from ..store.format import is_converted
 
-    from ..api import CONVERTED_FILES
-
-    return model is not None and any((Path(model) / n).exists() for n in CONVERTED_FILES)
+    return model is not None and is_converted(model)

@@ -55,13 +55,11 @@ import torch
 
 from ..errors import EdgeMoEError, StoreError
 from ..quant.formats import Format, TensorSpec, get_format
+from .names import CONVERTED_NAMES, MANIFEST_NAME, RESIDENT_NAME, STORE_NAME, is_converted  # noqa: F401 (re-exported)
 
 MANIFEST_FORMAT = "edgemoe-converted-model"
 MANIFEST_VERSION = 2  # the newest version this edgemoe reads; it writes 1 unless resident layers are int8
 PLAN_VERSION = 1
-MANIFEST_NAME = "manifest.json"
-RESIDENT_NAME = "resident.safetensors"
-STORE_NAME = "experts.bin"
 ALIGN = 4096  # blob offsets, blob lengths and cache slots: what O_DIRECT needs
 PART_ALIGN = 64  # tensors inside a blob: a cache line, enough for any SIMD kernel
 STORE_MAGIC = b"EDGEMOE-EXPERT-STORE"
