@@ -71,7 +71,10 @@ class Raw:
 
     def __init__(self, port, data: bytes, timeout: float = 15.0):
         with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-            s.sendall(data)
+            try:
+                s.sendall(data)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the server answered and closed before taking everything: the answer is still there
             chunks = []
             while True:
                 try:

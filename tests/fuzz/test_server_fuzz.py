@@ -3,10 +3,8 @@ huge numbers, bad UTF-8, surrogates, deep nesting, wrong methods, broken headers
 lengths, garbage bytes). Each must get an HTTP answer that is a JSON 4xx error (a 500
 would be a bug), and the server must stay healthy afterwards."""
 
-import http.client
 import json
 import random
-import socket
 import threading
 import time
 
@@ -15,7 +13,7 @@ import requests
 
 import edgemoe
 
-from test_server_robust import _Bytes  # parses a raw HTTP response
+from test_server_robust import Raw  # one raw-socket exchange, parsed
 from edgemoe.server import MAX_BODY, make_server
 
 SEED = 20261124
@@ -44,25 +42,9 @@ def server(engine):
 
 def exchange(port: int, data: bytes) -> tuple[int, dict, bytes]:
     """Send raw bytes, read until the server closes, parse the first response."""
-    chunks = []
-    with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
-        try:
-            s.sendall(data)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the server answered and closed before taking everything: the answer is still there
-        while True:
-            try:
-                chunk = s.recv(65536)
-            except ConnectionResetError:
-                break
-            if not chunk:
-                break
-            chunks.append(chunk)
-    raw = b"".join(chunks)
-    assert raw.startswith(b"HTTP/1.1 "), f"no HTTP answer: {raw[:100]!r}"
-    resp = http.client.HTTPResponse(_Bytes(raw), method=data.split(b" ", 1)[0].decode("latin-1"))
-    resp.begin()
-    return resp.status, resp.headers, resp.read()
+    r = Raw(port, data, timeout=20)
+    assert r.data.startswith(b"HTTP/1.1 "), f"no HTTP answer: {r.data[:100]!r}"
+    return r.status, r.headers, r.body
 
 
 def post(body: bytes, path: str = "/v1/completions", extra: str = "") -> bytes:
