@@ -20,7 +20,8 @@ from safetensors import SafetensorError, safe_open
 from .errors import ModelLoadError
 from .models import get_family
 from .models.base import EXPERT_KEY, BaseModelArgs, Transformer, short_repr
-from .models.moe import DenseExpert, InRAMProvider
+from .experts import DenseExpert
+from .models.moe import InRAMProvider
 from .store.tensorfile import TensorFileError, iter_tensors
 
 # safetensors dtypes a weight may have; integer, bool and float8 tensors only appear in
@@ -264,6 +265,6 @@ def load_hf(path: str | Path, dtype: str | torch.dtype | None = None) -> tuple[T
             lacking = [n for n in ("gate", "up", "down") if n not in p]
             if lacking:
                 raise ModelLoadError(f"{ckpt.path}: layer {layer} expert {e} is missing {', '.join(lacking)} weights")
-            experts[(layer, e)] = DenseExpert(p["gate"], p["up"], p["down"], args.hidden_act)
+            experts[(layer, e)] = DenseExpert(p["gate"], p["up"], p["down"], args.expert_act)
     attach_provider(model, InRAMProvider(experts))
     return model, ckpt

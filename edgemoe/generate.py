@@ -11,7 +11,8 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from .cpu import native_matmuls
-from .models.base import KVCache, Transformer
+from .models.attention import KVCache
+from .models.base import Transformer
 from .sample import LogitsProcessor, Sampler, make_sampler
 from .tokenizer import Tokenizer
 from .utils import peak_rss_bytes

@@ -7,7 +7,7 @@ import torch
 
 import edgemoe
 from edgemoe.generate import PromptCache, generate_step, stream_generate
-from edgemoe.models.base import KVCache
+from edgemoe.models.attention import KVCache
 from edgemoe.tokenizer import Tokenizer
 
 

@@ -26,7 +26,8 @@ from typing import Mapping
 import torch
 
 from ..errors import EdgeMoEError
-from ..models.moe import DenseExpert, Expert, InRAMProvider
+from ..experts import DenseExpert, Expert
+from ..models.moe import InRAMProvider
 from ..quant.formats import FloatFormat, get_format
 from ..store.format import ExpertPlan, FormatInfo, round_up
 
@@ -80,7 +81,7 @@ class ExpertVariants:
         self.originals: dict[Key, DenseExpert] = dict(provider.table)
         first = next(iter(self.originals.values()))
         self.dtype = first.w13.dtype
-        self.act = self.args.hidden_act
+        self.act = self.args.expert_act
         self.hidden, self.inter = self.args.hidden_size, self.args.expert_dim
         self.keys = sorted(self.originals)
         self._cache: dict[tuple[Key, str], Expert] | None = {} if cache else None

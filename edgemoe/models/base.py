@@ -16,11 +16,13 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..cpu import Linear, linear
-from ..errors import ContextLengthError, ModelLoadError
+from ..errors import ModelLoadError
+from ..experts import ACTIVATIONS, glu
+from .attention import Attention, KVCache
+from .norms import RMSNorm
 
 # ----------------------------------------------------------------------------- config
 
@@ -151,6 +153,11 @@ class BaseModelArgs:
     def moe_layers(self) -> list[int]:
         """Indices of the decoder layers that have routed experts."""
         raise NotImplementedError
+
+    @property
+    def expert_act(self) -> str:
+        """The gated activation routed experts are built with (a name `experts.glu` knows)."""
+        return self.hidden_act
 
 
 _TYPE_CACHE: dict[type, dict[str, object]] = {}
@@ -299,28 +306,6 @@ def _rope_from_config(config: dict, source: str, max_positions: int = 4096) -> t
 
 # ----------------------------------------------------------------------------- small blocks
 
-ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "silu": F.silu,
-    "swish": F.silu,
-    "gelu": F.gelu,
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "relu": F.relu,
-}
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 and scale after casting back, as the reference models do.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
-
-
 class MLP(nn.Module):
     """Gated feed-forward block: down(act(gate(x)) * up(x)). Used for dense layers and
     shared experts."""
@@ -330,198 +315,10 @@ class MLP(nn.Module):
         self.gate = Linear(hidden, intermediate, bias=False)
         self.up = Linear(hidden, intermediate, bias=False)
         self.down = Linear(intermediate, hidden, bias=False)
-        self.act = ACTIVATIONS[act]
+        self.glu = glu(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(self.act(self.gate(x)) * self.up(x))
-
-
-# ----------------------------------------------------------------------------- RoPE
-
-
-def rope_frequencies(head_dim: int, theta: float, scaling: dict | None) -> tuple[torch.Tensor, float]:
-    """Inverse frequencies (head_dim/2,) and the cos/sin scale for a rope configuration."""
-    # Explicit device: models are built under torch.device("meta") before weights load.
-    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device="cpu") / head_dim))
-    if scaling is None:
-        return inv, 1.0
-    kind, factor = scaling["rope_type"], scaling.get("factor")
-    if kind == "linear":
-        return inv / factor, 1.0
-    if kind == "llama3":
-        low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
-        old_ctx = scaling["original_max_position_embeddings"]
-        wavelen = 2 * math.pi / inv
-        scaled = torch.where(wavelen > old_ctx / low, inv / factor, inv)
-        smooth = (old_ctx / wavelen - low) / (high - low)
-        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-        medium = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
-        return torch.where(medium, smoothed, scaled), 1.0
-    # yarn: blend interpolated and extrapolated frequencies over a ramp of dimensions.
-    old_ctx = scaling["original_max_position_embeddings"]
-
-    def mscale(s: float, m: float = 1.0) -> float:
-        return 1.0 if s <= 1 else 0.1 * m * math.log(s) + 1.0
-
-    attn = scaling.get("attention_factor")
-    if attn is None:
-        m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
-        attn = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
-    beta_fast, beta_slow = scaling.get("beta_fast") or 32, scaling.get("beta_slow") or 1
-
-    def correction_dim(rotations: float) -> float:
-        return head_dim * math.log(old_ctx / (rotations * 2 * math.pi)) / (2 * math.log(theta))
-
-    lo, hi = correction_dim(beta_fast), correction_dim(beta_slow)
-    if scaling.get("truncate", True):
-        lo, hi = math.floor(lo), math.ceil(hi)
-    lo, hi = max(lo, 0), min(hi, head_dim - 1)
-    if lo == hi:
-        hi += 0.001
-    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32, device="cpu") - lo) / (hi - lo)).clamp(0, 1)
-    extrapolate = 1 - ramp
-    return (inv / factor) * (1 - extrapolate) + inv * extrapolate, float(attn)
-
-
-class RoPE:
-    """Rotary position embedding in the half-rotation layout used by HF checkpoints.
-    cos/sin tables are built once and grown on demand."""
-
-    def __init__(self, head_dim: int, theta: float, scaling: dict | None):
-        self.inv_freq, self.scale = rope_frequencies(head_dim, theta, scaling)
-        self._cos = self._sin = torch.empty(0, device="cpu")
-
-    def tables(self, end: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._cos.shape[0] < end or self._cos.dtype != dtype:
-            n = max(end, 2 * self._cos.shape[0], 256)
-            freqs = torch.outer(torch.arange(n, dtype=torch.float32), self.inv_freq)  # (n, D/2)
-            emb = torch.cat([freqs, freqs], dim=-1)  # (n, D)
-            self._cos = (emb.cos() * self.scale).to(dtype)
-            self._sin = (emb.sin() * self.scale).to(dtype)
-        return self._cos, self._sin
-
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
-        T = q.shape[2]
-        cos, sin = self.tables(offset + T, q.dtype)
-        cos, sin = cos[offset : offset + T], sin[offset : offset + T]  # (T, D)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
-
-
-# ----------------------------------------------------------------------------- attention
-
-
-class KVCache:
-    """Keys and values of one attention layer.
-
-    With a `capacity` (the context size) the buffers are allocated once, at the first
-    update, for every position, so that the budget can count them and no step allocates;
-    untouched pages cost no RSS until used. A step past the capacity raises
-    ContextLengthError instead of running positions the cache has no room for. Without a
-    capacity (reference checks, perplexity windows) the buffers grow in steps."""
-
-    STEP = 256
-
-    def __init__(self, capacity: int | None = None):
-        self.capacity = capacity
-        self.k: torch.Tensor | None = None
-        self.v: torch.Tensor | None = None
-        self.offset = 0
-
-    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        B, H, T, D = k.shape  # (B, KV, T, D)
-        end = self.offset + T
-        if self.capacity is not None and end > self.capacity:
-            raise ContextLengthError(
-                f"the context is full: {end} tokens do not fit the context size of {self.capacity} "
-                "(--ctx-size / ctx_size)")
-        if self.k is None or end > self.k.shape[2]:
-            cap = self.capacity or (end + self.STEP - 1) // self.STEP * self.STEP
-            new_k = k.new_empty(B, H, cap, D)
-            new_v = v.new_empty(B, H, cap, v.shape[-1])
-            if self.k is not None:
-                new_k[:, :, : self.offset] = self.k[:, :, : self.offset]
-                new_v[:, :, : self.offset] = self.v[:, :, : self.offset]
-            self.k, self.v = new_k, new_v
-        self.k[:, :, self.offset : end] = k
-        self.v[:, :, self.offset : end] = v
-        self.offset = end
-        return self.k[:, :, :end], self.v[:, :, :end]
-
-    def trim(self, n: int) -> None:
-        """Forget the last n positions (used to reuse a prompt prefix)."""
-        self.offset = max(0, self.offset - n)
-
-
-@dataclass
-class AttentionSpec:
-    hidden: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    qkv_bias: bool = False
-    o_bias: bool = False
-    qk_norm: str | None = None  # None, "head" (per head, Qwen3) or "full" (whole projection, OLMoE)
-    norm_eps: float = 1e-6
-    clip_qkv: float | None = None
-    sliding_window: int | None = None
-
-
-class Attention(nn.Module):
-    def __init__(self, spec: AttentionSpec, rope: RoPE):
-        super().__init__()
-        s = self.spec = spec
-        self.q = Linear(s.hidden, s.heads * s.head_dim, bias=s.qkv_bias)
-        self.k = Linear(s.hidden, s.kv_heads * s.head_dim, bias=s.qkv_bias)
-        self.v = Linear(s.hidden, s.kv_heads * s.head_dim, bias=s.qkv_bias)
-        self.o = Linear(s.heads * s.head_dim, s.hidden, bias=s.o_bias)
-        if s.qk_norm == "head":
-            self.q_norm, self.k_norm = RMSNorm(s.head_dim, s.norm_eps), RMSNorm(s.head_dim, s.norm_eps)
-        elif s.qk_norm == "full":
-            self.q_norm = RMSNorm(s.heads * s.head_dim, s.norm_eps)
-            self.k_norm = RMSNorm(s.kv_heads * s.head_dim, s.norm_eps)
-        self.rope = rope
-
-    def forward(self, x: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
-        s = self.spec
-        B, T, _ = x.shape  # (B, T, H)
-        q, k, v = self.q(x), self.k(x), self.v(x)  # (B, T, heads*D), (B, T, kv*D) x2
-        if s.qk_norm == "full":
-            q, k = self.q_norm(q), self.k_norm(k)
-        if s.clip_qkv is not None:
-            q, k, v = (t.clamp(-s.clip_qkv, s.clip_qkv) for t in (q, k, v))
-        q = q.view(B, T, s.heads, s.head_dim)
-        k = k.view(B, T, s.kv_heads, s.head_dim)
-        if s.qk_norm == "head":
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, heads, T, D), (B, kv, T, D)
-        v = v.view(B, T, s.kv_heads, s.head_dim).transpose(1, 2)  # (B, kv, T, D)
-        offset = cache.offset if cache is not None else 0
-        q, k = self.rope(q, k, offset)
-        if cache is not None:
-            k, v = cache.update(k, v)  # (B, kv, offset+T, D)
-        mask, causal = self._mask(T, offset, x.device)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=s.heads != s.kv_heads
-        )  # (B, heads, T, D)
-        return self.o(out.transpose(1, 2).reshape(B, T, s.heads * s.head_dim))
-
-    def _mask(self, T: int, offset: int, device) -> tuple[torch.Tensor | None, bool]:
-        window = self.spec.sliding_window
-        total = offset + T
-        if (window is None or total <= window) and (T == 1 or offset == 0):
-            return None, T > 1
-        q_pos = torch.arange(offset, total, device=device)[:, None]  # (T, 1)
-        k_pos = torch.arange(total, device=device)[None, :]  # (1, offset+T)
-        allowed = k_pos <= q_pos
-        if window is not None:
-            allowed &= k_pos > q_pos - window
-        return allowed, False
+        return self.down(self.glu(self.gate(x), self.up(x)))
 
 
 # ----------------------------------------------------------------------------- decoder
@@ -554,29 +351,36 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         if not args.tie_word_embeddings:
             self.lm_head = Linear(args.hidden_size, args.vocab_size, bias=False)
+        # Multipliers some families apply (Granite: embedding and logits scaling).
+        self.embed_scale: float | None = None
+        self.logits_scale: float | None = None
 
     def make_cache(self, capacity: int | None = None) -> list[KVCache]:
         """One KV cache per layer; `capacity` positions each (None: grow as needed)."""
-        return [KVCache(capacity) for _ in self.layers]
+        return [layer.attn.make_cache(capacity) for layer in self.layers]
 
     def kv_bytes_per_token(self, dtype: torch.dtype | None = None) -> int:
-        """Bytes of keys and values one position takes over all layers."""
+        """Bytes of cached state one position takes over all layers."""
         elem = torch.empty(0, dtype=dtype or self.embed.weight.dtype).element_size()
-        return sum(2 * layer.attn.spec.kv_heads * layer.attn.spec.head_dim * elem for layer in self.layers)
+        return sum(layer.attn.kv_bytes_per_token(elem) for layer in self.layers)
 
     def forward(
         self, ids: torch.Tensor, cache: list[KVCache] | None = None, last_only: bool = False
     ) -> torch.Tensor:
         """ids (B, T) -> logits (B, T, V), or (B, 1, V) with last_only."""
         x = self.embed(ids)  # (B, T, H)
+        if self.embed_scale is not None:
+            x = x * self.embed_scale
         for i, layer in enumerate(self.layers):
             x = layer(x, cache[i] if cache is not None else None)
         if last_only:
             x = x[:, -1:]
         x = self.norm(x)
         if self.args.tie_word_embeddings:
-            return linear(x, self.embed.weight)  # (B, T, V)
-        return self.lm_head(x)  # (B, T, V); a module, so it can be swapped for a quantized one
+            logits = linear(x, self.embed.weight)  # (B, T, V)
+        else:
+            logits = self.lm_head(x)  # (B, T, V); a module, so it can be swapped for a quantized one
+        return logits if self.logits_scale is None else logits * self.logits_scale
 
     def moe_blocks(self) -> Iterator[nn.Module]:
         for layer in self.layers:

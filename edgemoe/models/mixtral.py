@@ -9,8 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import Attention, AttentionSpec, BaseModelArgs, DecoderLayer, RoPE, Transformer, make_sanitizer
+from .attention import Attention, AttentionSpec
+from .base import BaseModelArgs, DecoderLayer, Transformer, make_sanitizer
 from .moe import MoEBlock
+from .rope import RoPE
+from .routers import Router
 
 
 @dataclass
@@ -49,7 +52,7 @@ def build(args: ModelArgs) -> Transformer:
     layers = [
         DecoderLayer(
             Attention(spec, rope),
-            MoEBlock(i, args.hidden_size, args.num_local_experts, args.num_experts_per_tok, norm_topk=True),
+            MoEBlock(i, Router(args.hidden_size, args.num_local_experts, args.num_experts_per_tok, norm_topk=True)),
             args.hidden_size,
             args.rms_norm_eps,
         )

@@ -13,8 +13,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import Attention, AttentionSpec, BaseModelArgs, DecoderLayer, RoPE, Transformer, make_sanitizer
+from .attention import Attention, AttentionSpec
+from .base import BaseModelArgs, DecoderLayer, Transformer, make_sanitizer
 from .moe import MoEBlock
+from .rope import RoPE
+from .routers import Router
 
 
 @dataclass
@@ -63,9 +66,7 @@ def build(args: ModelArgs) -> Transformer:
     layers = [
         DecoderLayer(
             Attention(spec, rope),
-            MoEBlock(
-                i, args.hidden_size, args.num_experts, args.num_experts_per_tok, args.norm_topk_prob, args.hidden_act
-            ),
+            MoEBlock(i, Router(args.hidden_size, args.num_experts, args.num_experts_per_tok, args.norm_topk_prob)),
             args.hidden_size,
             args.rms_norm_eps,
         )

@@ -18,19 +18,13 @@ from dataclasses import dataclass
 
 import torch
 
+from ..cpu import Linear
 from ..errors import ModelLoadError
-from .base import (
-    MLP,
-    Attention,
-    AttentionSpec,
-    BaseModelArgs,
-    DecoderLayer,
-    RoPE,
-    Transformer,
-    is_moe_layer,
-    make_sanitizer,
-)
+from .attention import Attention, AttentionSpec
+from .base import MLP, BaseModelArgs, DecoderLayer, Transformer, is_moe_layer, make_sanitizer
 from .moe import MoEBlock
+from .rope import RoPE
+from .routers import Router
 
 
 @dataclass
@@ -121,15 +115,13 @@ def build(args: ModelArgs) -> Transformer:
             sliding_window=args.window(i),
         )
         if i in moe:
+            shared = args.shared_expert_intermediate_size
             mlp = MoEBlock(
                 i,
-                args.hidden_size,
-                args.num_experts,
-                args.num_experts_per_tok,
-                norm_topk=args.norm_topk_prob,
-                act=args.hidden_act,
-                shared_intermediate=args.shared_expert_intermediate_size,
-                shared_gate=True,  # present in every checkpoint, even without a shared expert
+                Router(args.hidden_size, args.num_experts, args.num_experts_per_tok, args.norm_topk_prob),
+                shared=MLP(args.hidden_size, shared, args.hidden_act) if shared else None,
+                # present in every checkpoint, even without a shared expert
+                shared_gate=Linear(args.hidden_size, 1, bias=False),
             )
         else:
             mlp = MLP(args.hidden_size, args.intermediate_size, args.hidden_act)

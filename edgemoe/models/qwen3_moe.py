@@ -14,18 +14,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import ModelLoadError
-from .base import (
-    MLP,
-    Attention,
-    AttentionSpec,
-    BaseModelArgs,
-    DecoderLayer,
-    RoPE,
-    Transformer,
-    is_moe_layer,
-    make_sanitizer,
-)
+from .attention import Attention, AttentionSpec
+from .base import MLP, BaseModelArgs, DecoderLayer, Transformer, is_moe_layer, make_sanitizer
 from .moe import MoEBlock
+from .rope import RoPE
+from .routers import Router
 
 
 @dataclass
@@ -95,14 +88,7 @@ def build(args: ModelArgs) -> Transformer:
     layers = []
     for i in range(args.num_hidden_layers):
         if i in moe:
-            mlp = MoEBlock(
-                i,
-                args.hidden_size,
-                args.num_experts,
-                args.num_experts_per_tok,
-                norm_topk=args.norm_topk_prob,
-                act=args.hidden_act,
-            )
+            mlp = MoEBlock(i, Router(args.hidden_size, args.num_experts, args.num_experts_per_tok, args.norm_topk_prob))
         else:
             mlp = MLP(args.hidden_size, args.intermediate_size, args.hidden_act)
         layers.append(DecoderLayer(Attention(spec, rope), mlp, args.hidden_size, args.rms_norm_eps))

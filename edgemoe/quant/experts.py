@@ -20,7 +20,7 @@ import re
 import torch
 
 from ..errors import StoreError
-from ..models.base import ACTIVATIONS
+from ..experts import glu
 from .formats import Format, TensorSpec
 from .kernels import Int8Matrix, QMatrix, int8_mm, qmm, quantize_int8
 from .quantize import BLOCK, QuantSpec, pack, quantize
@@ -47,16 +47,21 @@ class QuantExpert:
     """An expert whose gate/up (stacked) and down matrices are quantized. Holds only views
     of the encoded tensors; every call allocates just its activations."""
 
-    def __init__(self, w13, w2, act: str, mm):
+    def __init__(self, w13, w2, act: str, mm, b13: torch.Tensor | None = None, b2: torch.Tensor | None = None):
         self.w13, self.w2 = w13, w2  # QMatrix or Int8Matrix
-        self.act = ACTIVATIONS[act]
+        self.b13, self.b2 = b13, b2  # float biases (2I,), (H,) or None
+        self.glu = glu(act)
         self._mm = mm
-        self.nbytes = w13.nbytes + w2.nbytes
+        self.nbytes = w13.nbytes + w2.nbytes + sum(b.nbytes for b in (b13, b2) if b is not None)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # (N, H) -> (N, H)
         h = self._mm(x, self.w13, torch.float32)  # (N, 2I); fp32 so the product below is not rounded twice
+        if self.b13 is not None:
+            h = h + self.b13
         g, u = h.chunk(2, dim=-1)  # (N, I) x2
-        return self._mm(self.act(g) * u, self.w2, x.dtype)  # (N, H)
+        if self.b2 is None:
+            return self._mm(self.glu(g, u), self.w2, x.dtype)  # (N, H)
+        return (self._mm(self.glu(g, u), self.w2, torch.float32) + self.b2).to(x.dtype)  # (N, H)
 
 
 class GroupwiseFormat(Format):

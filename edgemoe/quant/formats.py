@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import EdgeMoEError
-from ..models.moe import DenseExpert, Expert
+from ..experts import DenseExpert, Expert
 
 
 @dataclass(frozen=True)

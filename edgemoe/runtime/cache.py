@@ -48,7 +48,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import BudgetError, EdgeMoEError
-from ..models.moe import Expert
+from ..experts import Expert
 from ..store.format import ALIGN, ExpertEntry
 from ..store.reader import ExpertStore
 from .policies import Key, Policy

@@ -238,7 +238,7 @@ def load_converted(
         except EdgeMoEError as e:
             raise StoreError(f"{e}; re-run 'edgemoe convert'") from None
         del tensors
-        cache = ExpertCache(store, capacity, policy, args.hidden_act, dt, verify or "first",
+        cache = ExpertCache(store, capacity, policy, args.expert_act, dt, verify or "first",
                             loader_threads=prefetch_threads or DEFAULT_THREADS)
         pf = prefetch_config(path, model, args, mode, capacity, one_layer, prefetch, predictor,
                              prefetch_experts, prefetch_layers)
@@ -267,8 +267,7 @@ def load_converted(
         "read_throttle_bps": throttle,
         **pf.describe(),
     }
-    provider = OffloadedProvider(cache, info, args.moe_layers(), pf,
-                                 [b.router.weight.detach() for b in model.moe_blocks()])
+    provider = OffloadedProvider(cache, info, args.moe_layers(), pf)
     try:
         if mode == "io-free":
             cache.load_all()

@@ -128,7 +128,7 @@ class _Prefetch:
 
 class OffloadedProvider(ExpertProvider):
     def __init__(self, cache: ExpertCache, info: dict, moe_layers: Sequence[int] | None = None,
-                 prefetch: PrefetchConfig | None = None, routers: Sequence[torch.Tensor] | None = None):
+                 prefetch: PrefetchConfig | None = None):
         self.cache = cache
         self.info = info  # static facts for the statistics: mode, policy, budget, resident bytes, baseline RSS
         self.layers = list(moe_layers) if moe_layers is not None else sorted({k[0] for k in cache.store.entries})
@@ -137,7 +137,6 @@ class OffloadedProvider(ExpertProvider):
         self.top_k = cache.store.args.top_k
         self.prefetch = prefetch or PrefetchConfig(enabled=False, reason="off")
         self.n_prefetch = self.prefetch.experts or self.top_k + 1
-        self.routers = list(routers) if routers is not None else None  # per position, for per-row routing in prefill
         self.forwards_started = 0
         self._base = 0  # request number of this forward's first MoE layer
         self._rows: dict[int, np.ndarray] = {}  # position -> (N, k) expert ids of this forward
@@ -178,7 +177,8 @@ class OffloadedProvider(ExpertProvider):
 
     # ----------------------------------------------------------------- serving a layer
 
-    def experts(self, layer: int, ids: Sequence[int], x: torch.Tensor) -> Iterator[tuple[int, Expert]]:
+    def experts(self, layer: int, ids: Sequence[int], x: torch.Tensor,
+                rows: torch.Tensor | None = None) -> Iterator[tuple[int, Expert]]:
         cache = self.cache
         keys = [(layer, int(e)) for e in ids]
         pos = self.pos.get(layer, 0)
@@ -195,7 +195,7 @@ class OffloadedProvider(ExpertProvider):
         try:
             self._settle(pos, set(keys))
             if self.prefetch.active:
-                self._prefetch(pos, ids, x)
+                self._prefetch(pos, ids, x, rows)
         except BaseException:
             cache.unpin(pinned)
             self._drop_all(discard=True)
@@ -221,23 +221,22 @@ class OffloadedProvider(ExpertProvider):
 
     # ----------------------------------------------------------------- prefetching
 
-    def _rows_of(self, pos: int, ids: Sequence[int], x: torch.Tensor):
-        """Expert ids per token row at `pos`: with one row the request is exactly its
-        top-k (kept as a list: the decode path); a prefill request lists distinct experts
-        only, so the rows (N, k) are routed again from x (the same router, for prediction
-        only)."""
-        if x.shape[0] == 1 or self.routers is None:
+    def _rows_of(self, ids: Sequence[int], x: torch.Tensor, rows: torch.Tensor | None):
+        """Expert ids per token row: with one row the request is exactly its top-k (kept
+        as a list: the decode path); in prefill the block's own routing (N, k). A slot
+        adaptive gating dropped (-1) repeats the row's first expert."""
+        if x.shape[0] == 1 or rows is None:
             return list(ids)[: self.top_k]
-        logits = torch.nn.functional.linear(x, self.routers[pos])  # (N, E)
-        return torch.topk(logits.float(), self.top_k, dim=-1).indices.numpy().astype(np.int16)
+        r = rows.numpy().astype(np.int16)  # (N, k)
+        return np.where(r < 0, r[:, :1], r)
 
-    def _prefetch(self, pos: int, ids: Sequence[int], x: torch.Tensor) -> None:
+    def _prefetch(self, pos: int, ids: Sequence[int], x: torch.Tensor, rows: torch.Tensor | None) -> None:
         cfg, cache = self.prefetch, self.cache
         if pos + 1 >= self.L:
             return
         predictor = cfg.predictor
         if predictor.needs_rows:
-            self._rows[pos] = self._rows_of(pos, ids, x)
+            self._rows[pos] = self._rows_of(ids, x, rows)
             context = {pos: self._rows[pos]}
             if pos - 1 in self._rows:
                 context[pos - 1] = self._rows[pos - 1]

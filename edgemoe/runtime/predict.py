@@ -36,7 +36,6 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..cpu import linear
 from ..errors import EdgeMoEError
 from ..utils import save_npz_atomic
 
@@ -58,19 +57,21 @@ class PredictorError(EdgeMoEError):
 
 
 class GateLookahead:
-    """The routers of every MoE position (resident weights, shared with the model)."""
+    """The routers of every MoE position (resident modules, shared with the model), each
+    scoring with its own kind's semantics (biases, sigmoid scores, correction biases)."""
 
-    def __init__(self, routers: Sequence[torch.Tensor]):
-        self.routers = list(routers)  # position -> (E, H)
+    def __init__(self, routers: Sequence):
+        self.routers = list(routers)  # position -> Router
 
     @classmethod
     def from_model(cls, model) -> "GateLookahead":
-        return cls([b.router.weight.detach() for b in model.moe_blocks()])
+        return cls([b.router for b in model.moe_blocks()])
 
+    @torch.no_grad()
     def logits(self, x: torch.Tensor, target: int) -> torch.Tensor:
-        """Router logits of position `target` on an earlier position's MoE input x (N, H)."""
-        w = self.routers[target]  # (E, H)
-        return linear(x.to(w.dtype), w).float()  # (N, E)
+        """Router logits of position `target` on an earlier position's MoE input x (N, H),
+        in the form whose softmax ranks experts as that router does."""
+        return self.routers[target].lookahead_logits(x)  # (N, E)
 
 
 def gate_probs(logits: np.ndarray | torch.Tensor, top_k: int, tau: float = 1.0) -> np.ndarray:
@@ -492,8 +493,7 @@ class GatePredictor(Predictor):
         return gate_probs(logits, self.k, self.tau(target - pos, target))
 
     def probs_one(self, target, pos, ids, x):
-        w = self.gate.routers[target]
-        z = linear(x if x.dtype == w.dtype else x.to(w.dtype), w).view(-1).tolist()  # (E,) as floats
+        z = self.gate.logits(x, target).view(-1).tolist()  # (E,) as floats
         tau = self.tau(target - pos, target)
         m = max(z)
         e = [math.exp((v - m) / tau) for v in z]

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ..errors import EdgeMoEError, StoreError
-from ..models.moe import Expert
+from ..experts import Expert
 from ..quant.formats import get_format
 from .format import (
     ALIGN,

@@ -117,7 +117,8 @@ def mutual_information(pairs: torch.Tensor) -> float:
 def randomize_(model: Transformer, seed: int = 0, std: float = 0.02) -> None:
     """Replace every weight of a loaded model by a random initialisation of the same
     shape (normal(0, std) matrices, unit norms), experts included."""
-    from ..models.moe import DenseExpert, InRAMProvider
+    from ..experts import DenseExpert
+    from ..models.moe import InRAMProvider
 
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -132,7 +133,7 @@ def randomize_(model: Transformer, seed: int = 0, std: float = 0.02) -> None:
     for layer in args.moe_layers():
         for e in range(args.experts_per_layer):
             w = [torch.randn(s, generator=gen) * std for s in ((I, H), (I, H), (H, I))]
-            experts[(layer, e)] = DenseExpert(*w, args.hidden_act)
+            experts[(layer, e)] = DenseExpert(*w, args.expert_act)
     provider = InRAMProvider(experts)
     for block in model.moe_blocks():
         block.provider = provider

@@ -13,7 +13,7 @@ from edgemoe.api import Engine
 from edgemoe.bitwidth.apply import ExpertVariants, assignment, load_planned, plan_bytes, stored_bytes, to_plan
 from edgemoe.checkpoint import load_hf
 from edgemoe.errors import EdgeMoEError
-from edgemoe.models.moe import DenseExpert
+from edgemoe.experts import DenseExpert
 from edgemoe.store.format import ExpertPlan, read_manifest
 from edgemoe.tokenizer import Tokenizer
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from edgemoe.errors import InvalidArgument
-from edgemoe.models.moe import DenseExpert, ExpertProvider, MoEBlock, Router, set_adaptive_gating
+from edgemoe.experts import DenseExpert
+from edgemoe.models.moe import ExpertProvider, MoEBlock, Router, set_adaptive_gating
 
 
 def router_with_probs(probs: list[list[float]], top_k: int, norm: bool) -> tuple[Router, torch.Tensor]:
@@ -43,7 +44,7 @@ class Recording(ExpertProvider):
     def __init__(self, table):
         self.table, self.requests = table, []
 
-    def experts(self, layer, ids, x):
+    def experts(self, layer, ids, x, rows=None):
         self.requests.append(list(ids))
         for e in ids:
             yield e, self.table[e]
@@ -53,7 +54,7 @@ class Recording(ExpertProvider):
 def test_block_skips_dropped_experts_and_matches_hand_sum(tokens):
     torch.manual_seed(0)
     H, I, E = 8, 12, 4
-    block = MoEBlock(0, H, E, 2, norm_topk=True)
+    block = MoEBlock(0, Router(H, E, 2, norm_topk=True))
     with torch.no_grad():
         block.router.weight.normal_(0, 3.0)  # peaked routing so that some tokens drop a slot
     table = {e: DenseExpert(torch.randn(I, H), torch.randn(I, H), torch.randn(H, I)) for e in range(E)}

@@ -196,7 +196,7 @@ def test_greedy_generation_matches_hf(case):
 class ReversedProvider(InRAMProvider):
     """Hands out the requested experts last-first, as a cache-aware provider may."""
 
-    def experts(self, layer, ids, x):
+    def experts(self, layer, ids, x, rows=None):
         for e in reversed(list(ids)):
             yield e, self.table[(layer, e)]
 

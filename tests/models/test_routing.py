@@ -7,7 +7,10 @@ import math
 import pytest
 import torch
 
-from edgemoe.models.moe import DenseExpert, InRAMProvider, MoEBlock, Router
+from edgemoe.cpu import Linear
+from edgemoe.models.base import MLP
+from edgemoe.experts import DenseExpert
+from edgemoe.models.moe import InRAMProvider, MoEBlock, Router
 
 H = 4  # hidden size; the router weight is the identity, so router logits == x
 E = 4
@@ -80,7 +83,8 @@ def expert_by_hand(e: int, x: list[float]) -> list[float]:
 
 
 def make_block(top_k: int, norm_topk: bool, shared: bool, provider_cls=InRAMProvider) -> MoEBlock:
-    block = MoEBlock(0, H, E, top_k, norm_topk, shared_intermediate=H if shared else 0, shared_gate=shared)
+    block = MoEBlock(0, Router(H, E, top_k, norm_topk), shared=MLP(H, H, "silu") if shared else None,
+                     shared_gate=Linear(H, 1, bias=False) if shared else None)
     with torch.no_grad():
         block.router.weight.copy_(torch.eye(E, H))
         if shared:
@@ -142,7 +146,7 @@ class ReversedProvider(InRAMProvider):
         super().__init__(experts)
         self.requests = []
 
-    def experts(self, layer, ids, x):
+    def experts(self, layer, ids, x, rows=None):
         self.requests.append(list(ids))
         for e in reversed(list(ids)):
             yield e, self.table[(layer, e)]

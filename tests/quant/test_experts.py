@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from edgemoe.errors import EdgeMoEError, StoreError
-from edgemoe.models.moe import DenseExpert
+from edgemoe.experts import DenseExpert
 from edgemoe.quant import kernels as K
 from edgemoe.quant.experts import GroupwiseFormat, Int8Format
 from edgemoe.quant.formats import FORMATS, get_format

@@ -227,9 +227,15 @@ def test_recorded_lookahead_is_the_later_router_on_this_input(tmp_path, tokenize
 def test_single_row_fast_path_matches_the_batched_one():
     trace = synthetic(path_ids(3000, seed=1), onehot_logits(path_ids(3000, seed=1)).astype(np.float32))
     stats = fit([trace], max_distance=2)
-    routers = [torch.randn(E, 16, generator=torch.Generator().manual_seed(i)) for i in range(L)]
+    from edgemoe.models.routers import Router
     from edgemoe.runtime.predict import GateLookahead
 
+    routers = []
+    for i in range(L):
+        r = Router(16, E, K, norm_topk=True)
+        with torch.no_grad():
+            r.weight.copy_(torch.randn(E, 16, generator=torch.Generator().manual_seed(i)))
+        routers.append(r)
     gate = GateLookahead(routers)
     x = torch.randn(1, 16)
     for m in ("freq", "table", "gate", "combined"):

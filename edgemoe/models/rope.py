@@ -1,0 +1,83 @@
+"""Rotary position embeddings: the frequency tables for every rope_type the families
+use (default, linear, llama3, yarn) and their application to q and k."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+
+def rope_frequencies(head_dim: int, theta: float, scaling: dict | None) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies (head_dim/2,) and the cos/sin scale for a rope configuration."""
+    # Explicit device: models are built under torch.device("meta") before weights load.
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device="cpu") / head_dim))
+    if scaling is None:
+        return inv, 1.0
+    kind, factor = scaling["rope_type"], scaling.get("factor")
+    if kind == "linear":
+        return inv / factor, 1.0
+    if kind == "llama3":
+        low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
+        old_ctx = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > old_ctx / low, inv / factor, inv)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
+        return torch.where(medium, smoothed, scaled), 1.0
+    # yarn: blend interpolated and extrapolated frequencies over a ramp of dimensions.
+    old_ctx = scaling["original_max_position_embeddings"]
+
+    def mscale(s: float, m: float = 1.0) -> float:
+        return 1.0 if s <= 1 else 0.1 * m * math.log(s) + 1.0
+
+    attn = scaling.get("attention_factor")
+    if attn is None:
+        m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+        attn = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+    beta_fast, beta_slow = scaling.get("beta_fast") or 32, scaling.get("beta_slow") or 1
+
+    def correction_dim(rotations: float) -> float:
+        return head_dim * math.log(old_ctx / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    lo, hi = correction_dim(beta_fast), correction_dim(beta_slow)
+    if scaling.get("truncate", True):
+        lo, hi = math.floor(lo), math.ceil(hi)
+    lo, hi = max(lo, 0), min(hi, head_dim - 1)
+    if lo == hi:
+        hi += 0.001
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32, device="cpu") - lo) / (hi - lo)).clamp(0, 1)
+    extrapolate = 1 - ramp
+    return (inv / factor) * (1 - extrapolate) + inv * extrapolate, float(attn)
+
+
+class RoPE:
+    """Rotary position embedding in the half-rotation layout used by HF checkpoints.
+    cos/sin tables are built once and grown on demand."""
+
+    def __init__(self, head_dim: int, theta: float, scaling: dict | None):
+        self.inv_freq, self.scale = rope_frequencies(head_dim, theta, scaling)
+        self._cos = self._sin = torch.empty(0, device="cpu")
+
+    def tables(self, end: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._cos.shape[0] < end or self._cos.dtype != dtype:
+            n = max(end, 2 * self._cos.shape[0], 256)
+            freqs = torch.outer(torch.arange(n, dtype=torch.float32), self.inv_freq)  # (n, D/2)
+            emb = torch.cat([freqs, freqs], dim=-1)  # (n, D)
+            self._cos = (emb.cos() * self.scale).to(dtype)
+            self._sin = (emb.sin() * self.scale).to(dtype)
+        return self._cos, self._sin
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+        T = q.shape[2]
+        cos, sin = self.tables(offset + T, q.dtype)
+        cos, sin = cos[offset : offset + T], sin[offset : offset + T]  # (T, D)
+        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin

@@ -1,0 +1,169 @@
+"""Router kinds: how an MoE layer scores its experts and picks the top k.
+
+Every router maps token vectors x (N, H) to (weights (N, k), ids (N, k), logits (N, E)).
+`logits` are the raw gate outputs (what transformers returns as router_logits); the
+weights multiply the experts' outputs (or, for routers with `scales_input`, their
+inputs). The offloaded runtime also uses a router on an *earlier* layer's input to
+predict its choice (gate look-ahead); `lookahead_logits` gives the scores whose softmax
+ranks experts the way this router would.
+
+Kinds:
+- `Router`         softmax over all experts, top k, optional renormalisation; an optional
+                   gate bias (gpt-oss: top-k of the logits then softmax over the k, which
+                   is the same as softmax, top-k, renormalise).
+- `GroupedRouter`  DeepSeek-style: softmax or sigmoid scores, an optional correction bias
+                   used only to choose, group-limited selection (n_group, topk_group),
+                   renormalisation and a routed scaling factor (DeepSeek-V2/V3, GLM-4.5,
+                   dots1, ERNIE-4.5 and the other V3-router families).
+"""
+
+from __future__ import annotations
+
+
+import torch
+from torch import nn
+
+from ..cpu import linear
+
+
+class Router(nn.Module):
+    """Linear gate, softmax over all experts, then top-k. With `norm_topk` the k weights
+    are renormalised to sum to one (Mixtral always does this: it equals top-k then
+    softmax).
+
+    `adaptive` (None = off) is adaptive top-k gating from the Edge-MoE survey: a token
+    keeps its ranked experts only until they cover this much routing probability (at least
+    one, at most k), so confident tokens load fewer experts. Dropped slots get id -1 and
+    weight 0; the kept weights are rescaled to the total the full top-k would have had.
+    """
+
+    kind = "softmax"
+    supports_adaptive = True
+    scales_input = False  # weights multiply expert outputs (True: their inputs, Llama 4)
+
+    def __init__(self, hidden: int, num_experts: int, top_k: int, norm_topk: bool, bias: bool = False):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden))
+        self.bias = nn.Parameter(torch.empty(num_experts)) if bias else None
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.norm_topk = norm_topk
+        self.adaptive: float | None = None
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)  # (N, E)
+
+    def lookahead_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Float logits whose softmax ranks experts as this router would, for x (N, H)
+        taken from any layer (gate look-ahead)."""
+        w = self.weight
+        return self.logits(x if x.dtype == w.dtype else x.to(w.dtype)).float()  # (N, E)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logits = self.logits(x)  # (N, E)
+        probs = torch.softmax(logits.float(), dim=-1)  # (N, E)
+        weights, ids = torch.topk(probs, self.top_k, dim=-1)  # (N, k) x2, descending
+        total = weights.sum(dim=-1, keepdim=True)  # (N, 1)
+        if self.adaptive is not None:
+            keep = (weights.cumsum(dim=-1) - weights) < self.adaptive  # mass ranked above each slot
+            weights = weights * keep
+            ids = ids.masked_fill(~keep, -1)
+            if not self.norm_topk:
+                weights = weights * (total / weights.sum(dim=-1, keepdim=True))
+        if self.norm_topk:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights.to(x.dtype), ids, logits
+
+
+class GroupedRouter(Router):
+    """DeepSeek-style routing.
+
+    scores = softmax(logits) or sigmoid(logits); the choice uses scores + `correction`
+    (a per-expert bias learned for load balance; it never enters the weights). With
+    n_group > 1, experts form n_group equal groups; a group's score is its best expert
+    ("max", DeepSeek-V2) or the sum of its best two ("top2", V3); only the best
+    `topk_group` groups' experts may be chosen (the others' choice scores become 0, as
+    in transformers). The weights are the chosen experts' scores, renormalised with
+    `norm_topk` (denominator + `norm_eps`, or clamped at `norm_min`), times `scaling`.
+    """
+
+    kind = "grouped"
+    supports_adaptive = False
+
+    def __init__(self, hidden: int, num_experts: int, top_k: int, norm_topk: bool, *, scoring: str = "sigmoid",
+                 correction: bool = False, n_group: int = 1, topk_group: int = 1, group_score: str = "top2",
+                 scaling: float = 1.0, norm_eps: float = 1e-20, norm_min: float | None = None,
+                 bias: bool = False):
+        super().__init__(hidden, num_experts, top_k, norm_topk, bias)
+        if scoring not in ("softmax", "sigmoid"):
+            raise ValueError(f"unknown router scoring {scoring!r}")
+        if group_score not in ("max", "top2"):
+            raise ValueError(f"unknown group score {group_score!r}")
+        self.kind = f"grouped-{scoring}"
+        self.scoring, self.n_group, self.topk_group = scoring, n_group, topk_group
+        self.group_score, self.scaling, self.norm_eps, self.norm_min = group_score, scaling, norm_eps, norm_min
+        # Loaded from the checkpoint's e_score_correction_bias (named after it).
+        self.e_score_correction_bias = nn.Parameter(torch.zeros(num_experts)) if correction else None
+
+    def scores(self, logits: torch.Tensor) -> torch.Tensor:
+        z = logits.float()
+        return torch.sigmoid(z) if self.scoring == "sigmoid" else torch.softmax(z, dim=-1)  # (N, E)
+
+    def choice(self, scores: torch.Tensor) -> torch.Tensor:
+        """Scores the top-k is taken over: corrected, and 0 outside the chosen groups."""
+        c = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias.float()
+        if self.n_group <= 1:
+            return c
+        N, E = c.shape
+        grouped = c.view(N, self.n_group, E // self.n_group)  # (N, G, E/G)
+        if self.group_score == "max":
+            g = grouped.max(dim=-1).values  # (N, G)
+        else:
+            g = grouped.topk(2, dim=-1).values.sum(dim=-1)  # (N, G)
+        top = g.topk(self.topk_group, dim=-1, sorted=False).indices  # (N, topk_group)
+        mask = torch.zeros_like(g, dtype=torch.bool).scatter_(1, top, True)  # (N, G)
+        mask = mask.unsqueeze(-1).expand_as(grouped).reshape(N, E)  # (N, E)
+        return c.masked_fill(~mask, 0.0)
+
+    def lookahead_logits(self, x: torch.Tensor) -> torch.Tensor:
+        z = super().lookahead_logits(x)  # (N, E)
+        if self.e_score_correction_bias is None and self.scoring == "sigmoid":
+            return z
+        s = self.scores(z)
+        if self.e_score_correction_bias is not None:
+            s = s + self.e_score_correction_bias.float()
+        if self.scoring == "softmax":
+            return torch.log(s.clamp_min(1e-30))
+        eps = 1e-6  # the logit of the corrected sigmoid score: z itself when the bias is 0
+        return torch.logit(s.clamp(eps, 1 - eps))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logits = self.logits(x)  # (N, E)
+        scores = self.scores(logits)  # (N, E)
+        ids = torch.topk(self.choice(scores), self.top_k, dim=-1).indices  # (N, k)
+        weights = scores.gather(1, ids)  # (N, k)
+        if self.norm_topk:
+            total = weights.sum(dim=-1, keepdim=True)
+            total = total.clamp_min(self.norm_min) if self.norm_min is not None else total + self.norm_eps
+            weights = weights / total
+        if self.scaling != 1.0:
+            weights = weights * self.scaling
+        return weights.to(x.dtype), ids, logits
+
+
+def check_groups(num_experts: int, n_group: int, topk_group: int, top_k: int, source: str) -> None:
+    """Group-limited routing needs equal groups and enough experts in the kept groups."""
+    from ..errors import ModelLoadError
+
+    if n_group < 1 or num_experts % n_group:
+        raise ModelLoadError(f"{source}: n_group {n_group} does not divide the {num_experts} routed experts")
+    if not 1 <= topk_group <= n_group:
+        raise ModelLoadError(f"{source}: topk_group {topk_group} must be between 1 and n_group {n_group}")
+    if n_group > 1 and topk_group * (num_experts // n_group) < top_k:
+        raise ModelLoadError(f"{source}: topk_group {topk_group} groups of {num_experts // n_group} experts "
+                             f"hold fewer than the {top_k} experts each token picks")
+    if n_group > 1 and num_experts // n_group < 2:
+        raise ModelLoadError(f"{source}: groups of one expert cannot be scored by their top two")
+
+
+__all__ = ["Router", "GroupedRouter", "check_groups"]
