@@ -55,10 +55,17 @@ def rope_frequencies(head_dim: int, theta: float, scaling: dict | None) -> tuple
 
 class RoPE:
     """Rotary position embedding in the half-rotation layout used by HF checkpoints.
-    cos/sin tables are built once and grown on demand."""
+    cos/sin tables are built once and grown on demand.
 
-    def __init__(self, head_dim: int, theta: float, scaling: dict | None):
-        self.inv_freq, self.scale = rope_frequencies(head_dim, theta, scaling)
+    `dim` is the number of leading channels rotated: a head wider than `dim` keeps its
+    other channels as they are (partial rotary, GLM-4.5). With `interleaved` the rotated
+    channels come as pairs (x0, x1), (x2, x3), ... (DeepSeek, ERNIE): they are reordered
+    to the half layout (evens, then odds) first, as transformers does, which changes no
+    dot product between a rotated q and k."""
+
+    def __init__(self, dim: int, theta: float, scaling: dict | None, interleaved: bool = False):
+        self.dim, self.interleaved = dim, interleaved
+        self.inv_freq, self.scale = rope_frequencies(dim, theta, scaling)
         self._cos = self._sin = torch.empty(0, device="cpu")
 
     def tables(self, end: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,7 +81,15 @@ class RoPE:
         T = q.shape[2]
         cos, sin = self.tables(offset + T, q.dtype)
         cos, sin = cos[offset : offset + T], sin[offset : offset + T]  # (T, D)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+        return self.apply(q, cos, sin), self.apply(k, cos, sin)
+
+    def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotate the first `dim` channels of x (..., T, >= dim) by tables (T, dim)."""
+        if x.shape[-1] > self.dim:
+            return torch.cat([self.apply(x[..., : self.dim], cos, sin), x[..., self.dim :]], dim=-1)
+        if self.interleaved:
+            x = torch.cat([x[..., 0::2], x[..., 1::2]], dim=-1)  # pairs -> half layout
+        return _rotate(x, cos, sin)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
