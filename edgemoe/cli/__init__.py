@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "trace": ("edgemoe.cli.trace", "record every token's experts over a text (a routing trace)"),
     "fit-predictor": ("edgemoe.cli.fit_predictor", "fit expert predictors for preloading from routing traces"),
     "activity": ("edgemoe.cli.activity", "plot expert activity from a routing trace"),
+    "simulate": ("edgemoe.cli.simulate", "replay a routing trace through the cache: hit rate, bytes/token, tok/s per policy"),
     "bench": ("edgemoe.cli.bench", "compare with llama.cpp and transformers under memory limits (cgroups)"),
 }
 
