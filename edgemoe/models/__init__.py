@@ -14,6 +14,26 @@ FAMILIES: dict[str, str] = {
     "olmoe": "edgemoe.models.olmoe",
     "qwen2_moe": "edgemoe.models.qwen2_moe",
     "qwen3_moe": "edgemoe.models.qwen3_moe",
+    "deepseek_v2": "edgemoe.models.deepseek_v2",
+    "deepseek_v3": "edgemoe.models.deepseek_v3",
+    "glm4_moe_lite": "edgemoe.models.glm4_moe_lite",
+    "llama4": "edgemoe.models.llama4",  # multimodal checkpoints: the text model only
+    "llama4_text": "edgemoe.models.llama4",
+    "gpt_oss": "edgemoe.models.gpt_oss",
+    "granitemoe": "edgemoe.models.granitemoe",
+    "granitemoeshared": "edgemoe.models.granitemoeshared",
+    "flex_olmo": "edgemoe.models.flex_olmo",
+    "gemma4": "edgemoe.models.gemma4",
+    "gemma4_text": "edgemoe.models.gemma4",
+    "exaone_moe": "edgemoe.models.exaone_moe",
+    "afmoe": "edgemoe.models.afmoe",
+    "sarvam_moe": "edgemoe.models.sarvam_moe",
+    "glm4_moe": "edgemoe.models.glm4_moe",
+    "dots1": "edgemoe.models.dots1",
+    "minimax_m2": "edgemoe.models.minimax_m2",
+    "ernie4_5_moe": "edgemoe.models.ernie4_5_moe",
+    "hunyuan_v1_moe": "edgemoe.models.hunyuan_v1_moe",
+    "phimoe": "edgemoe.models.phimoe",
 }
 
 

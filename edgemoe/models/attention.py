@@ -75,22 +75,43 @@ class AttentionSpec:
     norm_eps: float = 1e-6
     clip_qkv: float | None = None
     sliding_window: int | None = None
+    use_rope: bool = True  # False: no rotary embedding on this layer (NoPE; EXAONE-MoE/AFMoE global layers)
+    output_gate: bool = False  # out * sigmoid(gate(x)) before o, gate a separate projection (AFMoE)
+    fused_qkv: bool = False  # one `qkv` projection with rows [q | k | v] (Sarvam-MoE's query_key_value)
+    scale: float | None = None  # softmax scale of q.k; None: 1/sqrt(head_dim) (Granite: attention_multiplier)
+    # qk_norm "l2" (Llama 4): weightless RMS norm of each q/k head, applied after RoPE.
+    chunk: int | None = None  # chunked local attention: a token sees only its own block of `chunk` positions (Llama 4)
+    # (floor_scale, attn_scale): q at position p scaled by 1 + attn_scale * log1p(floor((p + 1) / floor_scale))
+    # (Llama 4's attention temperature tuning on its NoPE layers).
+    temperature: tuple[float, float] | None = None
+    # gpt-oss: a learned logit per head (`sinks`) joins each query's softmax and takes its share
+    # of the probability mass without contributing a value.
+    sinks: bool = False
+    # qk_norm "head" applied after RoPE instead of before it (Hunyuan-A13B).
+    qk_norm_after_rope: bool = False
 
 
 class Attention(nn.Module):
     def __init__(self, spec: AttentionSpec, rope: RoPE):
         super().__init__()
         s = self.spec = spec
-        self.q = Linear(s.hidden, s.heads * s.head_dim, bias=s.qkv_bias)
-        self.k = Linear(s.hidden, s.kv_heads * s.head_dim, bias=s.qkv_bias)
-        self.v = Linear(s.hidden, s.kv_heads * s.head_dim, bias=s.qkv_bias)
+        if s.fused_qkv:
+            self.qkv = Linear(s.hidden, (s.heads + 2 * s.kv_heads) * s.head_dim, bias=s.qkv_bias)
+        else:
+            self.q = Linear(s.hidden, s.heads * s.head_dim, bias=s.qkv_bias)
+            self.k = Linear(s.hidden, s.kv_heads * s.head_dim, bias=s.qkv_bias)
+            self.v = Linear(s.hidden, s.kv_heads * s.head_dim, bias=s.qkv_bias)
         self.o = Linear(s.heads * s.head_dim, s.hidden, bias=s.o_bias)
         if s.qk_norm == "head":
             self.q_norm, self.k_norm = RMSNorm(s.head_dim, s.norm_eps), RMSNorm(s.head_dim, s.norm_eps)
         elif s.qk_norm == "full":
             self.q_norm = RMSNorm(s.heads * s.head_dim, s.norm_eps)
             self.k_norm = RMSNorm(s.kv_heads * s.head_dim, s.norm_eps)
+        if s.output_gate:
+            self.gate = Linear(s.hidden, s.heads * s.head_dim, bias=False)
         self.rope = rope
+        if s.sinks:
+            self.sinks = nn.Parameter(torch.empty(s.heads))
 
     def make_cache(self, capacity: int | None) -> KVCache:
         return KVCache(capacity)
@@ -102,35 +123,97 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
         s = self.spec
         B, T, _ = x.shape  # (B, T, H)
-        q, k, v = self.q(x), self.k(x), self.v(x)  # (B, T, heads*D), (B, T, kv*D) x2
+        if s.fused_qkv:
+            kv = s.kv_heads * s.head_dim
+            q, k, v = self.qkv(x).split([s.heads * s.head_dim, kv, kv], dim=-1)  # (B, T, heads*D), (B, T, kv*D) x2
+        else:
+            q, k, v = self.q(x), self.k(x), self.v(x)  # (B, T, heads*D), (B, T, kv*D) x2
         if s.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         if s.clip_qkv is not None:
             q, k, v = (t.clamp(-s.clip_qkv, s.clip_qkv) for t in (q, k, v))
         q = q.view(B, T, s.heads, s.head_dim)
         k = k.view(B, T, s.kv_heads, s.head_dim)
-        if s.qk_norm == "head":
+        if s.qk_norm == "head" and not s.qk_norm_after_rope:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, heads, T, D), (B, kv, T, D)
         v = v.view(B, T, s.kv_heads, s.head_dim).transpose(1, 2)  # (B, kv, T, D)
         offset = cache.offset if cache is not None else 0
-        q, k = self.rope(q, k, offset)
+        if s.use_rope:
+            q, k = self.rope(q, k, offset)
+        if s.qk_norm == "head" and s.qk_norm_after_rope:
+            q, k = self.q_norm(q), self.k_norm(k)  # (B, heads, T, D), (B, kv, T, D)
+        if s.qk_norm == "l2":
+            q, k = l2_norm(q, s.norm_eps), l2_norm(k, s.norm_eps)
+        if s.temperature is not None:
+            scales = temperature_scales(offset, T, *s.temperature).to(q.device)  # (T,) fp32
+            q = (q * scales[:, None]).to(q.dtype)  # (B, heads, T, D)
         if cache is not None:
             k, v = cache.update(k, v)  # (B, kv, offset+T, D)
         mask, causal = self._mask(T, offset, x.device)
+        if s.sinks:
+            q, k, v, mask, causal = add_sink(q, k, v, mask, causal, self.sinks, s.scale)
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=s.heads != s.kv_heads
+            q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=s.heads != s.kv_heads,
+            scale=s.scale,
         )  # (B, heads, T, D)
-        return self.o(out.transpose(1, 2).reshape(B, T, s.heads * s.head_dim))
+        out = out.transpose(1, 2).reshape(B, T, s.heads * s.head_dim)  # (B, T, heads*D)
+        if s.output_gate:
+            out = out * torch.sigmoid(self.gate(x))
+        return self.o(out)
 
     def _mask(self, T: int, offset: int, device) -> tuple[torch.Tensor | None, bool]:
         window = self.spec.sliding_window
+        chunk = self.spec.chunk
         total = offset + T
-        if (window is None or total <= window) and (T == 1 or offset == 0):
+        if (window is None or total <= window) and (chunk is None or total <= chunk) and (T == 1 or offset == 0):
             return None, T > 1
         q_pos = torch.arange(offset, total, device=device)[:, None]  # (T, 1)
         k_pos = torch.arange(total, device=device)[None, :]  # (1, offset+T)
         allowed = k_pos <= q_pos
         if window is not None:
             allowed &= k_pos > q_pos - window
+        if chunk is not None:
+            allowed &= k_pos // chunk == q_pos // chunk
         return allowed, False
+
+
+def l2_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """Weightless RMS norm over the last dimension, in fp32 (Llama 4's q/k norm)."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def temperature_scales(offset: int, T: int, floor_scale: float, attn_scale: float) -> torch.Tensor:
+    """Query scales (T,) for positions offset..offset+T-1: long contexts sharpen the
+    attention of layers without RoPE (Llama 4, arXiv 2501.19399)."""
+    pos = torch.arange(offset, offset + T, dtype=torch.float32, device="cpu")  # (T,)
+    return torch.log1p(torch.floor((pos + 1.0) / floor_scale)) * attn_scale + 1.0
+
+
+def add_sink(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool,
+             sinks: torch.Tensor, scale: float | None):
+    """Attention sinks (gpt-oss) as one more key that every query may attend to: softmax
+    over [q.k * scale, sink_h] with the sink's column then dropped is attention over the
+    keys plus a zero-valued key whose logit is sink_h. The sink logit rides on a spare
+    channel: q gets sink_h / scale, real keys 0 and the sink key 1, so the SDPA kernel
+    (whose scale is then given explicitly) computes it. Returns the extended (q, k, v,
+    mask, causal) for scaled_dot_product_attention."""
+    B, H, T, D = q.shape  # (B, heads, T, D)
+    S = k.shape[2]
+    want = scale if scale is not None else D**-0.5
+    used = scale if scale is not None else (D + 1) ** -0.5  # SDPA's default for D + 1 channels
+    if used != want:
+        q = q * (want / used)
+    sink = (sinks.to(q.dtype) / used).view(1, H, 1, 1).expand(B, H, T, 1)  # (1->B, heads, T, 1)
+    q = torch.cat([q, sink], dim=-1)  # (B, heads, T, D+1)
+    key = k.new_zeros(B, k.shape[1], 1, D + 1)  # (B, kv, 1, D+1)
+    key[..., D] = 1
+    k = torch.cat([torch.cat([k, k.new_zeros(B, k.shape[1], S, 1)], dim=-1), key], dim=2)  # (B, kv, S+1, D+1)
+    v = torch.cat([v, v.new_zeros(B, v.shape[1], 1, v.shape[-1])], dim=2)  # (B, kv, S+1, Dv)
+    if mask is None:
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device)
+        if causal:  # no cache offset: query i sees keys 0..i
+            mask = mask.tril()
+    mask = torch.cat([mask, mask.new_ones(T, 1)], dim=-1)  # (T, S+1): the sink is always visible
+    return q, k, v, mask, False

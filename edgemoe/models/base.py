@@ -299,8 +299,10 @@ def _rope_from_config(config: dict, source: str, max_positions: int = 4096) -> t
             raise ModelLoadError(f"{source}: rope type {rope_type!r} needs a 'factor'")
         # As transformers does: yarn without a factor scales from the original context.
         params["factor"] = max_positions / params["original_max_position_embeddings"]
-    if rope_type == "llama3" and not params.get("low_freq_factor", 1.0) < params.get("high_freq_factor", 4.0):
-        raise ModelLoadError(f"{source}: llama3 rope needs low_freq_factor < high_freq_factor")
+    # Equal factors (Llama 4 Scout ships 1.0 and 1.0) leave no smoothed band: a hard cut at
+    # the original context, which transformers accepts with a warning.
+    if rope_type == "llama3" and not params.get("low_freq_factor", 1.0) <= params.get("high_freq_factor", 4.0):
+        raise ModelLoadError(f"{source}: llama3 rope needs low_freq_factor < high_freq_factor (or the two equal)")
     return theta, params
 
 
@@ -308,13 +310,13 @@ def _rope_from_config(config: dict, source: str, max_positions: int = 4096) -> t
 
 class MLP(nn.Module):
     """Gated feed-forward block: down(act(gate(x)) * up(x)). Used for dense layers and
-    shared experts."""
+    shared experts. With `bias` all three projections carry one (ERNIE's use_bias)."""
 
-    def __init__(self, hidden: int, intermediate: int, act: str):
+    def __init__(self, hidden: int, intermediate: int, act: str, bias: bool = False):
         super().__init__()
-        self.gate = Linear(hidden, intermediate, bias=False)
-        self.up = Linear(hidden, intermediate, bias=False)
-        self.down = Linear(intermediate, hidden, bias=False)
+        self.gate = Linear(hidden, intermediate, bias=bias)
+        self.up = Linear(hidden, intermediate, bias=bias)
+        self.down = Linear(intermediate, hidden, bias=bias)
         self.glu = glu(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -340,20 +342,46 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-class Transformer(nn.Module):
-    """Embedding, decoder layers, final norm and LM head. Families build the layers."""
+class ScaledDecoderLayer(DecoderLayer):
+    """Pre-norm block whose branch outputs are scaled before each residual add:
+    x + s * attn(norm1(x)), then + s * mlp(norm2(x)) (Granite's residual_multiplier)."""
 
-    def __init__(self, args: BaseModelArgs, layers: list[DecoderLayer]):
+    def __init__(self, attn: Attention, mlp: nn.Module, hidden: int, eps: float, residual_scale: float):
+        super().__init__(attn, mlp, hidden, eps)
+        self.residual_scale = residual_scale
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), cache) * self.residual_scale
+        return x + self.mlp(self.norm2(x)) * self.residual_scale
+
+
+class PostNormDecoderLayer(DecoderLayer):
+    """OLMo2-style block: the norms apply to each branch's output before the residual
+    add: x + norm1(attn(x)), then + norm2(mlp(x)); the input is never normalised."""
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+        x = x + self.norm1(self.attn(x, cache))
+        return x + self.norm2(self.mlp(x))
+
+
+class Transformer(nn.Module):
+    """Embedding, decoder layers, final norm and LM head. Families build the layers.
+    `lm_head_bias` gives the (untied) LM head a bias (Phi-3.5-MoE, ERNIE's use_bias)."""
+
+    def __init__(self, args: BaseModelArgs, layers: list[DecoderLayer], lm_head_bias: bool = False):
         super().__init__()
         self.args = args
         self.embed = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        if lm_head_bias and args.tie_word_embeddings:
+            raise ValueError("an LM head tied to the embedding has no bias")
         if not args.tie_word_embeddings:
-            self.lm_head = Linear(args.hidden_size, args.vocab_size, bias=False)
+            self.lm_head = Linear(args.hidden_size, args.vocab_size, bias=lm_head_bias)
         # Multipliers some families apply (Granite: embedding and logits scaling).
         self.embed_scale: float | None = None
         self.logits_scale: float | None = None
+        self.logits_softcap: float | None = None  # Gemma: logits become cap * tanh(logits / cap)
 
     def make_cache(self, capacity: int | None = None) -> list[KVCache]:
         """One KV cache per layer; `capacity` positions each (None: grow as needed)."""
@@ -380,6 +408,8 @@ class Transformer(nn.Module):
             logits = linear(x, self.embed.weight)  # (B, T, V)
         else:
             logits = self.lm_head(x)  # (B, T, V); a module, so it can be swapped for a quantized one
+        if self.logits_softcap is not None:
+            logits = torch.tanh(logits / self.logits_softcap) * self.logits_softcap
         return logits if self.logits_scale is None else logits * self.logits_scale
 
     def moe_blocks(self) -> Iterator[nn.Module]:
@@ -394,8 +424,10 @@ class Transformer(nn.Module):
 
 # ----------------------------------------------------------------------------- sanitize
 
-# Canonical expert key: experts.<layer>.<expert>.<gate|up|down>
-EXPERT_KEY = re.compile(r"^experts\.(\d+)\.(\d+)\.(gate|up|down)$")
+# Canonical expert key: experts.<layer>.<expert>.<part>, part gate|up|down (float weights),
+# optionally with a suffix: <gate|up|down>_bias (float biases, gpt-oss) or _blocks/_scales
+# (MXFP4 codes and shared exponents as stored, see quant/mxfp4.py). Group 3 is the part.
+EXPERT_KEY = re.compile(r"^experts\.(\d+)\.(\d+)\.((?:gate|up|down)(?:_bias|_blocks|_scales)?)$")
 
 # Tensor names shared by the Llama-style families, as regex -> our name.
 COMMON_RULES: list[tuple[str, str]] = [

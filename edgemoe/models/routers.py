@@ -15,6 +15,10 @@ Kinds:
                    used only to choose, group-limited selection (n_group, topk_group),
                    renormalisation and a routed scaling factor (DeepSeek-V2/V3, GLM-4.5,
                    dots1, ERNIE-4.5 and the other V3-router families).
+- `InputScaledRouter`  Llama 4: top k of the logits, sigmoid weights that scale the
+                   experts' inputs.
+- `SparseMixerRouter`  Phi-3.5-MoE: top two logits one after the other, each weighted
+                   by a softmax over the logits near it (SparseMixer, inference form).
 """
 
 from __future__ import annotations
@@ -82,7 +86,7 @@ class GroupedRouter(Router):
     (a per-expert bias learned for load balance; it never enters the weights). With
     n_group > 1, experts form n_group equal groups; a group's score is its best expert
     ("max", DeepSeek-V2) or the sum of its best two ("top2", V3); only the best
-    `topk_group` groups' experts may be chosen (the others' choice scores become 0, as
+    `topk_group` groups' experts may be chosen (the others' choice scores become `masked_score`, as
     in transformers). The weights are the chosen experts' scores, renormalised with
     `norm_topk` (denominator + `norm_eps`, or clamped at `norm_min`), times `scaling`.
     """
@@ -93,8 +97,14 @@ class GroupedRouter(Router):
     def __init__(self, hidden: int, num_experts: int, top_k: int, norm_topk: bool, *, scoring: str = "sigmoid",
                  correction: bool = False, n_group: int = 1, topk_group: int = 1, group_score: str = "top2",
                  scaling: float = 1.0, norm_eps: float = 1e-20, norm_min: float | None = None,
-                 bias: bool = False):
+                 bias: bool = False, masked_score: float = 0.0, float_logits: bool = False):
         super().__init__(hidden, num_experts, top_k, norm_topk, bias)
+        # Gate matmul in fp32 whatever the model dtype (GLM-4.5, dots1, DeepSeek-V3 keep
+        # their gate in fp32): in bf16 near-tied experts would otherwise swap.
+        self.float_logits = float_logits
+        # Choice score of experts outside the kept groups: 0.0 (DeepSeek-V2) or -inf (V3,
+        # GLM-4.5, EXAONE-MoE: never chosen, even over a negative corrected score).
+        self.masked_score = masked_score
         if scoring not in ("softmax", "sigmoid"):
             raise ValueError(f"unknown router scoring {scoring!r}")
         if group_score not in ("max", "top2"):
@@ -104,6 +114,12 @@ class GroupedRouter(Router):
         self.group_score, self.scaling, self.norm_eps, self.norm_min = group_score, scaling, norm_eps, norm_min
         # Loaded from the checkpoint's e_score_correction_bias (named after it).
         self.e_score_correction_bias = nn.Parameter(torch.zeros(num_experts)) if correction else None
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.float_logits:
+            return super().logits(x)
+        b = None if self.bias is None else self.bias.float()
+        return linear(x.float(), self.weight.float(), b)  # (N, E) fp32
 
     def scores(self, logits: torch.Tensor) -> torch.Tensor:
         z = logits.float()
@@ -123,7 +139,7 @@ class GroupedRouter(Router):
         top = g.topk(self.topk_group, dim=-1, sorted=False).indices  # (N, topk_group)
         mask = torch.zeros_like(g, dtype=torch.bool).scatter_(1, top, True)  # (N, G)
         mask = mask.unsqueeze(-1).expand_as(grouped).reshape(N, E)  # (N, E)
-        return c.masked_fill(~mask, 0.0)
+        return c.masked_fill(~mask, self.masked_score)
 
     def lookahead_logits(self, x: torch.Tensor) -> torch.Tensor:
         z = super().lookahead_logits(x)  # (N, E)
@@ -151,8 +167,72 @@ class GroupedRouter(Router):
         return weights.to(x.dtype), ids, logits
 
 
-def check_groups(num_experts: int, n_group: int, topk_group: int, top_k: int, source: str) -> None:
-    """Group-limited routing needs equal groups and enough experts in the kept groups."""
+class InputScaledRouter(Router):
+    """Llama 4: the top k of the raw logits, each weighted by the sigmoid of its own
+    logit (no softmax, no renormalisation). The weights multiply the experts' *inputs*
+    (`scales_input`); MoEBlock then sums the experts' outputs unweighted. The logits
+    themselves rank the experts, so the look-ahead scores are the plain logits."""
+
+    kind = "sigmoid-input"
+    supports_adaptive = False  # sigmoid weights are not a distribution to cover
+    scales_input = True
+
+    def __init__(self, hidden: int, num_experts: int, top_k: int):
+        super().__init__(hidden, num_experts, top_k, norm_topk=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logits = self.logits(x)  # (N, E)
+        top, ids = torch.topk(logits, self.top_k, dim=-1)  # (N, k) x2
+        weights = torch.sigmoid(top.float())  # (N, k)
+        return weights.to(x.dtype), ids, logits
+
+
+class SparseMixerRouter(Router):
+    """Phi-3.5-MoE's SparseMixer routing as run at inference (transformers' eval mode;
+    training samples the experts with Gumbel noise instead). Always two experts:
+
+    1. the first is the top logit m1; its weight is the softmax, at that expert, over
+       the logits z_j close to it: (m1 - z_j) / max(|z_j|, m1) <= 2 * jitter_eps (the
+       others are masked out);
+    2. the second is the top logit m2 of the other experts; its weight is the softmax,
+       at it, over the other experts' logits close to m2 in the same sense.
+
+    The two weights are used as they are (no renormalisation)."""
+
+    kind = "sparsemixer"
+    supports_adaptive = False
+
+    def __init__(self, hidden: int, num_experts: int, jitter_eps: float):
+        super().__init__(hidden, num_experts, 2, norm_topk=False)
+        self.jitter_eps = jitter_eps
+
+    def _pick(self, scores: torch.Tensor, pool: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The top expert of `pool` (scores with already chosen experts at -inf) and its
+        weight: softmax at it over the pool's experts within the relative threshold."""
+        top, ids = pool.max(dim=-1, keepdim=True)  # (N, 1) x2
+        factor = scores.abs().clamp(min=top)  # (N, E)
+        far = (top - scores) / factor > 2 * self.jitter_eps  # (N, E)
+        weight = torch.softmax(pool.masked_fill(far, float("-inf")), dim=-1).gather(-1, ids)  # (N, 1)
+        return weight, ids
+
+    def lookahead_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The raw logits: the first expert is their maximum and the second the maximum
+        of the rest, so their softmax ranks the two picks as this router does."""
+        return super().lookahead_logits(x)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # In the logits' dtype, as transformers computes it.
+        logits = self.logits(x)  # (N, E)
+        w1, id1 = self._pick(logits, logits)  # (N, 1) x2
+        w2, id2 = self._pick(logits, logits.scatter(-1, id1, float("-inf")))  # (N, 1) x2
+        weights, ids = torch.cat([w1, w2], dim=-1), torch.cat([id1, id2], dim=-1)  # (N, 2) x2
+        return weights.to(x.dtype), ids, logits
+
+
+def check_groups(num_experts: int, n_group: int, topk_group: int, top_k: int, source: str,
+                 group_score: str = "top2") -> None:
+    """Group-limited routing needs equal groups and enough experts in the kept groups
+    (and two per group when a group scores by its top two)."""
     from ..errors import ModelLoadError
 
     if n_group < 1 or num_experts % n_group:
@@ -162,8 +242,8 @@ def check_groups(num_experts: int, n_group: int, topk_group: int, top_k: int, so
     if n_group > 1 and topk_group * (num_experts // n_group) < top_k:
         raise ModelLoadError(f"{source}: topk_group {topk_group} groups of {num_experts // n_group} experts "
                              f"hold fewer than the {top_k} experts each token picks")
-    if n_group > 1 and num_experts // n_group < 2:
+    if n_group > 1 and num_experts // n_group < 2 and group_score == "top2":
         raise ModelLoadError(f"{source}: groups of one expert cannot be scored by their top two")
 
 
-__all__ = ["Router", "GroupedRouter", "check_groups"]
+__all__ = ["Router", "GroupedRouter", "InputScaledRouter", "SparseMixerRouter", "check_groups"]
