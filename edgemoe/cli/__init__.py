@@ -18,6 +18,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("edgemoe.cli.info", "describe a model: parameters, expert formats, minimum memory budget, context"),
     "profile": ("edgemoe.cli.profile", "measure each expert's activation frequency and sensitivity to each bitwidth"),
     "plan": ("edgemoe.cli.plan", "choose each expert's bitwidth for a loss tolerance or a size budget"),
+    "prune": ("edgemoe.cli.prune", "remove each layer's least important experts (a smaller model directory)"),
+    "merge": ("edgemoe.cli.merge", "merge each layer's similar experts into shared ones (a model directory)"),
     "eval": ("edgemoe.cli.eval", "perplexity on held-out text (Hugging Face or converted model)"),
     "trace": ("edgemoe.cli.trace", "record every token's experts over a text (a routing trace)"),
     "fit-predictor": ("edgemoe.cli.fit_predictor", "fit expert predictors for preloading from routing traces"),
