@@ -1,5 +1,6 @@
 """Rotary position embeddings: the frequency tables for every rope_type the families
-use (default, linear, llama3, yarn) and their application to q and k."""
+use (default, linear, llama3, yarn, Hunyuan's ntk_alpha) and their application to q and
+k; `LongRoPE` switches between a short and a long table by sequence length."""
 
 from __future__ import annotations
 
@@ -27,6 +28,11 @@ def rope_frequencies(head_dim: int, theta: float, scaling: dict | None) -> tuple
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
         return torch.where(medium, smoothed, scaled), 1.0
+    if kind == "ntk_alpha":
+        # Hunyuan's NTK-alpha (labelled "dynamic" with an `alpha` in its configs): a fixed
+        # alpha stretches the base once, so unlike dynamic NTK the table is static.
+        base = theta * scaling["alpha"] ** (head_dim / (head_dim - 2))
+        return 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device="cpu") / head_dim)), 1.0
     # yarn: blend interpolated and extrapolated frequencies over a ramp of dimensions.
     old_ctx = scaling["original_max_position_embeddings"]
 
@@ -90,6 +96,41 @@ class RoPE:
         if self.interleaved:
             x = torch.cat([x[..., 0::2], x[..., 1::2]], dim=-1)  # pairs -> half layout
         return _rotate(x, cos, sin)
+
+
+def longrope_inv_freq(dim: int, theta: float, factors: list[float]) -> torch.Tensor:
+    """LongRoPE inverse frequencies (dim/2,): each default frequency divided by its own
+    rescale factor (one of a checkpoint's `short_factor` / `long_factor` lists)."""
+    ext = torch.tensor(factors, dtype=torch.float32, device="cpu")  # (dim/2,)
+    return 1.0 / (ext * theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device="cpu") / dim))
+
+
+class LongRoPE:
+    """LongRoPE (Phi-3, Phi-3.5-MoE): a table for short contexts and one for long ones,
+    each with its own inverse frequencies and cos/sin scale.
+
+    As transformers decides once per forward from max(position_ids) + 1, a call whose
+    last position is past `original_max` (offset + T > original_max) rotates all of its
+    tokens with the long table, any other call with the short one. Keys already in the
+    KV cache keep the table they were rotated with: cached decoding that crosses
+    original_max mixes the two tables (as transformers' forward with a cache does),
+    while one forward over the same tokens uses the long table for every position, so
+    the two differ past that point; chunked prefill and prompt-prefix reuse inherit
+    this. transformers' `generate` avoids the mix by dropping its cache at the first
+    step past original_max and recomputing the whole sequence; edgemoe's generation
+    does not, so it follows transformers' `generate` only until then (or throughout
+    when both tables are equal)."""
+
+    def __init__(self, dim: int, theta: float, short: tuple[list[float], float], long: tuple[list[float], float],
+                 original_max: int):
+        self.dim, self.interleaved, self.original_max = dim, False, original_max
+        self.short, self.long = RoPE(dim, theta, None), RoPE(dim, theta, None)
+        for table, (factors, scale) in ((self.short, short), (self.long, long)):
+            table.inv_freq, table.scale = longrope_inv_freq(dim, theta, factors), float(scale)
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+        table = self.long if offset + q.shape[2] > self.original_max else self.short
+        return table(q, k, offset)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -126,7 +126,7 @@ class GroupedRouter(Router):
         return torch.sigmoid(z) if self.scoring == "sigmoid" else torch.softmax(z, dim=-1)  # (N, E)
 
     def choice(self, scores: torch.Tensor) -> torch.Tensor:
-        """Scores the top-k is taken over: corrected, and 0 outside the chosen groups."""
+        """Scores the top-k is taken over: corrected, and `masked_score` outside the chosen groups."""
         c = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias.float()
         if self.n_group <= 1:
             return c

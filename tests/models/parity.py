@@ -15,7 +15,6 @@ from typing import Callable
 import torch
 
 import models.families as families_pkg
-from conftest import save_checkpoint
 
 ATOL = 1e-4
 SEQ = 20  # longer than the sliding windows the configs use
@@ -40,9 +39,33 @@ def prompt_ids(vocab: int, n: int = SEQ, batch: int = 1, seed: int = 1) -> torch
     return torch.randint(2, vocab, (batch, n), generator=g)  # skip bos/eos ids
 
 
+# Tensors transformers initialises to zeros that decide routing: the load-balancing
+# correction biases (used only to choose) and zero-initialised router weights (AFMoE).
+# Left at zero, routing would not exercise them.
+_ZERO_ROUTING = ("e_score_correction_bias", "expert_bias")
+
+
 def save(config, out: Path, tokenizer_dir: Path | None = None, seed: int = 0, dtype=torch.float32):
-    """Random weights with routers wide enough to discriminate (init std 0.1)."""
-    return save_checkpoint(config, out, tokenizer_dir, seed=seed, dtype=dtype)
+    """Random weights with routers wide enough to discriminate (init std 0.1), routing
+    biases and zero-initialised router weights randomised too, saved with save_pretrained."""
+    import shutil
+
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    config.initializer_range = 0.1
+    model = tf.AutoModelForCausalLM.from_config(config).to(dtype).eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+            if name.endswith(_ZERO_ROUTING) or (".gate." in f".{name}" and name.endswith("weight")
+                                                 and t.dim() == 2 and not t.any()):
+                t.copy_(torch.randn(t.shape, generator=g) * (0.05 if name.endswith(_ZERO_ROUTING) else 0.3))
+    model.save_pretrained(out)
+    if tokenizer_dir is not None:
+        for f in tokenizer_dir.iterdir():
+            shutil.copy(f, out / f.name)
+    return model
 
 
 @torch.no_grad()
