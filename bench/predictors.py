@@ -46,7 +46,8 @@ def main() -> None:
     opts = ap.parse_args()
 
     from edgemoe import assets
-    from edgemoe.runtime.predict import PREDICTOR_FILE, PredictorStats, evaluate, make_predictor
+    from edgemoe.runtime.fit import evaluate
+    from edgemoe.runtime.predict import PREDICTOR_FILE, PredictorStats, make_predictor
     from edgemoe.runtime.trace import RoutingTrace
 
     WORK.mkdir(parents=True, exist_ok=True)

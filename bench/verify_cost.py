@@ -93,7 +93,7 @@ def paired_child(opts) -> None:
             k = i % len(settings)
             for label, verify, crc in settings[k:] + settings[:k]:
                 cache.verify, reader.crc32 = verify, _crc(crc)
-                cache.verified = set(cache.store.entries)  # "first": every expert already checked once
+                cache._verified = set(cache._store.entries)  # "first": every expert already checked once
                 r = engine.generate(prompt, max_tokens=opts.tokens, ignore_eos=True)
                 c = cache.stats()
                 st = r.stats.to_dict()

@@ -40,8 +40,9 @@ def perplexity(model, ids: list[int], context: int, batch: int = 8, recorder=Non
     """Mean next-token negative log-likelihood of `ids` under `model`, evaluated in
     windows of `context` tokens, `batch` windows per forward. Returns {"nll", "ppl",
     "tokens"} (and "window_nll", each window's mean NLL, with `per_window`: paired
-    comparisons of two models need it); `recorder` (a RoutingRecorder) sees every
-    window; `progress` draws a bar on stderr."""
+    comparisons of two models need it); `recorder` (with `start(x)` and `finish()`, called
+    around each batch: model_report.RoutingCounts) sees every window; `progress` draws a
+    bar on stderr."""
     inputs, targets = windows(ids, context)
     total, count = 0.0, 0
     window_nll: list[float] = []

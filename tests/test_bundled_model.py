@@ -12,7 +12,7 @@ import torch
 
 from edgemoe import assets
 from edgemoe.checkpoint import load_hf
-from edgemoe.tools.model_report import RoutingRecorder, mutual_information, perplexity, usage_entropy
+from edgemoe.tools.model_report import RoutingCounts, mutual_information, perplexity, usage_entropy
 from edgemoe.tools.train_tiny import EOS, part_of, render_chat
 
 CONTEXT = 256
@@ -81,7 +81,7 @@ def test_logits_match_transformers(model, heldout_ids):
 
 def test_heldout_perplexity_and_expert_use(model, heldout_ids):
     assert len(heldout_ids) > SLICE_TOKENS
-    rec = RoutingRecorder(model)
+    rec = RoutingCounts(model)
     try:
         r = perplexity(model, heldout_ids[: SLICE_TOKENS + 1], CONTEXT, recorder=rec)
     finally:

@@ -45,6 +45,8 @@ from ..utils import format_bytes, parse_size
 from .apply import Key, canonical, to_plan
 
 DEFAULT_MAX_EVALS = 10
+# Share of calibration windows the --max-loss search holds back to check its choice on.
+DEFAULT_HOLDBACK = 0.25
 ESTIMATES = ("sensitivity", "taylor")
 
 
@@ -246,11 +248,15 @@ class Evaluation:
     position: int | None
     expert_bytes: int
     predicted: float
-    measured: float
+    measured: float  # what the search compares with the tolerance: the worse of the two parts
+    parts: dict | None = None  # {"search": loss, "held_back": loss} when calibration is split
 
     def to_dict(self) -> dict:
-        return {"moves": self.position, "expert_bytes": self.expert_bytes, "predicted_loss": self.predicted,
-                "measured_loss": self.measured}
+        out = {"moves": self.position, "expert_bytes": self.expert_bytes, "predicted_loss": self.predicted,
+               "measured_loss": self.measured}
+        if self.parts:
+            out.update({f"{k}_loss": v for k, v in self.parts.items()})
+        return out
 
 
 def search_loss(planner: Planner, max_loss: float, measure: Callable[[dict[Key, str]], float],
@@ -266,11 +272,16 @@ def search_loss(planner: Planner, max_loss: float, measure: Callable[[dict[Key, 
             return True
         if k not in evals:
             plan = planner.formats_at(k)
-            ev = Evaluation(k, planner.cum_bytes[k], math.expm1(planner.cum_nll[k]), measure(plan))
+            got = measure(plan)
+            parts = got if isinstance(got, dict) else None
+            ev = Evaluation(k, planner.cum_bytes[k], math.expm1(planner.cum_nll[k]),
+                            max(parts.values()) if parts else got, parts)
             evals[k] = ev
             if log:
+                split = (f" (search part {100 * parts['search']:+.2f}%, held back {100 * parts['held_back']:+.2f}%)"
+                         if parts else "")
                 log(f"  {k:4d} moves: {format_bytes(ev.expert_bytes):>9} of experts, predicted {100 * ev.predicted:+.2f}%, "
-                    f"measured {100 * ev.measured:+.2f}%")
+                    f"measured {100 * ev.measured:+.2f}%{split}")
         return evals[k].measured <= max_loss
 
     def budget() -> bool:
@@ -336,32 +347,50 @@ def make_plan(profile: dict, *, max_loss: float | None = None, target_size: int 
               candidates: list[str] | None = None, top: str | None = None, estimate: str = "sensitivity",
               verify: bool = True,
               max_evals: int = DEFAULT_MAX_EVALS, model_dir: str | Path | None = None, calib: str | Path | None = None,
+              holdback: float = DEFAULT_HOLDBACK, heldout: str | Path | None = None,
               progress: bool = False, log: Callable[[str], None] | None = None) -> dict:
     """Plan for exactly one of max_loss (a fraction: 0.02 is 2%) or target_size (bytes).
-    Returns the plan as a JSON-ready dict ('meta' holds the numbers)."""
+    Returns the plan as a JSON-ready dict ('meta' holds the numbers).
+
+    holdback: the share of the calibration windows the --max-loss search does not fit
+    on: a position is within the tolerance only if both parts are, so that the plan
+    holds beyond the text it was chosen on (0: search on all of it). heldout: a text
+    the plan is only measured on, afterwards, and reported (`heldout_loss`)."""
     if (max_loss is None) == (target_size is None):
         raise InvalidArgument("give exactly one of --max-loss and --target-size")
     if max_loss is not None and max_loss < 0:
         raise InvalidArgument(f"--max-loss must be >= 0, got {max_loss}")
     if max_evals < 1:
         raise InvalidArgument(f"--max-evals must be at least 1, got {max_evals}")
+    if not 0 <= holdback < 1:
+        raise InvalidArgument(f"--holdback must be in [0, 1), got {holdback}")
+    if heldout is not None and not verify:
+        raise InvalidArgument("--heldout measures the plan: it cannot be combined with --no-verify")
     t0 = time.perf_counter()
     planner = Planner(profile, candidates, top, estimate=estimate)
     shape = profile["shape"]
     H, I = shape["hidden_size"], shape["expert_dim"]
     if target_size is not None:
         formats = planner.for_size(target_size)  # checks the target before anything is loaded
-    measure, calib_info = _measurer(profile, model_dir, calib, progress) if verify else (None, None)
+    measure, calib_info, measure_text = (_measurer(profile, model_dir, calib, progress, holdback) if verify
+                                         else (None, None, None))
     evaluations: list[Evaluation] = []
     if max_loss is not None:
         if measure is None:
             formats = planner.formats_at(planner.position_for_loss(max_loss))
         else:
             formats, evaluations = search_loss(planner, max_loss, measure, max_evals, log)
-    measured = None
+    measured, parts, heldout_info = None, None, None
     if measure is not None:
         known = next((e for e in evaluations if planner.formats_at(e.position) == formats), None)
-        measured = known.measured if known is not None else measure(formats)
+        if known is not None:
+            measured, parts = known.measured, known.parts
+        else:
+            got = measure(formats)
+            parts = got if isinstance(got, dict) else None
+            measured = max(parts.values()) if parts else got
+    if heldout is not None:
+        heldout_info = measure_text(formats, heldout)
     meta = {
         "created_by": f"edgemoe {__version__}",
         "profile": profile.get("path"),
@@ -373,6 +402,8 @@ def make_plan(profile: dict, *, max_loss: float | None = None, target_size: int 
         **plan_summary(planner, formats, H, I),
         "predicted_loss": planner.predicted(formats),
         "measured_loss": measured,
+        "measured_parts": parts,
+        "heldout": heldout_info,
         "estimate": planner.estimate,
         "prediction_scale": planner.scale,
         "calibration": calib_info,
@@ -384,8 +415,10 @@ def make_plan(profile: dict, *, max_loss: float | None = None, target_size: int 
     return to_plan(formats, default, meta)
 
 
-def _measurer(profile: dict, model_dir, calib, progress: bool):
-    """A function plan -> measured relative calibration loss, and what it measures on."""
+def _measurer(profile: dict, model_dir, calib, progress: bool, holdback: float = DEFAULT_HOLDBACK):
+    """A function plan -> measured relative calibration loss (with a held-back split:
+    {"search": loss, "held_back": loss}), what it measures on, and a function measuring a
+    plan on another text."""
     import hashlib
 
     from ..evaluate import eval_tokens, perplexity, relative_loss
@@ -409,15 +442,38 @@ def _measurer(profile: dict, model_dir, calib, progress: bool):
     context = c["context"]
     ids = eval_tokens(tok, text, context, c["tokens"], calib_path)
     variants = ExpertVariants(model)
-    ref = perplexity(model, ids, context, progress=progress, desc="reference")
+    # Split whole windows: the search fits on the first part, the held-back part guards it.
+    n_windows = (len(ids) - 1) // context
+    back = int(round(holdback * n_windows)) if n_windows >= 2 else 0
+    back = min(back, n_windows - 1)
+    cut = (n_windows - back) * context
+    parts = {"search": ids[: cut + 1]} if not back else {"search": ids[: cut + 1], "held_back": ids[cut:]}
+    refs = {k: perplexity(model, v, context, progress=progress, desc=f"reference ({k})") for k, v in parts.items()}
 
-    def measure(formats: dict[Key, str]) -> float:
+    def measure(formats: dict[Key, str]):
         variants.attach(formats)
         try:
-            r = perplexity(model, ids, context, progress=progress, desc="evaluating plan")
+            losses = {k: relative_loss(perplexity(model, v, context, progress=progress,
+                                                  desc="evaluating plan")["ppl"], refs[k]["ppl"])
+                      for k, v in parts.items()}
         finally:
             variants.restore()
-        return relative_loss(r["ppl"], ref["ppl"])
+        return losses if back else losses["search"]
 
-    info = {"text": calib_path, "tokens": ref["tokens"], "context": context, "reference_ppl": ref["ppl"]}
-    return measure, info
+    def measure_text(formats: dict[Key, str], path) -> dict:
+        """The plan's loss on another text (not used to choose it)."""
+        other, other_path = read_calibration(path)
+        oid = eval_tokens(tok, other, context, None, other_path)
+        ref = perplexity(model, oid, context, progress=progress, desc="held-out reference")
+        variants.attach(formats)
+        try:
+            got = perplexity(model, oid, context, progress=progress, desc="held-out plan")
+        finally:
+            variants.restore()
+        return {"text": other_path, "tokens": ref["tokens"], "reference_ppl": ref["ppl"], "ppl": got["ppl"],
+                "loss": relative_loss(got["ppl"], ref["ppl"])}
+
+    info = {"text": calib_path, "tokens": sum(r["tokens"] for r in refs.values()), "context": context,
+            "reference_ppl": refs["search"]["ppl"], "held_back_windows": back,
+            "search_tokens": refs["search"]["tokens"]}
+    return measure, info, measure_text

@@ -54,6 +54,7 @@ from .. import __version__
 from ..errors import EdgeMoEError, InvalidArgument
 from ..evaluate import eval_tokens, read_text, windows
 from ..quant.formats import get_format
+from ..runtime.trace import RoutingRecorder
 from .apply import ExpertVariants, canonical, stored_bytes
 
 PROFILE_FORMAT = "edgemoe-expert-profile"
@@ -164,30 +165,28 @@ def _agreement(pred: list[float], meas: list[float]) -> dict:
     }
 
 
-class _Capture:
-    """Forward hooks recording each MoE block's input and (gradient-retaining) output and
-    each decoder layer's input, for one batch of windows."""
+class _Capture(RoutingRecorder):
+    """For one batch of windows: each MoE block's input and routing (as the routing
+    recorder sees them), its (gradient-retaining) output and each decoder layer's input."""
 
     def __init__(self, model):
-        self.moe_in: dict[int, torch.Tensor] = {}
+        super().__init__(model, inputs=True)
+        self.moe_in: dict[int, torch.Tensor] = {}  # layer -> (N, H)
+        self.routing: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> weights, ids (N, k) x2
         self.moe_out: dict[int, torch.Tensor] = {}
         self.layer_in: dict[int, torch.Tensor] = {}
         self.handles = []
-        self.active = True
-        for block in model.moe_blocks():
-            self.handles.append(block.register_forward_pre_hook(self._pre(block.layer)))
+        for block in self.blocks:
             self.handles.append(block.register_forward_hook(self._post(block.layer)))
         for i, layer in enumerate(model.layers):
             self.handles.append(layer.register_forward_pre_hook(self._layer(i)))
         # The weights do not require gradients: make the embeddings' output the leaf.
         self.handles.append(model.embed.register_forward_hook(lambda m, a, out: out.detach().requires_grad_(True)))
 
-    def _pre(self, l):
-        def hook(module, args):
-            if self.active:
-                self.moe_in[l] = args[0].detach()
-
-        return hook
+    def on_route(self, i, ids, weights, logits):
+        layer = self.layers[i]
+        self.moe_in[layer] = self.x.detach()
+        self.routing[layer] = (weights.detach(), ids)
 
     def _post(self, l):
         def hook(module, args, out):
@@ -207,10 +206,12 @@ class _Capture:
 
     def clear(self) -> None:
         self.moe_in.clear()
+        self.routing.clear()
         self.moe_out.clear()
         self.layer_in.clear()
 
     def remove(self) -> None:
+        self.detach()
         for h in self.handles:
             h.remove()
 
@@ -268,7 +269,6 @@ def profile_model(
     measured = {c: 0.0 for c in checks}
     ref_total = 0.0
     provider = variants.attach({})  # originals, in a table we can swap single experts in
-    blocks = {b.layer: b for b in model.moe_blocks()}
     cap = _Capture(model)
     bar = tqdm(total=N, unit="tok", desc="profiling", disable=not progress, leave=False, dynamic_ncols=True)
     t_pass = time.perf_counter()
@@ -286,7 +286,7 @@ def profile_model(
                 for l in layers:
                     xs = cap.moe_in[l].reshape(-1, H)  # (n, H)
                     g = cap.moe_out[l].grad.reshape(-1, H).detach()  # (n, H)
-                    weights, sel, _ = blocks[l].router(xs)  # (n, k) x2
+                    weights, sel = cap.routing[l]  # (n, k) x2, as the forward routed
                     for e in range(E):
                         hit = sel == e  # (n, k)
                         rows = hit.any(-1).nonzero().squeeze(-1)  # (m,)

@@ -54,7 +54,8 @@ def model_shape(path: Path) -> tuple[list[int], int, int]:
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     from ..errors import InvalidArgument
-    from ..runtime.predict import DEFAULT_BETA, PREDICTOR_FILE, evaluate, fit, make_predictor
+    from ..runtime.fit import DEFAULT_BETA, evaluate, fit
+    from ..runtime.predict import PREDICTOR_FILE, make_predictor
     from ..runtime.trace import RoutingTrace
 
     if args.distance < 1:

@@ -13,9 +13,10 @@ from ..errors import InvalidArgument
 from ..utils import format_bytes
 from .common import check_output_path, eprint, set_compute_threads
 
-# A copy of bitwidth.plan.DEFAULT_MAX_EVALS: that module imports torch (1-3 s), which would
+# Copies of bitwidth.plan.DEFAULT_MAX_EVALS and DEFAULT_HOLDBACK: that module imports torch (1-3 s), which would
 # make '--help' and argument errors slow. tests/cli/test_startup.py checks that it matches.
 DEFAULT_MAX_EVALS = 10
+DEFAULT_HOLDBACK = 0.25
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,6 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="calibration text to verify on (default: the profile's)")
     p.add_argument("--max-evals", type=int, default=DEFAULT_MAX_EVALS,
                    help=f"most calibration evaluations of the --max-loss search (default {DEFAULT_MAX_EVALS})")
+    p.add_argument("--holdback", type=float, default=DEFAULT_HOLDBACK, metavar="FRACTION",
+                   help=f"share of the calibration windows the --max-loss search holds back: a plan must stay within "
+                        f"the tolerance on both parts (default {DEFAULT_HOLDBACK}; 0: search on all of it)")
+    p.add_argument("--heldout", default=None, metavar="TEXT",
+                   help="also measure the chosen plan on this text and report its loss (not used to choose)")
     p.add_argument("--no-verify", action="store_true",
                    help="do not evaluate the model: plan from the profile's predictions alone")
     p.add_argument("--threads", "-t", type=int, default=None, help="compute threads (default: torch's choice)")
@@ -78,6 +84,7 @@ def main(argv: list[str]) -> int:
     plan = make_plan(profile, max_loss=max_loss, target_size=target, candidates=formats, top=args.top,
                      estimate=args.estimate,
                      verify=not args.no_verify, max_evals=args.max_evals, model_dir=args.model, calib=args.calib,
+                     holdback=args.holdback, heldout=args.heldout,
                      progress=not args.quiet and sys.stderr.isatty(), log=log)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(plan, indent=1) + "\n")
@@ -94,6 +101,14 @@ def main(argv: list[str]) -> int:
         c = m["calibration"]
         loss += (f", {100 * m['measured_loss']:+.2f}% measured on {c['tokens']:,} calibration tokens "
                  f"(ppl {c['reference_ppl']:.3f} -> {c['reference_ppl'] * (1 + m['measured_loss']):.3f})")
+    parts = m.get("measured_parts")
+    if parts:
+        loss += (f"\n                  (the worse of: {100 * parts['search']:+.2f}% on the part searched, "
+                 f"{100 * parts['held_back']:+.2f}% on the held-back calibration windows)")
+    if m.get("heldout"):
+        h = m["heldout"]
+        loss += (f"\n  held-out loss   {100 * h['loss']:+.2f}% on {h['tokens']:,} tokens of {h['text']} "
+                 f"(ppl {h['reference_ppl']:.3f} -> {h['ppl']:.3f})")
     eprint(loss)
     eprint(f"wrote {out}; convert with: edgemoe convert {m.get('model') or 'HF_DIR'} OUT_DIR --plan {out}")
     if not args.no_plot:

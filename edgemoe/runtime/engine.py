@@ -30,8 +30,9 @@ from ..store.tensorfile import TensorFileError, element_size, read_header
 from ..store.throttle import parse_rate
 from ..utils import format_bytes, parse_size, return_large_frees_to_os, rss_bytes
 from .cache import ExpertCache
-from .offload import DEFAULT_THREADS, OffloadedProvider, check_prefetch_options, prefetch_config
+from .offload import OffloadedProvider
 from .policies import POLICIES, PolicyContext, make_policy
+from .prefetch import DEFAULT_THREADS, check_prefetch_options, prefetch_config
 from .trace import RoutingTrace
 
 MODES = ("io-exp", "io-free")
@@ -178,7 +179,7 @@ def load_converted(
     belady (with trace=FILE). mode: io-exp (default) or io-free. verify: "first" (check
     each expert's checksum the first time it is read; default) or "always". direct_io:
     False forces buffered reads. prefetch (default on in io-exp), predictor, prefetch_experts,
-    prefetch_layers, prefetch_threads: expert preloading, see runtime/offload.py
+    prefetch_layers, prefetch_threads: expert preloading, see runtime/prefetch.py
     (`prefetch_config`). read_throttle: cap expert reads at this rate ("90MB/s").
     ctx_size: context size in tokens, its KV cache counted in the budget (None: the
     model's maximum positions, capped so the KV cache takes at most half of what the
@@ -271,8 +272,9 @@ def load_converted(
     try:
         if mode == "io-free":
             cache.load_all()
-            info["load_bytes_read"] = cache.store.bytes_read
-            info["load_read_s"] = round(cache.store.read_s, 6)
+            loaded = cache.counters()
+            info["load_bytes_read"] = loaded.bytes_read
+            info["load_read_s"] = round(loaded.read_s, 6)
             provider.reset_stats()
     except BaseException:
         provider.close()

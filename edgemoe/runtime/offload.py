@@ -44,75 +44,15 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from ..errors import InvalidArgument
 from ..models.moe import Expert, ExpertProvider
 from ..store.reader import ReadAborted
 from ..utils import peak_rss_bytes
 from .cache import PREFETCH, CacheFull, ExpertCache, LoadFuture
-from .predict import FITTED, METHODS, PREDICTOR_FILE, GateLookahead, Predictor, PredictorStats, make_predictor
-
-DEFAULT_LAYERS = 1  # how many MoE layers ahead to preload
-DEFAULT_THREADS = 1  # background reader threads
+from .prefetch import PrefetchConfig
 
 # Counters kept per phase (prefill / decode).
 _COUNTERS = ("hits", "misses", "bytes", "stall_s", "pf_hits", "pf_late", "pf_wasted_bytes", "pf_bytes",
              "pred_hits", "pred_needed", "pred_predicted")
-
-
-@dataclass
-class PrefetchConfig:
-    """How far ahead to preload: `layers` MoE layers, `experts` per layer (None: top_k + 1)."""
-
-    predictor: Predictor | None = None
-    layers: int = 1
-    experts: int | None = None
-    enabled: bool = True
-    reason: str = ""  # why it is off, when it is
-
-    @property
-    def active(self) -> bool:
-        return self.enabled and self.predictor is not None
-
-    def describe(self) -> dict:
-        if not self.active:
-            return {"prefetch": False, "prefetch_off": self.reason or "off"}
-        return {"prefetch": True, "predictor": self.predictor.name, "prefetch_layers": self.layers,
-                "prefetch_experts": self.experts or self.predictor.k + 1}
-
-
-def check_prefetch_options(predictor: str | None, experts: int | None, layers: int | None,
-                           threads: int | None) -> None:
-    if predictor is not None and predictor not in ("auto", *METHODS):
-        raise InvalidArgument(f"unknown predictor {predictor!r} (choose from auto, {', '.join(METHODS)})")
-    for name, v in (("prefetch experts", experts), ("prefetch layers", layers), ("prefetch threads", threads)):
-        if v is not None and v < 1:
-            raise InvalidArgument(f"{name} must be at least 1, got {v}")
-
-
-def prefetch_config(path, model, args, mode: str, capacity: int, min_cache: int, prefetch: bool | None,
-                    predictor: str | None, experts: int | None, layers: int | None) -> PrefetchConfig:
-    """Preloading as asked for, with its defaults: on in io-exp mode; the predictor is
-    `combined` when the converted directory holds a fitted predictor.npz, else the gate
-    look-ahead (which needs no fitting); top_k + 1 experts, one MoE layer ahead. It is off
-    when the cache cannot hold two layers' experts (it could only evict what is needed)."""
-    from pathlib import Path
-
-    layers = layers or DEFAULT_LAYERS
-    if prefetch is False:
-        return PrefetchConfig(enabled=False, reason="off (--no-prefetch)")
-    if mode == "io-free":
-        return PrefetchConfig(enabled=False, reason="off (io-free: every expert is in RAM)")
-    moe = args.moe_layers()
-    if len(moe) < 2:
-        return PrefetchConfig(enabled=False, reason="off (one MoE layer: nothing to predict)")
-    file = Path(path) / PREDICTOR_FILE
-    method = predictor if predictor not in (None, "auto") else ("combined" if file.exists() else "gate")
-    stats = PredictorStats.load(file) if method in FITTED or file.exists() else None
-    pred = make_predictor(method, stats, GateLookahead.from_model(model), moe, args.experts_per_layer, args.top_k)
-    if capacity < 2 * min_cache:
-        reason = "off (the cache holds fewer than two layers' experts)"
-        return PrefetchConfig(pred, layers, experts, enabled=False, reason=reason)
-    return PrefetchConfig(pred, layers, experts)
 
 
 @dataclass(eq=False)
@@ -127,14 +67,19 @@ class _Prefetch:
 
 
 class OffloadedProvider(ExpertProvider):
+    """Serves MoE blocks from an ExpertCache and preloads what later layers are predicted
+    to use (see the module notes). It speaks to the cache only through its public
+    operations."""
+
     def __init__(self, cache: ExpertCache, info: dict, moe_layers: Sequence[int] | None = None,
                  prefetch: PrefetchConfig | None = None):
         self.cache = cache
         self.info = info  # static facts for the statistics: mode, policy, budget, resident bytes, baseline RSS
-        self.layers = list(moe_layers) if moe_layers is not None else sorted({k[0] for k in cache.store.entries})
+        self.layers = list(moe_layers) if moe_layers is not None else list(cache.args.moe_layers())
         self.pos = {layer: i for i, layer in enumerate(self.layers)}
         self.L = len(self.layers)
-        self.top_k = cache.store.args.top_k
+        self.top_k = cache.args.top_k
+        self.num_experts = cache.args.experts_per_layer
         self.prefetch = prefetch or PrefetchConfig(enabled=False, reason="off")
         self.n_prefetch = self.prefetch.experts or self.top_k + 1
         self.forwards_started = 0
@@ -150,10 +95,8 @@ class OffloadedProvider(ExpertProvider):
     def begin_forward(self, num_tokens: int) -> None:
         self._drop_all(discard=False)
         self._poll_retired()
-        with self.cache.cond:
-            self.cache.policy.on_forward(num_tokens)
-            self._base = self.forwards_started * max(self.L, 1)
-            self.cache.now = self._base  # guards of the last forward lapse
+        self._base = self.forwards_started * max(self.L, 1)
+        self.cache.begin_forward(num_tokens, self._base)  # guards of the last forward lapse
         self.forwards_started += 1
         self._rows.clear()
         self._predicted.clear()
@@ -167,9 +110,8 @@ class OffloadedProvider(ExpertProvider):
     def _account(self) -> None:
         """Add the cache counters' growth since the last forward began to the phase
         (prefill or decode) that forward belonged to."""
-        c = self.cache
-        with c.cond:
-            now = (c.hits, c.misses, c.store.bytes_read, c.stall_s)
+        c = self.cache.counters()
+        now = (c.hits, c.misses, c.bytes_read, c.stall_s)
         acc = self._phases[self._phase]
         for name, a, b in zip(_COUNTERS[:4], now, self._mark):
             acc[name] += a - b
@@ -187,10 +129,7 @@ class OffloadedProvider(ExpertProvider):
         except BaseException:
             self._drop_all(discard=True)
             raise
-        with cache.cond:
-            cache.now = self._base + pos
-            cache.policy.on_request(layer, [k[1] for k in keys])
-            pinned = cache.pin(keys)
+        pinned = cache.request(layer, keys, self._base + pos)  # the cached ones, pinned
         present = set(pinned)
         try:
             self._settle(pos, set(keys))
@@ -242,7 +181,7 @@ class OffloadedProvider(ExpertProvider):
                 context[pos - 1] = self._rows[pos - 1]
         else:
             context = {pos: np.empty((x.shape[0], 0), np.int16) if x.shape[0] > 1 else []}
-        E = cache.store.args.experts_per_layer
+        E = self.num_experts
         todo = []  # (key, priority, guard, target)
         for d in range(1, cfg.layers + 1):
             j = pos + d
@@ -259,9 +198,8 @@ class OffloadedProvider(ExpertProvider):
                     todo.append((key, PREFETCH + (d - 1) * E + rank, until, j))
         if todo:
             futures = cache.submit_many([t[:3] for t in todo])  # one wake-up of the loader
-            entries = cache.store.entries
             for (key, _, _, j), fut in zip(todo, futures):
-                self._records[key] = _Prefetch(key, j, fut, entries[key].length, self._phase)
+                self._records[key] = _Prefetch(key, j, fut, cache.blob_bytes(key), self._phase)
 
     def _settle(self, pos: int, needed: set) -> None:
         """Layer `pos` is being served: judge the prefetches made for it."""
@@ -327,11 +265,16 @@ class OffloadedProvider(ExpertProvider):
                         f.exception(), (CacheFull, ReadAborted)):
                     del self._records[r.key]
                     self._finish(r)  # raises
-        if self._retired:
-            done = [r for r in self._retired if r.future.done()]
-            self._retired = [r for r in self._retired if not r.future.done()]
-            for r in done:
-                self._finish(r)
+        for r in self._take_finished():
+            self._finish(r)
+
+    def _take_finished(self) -> list[_Prefetch]:
+        """Remove the retired prefetches whose loads have ended, and return them."""
+        done, running = [], []
+        for r in self._retired:
+            (done if r.future.done() else running).append(r)
+        self._retired = running
+        return done
 
     def _drop_all(self, discard: bool) -> None:
         """Cancel or abort every unsettled prefetch (a new forward, or this one failed)."""
@@ -361,7 +304,7 @@ class OffloadedProvider(ExpertProvider):
         out = {
             "mode": info["mode"],
             "cache_policy": info["cache_policy"],
-            "io": self.cache.store.io_mode,
+            "io": self.cache.io_mode,
             "hits": c["hits"],
             "misses": c["misses"],
             "hit_rate": c["hit_rate"],
@@ -392,10 +335,7 @@ class OffloadedProvider(ExpertProvider):
             "baseline_rss_bytes": baseline,
             "rss_over_baseline_bytes": max(peak_rss_bytes() - baseline, 0),
         }
-        throttle = self.cache.store.throttle
-        out["read_throttle_bps"] = int(throttle.rate) if throttle is not None else None
-        if throttle is not None:
-            out["throttle_wait_s"] = round(throttle.wait_s, 6)
+        out.update(self.cache.throttle_stats())
         cfg = self.prefetch
         out["prefetch"] = cfg.active
         if cfg.active:
@@ -431,26 +371,19 @@ class OffloadedProvider(ExpertProvider):
             out["compact_bytes"] = c["compact_bytes"]
         if c["background_loads"]:
             out["background_loads"] = c["background_loads"]
-        out.update(self.cache.policy.describe())
+        out.update(self.cache.eviction_stats())
         return out
 
     def reset_stats(self) -> None:
-        self._poll_quietly()
-        self.cache.reset_stats()
-        if self.cache.store.throttle is not None:
-            self.cache.store.throttle.wait_s = 0.0
+        for r in self._retired:  # loads of an earlier request: their errors are moot
+            r.discard = True
+        self._take_finished()  # forgotten: the statistics restart
+        self.cache.reset_stats()  # its store's and throttle's counters too
         self.tokens = self.forwards = self.decode_forwards = 0
         self.pf_reads = self.pf_cancelled = self.pf_not_started = self.pf_aborted = self.pf_no_room = 0
         self._phase = "prefill"
         self._phases = {p: {k: 0 for k in _COUNTERS} for p in ("prefill", "decode")}
         self._mark = (0, 0, 0, 0.0)
-
-    def _poll_quietly(self) -> None:
-        """Forget finished background loads of an earlier request (statistics restart)."""
-        for r in list(getattr(self, "_retired", [])):
-            r.discard = True
-        if hasattr(self, "_retired"):
-            self._retired = [r for r in self._retired if not r.future.done()]
 
     def close(self) -> None:
         self._drop_all(discard=True)

@@ -341,7 +341,8 @@ def plot_sweep(curves: dict[str, list[tuple[int, float]]], total: int, out: str 
 def predictor_report(work: Workload, fit_fraction: float, ns: list[int]) -> dict:
     """Fit the predictors on the first `fit_fraction` of the per-token trace and evaluate
     them on the rest at distance 1 (recall@n and precision@n)."""
-    from .predict import PredictorError, evaluate, fit, make_predictor
+    from .fit import evaluate, fit
+    from .predict import PredictorError, make_predictor
 
     t = work.trace
     if t is None or (t.ids < 0).any():

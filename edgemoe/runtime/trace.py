@@ -2,7 +2,7 @@
 
 A trace is recorded from `MoEBlock.hook` during an ordinary run (in RAM or offloaded), or
 teacher-forced over a text by `edgemoe trace`, and saved as a compressed `.npz` file
-(numpy's zip of plain arrays, loaded with allow_pickle=False):
+(the container of npzfile.py: numpy's zip of plain arrays, loaded with allow_pickle=False):
 
     header          uint8   JSON: {"format": "edgemoe-routing-trace", "version": 2,
                             "model_type", "moe_layers": [...], "num_experts", "top_k",
@@ -22,18 +22,22 @@ T is every token processed (prompt and generated, across requests), L the number
 layers. The requests the cache sees are recovered exactly: forward f covers the next
 forward_tokens[f] rows, and each MoE layer in it asks for the distinct ids in those rows.
 That is what the Belady policy replays; predictors and plots can use the same file.
+
+`RoutingRecorder` is the general routing hook for tools that watch a model run:
+`TraceRecorder` records traces with it; the bundled-model report and the bitwidth
+profiler build on it too.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..errors import EdgeMoEError
-from ..utils import save_npz_atomic
+from .npzfile import load_npz, save_npz
+from .predict import GateLookahead
 
 TRACE_FORMAT = "edgemoe-routing-trace"
 TRACE_VERSION = 2
@@ -45,6 +49,9 @@ class TraceError(EdgeMoEError):
 
 
 class RoutingTrace:
+    """A routing trace in memory (see the module notes for its arrays); `load` and `save`
+    read and write the file."""
+
     def __init__(self, header: dict, ids: np.ndarray, weights: np.ndarray | None, forward_tokens: np.ndarray,
                  source: str | Path = "<memory>", lookahead: np.ndarray | None = None):
         self.header = header
@@ -79,37 +86,20 @@ class RoutingTrace:
 
     def save(self, path: str | Path) -> None:
         """Write atomically (temporary file, then rename)."""
-        arrays = {"header": np.frombuffer(json.dumps(self.header).encode(), dtype=np.uint8),
-                  "ids": self.ids, "forward_tokens": self.forward_tokens}
+        arrays = {"ids": self.ids, "forward_tokens": self.forward_tokens}
         if self.weights is not None:
             arrays["weights"] = self.weights
         if self.lookahead is not None:
             arrays["lookahead"] = self.lookahead
-        save_npz_atomic(path, arrays)
+        save_npz(path, self.header, arrays)
 
     @classmethod
     def load(cls, path: str | Path) -> "RoutingTrace":
+        """Read and check a trace file (TraceError names what is wrong)."""
         path = Path(path)
-        if not path.exists():
-            raise TraceError(f"{path}: routing trace not found")
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                files = set(z.files)
-                if not {"header", "ids", "forward_tokens"} <= files:
-                    raise TraceError(f"{path}: not an edgemoe routing trace (arrays: {', '.join(sorted(files))})")
-                header = json.loads(z["header"].tobytes().decode())
-                ids, fwd = z["ids"], z["forward_tokens"]
-                weights = z["weights"] if "weights" in files else None
-                lookahead = z["lookahead"] if "lookahead" in files else None
-        except TraceError:
-            raise
-        except Exception as e:  # zip, npy and JSON errors all mean an unusable file
-            raise TraceError(f"{path}: cannot read routing trace: {e}") from None
-        if not isinstance(header, dict) or header.get("format") != TRACE_FORMAT:
-            raise TraceError(f"{path}: not an edgemoe routing trace")
-        if header.get("version") not in READABLE_VERSIONS:
-            raise TraceError(f"{path}: trace version {header.get('version')!r} is not supported "
-                             f"(expected {' or '.join(map(str, READABLE_VERSIONS))})")
+        header, z = load_npz(path, what="routing trace", noun="trace", fmt=TRACE_FORMAT, versions=READABLE_VERSIONS,
+                             required={"ids", "forward_tokens"}, optional={"weights", "lookahead"}, error=TraceError)
+        ids, fwd, weights, lookahead = z["ids"], z["forward_tokens"], z.get("weights"), z.get("lookahead")
         L, k = len(header.get("moe_layers", [])), header.get("top_k")
         if ids.ndim != 3 or ids.shape[1:] != (L, k) or not np.issubdtype(ids.dtype, np.integer):
             raise TraceError(f"{path}: ids array has shape {ids.shape}, expected (tokens, {L}, {k})")
@@ -125,65 +115,92 @@ class RoutingTrace:
         return cls(header, ids, weights, fwd, path, lookahead)
 
 
-class TraceRecorder:
-    """Records routing from a model's MoE blocks through their hooks. Existing hooks keep
-    running (the recorder chains to them). With `lookahead=D` it also records the gate
-    look-ahead logits of the next D MoE layers (taking each block's input with a forward
-    pre-hook)."""
+class RoutingRecorder:
+    """Sees the routing of every MoE block of a model, call by call, through the blocks'
+    routing hooks (traces, the bundled-model report and the bitwidth profiler build on
+    it). Hooks already set keep running (it chains to them) and `detach` restores them.
 
-    def __init__(self, model, lookahead: int = 0):
-        from .. import __version__
-        from .predict import GateLookahead
+    Subclasses override `on_route(i, ids, weights, logits)`, called for every block call
+    with the block's MoE position i and its routing: ids (N, k) (-1: a slot adaptive
+    gating dropped), weights (N, k) and router logits (N, E). With `inputs=True` the
+    block's input (N, H) of that call is `self.x` (taken with a forward pre-hook). While
+    `active` is False, calls are not recorded (a caller's reruns)."""
 
+    def __init__(self, model, inputs: bool = False):
         self.blocks = list(model.moe_blocks())
         if not self.blocks:
-            raise TraceError("the model has no MoE layers to trace")
+            raise TraceError("the model has no MoE layers to record routing from")
         self.layers = [b.layer for b in self.blocks]
         self.index = {layer: i for i, layer in enumerate(self.layers)}
         b0 = self.blocks[0]
         self.num_experts, self.top_k = b0.num_experts, b0.router.top_k
-        self.model_type = getattr(model.args, "model_type", "")
-        self.version = __version__
-        self.ids: list[list[np.ndarray]] = [[] for _ in self.layers]  # per layer: (N, k) per forward
-        self.weights: list[list[np.ndarray]] = [[] for _ in self.layers]
-        self.forward_tokens: list[int] = []
-        self.depth = max(0, min(int(lookahead), len(self.layers) - 1))
-        self.gate = GateLookahead.from_model(model) if self.depth else None
-        self.look: list[list[np.ndarray]] = [[] for _ in self.layers]  # per layer: (N, D, E) per forward
-        self._x: torch.Tensor | None = None
-        self._pre = ([b.register_forward_pre_hook(self._stash) for b in self.blocks] if self.depth else [])
+        self.active = True
+        self.x: torch.Tensor | None = None  # (N, H): the input of the block call being recorded
+        self._pre = [b.register_forward_pre_hook(self._stash) for b in self.blocks] if inputs else []
         self._prev = [b.hook for b in self.blocks]
-        self._expect = 0  # index of the MoE layer the next hook call must come from
         for b, prev in zip(self.blocks, self._prev):
             b.hook = self._make_hook(prev)
 
+    def on_route(self, i: int, ids: torch.Tensor, weights: torch.Tensor, logits: torch.Tensor) -> None:
+        """One MoE block call (position i) routed; see the class notes."""
+
     def _stash(self, module, args) -> None:
-        x = args[0]
-        self._x = x.reshape(-1, x.shape[-1])  # (N, H)
+        if self.active:
+            x = args[0]
+            self.x = x.reshape(-1, x.shape[-1])  # (N, H)
 
     def _make_hook(self, prev):
         def hook(layer: int, ids: torch.Tensor, weights: torch.Tensor, logits: torch.Tensor) -> None:
-            self._record(layer, ids, weights)
+            if self.active:
+                self.on_route(self.index[layer], ids, weights, logits)
             if prev is not None:
                 prev(layer, ids, weights, logits)
 
         return hook
 
-    def _record(self, layer: int, ids: torch.Tensor, weights: torch.Tensor) -> None:
-        i = self.index[layer]
+    def detach(self) -> None:
+        """Remove the recorder's hooks and put back the ones it found."""
+        for b, prev in zip(self.blocks, self._prev):
+            b.hook = prev
+        for h in self._pre:
+            h.remove()
+        self._pre = []
+
+
+class TraceRecorder(RoutingRecorder):
+    """Records a routing trace (`trace`, `save`): every token's experts and weights in
+    every MoE layer, forward by forward. With `lookahead=D` it also records the gate
+    look-ahead logits of the next D MoE layers on each block's input."""
+
+    def __init__(self, model, lookahead: int = 0):
+        from .. import __version__
+
+        L = sum(1 for _ in model.moe_blocks())
+        self.depth = max(0, min(int(lookahead), L - 1))
+        super().__init__(model, inputs=self.depth > 0)
+        self.model_type = getattr(model.args, "model_type", "")
+        self.version = __version__
+        self.ids: list[list[np.ndarray]] = [[] for _ in self.layers]  # per layer: (N, k) per forward
+        self.weights: list[list[np.ndarray]] = [[] for _ in self.layers]
+        self.forward_tokens: list[int] = []
+        self.gate = GateLookahead.from_model(model) if self.depth else None
+        self.look: list[list[np.ndarray]] = [[] for _ in self.layers]  # per layer: (N, D, E) per forward
+        self._expect = 0  # index of the MoE layer the next hook call must come from
+
+    def on_route(self, i: int, ids: torch.Tensor, weights: torch.Tensor, logits: torch.Tensor) -> None:
         if i == 0:
             if self._expect != 0:  # the previous forward stopped early (an error): drop it
                 self._drop_partial()
             self.forward_tokens.append(ids.shape[0])
         elif i != self._expect:
-            raise TraceError(f"routing trace: MoE layer {layer} ran out of order")
+            raise TraceError(f"routing trace: MoE layer {self.layers[i]} ran out of order")
         self.ids[i].append(ids.to(torch.int16 if self.num_experts < 32768 else torch.int32).numpy().copy())
         self.weights[i].append(weights.detach().to(torch.float16).numpy().copy())
         if self.depth:
             look = np.zeros((ids.shape[0], self.depth, self.num_experts), np.float16)  # (N, D, E)
             for d in range(1, self.depth + 1):
                 if i + d < len(self.layers):
-                    look[:, d - 1] = self.gate.logits(self._x, i + d).to(torch.float16).numpy()
+                    look[:, d - 1] = self.gate.logits(self.x, i + d).to(torch.float16).numpy()
             self.look[i].append(look)
         self._expect = (i + 1) % len(self.layers)
 
@@ -197,6 +214,7 @@ class TraceRecorder:
         self._expect = 0
 
     def trace(self) -> RoutingTrace:
+        """What was recorded so far (a forward cut short by an error is left out)."""
         if self._expect != 0:
             self._drop_partial()
         k = self.top_k
@@ -217,14 +235,8 @@ class TraceRecorder:
         return RoutingTrace(header, ids, weights, np.asarray(self.forward_tokens, dtype=np.int32), lookahead=look)
 
     def save(self, path: str | Path) -> RoutingTrace:
+        """Write the trace recorded so far to `path`; returns it."""
         t = self.trace()
         t.source = path
         t.save(path)
         return t
-
-    def detach(self) -> None:
-        for b, prev in zip(self.blocks, self._prev):
-            b.hook = prev
-        for h in self._pre:
-            h.remove()
-        self._pre = []

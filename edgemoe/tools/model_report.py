@@ -15,7 +15,7 @@ Everything is measured with edgemoe's own forward pass in float32:
   uniform routing, layer-independent routing with the same per-layer usage, and a
   randomly initialised model of the same shape give.
 
-The functions are reusable: `perplexity` (from edgemoe.evaluate), `RoutingRecorder`, `usage_entropy`,
+The functions are reusable: `perplexity` (from edgemoe.evaluate), `RoutingCounts`, `usage_entropy`,
 `path_coverage`.
 """
 
@@ -32,42 +32,40 @@ from pathlib import Path
 
 import torch
 
-from ..errors import EdgeMoEError
 from ..evaluate import perplexity, windows  # noqa: F401  (shared with `edgemoe eval`; re-exported)
 from ..models.base import Transformer
+from ..runtime.trace import RoutingRecorder
 
 # ----------------------------------------------------------------------------- measurement
 
 
-class RoutingRecorder:
+class RoutingCounts(RoutingRecorder):
     """Counts top-k expert selections per layer, (layer n-1, layer n) expert paths and
-    (layer, expert, input token) co-occurrences, through the MoE blocks' routing hooks."""
+    (layer, expert, input token) co-occurrences. `perplexity(..., recorder=)` calls
+    `start` with each batch's tokens and `finish` after its forward."""
 
     def __init__(self, model: Transformer):
-        self.blocks = list(model.moe_blocks())
-        if not self.blocks:
-            raise EdgeMoEError("the model has no MoE layers")
-        self.layers = [b.layer for b in self.blocks]
-        self.E = self.blocks[0].num_experts
+        super().__init__(model)
+        self.E = self.num_experts
         self.V = model.args.vocab_size
         L = len(self.blocks)
         self.counts = torch.zeros(L, self.E, dtype=torch.float64)  # (L, E)
         self.pairs = torch.zeros(max(L - 1, 0), self.E, self.E, dtype=torch.float64)  # (L-1, E, E)
         self.token_counts = torch.zeros(L, self.E, self.V, dtype=torch.float64)  # (L, E, V)
-        self._ids: dict[int, torch.Tensor] = {}
+        self._ids: dict[int, torch.Tensor] = {}  # MoE position -> (N, k) of this batch
         self._tokens: torch.Tensor | None = None
-        for b in self.blocks:
-            b.hook = self._hook
 
-    def _hook(self, layer: int, ids: torch.Tensor, weights: torch.Tensor, logits: torch.Tensor) -> None:
-        self._ids[layer] = ids.detach().clone()  # (N, k)
+    def on_route(self, i: int, ids: torch.Tensor, weights: torch.Tensor, logits: torch.Tensor) -> None:
+        self._ids[i] = ids.detach().clone()  # (N, k)
 
     def start(self, tokens: torch.Tensor) -> None:
+        """A batch of token windows (B, T) is about to run."""
         self._ids.clear()
         self._tokens = tokens.reshape(-1)  # (N,)
 
     def finish(self) -> None:
-        sel = [self._ids[layer] for layer in self.layers]  # L x (N, k)
+        """The batch ran: add its selections to the counts."""
+        sel = [self._ids[i] for i in range(len(self.layers))]  # L x (N, k)
         E = self.E
         for i, s in enumerate(sel):
             flat = s.reshape(-1)
@@ -81,10 +79,6 @@ class RoutingRecorder:
             paths = (a[:, :, None] * E + b[:, None, :]).reshape(-1)  # (N*k*k,)
             self.pairs[i - 1] += torch.bincount(paths, minlength=E * E).view(E, E).double()
         self._ids.clear()
-
-    def detach(self) -> None:
-        for b in self.blocks:
-            b.hook = None
 
 
 def usage_entropy(counts: torch.Tensor) -> list[float]:
@@ -139,7 +133,7 @@ def randomize_(model: Transformer, seed: int = 0, std: float = 0.02) -> None:
         block.provider = provider
 
 
-def routing_summary(rec: RoutingRecorder) -> dict:
+def routing_summary(rec: RoutingCounts) -> dict:
     E = rec.E
     ent = usage_entropy(rec.counts)
     pair_stats = []
@@ -165,7 +159,7 @@ def routing_summary(rec: RoutingRecorder) -> dict:
     }
 
 
-def expert_tokens(rec: RoutingRecorder, layer_index: int, decode, top: int = 6, min_count: int = 20) -> list[list[str]]:
+def expert_tokens(rec: RoutingCounts, layer_index: int, decode, top: int = 6, min_count: int = 20) -> list[list[str]]:
     """For each expert of one layer, the input tokens most over-represented among the
     tokens routed to it (lift = P(token | expert) / P(token))."""
     tc = rec.token_counts[layer_index]  # (E, V)
@@ -209,7 +203,7 @@ def build_report(model_dir: Path, heldout: Path, max_tokens: int = 80) -> tuple[
     text = heldout.read_text(encoding="utf-8")
     ids = tok.encode(text)  # "<|endoftext|>" separators become the EOS token
     context = args.max_position_embeddings
-    rec = RoutingRecorder(model)
+    rec = RoutingCounts(model)
     ppl = perplexity(model, ids, context, recorder=rec)
     rec.detach()
     n_eval = ppl["tokens"]
@@ -220,7 +214,7 @@ def build_report(model_dir: Path, heldout: Path, max_tokens: int = 80) -> tuple[
     specialists = {i: expert_tokens(rec, i, lambda t: tok.decode([t], skip_special_tokens=False)) for i in (0, mid)}
 
     randomize_(model, seed=0)
-    rrec = RoutingRecorder(model)
+    rrec = RoutingCounts(model)
     rppl = perplexity(model, ids[: RANDOM_WINDOWS * context + 1], context, recorder=rrec)
     rrec.detach()
     rand = routing_summary(rrec)

@@ -169,7 +169,7 @@ def _calib_loss(hf, calib, formats) -> float:
 def test_max_loss_plan_is_within_tolerance_on_the_calibration_text(profiled, tmp_path):
     hf, calib, prof = profiled
     for tol in (0.01, 0.05):
-        plan = make_plan(prof, max_loss=tol, max_evals=8)
+        plan = make_plan(prof, max_loss=tol, max_evals=8, holdback=0)  # the search sees all the text
         m = plan["meta"]
         assert m["measured_loss"] <= tol and m["objective"] == {"max_loss": tol}
         assert m["search"] and all(s["measured_loss"] is not None for s in m["search"])
@@ -180,6 +180,42 @@ def test_max_loss_plan_is_within_tolerance_on_the_calibration_text(profiled, tmp
     # A looser tolerance never gives a bigger model.
     small = make_plan(prof, max_loss=0.5, max_evals=6)["meta"]["expert_bytes"]
     assert small <= m["expert_bytes"]
+
+
+def _part_losses(hf, calib, formats, back_windows) -> dict:
+    """Relative losses on the searched windows and the held-back ones, measured apart."""
+    model, _ = load_hf(hf, "float32")
+    ids = eval_tokens(Tokenizer(hf), calib.read_text(), CONTEXT, 8 * CONTEXT)
+    cut = ((len(ids) - 1) // CONTEXT - back_windows) * CONTEXT
+    parts = {"search": ids[: cut + 1], "held_back": ids[cut:]}
+    ref = {k: perplexity(model, v, CONTEXT)["ppl"] for k, v in parts.items()}
+    ExpertVariants(model).attach(formats)
+    return {k: relative_loss(perplexity(model, v, CONTEXT)["ppl"], ref[k]) for k, v in parts.items()}
+
+
+def test_held_back_windows_guard_the_search(profiled, tmp_path):
+    """With the default hold-back, a plan is within the tolerance on both the windows it
+    was searched on and the windows held back (8 windows: 2 held back), each measured
+    independently; the held-out text is measured and reported, never used to choose."""
+    hf, calib, prof = profiled
+    heldout = tmp_path / "other.txt"
+    heldout.write_text(calib.read_text()[::-1])
+    plan = make_plan(prof, max_loss=0.02, max_evals=8, heldout=heldout)
+    m = plan["meta"]
+    assert m["calibration"]["held_back_windows"] == 2
+    parts = m["measured_parts"]
+    assert set(parts) == {"search", "held_back"} and m["measured_loss"] == max(parts.values()) <= 0.02
+    formats = {(l, e): plan["experts"].get(f"{l}.{e}", plan["default"]) for l in range(3) for e in range(4)}
+    want = _part_losses(hf, calib, formats, 2)
+    for k in parts:
+        assert want[k] == pytest.approx(parts[k], abs=1e-9)
+    assert all(set(s) >= {"search_loss", "held_back_loss"} for s in m["search"])
+    h = m["heldout"]
+    assert h["text"] == str(heldout.resolve()) and h["loss"] == pytest.approx(h["ppl"] / h["reference_ppl"] - 1)
+    with pytest.raises(InvalidArgument, match="--holdback"):
+        make_plan(prof, max_loss=0.02, holdback=1.0)
+    with pytest.raises(InvalidArgument, match="--no-verify"):
+        make_plan(prof, max_loss=0.02, verify=False, heldout=heldout)
 
 
 def test_size_plan_converts_to_exactly_its_bytes(profiled, tmp_path):

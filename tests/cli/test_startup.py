@@ -81,3 +81,4 @@ def test_copied_option_lists_match_the_runtime():
     assert (profile.DEFAULT_FORMATS, profile.DEFAULT_CALIB_TOKENS, profile.DEFAULT_VALIDATE) == (
         bw_profile.DEFAULT_FORMATS, bw_profile.DEFAULT_CALIB_TOKENS, bw_profile.DEFAULT_VALIDATE)
     assert plan.DEFAULT_MAX_EVALS == bw_plan.DEFAULT_MAX_EVALS
+    assert plan.DEFAULT_HOLDBACK == bw_plan.DEFAULT_HOLDBACK

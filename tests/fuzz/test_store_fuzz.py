@@ -36,7 +36,8 @@ import pytest
 
 import edgemoe
 from edgemoe.errors import EdgeMoEError
-from edgemoe.runtime.predict import PREDICTOR_FILE, fit
+from edgemoe.runtime.fit import fit
+from edgemoe.runtime.predict import PREDICTOR_FILE
 from edgemoe.runtime.trace import RoutingTrace, TraceRecorder
 from edgemoe.store import format as store_format
 from edgemoe.store.format import read_manifest

@@ -14,8 +14,9 @@ import torch
 
 import edgemoe
 from edgemoe.errors import BudgetError
-from edgemoe.runtime.cache import DEMAND, PREFETCH, READY, CacheFull, ExpertCache, SlabAllocator
+from edgemoe.runtime.cache import DEMAND, PREFETCH, READY, CacheFull, ExpertCache
 from edgemoe.runtime.policies import PolicyContext, make_policy
+from edgemoe.runtime.slab import SlabAllocator
 from edgemoe.store.format import ALIGN, ExpertPlan
 from edgemoe.store.reader import ExpertStore
 
@@ -83,14 +84,14 @@ def new_cache(conv: Path, capacity: int, policy: str = "lru") -> ExpertCache:
 
 def check_invariants(cache: ExpertCache) -> None:
     """No two blobs overlap, bookkeeping adds up, and every READY blob holds the right bytes."""
-    spans = sorted((e.offset, e.offset + e.length) for e in cache.entries.values())
+    spans = sorted((e.offset, e.offset + e.length) for e in cache._entries.values())
     for (a0, a1), (b0, b1) in zip(spans, spans[1:]):
         assert a1 <= b0
     assert not spans or spans[-1][1] <= cache.capacity
-    assert cache.used == sum(e.length for e in cache.entries.values()) <= cache.capacity
-    for e in cache.entries.values():
+    assert cache.used == sum(e.length for e in cache._entries.values()) <= cache.capacity
+    for e in cache._entries.values():
         if e.state == READY:
-            blob = cache.slab.view[e.offset : e.offset + e.info.size]
+            blob = cache._slab.view[e.offset : e.offset + e.info.size]
             assert zlib.crc32(blob) == e.info.crc32, e.key
 
 
@@ -104,20 +105,20 @@ def use(cache: ExpertCache, key) -> torch.Tensor:
 
 def test_hits_misses_and_capacity(mixed):
     cache = new_cache(mixed, 200_000)
-    keys = sorted(cache.store.entries)
+    keys = sorted(cache._store.entries)
     for k in keys:
         use(cache, k)
         check_invariants(cache)
     use(cache, keys[-1])
     s = cache.stats()
     assert s["misses"] == len(keys) and s["hits"] == 1 and s["evictions"] > 0
-    assert s["cache_peak_bytes"] <= cache.capacity and cache.touched <= cache.capacity
+    assert s["cache_peak_bytes"] <= cache.capacity and cache.stats()["cache_touched_bytes"] <= cache.capacity
     cache.close()
 
 
 def test_pinned_experts_are_never_evicted(mixed):
     cache = new_cache(mixed, 4 * 73728)
-    keys = sorted(cache.store.entries)
+    keys = sorted(cache._store.entries)
     use(cache, keys[0])
     assert cache.pin([keys[0], (99, 0)]) == [keys[0]]
     for k in keys[1:]:
@@ -133,7 +134,7 @@ def test_pinned_experts_are_never_evicted(mixed):
 def test_leased_expert_stays_put_while_others_load(mixed):
     """A leased expert's views stay valid: no eviction, no move, same output."""
     cache = new_cache(mixed, 4 * 73728)
-    keys = sorted(cache.store.entries)
+    keys = sorted(cache._store.entries)
     entry, _ = cache.acquire(keys[0])
     expert = cache.expert(entry)
     before = expert(torch.ones(1, 64))
@@ -152,7 +153,7 @@ def test_compaction_moves_blobs_without_changing_them(mixed):
     rng = random.Random(3)
     cache = new_cache(mixed, 3 * 73728 + 36864, "lfu")
     cache.fit_victims = False  # evict in the policy's order only, so that fragments pile up and get compacted
-    keys = sorted(cache.store.entries)
+    keys = sorted(cache._store.entries)
     want = {}
     for _ in range(300):
         k = rng.choice(keys)
@@ -161,7 +162,7 @@ def test_compaction_moves_blobs_without_changing_them(mixed):
             torch.testing.assert_close(out, want[k], rtol=0, atol=0)
         want[k] = out
         check_invariants(cache)
-    assert cache.compactions > 0 and cache.compact_bytes > 0
+    assert cache.stats()["compactions"] > 0 and cache.stats()["compact_bytes"] > 0
     cache.close()
 
 
@@ -173,11 +174,11 @@ def test_mixed_sizes_evict_a_victim_that_opens_a_hole(mixed):
         rng = random.Random(3)
         cache = new_cache(mixed, 3 * 73728 + 36864, "lfu")
         cache.fit_victims = fit
-        keys = sorted(cache.store.entries)
+        keys = sorted(cache._store.entries)
         for _ in range(300):
             use(cache, rng.choice(keys))
             check_invariants(cache)
-        moved[fit] = cache.compact_bytes
+        moved[fit] = cache.stats()["compact_bytes"]
         cache.close()
     assert moved[True] < moved[False] / 2
 
@@ -192,7 +193,7 @@ def test_expert_larger_than_cache_is_refused(mixed):
 
 def test_background_loads_run_in_priority_order(mixed):
     cache = new_cache(mixed, 10 * 73728)
-    store = cache.store
+    store = cache._store
     gate, started, order = threading.Event(), threading.Event(), []
     real = store.read_into
 
@@ -219,7 +220,7 @@ def test_background_loads_run_in_priority_order(mixed):
 
 def test_demand_waits_for_an_expert_being_loaded_in_background(mixed):
     cache = new_cache(mixed, 10 * 73728)
-    store, gate, started = cache.store, threading.Event(), threading.Event()
+    store, gate, started = cache._store, threading.Event(), threading.Event()
     real = store.read_into
 
     def slow(entry, buf, **kw):
@@ -233,7 +234,7 @@ def test_demand_waits_for_an_expert_being_loaded_in_background(mixed):
     assert started.wait(10)
     threading.Timer(0.05, gate.set).start()
     entry, hit = cache.acquire(key)  # blocks until the background read is done
-    assert hit and cache.waits == 1 and store.reads == 1
+    assert hit and cache.stats()["waits"] == 1 and store.reads == 1
     cache.release(entry)
     assert fut.result(timeout=10) is True
     cache.close()
@@ -243,7 +244,7 @@ def test_concurrent_demand_and_background_loads(mixed):
     """Random on-demand uses in this thread while a background thread loads other
     experts into a small cache: no overlap, no corruption, no deadlock."""
     cache = new_cache(mixed, 3 * 73728, "edgemoe")
-    keys = sorted(cache.store.entries)
+    keys = sorted(cache._store.entries)
     rng = random.Random(7)
     ref = {k: use(cache, k) for k in keys}
     futures = []
@@ -257,7 +258,7 @@ def test_concurrent_demand_and_background_loads(mixed):
             f.result(timeout=30)
         except CacheFull:
             pass  # a background load may find every expert in use; it is dropped
-    with cache.cond:
+    with cache._cond:
         check_invariants(cache)
     assert cache.stats()["background_loads"] > 0
     cache.close()

@@ -83,7 +83,7 @@ def test_flipped_byte_in_expert_is_caught_before_use(model, copy):
     flip(copy / "experts.bin", entry.offset + entry.size // 2)
     engine = edgemoe.load(copy, memory=None)
     computed = []
-    store = engine.provider.cache.store
+    store = engine.provider.cache._store
     real_expert = store.expert
     store.expert = lambda e, *a: computed.append(e.key) or real_expert(e, *a)
     with pytest.raises(StoreError, match=rf"layer {layer} expert {expert}: checksum mismatch"):
@@ -120,7 +120,7 @@ def test_verify_first_checks_each_expert_once_always_every_read(model, copy):
     counts = {}
     for verify in ("first", "always"):
         with edgemoe.load(copy, memory=budget, verify=verify) as engine:
-            store = engine.provider.cache.store
+            store = engine.provider.cache._store
             read, real = [], store.read_into
             store.read_into = lambda entry, *a, **k: read.append(entry.key) or real(entry, *a, **k)
             engine.generate(PROMPT, max_tokens=N, ignore_eos=True)
@@ -288,7 +288,7 @@ def test_direct_io_refused_falls_back_to_buffered(copy, model, monkeypatch):
     """File systems that accept O_DIRECT at open but refuse the reads (EINVAL)."""
     real = os.preadv
     engine = edgemoe.load(copy)
-    direct_fd = engine.provider.cache.store._fd_direct
+    direct_fd = engine.provider.cache._store._fd_direct
     if direct_fd < 0:
         pytest.skip("this file system refuses O_DIRECT at open already")
 

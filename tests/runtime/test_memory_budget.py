@@ -70,26 +70,23 @@ def big(tmp_path_factory, tokenizer_dir):
     return d, size
 
 
-def test_convert_peak_rss_well_under_model_size(big):
+@pytest.fixture(scope="module")
+def converted(big):
+    """The big model converted in a fresh process; returns its directory and the
+    converter's --json report (peak RSS and all), whichever test asks first."""
     d, size = big
     proc = subprocess.run([sys.executable, "-m", "edgemoe", "convert", d / "hf", d / "conv", "--json"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    r = json.loads(proc.stdout)
+    return d, size, json.loads(proc.stdout)
+
+
+def test_convert_peak_rss_well_under_model_size(converted):
+    _, size, r = converted
     over = r["peak_rss_bytes"] - r["baseline_rss_bytes"]
     assert r["experts"] == LAYERS * EXPERTS
     # Resident weights (~23 MB) plus a few expert tensors in flight; the model is 577 MB.
     assert over < size / 5, f"converter peak {over / 1e6:.0f} MB over baseline for a {size / 1e6:.0f} MB model"
-
-
-@pytest.fixture(scope="module")
-def converted(big):
-    """The big model converted (by the first test, or here when run alone)."""
-    d, _ = big
-    if not (d / "conv").exists():
-        subprocess.run([sys.executable, "-m", "edgemoe", "convert", d / "hf", d / "conv"], check=True,
-                       capture_output=True, timeout=300)
-    return d
 
 
 # Both matmul paths: oneDNN (prefill, where the CPU sends bf16 matmuls to it) and torch's
@@ -102,7 +99,7 @@ LONG_PROMPT = " ".join(["def fibonacci(n): return n"] * 20)  # > 256 tokens: pre
 
 @pytest.mark.parametrize("onednn", PATHS)
 def test_generation_within_budget_matches_in_ram(converted, onednn):
-    d = converted
+    d = converted[0]
     info, = [edgemoe.load(d / "conv").info]  # budget arithmetic only; no weights are kept
     assert info["expert_bytes"] >= 3 * BUDGET
     flags = [] if onednn else ["--no-onednn"]
@@ -128,7 +125,7 @@ def test_generation_within_budget_matches_in_ram(converted, onednn):
 
 
 def test_budget_below_minimum_is_refused_with_the_minimum(converted):
-    d = converted
+    d = converted[0]
     proc = run_cli("generate", d / "conv", "--memory", "40MB", "-p", "x")
     assert_clean_error(proc, "too small", "resident weights", "KV cache", "workspace", "experts", "--memory ")
     minimum = int(re.search(r"--memory (\d+)", proc.stderr).group(1))
@@ -145,7 +142,7 @@ def test_budget_below_minimum_is_refused_with_the_minimum(converted):
 def test_ctx_size_is_bounded_by_the_budget(converted):
     """The default context is the model's maximum (512) unless its KV cache would take more
     than half of what the budget leaves; an explicit one must fit or is refused."""
-    d = converted
+    d = converted[0]
     roomy = edgemoe.load(d / "conv", memory=BUDGET)
     assert roomy.ctx_size == 512 and roomy.info["kv_bytes"] == 512 * LAYERS * 2 * 2 * 128 * 2
     roomy.close()

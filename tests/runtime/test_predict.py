@@ -10,14 +10,8 @@ import pytest
 import torch
 
 import edgemoe
-from edgemoe.runtime.predict import (
-    PredictorError,
-    PredictorStats,
-    evaluate,
-    fit,
-    gate_probs,
-    make_predictor,
-)
+from edgemoe.runtime.fit import evaluate, fit, trace_scores
+from edgemoe.runtime.predict import PredictorError, PredictorStats, gate_probs, make_predictor
 from edgemoe.runtime.trace import TRACE_FORMAT, RoutingTrace, TraceRecorder
 
 from store.helpers import PROMPTS, make_checkpoint
@@ -64,6 +58,15 @@ def onehot_logits(ids: np.ndarray, scale: float = 10.0) -> np.ndarray:
     return look.astype(np.float16)
 
 
+def rank(pred, target: int, pos: int, ids: dict, x) -> list[tuple[int, float]]:
+    """(expert, probability that some row uses it), most likely first: the aggregate
+    that Predictor.top ranks by, with its values."""
+    p = pred.probs(target, pos, ids, x)  # (N, E)
+    agg = p[0] if len(p) == 1 else 1.0 - np.prod(1.0 - np.clip(p, 0.0, 1.0), axis=0)  # (E,)
+    order = np.argsort(-agg, kind="stable")
+    return [(int(e), float(agg[e])) for e in order]
+
+
 # ----------------------------------------------------------------------------- fitted predictors
 
 
@@ -87,7 +90,7 @@ def test_frequency_prior_ranks_the_most_frequent_experts():
     stats = fit([synthetic(ids)], max_distance=1)
     pred = make_predictor("freq", stats, None, LAYERS, E, K)
     for j in range(1, L):
-        ranked = pred.rank(j, j - 1, {j - 1: ids[:1, j - 1]}, None)
+        ranked = rank(pred, j, j - 1, {j - 1: ids[:1, j - 1]}, None)
         assert [e for e, _ in ranked[:3]] == [0, 1, 2]
         probs = [p for _, p in ranked]
         assert probs == sorted(probs, reverse=True) and sum(probs) == pytest.approx(K, abs=1e-3)
@@ -141,7 +144,7 @@ def test_rank_aggregates_rows_as_any_row_uses_it():
     stats = fit([synthetic(path_ids(3000, seed=1))], max_distance=1)
     pred = make_predictor("freq", stats, None, LAYERS, E, K)
     rows = np.zeros((3, K), np.int16)
-    ranked = dict(pred.rank(2, 1, {1: rows}, None))
+    ranked = dict(rank(pred, 2, 1, {1: rows}, None))
     for e in range(E):
         assert ranked[e] == pytest.approx(1 - (1 - stats.freq[2, e]) ** 3, abs=1e-5)
 
@@ -165,7 +168,7 @@ def test_save_load_round_trip(tmp_path):
         a = make_predictor(m, stats, None, LAYERS, E, K)
         b = make_predictor(m, back, None, LAYERS, E, K)
         for d in (1, 2):
-            np.testing.assert_array_equal(a.scores_from_trace(trace, 3, d), b.scores_from_trace(trace, 3, d))
+            np.testing.assert_array_equal(trace_scores(a, trace, 3, d), trace_scores(b, trace, 3, d))
 
 
 def test_bad_predictor_files_are_refused(tmp_path):

@@ -8,7 +8,6 @@ import json
 import os
 import threading
 import time
-from contextlib import contextmanager
 from types import SimpleNamespace
 
 import pytest
@@ -19,27 +18,15 @@ from edgemoe import assets
 from edgemoe.errors import EdgeMoEError, StoreError
 from edgemoe.runtime.cache import DEMAND, PREFETCH, CacheFull, ExpertCache
 from edgemoe.runtime.policies import PolicyContext, make_policy
-from edgemoe.runtime.predict import PREDICTOR_FILE, PredictorStats, fit
+from edgemoe.runtime.fit import fit
+from edgemoe.runtime.predict import PREDICTOR_FILE, PredictorStats
 from edgemoe.runtime.trace import TraceRecorder
 from edgemoe.store.reader import ExpertStore, ReadAborted
 from edgemoe.store.throttle import CHUNK, TokenBucket, parse_rate
 
-from store.helpers import PROMPTS, make_checkpoint, make_converted, min_budget, reference
+from store.helpers import PROMPTS, deadline, make_checkpoint, make_converted, min_budget, reference
 
 N_NEW = 8
-
-
-@contextmanager
-def deadline(seconds: float):
-    """Fail instead of hanging: run the body's risky part under a watchdog timer."""
-    fired = threading.Event()
-    timer = threading.Timer(seconds, fired.set)
-    timer.start()
-    try:
-        yield fired
-    finally:
-        timer.cancel()
-    assert not fired.is_set(), f"took longer than {seconds} s (hang?)"
 
 
 @pytest.fixture(scope="module")
@@ -167,14 +154,20 @@ def use(cache, key):
     return hit
 
 
+def wait_until_loading(cache, key, limit_s: float = 10) -> None:
+    """Wait (up to limit_s) for the background loader to start on `key`."""
+    t0 = time.monotonic()
+    while cache.state(key) is None and time.monotonic() - t0 < limit_s:
+        time.sleep(0.001)
+
+
 def test_background_loads_never_evict_guarded_or_pinned_experts(tiny):
     size = next(iter(ExpertStore(tiny.conv).entries.values())).length
     cache = new_cache(tiny.conv, 3 * size)
-    keys = sorted(cache.store.entries)
+    keys = sorted(cache._store.entries)
     for k in keys[:3]:
         use(cache, k)
-    cache.now = 10
-    cache.pin([keys[0]])
+    assert cache.request(keys[0][0], [keys[0]], now=10) == [keys[0]]  # layer request 10 pins what it needs
     assert cache.guard([keys[1], keys[2], (99, 9)], until=11) == [keys[1], keys[2]]
     with pytest.raises(CacheFull):
         cache.load(keys[3])  # a prefetch: everything is pinned or guarded for the next layer
@@ -183,7 +176,7 @@ def test_background_loads_never_evict_guarded_or_pinned_experts(tiny):
     # A demand load takes a guarded expert when nothing else can go, never a pinned one.
     assert use(cache, keys[3]) is False
     assert keys[0] in cache and sum(k in cache for k in keys[1:3]) == 1
-    cache.now = 11  # the guarded layer's turn came: guards lapse
+    cache.request(keys[1][0], [], now=11)  # the guarded layer's turn came: guards lapse
     cache.unpin([keys[0]])
     assert cache.load(keys[4]) is True
     cache.close()
@@ -210,17 +203,15 @@ def test_demand_waits_for_a_late_prefetch_and_promotes_it(tiny):
     """A throttled background read of an expert the compute thread needs now: the demand
     waits for it (no second read) and the read moves ahead of other background reads."""
     cache = new_cache(tiny.conv, 10 ** 7)
-    cache.store.throttle = TokenBucket(parse_rate("2MB/s"))
-    key = sorted(cache.store.entries)[0]
+    cache._store.throttle = TokenBucket(parse_rate("2MB/s"))
+    key = sorted(cache._store.entries)[0]
     fut = cache.submit(key, PREFETCH)
-    deadline_t = time.monotonic() + 10
-    while cache.state(key) is None and time.monotonic() < deadline_t:
-        time.sleep(0.001)
+    wait_until_loading(cache, key)
     with deadline(30):
         entry, hit = cache.acquire(key)
     cache.release(entry)
-    assert hit and cache.waits == 1 and cache.store.reads == 1
-    assert cache.entries[key].urgent is True
+    assert hit and cache.stats()["waits"] == 1 and cache._store.reads == 1
+    assert cache._entries[key].urgent is True
     assert fut.result(timeout=10) is True
     cache.close()
 
@@ -229,19 +220,17 @@ def test_unwanted_prefetch_is_aborted_mid_read(tiny):
     """Aborting a background read in progress stops it at the next chunk: the request ends
     in ReadAborted, the room it had taken is given back, and the partial bytes are counted."""
     cache = new_cache(tiny.conv, 10 ** 7)
-    cache.store.throttle = TokenBucket(parse_rate("128KB/s"))  # 0.5 s per chunk
-    key = sorted(cache.store.entries)[0]
-    assert cache.store.entries[key].length > CHUNK
+    cache._store.throttle = TokenBucket(parse_rate("128KB/s"))  # 0.5 s per chunk
+    key = sorted(cache._store.entries)[0]
+    assert cache._store.entries[key].length > CHUNK
     fut = cache.submit(key, PREFETCH)
-    t0 = time.monotonic()
-    while cache.state(key) is None and time.monotonic() - t0 < 10:
-        time.sleep(0.001)
+    wait_until_loading(cache, key)
     time.sleep(0.05)
     assert fut.running()
     assert fut.abort() is False  # too late to cancel: it is reading
     with deadline(30):
         err = fut.exception(timeout=20)
-    assert isinstance(err, ReadAborted) and err.bytes_read < cache.store.entries[key].length
+    assert isinstance(err, ReadAborted) and err.bytes_read < cache._store.entries[key].length
     assert key not in cache and cache.used == 0
     assert cache.submit(key, DEMAND).result(timeout=30) is True  # a demand load reads it in full
     cache.close()

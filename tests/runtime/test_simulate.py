@@ -132,7 +132,8 @@ def test_replay_matches_the_real_cache(recorded, policy):
                 r = engine.generate(p, max_tokens=8, ignore_eos=True)
                 hits, misses = hits + r.stats.extra["hits"], misses + r.stats.extra["misses"]
             provider = next(engine.model.moe_blocks()).provider
-            lengths = {e.length for e in provider.cache.store.entries.values()}
+            lengths = {provider.cache.blob_bytes((layer, e)) for layer in provider.layers
+                       for e in range(provider.num_experts)}
             assert len(lengths) == 1
             capacity = engine.info["cache_bytes"] // lengths.pop()
             trace = rec.trace()

@@ -7,6 +7,7 @@ import signal
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
 import torch
 
 import edgemoe
@@ -18,6 +19,17 @@ from edgemoe.store.convert import convert
 # to every expert of the tiny models (more distinct experts than a minimal cache holds).
 PROMPTS = [[0, 17, 93, 211, 5, 48, 150, 260, 31, 77, 12], [0, 300, 301, 4, 9, 120]]
 NEW_TOKENS = 8
+
+
+@pytest.fixture(autouse=True, scope="package")
+def one_thread():
+    """One intra-op thread for a package of tests that runs many tiny models: with two on a
+    busy 2-core machine every op waits on a thread barrier, which made them ~8x slower.
+    Restored afterwards. Its conftest imports it (tests/store, tests/runtime)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def make_checkpoint(out: Path, family: str = "mixtral", tokenizer_dir: Path | None = None, seed: int = 0,
