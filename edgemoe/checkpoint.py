@@ -25,8 +25,22 @@ from .models.moe import InRAMProvider
 from .store.tensorfile import TensorFileError, iter_tensors
 
 # safetensors dtypes a weight may have; integer, bool and float8 tensors only appear in
-# quantized checkpoints, whose scales edgemoe does not read.
+# quantized checkpoints, whose scales edgemoe does not read, except MXFP4 experts (below).
 FLOAT_CODES = ("F32", "F16", "BF16", "F64")
+# An MXFP4 checkpoint (quantization_config.quant_method "mxfp4", the gpt-oss release)
+# stores its expert matrices as uint8 codes `<name>_blocks` and exponents `<name>_scales`.
+MXFP4_SUFFIXES = ("_blocks", "_scales")
+
+# The parts one expert may come as (canonical names, see models.base.EXPERT_KEY).
+FLOAT_PARTS = frozenset({"gate", "up", "down"})
+MXFP4_PARTS = frozenset(f"{p}{s}" for p in ("gate", "up", "down") for s in MXFP4_SUFFIXES)
+BIAS_PARTS = frozenset({"gate_bias", "up_bias", "down_bias"})
+PART_ORDER = ("gate", "up", "down", *sorted(MXFP4_PARTS), "gate_bias", "up_bias", "down_bias")
+
+
+def lacking_parts(want: frozenset[str], have) -> list[str]:
+    """The parts of `want` not in `have`, in a stable, readable order."""
+    return [n for n in PART_ORDER if n in want and n not in have]
 
 DTYPES = {
     "float32": torch.float32,
@@ -66,7 +80,12 @@ def read_config(path: Path) -> dict:
 def config_dtype(config: dict) -> torch.dtype:
     """Compute dtype implied by the checkpoint: fp32 stays fp32, half types run in bf16
     (fp16 matmuls are slow on most CPUs)."""
-    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    name = config.get("dtype") or config.get("torch_dtype")
+    if name is None and isinstance(config.get("quantization_config"), dict):
+        # Quantized releases keep their other weights in half precision and may not say
+        # so (gpt-oss's MXFP4 config.json has no dtype; its other tensors are bf16).
+        return torch.bfloat16
+    name = name or "float32"
     return torch.float32 if DTYPES.get(str(name)) == torch.float32 else torch.bfloat16
 
 
@@ -109,6 +128,13 @@ def read_index(index: Path) -> list[str]:
 class TensorRef:
     name: str  # name in the checkpoint
     file: Path
+    dtype: str = ""  # safetensors dtype code
+    shape: tuple[int, ...] = ()
+
+
+def is_mxfp4(config: dict) -> bool:
+    q = config.get("quantization_config")
+    return isinstance(q, dict) and q.get("quant_method") == "mxfp4"
 
 
 class HFCheckpoint:
@@ -125,6 +151,7 @@ class HFCheckpoint:
         self.family: ModuleType = get_family(model_type, str(cfg_file))
         self.args: BaseModelArgs = self.family.ModelArgs.from_dict(self.config, str(cfg_file))
         self.refs = self._index()
+        self.expert_parts = self._expert_parts()
 
     def _index(self) -> list[TensorRef]:
         index = self.path / "model.safetensors.index.json"
@@ -141,6 +168,7 @@ class HFCheckpoint:
                 raise ModelLoadError(f"{self.path}: no *.safetensors weights found{hint}")
             files = shards
         refs = []
+        mxfp4 = is_mxfp4(self.config)
         for name in files:
             file = self.path / name
             if not file.exists():
@@ -148,16 +176,63 @@ class HFCheckpoint:
             try:
                 with safe_open(str(file), "pt") as f:
                     for k in f.keys():
-                        dtype = f.get_slice(k).get_dtype()
-                        if dtype not in FLOAT_CODES:
+                        sl = f.get_slice(k)
+                        dtype = sl.get_dtype()
+                        packed = mxfp4 and dtype == "U8" and k.endswith(MXFP4_SUFFIXES)
+                        if dtype == "U8" and k.endswith(MXFP4_SUFFIXES) and not mxfp4:
+                            raise ModelLoadError(
+                                f"{file}: tensor {k!r} looks like MXFP4 data, but config.json has no "
+                                "quantization_config with quant_method \"mxfp4\""
+                            )
+                        if dtype not in FLOAT_CODES and not packed:
                             raise ModelLoadError(
                                 f"{file}: tensor {k!r} has dtype {dtype}; edgemoe loads floating-point weights "
-                                f"only ({', '.join(FLOAT_CODES)}), quantized checkpoints are not supported"
+                                f"only ({', '.join(FLOAT_CODES)}), quantized checkpoints are not supported "
+                                "(except MXFP4 experts)"
                             )
-                        refs.append(TensorRef(k, file))
+                        refs.append(TensorRef(k, file, dtype, tuple(sl.get_shape())))
             except (SafetensorError, OSError) as e:
                 raise ModelLoadError(f"{file}: unreadable safetensors file (truncated or corrupted?): {e}") from None
         return refs
+
+    def _expert_parts(self) -> frozenset[str]:
+        """The parts every routed expert comes as (gate/up/down or their MXFP4 codes,
+        plus any biases), from the names and shapes in the headers: the loaders know from
+        it when an expert is complete."""
+        from .store.tensorfile import DTYPE_CODES
+
+        found: set[str] = set()
+        for r in self.refs:
+            if r.dtype not in DTYPE_CODES:
+                continue  # refused by tensors() with the file named
+            meta = torch.empty(r.shape, dtype=DTYPE_CODES[r.dtype], device="meta")
+            try:
+                named = self.family.sanitize(r.name, meta)
+            except ModelLoadError as e:
+                raise ModelLoadError(f"{r.file}: {e}") from None
+            except (RuntimeError, NotImplementedError):  # a sanitize that reads values: plain experts
+                return FLOAT_PARTS
+            for key, _ in named:
+                m = EXPERT_KEY.match(key)
+                if m:
+                    found.add(m.group(3))
+        # Missing parts are reported per expert by the loaders; a mix of kinds is refused here.
+        weights, biases = found - BIAS_PARTS, found & BIAS_PARTS
+        if weights <= FLOAT_PARTS:
+            parts = FLOAT_PARTS | biases
+        elif weights <= MXFP4_PARTS:
+            parts = MXFP4_PARTS | biases
+        else:
+            raise ModelLoadError(f"{self.path}: routed experts come both as float weights and as MXFP4 blocks "
+                                 f"and scales ({', '.join(p for p in PART_ORDER if p in weights)})")
+        if ("gate_bias" in parts) != ("up_bias" in parts):
+            raise ModelLoadError(f"{self.path}: routed experts have a gate or an up bias without the other")
+        return parts
+
+    @property
+    def expert_format(self) -> str | None:
+        """"mxfp4" when the experts are stored as MXFP4 codes, None for float weights."""
+        return "mxfp4" if "gate_blocks" in self.expert_parts else None
 
     def tensors(self, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield (canonical_name, tensor) pairs, one checkpoint tensor at a time."""
@@ -198,9 +273,19 @@ def build_on_meta(family: ModuleType, args: BaseModelArgs) -> Transformer:
         torch.nn.init.normal_ = real
 
 
-def expected_expert_shape(args: BaseModelArgs, part: str) -> tuple[int, int]:
+def expected_expert_shape(args: BaseModelArgs, part: str) -> tuple[int, ...]:
+    """Shape of one canonical expert part (see models.base.EXPERT_KEY)."""
+    from .quant.mxfp4 import BLOCK_BYTES, groups
+
     H, I = args.hidden_size, args.expert_dim
-    return (H, I) if part == "down" else (I, H)
+    out, k = (H, I) if part.startswith("down") else (I, H)
+    if part.endswith("_bias"):
+        return (out,)
+    if part.endswith("_blocks"):
+        return (out, groups(k), BLOCK_BYTES)
+    if part.endswith("_scales"):
+        return (out, groups(k))
+    return (out, k)
 
 
 def check_expert_tensor(args: BaseModelArgs, key: str, tensor: torch.Tensor, source: str) -> tuple[int, int, str]:
@@ -210,6 +295,10 @@ def check_expert_tensor(args: BaseModelArgs, key: str, tensor: torch.Tensor, sou
     if layer not in set(args.moe_layers()) or not 0 <= expert < args.experts_per_layer:
         raise ModelLoadError(f"{source}: tensor for layer {layer} expert {expert} does not fit the config")
     want = expected_expert_shape(args, part)
+    packed = part.endswith(MXFP4_SUFFIXES)
+    if packed != (tensor.dtype == torch.uint8) or (not packed and not tensor.is_floating_point()):
+        raise ModelLoadError(f"{source}: layer {layer} expert {expert} {part} has dtype {tensor.dtype}, expected "
+                             + ("uint8 MXFP4 data" if packed else "a float type"))
     if tuple(tensor.shape) != want:
         raise ModelLoadError(
             f"{source}: layer {layer} expert {expert} {part} has shape {tuple(tensor.shape)}, expected {want}"
@@ -243,6 +332,33 @@ def attach_provider(model: Transformer, provider) -> None:
         block.provider = provider
 
 
+def expert_biases(parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An expert's biases as the store and the experts hold them: b13 (2I,) = gate then
+    up, b2 (H,) = down; absent ones are left out."""
+    out = {}
+    if "gate_bias" in parts:
+        out["b13"] = torch.cat([parts["gate_bias"], parts["up_bias"]])
+    if "down_bias" in parts:
+        out["b2"] = parts["down_bias"]
+    return out
+
+
+def bias_names(parts) -> tuple[str, ...]:
+    """The stored bias tensors (b13, b2) experts with these canonical parts carry."""
+    return tuple(n for n, src in (("b13", "gate_bias"), ("b2", "down_bias")) if src in parts)
+
+
+def make_expert(parts: dict[str, torch.Tensor], act: str, dtype: torch.dtype):
+    """An in-RAM expert from its complete canonical parts: float weights make a
+    DenseExpert; MXFP4 codes stay codes (an MXFP4 expert, a quarter of the bytes)."""
+    biases = {k: v.to(dtype) for k, v in expert_biases(parts).items()}
+    if "gate_blocks" in parts:
+        from .quant.mxfp4 import FORMAT
+
+        return FORMAT.expert({**FORMAT.encode_codes(parts), **biases}, act, dtype)
+    return DenseExpert(parts["gate"], parts["up"], parts["down"], act, biases.get("b13"), biases.get("b2"))
+
+
 def load_hf(path: str | Path, dtype: str | torch.dtype | None = None) -> tuple[Transformer, HFCheckpoint]:
     """Load a Hugging Face MoE checkpoint entirely into RAM, experts included."""
     ckpt = HFCheckpoint(path)
@@ -262,9 +378,9 @@ def load_hf(path: str | Path, dtype: str | torch.dtype | None = None) -> tuple[T
     for layer in args.moe_layers():
         for e in range(args.experts_per_layer):
             p = parts.get((layer, e), {})
-            lacking = [n for n in ("gate", "up", "down") if n not in p]
+            lacking = lacking_parts(ckpt.expert_parts, p)
             if lacking:
                 raise ModelLoadError(f"{ckpt.path}: layer {layer} expert {e} is missing {', '.join(lacking)} weights")
-            experts[(layer, e)] = DenseExpert(p["gate"], p["up"], p["down"], args.expert_act)
+            experts[(layer, e)] = make_expert(p, args.expert_act, dt)
     attach_provider(model, InRAMProvider(experts))
     return model, ckpt

@@ -108,7 +108,7 @@ class GroupwiseFormat(Format):
 
     def expert(self, parts, act, dtype):
         w13, w2 = self.matrices(parts)
-        return QuantExpert(w13, w2, act, qmm)
+        return QuantExpert(w13, w2, act, qmm, parts.get("b13"), parts.get("b2"))
 
 
 class Int8Format(Format):
@@ -133,7 +133,7 @@ class Int8Format(Format):
         check_parts(self, parts, parts["w2.q"].shape[0], parts["w13.q"].shape[0] // 2)
         w13 = Int8Matrix(parts["w13.q"], parts["w13.s"])
         w2 = Int8Matrix(parts["w2.q"], parts["w2.s"])
-        return QuantExpert(w13, w2, act, int8_mm)
+        return QuantExpert(w13, w2, act, int8_mm, parts.get("b13"), parts.get("b2"))
 
 
 # ----------------------------------------------------------------------------- names

@@ -49,8 +49,16 @@ class Format:
         raise NotImplementedError
 
     def expert(self, parts: dict[str, torch.Tensor], act: str, dtype: torch.dtype) -> Expert:
-        """An Expert computing with (views of) the encoded tensors; activations in `dtype`."""
+        """An Expert computing with (views of) the encoded tensors; activations in `dtype`.
+        `parts` may also hold float biases "b13" (2I,) and "b2" (H,) (gpt-oss experts),
+        which the store keeps next to the format's own tensors (BIAS_PARTS); the expert
+        adds them after the gate/up and the down matmul."""
         raise NotImplementedError
+
+    def bias_dtype(self, compute: torch.dtype) -> torch.dtype:
+        """The float type expert biases are stored in next to this format's tensors, for
+        a model computing in `compute`."""
+        return compute
 
     def tag(self) -> str:
         """Identifies a machine-dependent layout (e.g. a CPU-specific packing); the store
@@ -73,10 +81,23 @@ class FloatFormat(Format):
     def encode(self, gate, up, down):
         return {"w13": torch.cat([gate, up], 0).to(self.dtype).contiguous(), "w2": down.to(self.dtype).contiguous()}
 
+    def bias_dtype(self, compute):
+        return self.dtype  # added to the matmul outputs, which are in the weights' type
+
     def expert(self, parts, act, dtype):
         # Views are used as stored; DenseExpert casts activations when dtypes differ.
-        return DenseExpert.from_stacked(parts["w13"], parts["w2"], act)
+        return DenseExpert.from_stacked(parts["w13"], parts["w2"], act, parts.get("b13"), parts.get("b2"))
 
+
+# Expert biases a blob may carry after its format's tensors, in this order.
+BIAS_PARTS = ("b13", "b2")
+
+
+def bias_specs(hidden: int, inter: int, dtype: torch.dtype, names=BIAS_PARTS) -> list[TensorSpec]:
+    """The float bias tensors an expert blob carries after its format's tensors: b13
+    (2I,) for gate and up stacked, b2 (H,) for down (any subset, in BIAS_PARTS order)."""
+    shapes = {"b13": (2 * inter,), "b2": (hidden,)}
+    return [TensorSpec(n, dtype, shapes[n]) for n in BIAS_PARTS if n in names]
 
 FORMATS: dict[str, Format] = {
     "bf16": FloatFormat("bf16", torch.bfloat16),

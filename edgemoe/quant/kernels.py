@@ -42,7 +42,7 @@ from .quantize import QuantSpec
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "qmm.c"
-ABI = 2  # must match EM_ABI in qmm.c
+ABI = 3  # must match EM_ABI in qmm.c
 
 # Batch sizes above these use dequantize + matmul instead of the packed kernels (crossovers
 # measured in bench/results/quant_kernels.md). CPUs with bf16 matrix units (AMX,
@@ -211,6 +211,10 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.em_dequant.restype = i32
     lib.em_quantize.argtypes = [ptr, i64, i64, i64, i32, i64, i32, i32, ptr, ptr, ptr, i32]
     lib.em_quantize.restype = i32
+    lib.em_mxfp4_mm.argtypes = [ptr, i32, i64, i64, ptr, ptr, i64, i64, ptr, i32, i32]
+    lib.em_mxfp4_mm.restype = i32
+    lib.em_mxfp4_dequant.argtypes = [ptr, ptr, i64, i64, i64, i64, ptr, i32, i32]
+    lib.em_mxfp4_dequant.restype = i32
     return lib
 
 

@@ -37,10 +37,12 @@ import torch
 from tqdm import tqdm
 
 from .. import __version__
-from ..checkpoint import HFCheckpoint, check_expert_tensor, load_resident, parse_dtype
+from ..checkpoint import (FLOAT_PARTS, HFCheckpoint, bias_names, check_expert_tensor, expert_biases, lacking_parts,
+                          load_resident, parse_dtype)
 from ..errors import EdgeMoEError, ModelLoadError
 from ..models.base import EXPERT_KEY
 from ..quant.formats import get_format
+from ..quant.mxfp4 import MXFP4Format, dequantize_parts
 from ..quant.resident import RESIDENT_FORMATS, quantize_resident
 from ..utils import peak_rss_bytes, pid_alive, return_large_frees_to_os, rss_bytes
 from .gguf import GGUFCheckpoint, is_gguf
@@ -49,11 +51,13 @@ from .format import (
     MANIFEST_NAME,
     RESIDENT_NAME,
     STORE_NAME,
+    ExpertBiases,
     ExpertEntry,
     ExpertPlan,
     FormatInfo,
     Manifest,
     dtype_name,
+    manifest_version,
     round_up,
     store_header,
 )
@@ -294,8 +298,18 @@ class _StoreWriter:
         return self.pos
 
 
-def _encode(fmt, info: FormatInfo, gate, up, down, where: str) -> dict[str, torch.Tensor]:
-    parts = fmt.encode(gate, up, down)
+def _encode(fmt, info: FormatInfo, got: dict[str, torch.Tensor], dtype: torch.dtype, hidden: int, inter: int,
+            where: str) -> dict[str, torch.Tensor]:
+    """The blob tensors of one expert from its complete canonical parts: MXFP4 codes are
+    kept code for code in the mxfp4 format and dequantized (exactly) for any other;
+    biases are stored in the type the format asks for (`Format.bias_dtype`)."""
+    if "gate_blocks" in got and isinstance(fmt, MXFP4Format):
+        parts = fmt.encode_codes(got)
+    elif "gate_blocks" in got:
+        parts = fmt.encode(*dequantize_parts(got, hidden, inter))
+    else:
+        parts = fmt.encode(got["gate"], got["up"], got["down"])
+    parts.update({k: v.to(fmt.bias_dtype(dtype)) for k, v in expert_biases(got).items()})
     for p in info.parts:
         t = parts.get(p.name)
         if t is None or t.dtype != p.dtype or tuple(t.shape) != p.shape:
@@ -321,6 +335,8 @@ def convert(src: str | Path, out: str | Path, *, bits: int | None = None, fmt: s
     dt = parse_dtype(dtype, ckpt.config)
     if gguf_src is not None and bits is None and fmt is None and plan is None:
         plan = gguf_src.default_plan(dt)  # keep at least the GGUF's precision
+    if gguf_src is None and ckpt.expert_format == "mxfp4" and bits is None and fmt is None and plan is None:
+        plan = ExpertPlan("mxfp4")  # keep the released codes as they are
     plan = resolve_plan(bits, fmt, plan, dt)
     plan.check(args.moe_layers(), args.experts_per_layer, "plan")
     if resident not in (None, *RESIDENT_FORMATS):
@@ -338,8 +354,11 @@ def convert(src: str | Path, out: str | Path, *, bits: int | None = None, fmt: s
         raise EdgeMoEError(f"{out}: exists and is not a directory; remove it first")
 
     H, I = args.hidden_size, args.expert_dim
+    want_parts = getattr(ckpt, "expert_parts", FLOAT_PARTS)  # what makes an expert complete
+    stored = bias_names(want_parts)  # bias tensors each blob carries
+    biases = ExpertBiases(dt, stored) if stored else None
     formats = {name: get_format(name) for name in sorted(plan.names())}  # plan spelling -> format
-    infos = {f.name: FormatInfo.of(f, H, I) for f in formats.values()}  # canonical name -> layout
+    infos = {f.name: FormatInfo.of(f, H, I, biases) for f in formats.values()}  # canonical name -> layout
     wanted = {(l, e) for l in args.moe_layers() for e in range(args.experts_per_layer)}
     source_bytes = gguf_src.source_bytes if gguf_src is not None else \
         sum(i.nbytes for f in {r.file for r in ckpt.refs} for i in read_header(f)[0].values())
@@ -368,10 +387,10 @@ def convert(src: str | Path, out: str | Path, *, bits: int | None = None, fmt: s
             if part in got or (layer, expert) not in wanted:
                 raise ModelLoadError(f"{src}: layer {layer} expert {expert} {part} appears twice")
             got[part] = tensor
-            if len(got) == 3:
+            if len(got) == len(want_parts):
                 fmt = formats[plan.format_for(layer, expert)]
                 where = f"{src}: layer {layer} expert {expert}"
-                parts = _encode(fmt, infos[fmt.name], got["gate"], got["up"], got["down"], where)
+                parts = _encode(fmt, infos[fmt.name], got, dt, H, I, where)
                 if gguf_src is not None:
                     gguf_src.observe_expert(layer, expert, fmt, got, parts)
                 writer.write(layer, expert, infos[fmt.name], parts)
@@ -381,7 +400,7 @@ def convert(src: str | Path, out: str | Path, *, bits: int | None = None, fmt: s
         store_bytes = writer.close()
         if wanted:
             l, e = min(wanted)
-            lacking = [p for p in ("gate", "up", "down") if p not in pending.get((l, e), {})]
+            lacking = lacking_parts(want_parts, pending.get((l, e), {}))
             raise ModelLoadError(f"{src}: layer {l} expert {e} is missing {', '.join(lacking)} weights"
                                  + (f" ({len(wanted) - 1} more experts incomplete)" if len(wanted) > 1 else ""))
 
@@ -407,7 +426,8 @@ def convert(src: str | Path, out: str | Path, *, bits: int | None = None, fmt: s
             resident_file=RESIDENT_NAME, resident_bytes=resident_bytes, resident_tensors=crcs,
             store_file=STORE_NAME, store_bytes=store_bytes,
             formats={n: infos[n] for n in sorted({e.format for e in entries})},
-            experts=entries, created_by=f"edgemoe {__version__}", resident_int8=int8, version=2 if int8 else 1,
+            experts=entries, created_by=f"edgemoe {__version__}", resident_int8=int8, expert_biases=biases,
+            version=manifest_version(int8, biases),
         )
         manifest.write(tmp / MANIFEST_NAME)
         _fsync_dir(tmp)

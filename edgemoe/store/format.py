@@ -36,6 +36,16 @@ Version 2 is version 1 plus `resident.int8`: resident linear layers stored as in
 --resident int8`, see quant/resident.py). It is written only when that list is not empty,
 so a reader that knows only version 1 refuses such a model instead of misloading it.
 
+Version 3 is version 2 plus `expert_biases`, for models whose experts carry biases
+(gpt-oss): every expert blob holds, after its format's tensors, float bias tensors
+"b13" (2I,: gate then up) and "b2" (H,), listed in each format's "parts" like the others,
+in the compute dtype (float formats: in their own type, which their matmuls produce).
+
+      "expert_biases": {"dtype": "bfloat16", "parts": ["b13", "b2"]}
+
+It is written only when the experts have biases (older readers refuse the model rather
+than run it without them); stores without the key load as before.
+
 Plan, version 1 (`edgemoe convert --plan PLAN.json`): which storage format each expert gets.
 
     {"version": 1, "default": "bf16", "layers": {"3": "int8"}, "experts": {"3.5": "int4"}}
@@ -54,11 +64,11 @@ from pathlib import Path
 import torch
 
 from ..errors import EdgeMoEError, StoreError
-from ..quant.formats import Format, TensorSpec, get_format
+from ..quant.formats import BIAS_PARTS, Format, TensorSpec, bias_specs, get_format
 from .names import CONVERTED_NAMES, MANIFEST_NAME, RESIDENT_NAME, STORE_NAME, is_converted  # noqa: F401 (re-exported)
 
 MANIFEST_FORMAT = "edgemoe-converted-model"
-MANIFEST_VERSION = 2  # the newest version this edgemoe reads; it writes 1 unless resident layers are int8
+MANIFEST_VERSION = 3  # the newest version this edgemoe reads; it writes the oldest that describes the model
 PLAN_VERSION = 1
 ALIGN = 4096  # blob offsets, blob lengths and cache slots: what O_DIRECT needs
 PART_ALIGN = 64  # tensors inside a blob: a cache line, enough for any SIMD kernel
@@ -132,12 +142,29 @@ class FormatInfo:
     size: int  # payload bytes of one expert
 
     @classmethod
-    def of(cls, fmt: Format, hidden: int, inter: int) -> "FormatInfo":
-        parts, size = blob_layout(fmt.layout(hidden, inter))
+    def of(cls, fmt: Format, hidden: int, inter: int, biases: "ExpertBiases | None" = None) -> "FormatInfo":
+        """The blob layout of `fmt` for experts of this shape, with the bias tensors after
+        the format's own when the experts have biases."""
+        specs = fmt.layout(hidden, inter)
+        if biases is not None:
+            specs = specs + bias_specs(hidden, inter, fmt.bias_dtype(biases.dtype), biases.parts)
+        parts, size = blob_layout(specs)
         return cls(fmt.name, fmt.tag(), round(fmt.bits_per_weight(hidden, inter), 4), tuple(parts), size)
 
     def to_dict(self) -> dict:
         return {"tag": self.tag, "bits": self.bits, "bytes": self.size, "parts": [p.to_dict() for p in self.parts]}
+
+
+@dataclass(frozen=True)
+class ExpertBiases:
+    """Which bias tensors every expert blob carries (version 3), and the compute dtype
+    they are stored in (float formats keep them in their own type: `Format.bias_dtype`)."""
+
+    dtype: torch.dtype
+    parts: tuple[str, ...]  # a subset of BIAS_PARTS, in that order
+
+    def to_dict(self) -> dict:
+        return {"dtype": dtype_name(self.dtype), "parts": list(self.parts)}
 
 
 # ----------------------------------------------------------------------------- manifest
@@ -185,6 +212,7 @@ class Manifest:
     experts: list[ExpertEntry]
     created_by: str = ""
     resident_int8: list[str] = field(default_factory=list)  # resident linear layers stored as int8 (version 2)
+    expert_biases: ExpertBiases | None = None  # bias tensors in every expert blob (version 3)
     version: int = 1
     path: Path | None = field(default=None, compare=False)
 
@@ -215,6 +243,8 @@ class Manifest:
             "formats": {k: v.to_dict() for k, v in self.formats.items()},
             "experts": [e.to_dict() for e in self.experts],
         }
+        if self.expert_biases is not None:
+            body["expert_biases"] = self.expert_biases.to_dict()
         body["checksum"] = _checksum(body)
         return body
 
@@ -320,6 +350,7 @@ def _parse(d: dict, path: Path) -> Manifest:
             raise StoreError(f"{src}: {a.name} and {b.name} overlap in the store")
     tensors = {k: _int(v["crc32"], f"crc32 of {k}", src) for k, v in res["tensors"].items()}
     int8 = res.get("int8", []) if d["version"] >= 2 else []
+    biases = _biases(d.get("expert_biases"), src) if d["version"] >= 3 else None
     if not isinstance(int8, list) or not all(isinstance(n, str) and n for n in int8):
         raise StoreError(f"{src}: resident.int8 must be a list of layer names")
     if not isinstance(d["model_type"], str):
@@ -335,8 +366,29 @@ def _parse(d: dict, path: Path) -> Manifest:
         resident_file=_filename(res["file"], src), resident_bytes=_int(res["bytes"], "resident bytes", src),
         resident_tensors=tensors, store_file=_filename(store["file"], src), store_bytes=store_bytes,
         formats=formats, experts=experts, created_by=str(d.get("created_by", "")), resident_int8=int8,
-        version=d["version"], path=path,
+        expert_biases=biases, version=d["version"], path=path,
     )
+
+
+def _biases(value, src: str) -> ExpertBiases | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not isinstance(value.get("parts"), list):
+        raise StoreError(f"{src}: expert_biases must be an object with a 'parts' list")
+    parts = value["parts"]
+    if not parts or [p for p in BIAS_PARTS if p in parts] != parts:
+        raise StoreError(f"{src}: expert_biases.parts {parts!r} must be a non-empty ordered subset of "
+                         f"{list(BIAS_PARTS)}")
+    dtype = dtype_from_name(value.get("dtype"), src) if isinstance(value.get("dtype"), str) else None
+    if dtype is None or not dtype.is_floating_point:
+        raise StoreError(f"{src}: expert_biases.dtype must name a float type, got {value.get('dtype')!r}")
+    return ExpertBiases(dtype, tuple(parts))
+
+
+def manifest_version(resident_int8: list[str], biases: ExpertBiases | None) -> int:
+    """The oldest manifest version that describes a model (so older readers load what
+    they can and refuse what they would misread)."""
+    return 3 if biases is not None else 2 if resident_int8 else 1
 
 
 def _filename(name, src: str) -> str:

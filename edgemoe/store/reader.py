@@ -77,7 +77,7 @@ def check_manifest(manifest: Manifest):
         if fmt.tag() != info.tag:
             raise StoreError(f"{src}: format {name} was written with layout tag {info.tag!r}, but this machine "
                              f"uses {fmt.tag()!r}; re-run 'edgemoe convert' here")
-        if FormatInfo.of(fmt, hidden, inter).parts != info.parts:
+        if FormatInfo.of(fmt, hidden, inter, manifest.expert_biases).parts != info.parts:
             raise StoreError(f"{src}: format {name}: the blob layout in the manifest does not match experts of "
                              f"hidden size {hidden} and intermediate size {inter} in this edgemoe "
                              f"(written by {manifest.created_by or 'an unknown version'}); re-run 'edgemoe convert'")

@@ -180,7 +180,7 @@ def test_store_from_another_conversion(model, copy, tmp_path, tokenizer_dir):
 @pytest.mark.parametrize(
     "edit,needle",
     [
-        (lambda m: m.update(version=3), "newer than this edgemoe supports"),
+        (lambda m: m.update(version=99), "newer than this edgemoe supports"),
         (lambda m: m.update(format="something-else"), "not an edgemoe manifest"),
         (lambda m: m["experts"][3].update(size=m["experts"][3]["size"] + 4), "layer 0 expert 3: size"),
         (lambda m: m["experts"][5].update(offset=m["experts"][5]["offset"] + 512), "layer 1 expert 1: offset"),

@@ -5,7 +5,9 @@
  *   - 2/3/4-bit codes packed with no wasted bits, one fp16 scale (and, asymmetric, one fp16
  *     zero) per group of G weights along K; layout in edgemoe/quant/quantize.py, every row
  *     Kp = ceil(K / G) * G codes long; or
- *   - int8 codes (N, K) with one scale per row: the layout torch's _weight_int8pack_mm reads.
+ *   - int8 codes (N, K) with one scale per row: the layout torch's _weight_int8pack_mm reads;
+ * and the MXFP4 (FP4 codes, one power of two per 32 weights) matmul of gpt-oss experts,
+ * which keeps the activations in fp32 (see em_mxfp4_mm).
  *
  * How it computes: x is quantized per call to int16 with one fp32 scale per group of G
  * (relative error ~1e-5, far below the bf16 rounding of the activations themselves), so
@@ -43,7 +45,7 @@
 #endif
 #endif
 
-#define EM_ABI 2
+#define EM_ABI 3
 #define EM_BLOCK 64 /* codes per packed block */
 #define EM_MR 4     /* activation rows computed together */
 #define EM_NB 16    /* weight rows per parallel work item */
@@ -491,6 +493,132 @@ int em_dequant(const uint8_t *w, const uint16_t *scale, const uint16_t *zero, in
                 float *o = (float *)out + (n - n0) * K + k0;
                 memcpy(o, v, (size_t)kn * sizeof(float));
             }
+        }
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------ MXFP4 */
+
+/* MXFP4 (OCP MX, gpt-oss experts): each row is G blocks of 32 FP4 (E2M1) codes packed two
+ * per byte (even element in the low nibble, 16 bytes a block) and one E8M0 exponent e per
+ * block: w = FP4[code] * 2^(e - 127). Twice an E2M1 value is a small integer, so a code
+ * decodes with one byte shuffle to 2 * FP4 (an int8) and the block's factor is 2^(e - 128).
+ * Unlike the integer formats the activations stay fp32 (they are not quantized): the
+ * products are those of a float matmul on the dequantized weights, only summed in
+ * another order. The activations are reordered once per call so that each block's even
+ * elements come first and its odd ones after, matching the low and high nibbles. */
+static const int8_t EM_FP4X2[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
+#define EM_MX_BLOCK 32
+
+/* res[m] = sum_k W[n, k] x[m, k] for mr activation rows (xr: reordered, ldx apart). */
+static inline __attribute__((always_inline)) void mx_row_dot(const int MR, const uint8_t *wrow, const uint8_t *erow,
+                                                             int64_t ng, const float *xr, int64_t ldx,
+                                                             const float *pw, float *res) {
+#ifdef EM_AVX2
+    const __m128i lut = _mm_loadu_si128((const __m128i *)EM_FP4X2), m15 = _mm_set1_epi8(15);
+    __m256 acc[EM_MR];
+    for (int m = 0; m < MR; m++) acc[m] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < ng; g++) {
+        const __m128i v = _mm_loadu_si128((const __m128i *)(wrow + 16 * g));
+        const __m128i lo = _mm_shuffle_epi8(lut, _mm_and_si128(v, m15));
+        const __m128i hi = _mm_shuffle_epi8(lut, _mm_and_si128(_mm_srli_epi16(v, 4), m15));
+        const __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo));
+        const __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8)));
+        const __m256 w2 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi));
+        const __m256 w3 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8)));
+        const __m256 s = _mm256_set1_ps(pw[erow[g]]);
+        for (int m = 0; m < MR; m++) {
+            const float *xm = xr + m * ldx + EM_MX_BLOCK * g;
+            __m256 t = _mm256_mul_ps(w0, _mm256_loadu_ps(xm));
+            t = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xm + 8), t);
+            t = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xm + 16), t);
+            t = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xm + 24), t);
+            acc[m] = _mm256_fmadd_ps(t, s, acc[m]);
+        }
+    }
+    for (int m = 0; m < MR; m++) res[m] = hsum8(acc[m]);
+#else
+    for (int m = 0; m < MR; m++) res[m] = 0.f;
+    for (int64_t g = 0; g < ng; g++) {
+        const uint8_t *b = wrow + 16 * g;
+        const float s = pw[erow[g]];
+        for (int m = 0; m < MR; m++) {
+            const float *xm = xr + m * ldx + EM_MX_BLOCK * g;
+            float t = 0.f;
+            for (int j = 0; j < 16; j++)
+                t += (float)EM_FP4X2[b[j] & 15] * xm[j] + (float)EM_FP4X2[b[j] >> 4] * xm[16 + j];
+            res[m] += t * s;
+        }
+    }
+#endif
+}
+
+typedef void (*mx_row_fn)(const uint8_t *, const uint8_t *, int64_t, const float *, int64_t, const float *, float *);
+#define EM_MX_ROW(R)                                                                                            \
+    static void mx_row_m##R(const uint8_t *wrow, const uint8_t *erow, int64_t ng, const float *xr, int64_t ldx, \
+                            const float *pw, float *res) {                                                      \
+        mx_row_dot(R, wrow, erow, ng, xr, ldx, pw, res);                                                        \
+    }
+EM_MX_ROW(1) EM_MX_ROW(2) EM_MX_ROW(3) EM_MX_ROW(4)
+static const mx_row_fn MX_ROWS[EM_MR] = {mx_row_m1, mx_row_m2, mx_row_m3, mx_row_m4};
+
+/* 2^(e - 128) for every E8M0 code (the factor of 2 * FP4 values); 255 is NaN. */
+static void mx_pow2(float pw[256], float half) {
+    for (int e = 0; e < 255; e++) pw[e] = ldexpf(half, e - 127);
+    pw[255] = NAN;
+}
+
+/* y (M, N) = x (M, K) @ dequant(W)^T for MXFP4 W: blocks (N, G * 16) and exponents (N, G),
+ * G = ceil(K / 32). Returns 0, -1 when out of memory, -3 on bad sizes. */
+int em_mxfp4_mm(const void *x, int xdt, int64_t M, int64_t K, const uint8_t *blocks, const uint8_t *scales,
+                int64_t N, int64_t G, void *y, int ydt, int nthreads) {
+    if (G != (K + EM_MX_BLOCK - 1) / EM_MX_BLOCK || M < 0 || N < 0) return -3;
+    const int64_t Kp = G * EM_MX_BLOCK;
+    float pw[256];
+    mx_pow2(pw, 0.5f);
+    float *xr = (float *)aligned_alloc(64, (size_t)((M * Kp * 4 + 63) / 64 * 64));
+    if (!xr) return -1;
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t k = 0; k < Kp; k++) { /* block-local: evens then odds, zero padded */
+            const int64_t g = k / EM_MX_BLOCK, j = k % EM_MX_BLOCK;
+            const int64_t src = g * EM_MX_BLOCK + (j < 16 ? 2 * j : 2 * (j - 16) + 1);
+            xr[m * Kp + k] = src < K ? load_act(x, xdt, m * K + src) : 0.f;
+        }
+    const int64_t nblk = (N + EM_NB - 1) / EM_NB;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads) if (N * Kp * M >= EM_PAR_MIN)
+    for (int64_t ib = 0; ib < nblk; ib++) {
+        const int64_t n0 = ib * EM_NB, n1 = n0 + EM_NB < N ? n0 + EM_NB : N;
+        for (int64_t m0 = 0; m0 < M; m0 += EM_MR) {
+            const int mr = M - m0 < EM_MR ? (int)(M - m0) : EM_MR;
+            for (int64_t n = n0; n < n1; n++) {
+                float r[EM_MR];
+                MX_ROWS[mr - 1](blocks + n * G * 16, scales + n * G, G, xr + m0 * Kp, Kp, pw, r);
+                for (int i = 0; i < mr; i++) store_out(y, ydt, (m0 + i) * N + n, r[i]);
+            }
+        }
+    }
+    free(xr);
+    return 0;
+}
+
+/* Rows [n0, n1) of an MXFP4 weight dequantized into out (n1 - n0, K), fp32 or bf16 (exact
+ * in both). */
+int em_mxfp4_dequant(const uint8_t *blocks, const uint8_t *scales, int64_t n0, int64_t n1, int64_t K, int64_t G,
+                     void *out, int odt, int nthreads) {
+    if (G != (K + EM_MX_BLOCK - 1) / EM_MX_BLOCK) return -3;
+    (void)nthreads;
+    float pw[256];
+    mx_pow2(pw, 1.0f);
+    static const float FP4[16] = {0.f,  .5f,  1.f,  1.5f,  2.f,  3.f,  4.f,  6.f,
+                                  -0.f, -.5f, -1.f, -1.5f, -2.f, -3.f, -4.f, -6.f};
+#pragma omp parallel for schedule(dynamic, 16) num_threads(nthreads) if ((n1 - n0) * K >= EM_PAR_MIN)
+    for (int64_t n = n0; n < n1; n++) {
+        const uint8_t *b = blocks + n * G * 16, *e = scales + n * G;
+        for (int64_t k = 0; k < K; k++) {
+            const uint8_t byte = b[k / 2];
+            const float v = FP4[k % 2 ? byte >> 4 : byte & 15] * pw[e[k / EM_MX_BLOCK]];
+            store_out(out, odt, (n - n0) * K + k, v);
         }
     }
     return 0;
