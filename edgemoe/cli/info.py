@@ -163,7 +163,8 @@ def _converted(path, dtype) -> dict:
         "dtype": str(dt).removeprefix("torch."),
         "resident_bytes": resident_nbytes(path, manifest, dt),
         "resident_int8_layers": len(manifest.resident_int8),
-        "expert_bytes": sum(e.size for e in manifest.experts),
+        "expert_bytes": sum(e.size for e in manifest.experts if e.shares is None),  # a shared blob once
+        "shared_experts": sum(1 for e in manifest.experts if e.shares is not None),
         "expert_cache_bytes": manifest.expert_bytes,
         "min_cache_bytes": min_cache_bytes(manifest, args.top_k),
         "formats": formats,
@@ -259,8 +260,11 @@ def format_info(i: dict) -> str:
     ]
     n_experts = sum(b["experts"] for b in i["bits_histogram"])
     if i["kind"] == "converted":
+        shared = (f"; {i['shared_experts']} share another's blob (merged), stored and cached once"
+                  if i.get("shared_experts") else "")
         rows.append(("experts", f"{n_experts} experts, {format_bytes(i['expert_bytes'])} "
-                                f"({format_bytes(i['expert_cache_bytes'])} as 4 KiB-aligned blobs read and cached)"))
+                                f"({format_bytes(i['expert_cache_bytes'])} as 4 KiB-aligned blobs read and cached"
+                                f"{shared})"))
     else:
         rows.append(("experts", f"{n_experts} experts, {format_bytes(i['expert_bytes'])} as {i['dtype']} "
                                 f"(all in RAM; 'edgemoe convert' stores them as {format_bytes(i['expert_cache_bytes'])} "

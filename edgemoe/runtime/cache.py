@@ -166,6 +166,12 @@ class ExpertCache:
         """Bytes the expert takes in the slab when cached."""
         return self._store.entries[key].length
 
+    def blob_key(self, key: Key) -> Key:
+        """The key this expert is cached under: the key of the expert whose blob it shares
+        (a merged group's members are stored once, so cached once), else its own."""
+        e = self._store.entries.get(key)
+        return e.blob_key if e is not None else key
+
     # ----------------------------------------------------------------- statistics
 
     def reset_stats(self) -> None:

@@ -122,7 +122,9 @@ class OffloadedProvider(ExpertProvider):
     def experts(self, layer: int, ids: Sequence[int], x: torch.Tensor,
                 rows: torch.Tensor | None = None) -> Iterator[tuple[int, Expert]]:
         cache = self.cache
-        keys = [(layer, int(e)) for e in ids]
+        # Experts that share a blob (merged groups) are requested, cached and read once.
+        blob = {int(e): cache.blob_key((layer, int(e))) for e in ids}
+        keys = list(dict.fromkeys(blob.values()))
         pos = self.pos.get(layer, 0)
         try:
             self._poll_retired()
@@ -132,7 +134,7 @@ class OffloadedProvider(ExpertProvider):
         pinned = cache.request(layer, keys, self._base + pos)  # the cached ones, pinned
         present = set(pinned)
         try:
-            self._settle(pos, set(keys))
+            self._settle(pos, set(keys), {(layer, e) for e in blob})
             if self.prefetch.active:
                 self._prefetch(pos, ids, x, rows)
         except BaseException:
@@ -140,6 +142,9 @@ class OffloadedProvider(ExpertProvider):
             self._drop_all(discard=True)
             raise
         order = pinned + [k for k in keys if k not in present]  # cached experts first
+        users: dict = {}
+        for e, k in blob.items():
+            users.setdefault(k, []).append(e)
         ok = False
         try:
             for key in order:
@@ -148,7 +153,9 @@ class OffloadedProvider(ExpertProvider):
                     cache.unpin([key])
                     present.discard(key)
                 try:
-                    yield key[1], cache.expert(entry)
+                    expert = cache.expert(entry)
+                    for e in users[key]:
+                        yield e, expert
                 finally:
                     cache.release(entry)
             ok = True
@@ -191,7 +198,7 @@ class OffloadedProvider(ExpertProvider):
             if d == 1:
                 self._predicted[j] = ranked
             until = self._base + j
-            keys = [(self.layers[j], e) for e in ranked]
+            keys = list(dict.fromkeys(cache.blob_key((self.layers[j], e)) for e in ranked))
             present = set(cache.guard(keys, until))  # cached or being read already: keep them for layer j
             for rank, key in enumerate(keys):
                 if key not in present and key not in self._records:
@@ -201,12 +208,14 @@ class OffloadedProvider(ExpertProvider):
             for (key, _, _, j), fut in zip(todo, futures):
                 self._records[key] = _Prefetch(key, j, fut, cache.blob_bytes(key), self._phase)
 
-    def _settle(self, pos: int, needed: set) -> None:
-        """Layer `pos` is being served: judge the prefetches made for it."""
+    def _settle(self, pos: int, needed: set, wanted: set) -> None:
+        """Layer `pos` is being served: judge the prefetches made for it. `needed`: the
+        blob keys read for it, `wanted`: the experts it routed to (they differ only where
+        experts share a blob)."""
         acc = self._phases[self._phase]
         predicted = self._predicted.pop(pos, None)
         if predicted is not None:
-            got = {k[1] for k in needed}
+            got = {k[1] for k in wanted}
             acc["pred_hits"] += len(got.intersection(predicted))
             acc["pred_needed"] += len(got)
             acc["pred_predicted"] += len(predicted)

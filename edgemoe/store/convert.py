@@ -22,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import glob
+import hashlib
 import os
 import re
 import shutil
@@ -271,8 +272,19 @@ class _StoreWriter:
         self.f.write(store_header(store_id))
         self.pos = self.f.tell()
         self.entries: list[ExpertEntry] = []
+        self._blobs: dict[tuple, ExpertEntry] = {}  # (format, digest) -> the entry that owns the blob
 
     def write(self, layer: int, expert: int, info: FormatInfo, parts: dict[str, torch.Tensor]) -> ExpertEntry:
+        """Append one expert's blob, or point at an identical one already written (merged
+        experts, or any that happen to be equal) so that it is stored and cached once."""
+        h = hashlib.blake2b(digest_size=16)
+        for p in info.parts:
+            h.update(tensor_bytes(parts[p.name]))
+        owner = self._blobs.get((info.name, h.digest()))
+        if owner is not None:
+            entry = ExpertEntry(layer, expert, info.name, owner.offset, owner.size, owner.crc32, owner.key)
+            self.entries.append(entry)
+            return entry
         start, crc, pos = self.pos, 0, 0
         for p in info.parts:
             view = tensor_bytes(parts[p.name])
@@ -289,6 +301,7 @@ class _StoreWriter:
         self.pos = start + pos + pad
         entry = ExpertEntry(layer, expert, info.name, start, pos, crc)
         self.entries.append(entry)
+        self._blobs[(info.name, h.digest())] = entry
         return entry
 
     def close(self) -> int:
@@ -427,7 +440,7 @@ def convert(src: str | Path, out: str | Path, *, bits: int | None = None, fmt: s
             store_file=STORE_NAME, store_bytes=store_bytes,
             formats={n: infos[n] for n in sorted({e.format for e in entries})},
             experts=entries, created_by=f"edgemoe {__version__}", resident_int8=int8, expert_biases=biases,
-            version=manifest_version(int8, biases),
+            version=manifest_version(int8, biases, any(e.shares is not None for e in entries)),
         )
         manifest.write(tmp / MANIFEST_NAME)
         _fsync_dir(tmp)

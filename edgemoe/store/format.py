@@ -68,7 +68,7 @@ from ..quant.formats import BIAS_PARTS, Format, TensorSpec, bias_specs, get_form
 from .names import CONVERTED_NAMES, MANIFEST_NAME, RESIDENT_NAME, STORE_NAME, is_converted  # noqa: F401 (re-exported)
 
 MANIFEST_FORMAT = "edgemoe-converted-model"
-MANIFEST_VERSION = 3  # the newest version this edgemoe reads; it writes the oldest that describes the model
+MANIFEST_VERSION = 4  # the newest version this edgemoe reads; it writes the oldest that describes the model
 PLAN_VERSION = 1
 ALIGN = 4096  # blob offsets, blob lengths and cache slots: what O_DIRECT needs
 PART_ALIGN = 64  # tensors inside a blob: a cache line, enough for any SIMD kernel
@@ -178,10 +178,18 @@ class ExpertEntry:
     offset: int  # in the store file, a multiple of ALIGN
     size: int  # payload bytes (the checksum covers these)
     crc32: int
+    # (layer, expert) whose blob this entry uses (version 4): identical experts, e.g. the
+    # members of a merged group, are stored once; None: the entry owns its blob.
+    shares: tuple[int, int] | None = None
 
     @property
     def key(self) -> tuple[int, int]:
         return (self.layer, self.expert)
+
+    @property
+    def blob_key(self) -> tuple[int, int]:
+        """The key of the entry that owns this entry's blob (itself unless shared)."""
+        return self.shares if self.shares is not None else self.key
 
     @property
     def length(self) -> int:
@@ -193,8 +201,11 @@ class ExpertEntry:
         return f"layer {self.layer} expert {self.expert}"
 
     def to_dict(self) -> dict:
-        return {"layer": self.layer, "expert": self.expert, "format": self.format, "offset": self.offset,
-                "size": self.size, "crc32": self.crc32}
+        d = {"layer": self.layer, "expert": self.expert, "format": self.format, "offset": self.offset,
+             "size": self.size, "crc32": self.crc32}
+        if self.shares is not None:
+            d["shares"] = list(self.shares)
+        return d
 
 
 @dataclass
@@ -223,8 +234,8 @@ class Manifest:
 
     @property
     def expert_bytes(self) -> int:
-        """Bytes the experts take in a cache (padded blobs)."""
-        return sum(e.length for e in self.experts)
+        """Bytes the experts take in a cache (padded blobs; a shared blob counts once)."""
+        return sum(e.length for e in self.experts if e.shares is None)
 
     def to_dict(self) -> dict:
         body = {
@@ -325,9 +336,15 @@ def _parse(d: dict, path: Path) -> Manifest:
     store_bytes = _int(store["bytes"], "store bytes", src)
     experts = []
     for e in d["experts"]:
+        shares = e.get("shares") if d["version"] >= 4 else None
+        if shares is not None:
+            if not (isinstance(shares, list) and len(shares) == 2):
+                raise StoreError(f"{src}: layer {e.get('layer')} expert {e.get('expert')}: shares must be "
+                                 f"[layer, expert], got {shares!r}")
+            shares = (_int(shares[0], "shares layer", src), _int(shares[1], "shares expert", src))
         entry = ExpertEntry(_int(e["layer"], "layer", src), _int(e["expert"], "expert", src), str(e["format"]),
                             _int(e["offset"], "offset", src), _int(e["size"], "size", src, 1),
-                            _int(e["crc32"], "crc32", src))
+                            _int(e["crc32"], "crc32", src), shares)
         where = f"{src}: {entry.name}"
         if entry.format not in formats:
             raise StoreError(f"{where}: format {entry.format!r} is not described in the manifest")
@@ -344,7 +361,17 @@ def _parse(d: dict, path: Path) -> Manifest:
         if e.key in seen:
             raise StoreError(f"{src}: {e.name} is listed twice")
         seen[e.key] = e
-    by_offset = sorted(experts, key=lambda e: e.offset)
+    for e in experts:
+        if e.shares is None:
+            continue
+        owner = seen.get(e.shares)
+        if owner is None or owner.shares is not None or e.shares == e.key:
+            raise StoreError(f"{src}: {e.name} shares the blob of layer {e.shares[0]} expert {e.shares[1]}, "
+                             "which is not an expert with its own blob")
+        if (owner.format, owner.offset, owner.size, owner.crc32) != (e.format, e.offset, e.size, e.crc32):
+            raise StoreError(f"{src}: {e.name} shares the blob of {owner.name} but lists another format, "
+                             "offset, size or checksum")
+    by_offset = sorted((e for e in experts if e.shares is None), key=lambda e: e.offset)
     for a, b in zip(by_offset, by_offset[1:]):
         if a.offset + a.length > b.offset:
             raise StoreError(f"{src}: {a.name} and {b.name} overlap in the store")
@@ -385,10 +412,10 @@ def _biases(value, src: str) -> ExpertBiases | None:
     return ExpertBiases(dtype, tuple(parts))
 
 
-def manifest_version(resident_int8: list[str], biases: ExpertBiases | None) -> int:
+def manifest_version(resident_int8: list[str], biases: ExpertBiases | None, shared: bool = False) -> int:
     """The oldest manifest version that describes a model (so older readers load what
     they can and refuse what they would misread)."""
-    return 3 if biases is not None else 2 if resident_int8 else 1
+    return 4 if shared else 3 if biases is not None else 2 if resident_int8 else 1
 
 
 def _filename(name, src: str) -> str:
