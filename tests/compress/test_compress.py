@@ -17,7 +17,7 @@ from edgemoe.compress.stats import ExpertStats, LayerStats, calibration, measure
 from edgemoe.errors import InvalidArgument
 
 from cli.helpers import assert_clean_error, run_cli
-from store.helpers import make_checkpoint
+from store.helpers import make_checkpoint, min_budget
 
 FAST = dict(calib_tokens=1024, context=64)
 
@@ -163,3 +163,33 @@ def test_output_must_be_empty_and_model_must_exist(models, tmp_path):
                        "not empty")
     assert (tmp_path / "full" / "x").read_text() == "keep me"
     assert_clean_error(run_cli("prune", str(tmp_path / "nope"), str(tmp_path / "o"), "--drop", "0.5"), "nope")
+
+
+def test_merge_then_profile_plan_convert(models, tmp_path):
+    """merge -> profile -> plan -> convert --plan: the merged groups stay shared through a
+    uniform plan, and the converted model runs offloaded with the in-RAM tokens."""
+    src = str(models["mixtral"])
+    merged = tmp_path / "m"
+    proc = run_cli("merge", src, str(merged), "--experts-per-layer", "2", "--calib-tokens", "512", "--context", "64")
+    assert proc.returncode == 0, proc.stderr
+    prof, plan = tmp_path / "p.json", tmp_path / "plan.json"
+    proc = run_cli("profile", str(merged), "-o", str(prof), "--calib-tokens", "512", "--validate", "1",
+                   "--formats", "int8,int4", "--context", "64", "--no-plot", timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    proc = run_cli("plan", str(prof), "--max-loss", "5%", "-o", str(plan), "--max-evals", "2", "--no-plot")
+    assert proc.returncode == 0, proc.stderr
+    conv = tmp_path / "c"
+    proc = run_cli("convert", str(merged), str(conv), "--plan", str(plan))
+    assert proc.returncode == 0, proc.stderr
+    from edgemoe.store.format import read_manifest
+
+    m = read_manifest(conv)
+    # Members of a group share a blob when the plan gives them the same format.
+    fmt = {e.key: e.format for e in m.experts}
+    shared = [e for e in m.experts if e.shares is not None]
+    assert all(fmt[e.shares] == e.format for e in shared)
+    prompt = ["generate", "-p", "def f(x):", "-n", "6", "--ignore-eos", "--json"]
+    a = run_cli(prompt[0], str(conv), *prompt[1:])
+    b = run_cli(prompt[0], str(conv), "--memory", str(min_budget(conv)), *prompt[1:])
+    assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
+    assert json.loads(a.stdout)["token_ids"] == json.loads(b.stdout)["token_ids"]
