@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .errors import ModelLoadError
-from .models import get_family
+from .models import get_family, sanitizer
 from .models.base import EXPERT_KEY, BaseModelArgs, Transformer, short_repr
 from .experts import DenseExpert
 from .models.moe import InRAMProvider
@@ -150,6 +150,7 @@ class HFCheckpoint:
             raise ModelLoadError(f"{cfg_file}: model_type must be a string, got {short_repr(model_type)}")
         self.family: ModuleType = get_family(model_type, str(cfg_file))
         self.args: BaseModelArgs = self.family.ModelArgs.from_dict(self.config, str(cfg_file))
+        self.sanitize = sanitizer(self.family, self.args)
         self.refs = self._index()
         self.expert_parts = self._expert_parts()
 
@@ -207,7 +208,7 @@ class HFCheckpoint:
                 continue  # refused by tensors() with the file named
             meta = torch.empty(r.shape, dtype=DTYPE_CODES[r.dtype], device="meta")
             try:
-                named = self.family.sanitize(r.name, meta)
+                named = self.sanitize(r.name, meta)
             except ModelLoadError as e:
                 raise ModelLoadError(f"{r.file}: {e}") from None
             except (RuntimeError, NotImplementedError):  # a sanitize that reads values: plain experts
@@ -234,8 +235,10 @@ class HFCheckpoint:
         """"mxfp4" when the experts are stored as MXFP4 codes, None for float weights."""
         return "mxfp4" if "gate_blocks" in self.expert_parts else None
 
-    def tensors(self, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield (canonical_name, tensor) pairs, one checkpoint tensor at a time."""
+    def tensors(self, dtype: torch.dtype | None = None, fp32: set[str] | frozenset = frozenset()
+                ) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield (canonical_name, tensor) pairs, one checkpoint tensor at a time, float ones
+        cast to `dtype` except the canonical names in `fp32` (kept in float32)."""
         by_file: dict[Path, list[str]] = {}
         for r in self.refs:
             by_file.setdefault(r.file, []).append(r.name)
@@ -244,12 +247,14 @@ class HFCheckpoint:
             # RSS until the file closes, which would make a shard cost its whole size.
             try:
                 for name, tensor in iter_tensors(file, names):
-                    if dtype is not None and tensor.is_floating_point():
-                        tensor = tensor.to(dtype)
                     try:
-                        yield from self.family.sanitize(name, tensor)
+                        out = self.sanitize(name, tensor)
                     except ModelLoadError as e:
                         raise ModelLoadError(f"{file}: {e}") from None
+                    for key, t in out:
+                        if dtype is not None and t.is_floating_point():
+                            t = t.to(torch.float32 if key in fp32 else dtype)
+                        yield key, t
             except TensorFileError as e:
                 raise ModelLoadError(f"{e} (truncated or corrupted?)") from None
             except OSError as e:
@@ -367,7 +372,7 @@ def load_hf(path: str | Path, dtype: str | torch.dtype | None = None) -> tuple[T
     model = ckpt.build()
     resident: dict[str, torch.Tensor] = {}
     parts: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
-    for key, tensor in ckpt.tensors(dt):
+    for key, tensor in ckpt.tensors(dt, model.fp32_names()):
         if EXPERT_KEY.match(key):
             layer, expert, part = check_expert_tensor(args, key, tensor, str(ckpt.path))
             parts.setdefault((layer, expert), {})[part] = tensor

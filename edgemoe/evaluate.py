@@ -115,7 +115,7 @@ def checkpoint_expert_bytes(ckpt) -> int:
         infos, _ = read_header(file)
         for name, info in infos.items():
             meta = torch.empty(info.shape, dtype=info.dtype, device="meta")
-            for key, t in ckpt.family.sanitize(name, meta):
+            for key, t in ckpt.sanitize(name, meta):
                 if EXPERT_KEY.match(key):
                     total += t.numel() * t.element_size()
     return total

@@ -123,7 +123,7 @@ def _meta(family, args, dt):
     from ..checkpoint import build_on_meta
 
     model = build_on_meta(family, args)
-    return sum(p.numel() for p in model.parameters()), model.kv_bytes_per_token(dt)
+    return sum(p.numel() for p in model.parameters()), model.kv_bytes_per_token(dt), model.fp32_names()
 
 
 def _histogram(formats: dict) -> list[dict]:
@@ -147,7 +147,7 @@ def _converted(path, dtype) -> dict:
     args = check_manifest(manifest)
     family = get_family(manifest.model_type, str(manifest.path))
     dt = manifest_dtype(manifest) if dtype in (None, "auto") else parse_dtype(dtype, manifest.config)
-    resident_params, kv_per_token = _meta(family, args, dt)
+    resident_params, kv_per_token, fp32 = _meta(family, args, dt)
     counts: dict[str, int] = {}
     for e in manifest.experts:
         counts[e.format] = counts.get(e.format, 0) + 1
@@ -161,7 +161,7 @@ def _converted(path, dtype) -> dict:
         "manifest_version": manifest.version,
         **_shape(manifest.model_type, args, resident_params),
         "dtype": str(dt).removeprefix("torch."),
-        "resident_bytes": resident_nbytes(path, manifest, dt),
+        "resident_bytes": resident_nbytes(path, manifest, dt, fp32),
         "resident_int8_layers": len(manifest.resident_int8),
         "expert_bytes": sum(e.size for e in manifest.experts if e.shares is None),  # a shared blob once
         "shared_experts": sum(1 for e in manifest.experts if e.shares is not None),
@@ -184,7 +184,7 @@ def _hf(path, dtype) -> dict:
     ckpt = HFCheckpoint(path)  # config and safetensors headers only
     args = ckpt.args
     dt = parse_dtype(dtype, ckpt.config)
-    resident_params, kv_per_token = _meta(ckpt.family, args, dt)
+    resident_params, kv_per_token, _ = _meta(ckpt.family, args, dt)
     shape = _shape(ckpt.config.get("model_type"), args, resident_params)
     elem = dt.itemsize
     files = sorted({r.file for r in ckpt.refs})

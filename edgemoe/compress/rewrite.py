@@ -31,7 +31,7 @@ AUX = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "spe
        "added_tokens.json", "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt", "tokenizer.model")
 
 
-def _probe(family, name: str, shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
+def _probe(sanitize, name: str, shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
     """canonical name -> the flat source index of each of its elements."""
     n = 1
     for s in shape:
@@ -39,7 +39,7 @@ def _probe(family, name: str, shape: tuple[int, ...]) -> dict[str, torch.Tensor]
     if n >= 1 << 53:
         raise EdgeMoEError(f"tensor {name!r} is too large to probe")
     probe = torch.arange(n, dtype=torch.float64).view(shape)
-    return {k: t.to(torch.int64) for k, t in family.sanitize(name, probe)}
+    return {k: t.to(torch.int64) for k, t in sanitize(name, probe)}
 
 
 def _expert_axis_ok(name: str, mapped: dict[str, torch.Tensor], num_experts: int, numel: int) -> None:
@@ -59,7 +59,7 @@ def rewrite(src: str | Path, out: str | Path, keep: dict[int, list[int]] | None 
     listed in `keep` (renumbered 0.. in that order, router rows with them) and replacing
     the canonical gate/up/down of the (layer, expert) ids in `replace` (original ids)."""
     ckpt = HFCheckpoint(src)
-    args, family = ckpt.args, ckpt.family
+    args, sanitize = ckpt.args, ckpt.sanitize
     E = args.experts_per_layer
     keep = keep or {}
     replace = replace or {}
@@ -71,11 +71,11 @@ def rewrite(src: str | Path, out: str | Path, keep: dict[int, list[int]] | None 
     for file in sorted({r.file for r in ckpt.refs}):
         names = [r.name for r in ckpt.refs if r.file == file]
         for name, t in iter_tensors(file, names):
-            mapped = _probe(family, name, tuple(t.shape))
+            mapped = _probe(sanitize, name, tuple(t.shape))
             experts = {k: v for k, v in mapped.items() if EXPERT_KEY.match(k)}
             routers = [k for k in mapped if _ROUTER.match(k)]
             if experts:
-                tensors.update(_rewrite_experts(family, name, t, experts, keep, replace, E))
+                tensors.update(_rewrite_experts(sanitize, name, t, experts, keep, replace, E))
             elif routers and int(_ROUTER.match(routers[0]).group(1)) in keep and t.shape[:1] == (E,):
                 tensors[name] = t[keep[int(_ROUTER.match(routers[0]).group(1))]].contiguous()
             else:
@@ -97,7 +97,7 @@ def rewrite(src: str | Path, out: str | Path, keep: dict[int, list[int]] | None 
     return out
 
 
-def _rewrite_experts(family, name, t, experts, keep, replace, E) -> dict[str, torch.Tensor]:
+def _rewrite_experts(sanitize, name, t, experts, keep, replace, E) -> dict[str, torch.Tensor]:
     first = EXPERT_KEY.match(next(iter(experts)))
     layer = int(first.group(1))
     ids = {int(EXPERT_KEY.match(k).group(2)) for k in experts}
@@ -119,10 +119,10 @@ def _rewrite_experts(family, name, t, experts, keep, replace, E) -> dict[str, to
     (e,) = ids
     if e not in kept:
         return {}
-    return {_renamed(family, name, t, e, kept.index(e)): t}
+    return {_renamed(sanitize, name, t, e, kept.index(e)): t}
 
 
-def _renamed(family, name: str, t: torch.Tensor, old: int, new: int) -> str:
+def _renamed(sanitize, name: str, t: torch.Tensor, old: int, new: int) -> str:
     """The source name with expert index `old` changed to `new`: the digit run whose
     change makes sanitize name expert `new`."""
     for m in re.finditer(r"\d+", name):
@@ -130,7 +130,7 @@ def _renamed(family, name: str, t: torch.Tensor, old: int, new: int) -> str:
             continue
         cand = name[: m.start()] + str(new) + name[m.end():]
         meta = torch.empty(t.shape, dtype=t.dtype, device="meta")
-        got = [k for k, _ in family.sanitize(cand, meta) if EXPERT_KEY.match(k)]
+        got = [k for k, _ in sanitize(cand, meta) if EXPERT_KEY.match(k)]
         if got and all(int(EXPERT_KEY.match(k).group(2)) == new for k in got):
             return cand
     raise EdgeMoEError(f"cannot renumber expert {old} in tensor name {name!r}")

@@ -3,7 +3,9 @@ in FAMILIES."""
 
 from __future__ import annotations
 
+import functools
 import importlib
+import inspect
 from types import ModuleType
 
 from ..errors import ModelLoadError
@@ -34,6 +36,15 @@ FAMILIES: dict[str, str] = {
     "ernie4_5_moe": "edgemoe.models.ernie4_5_moe",
     "hunyuan_v1_moe": "edgemoe.models.hunyuan_v1_moe",
     "phimoe": "edgemoe.models.phimoe",
+    "qwen3_next": "edgemoe.models.qwen3_next",
+    "qwen3_5_moe": "edgemoe.models.qwen3_5_moe",  # multimodal checkpoints: the text model only
+    "qwen3_5_moe_text": "edgemoe.models.qwen3_5_moe",
+    "lfm2_moe": "edgemoe.models.lfm2_moe",
+    "jamba": "edgemoe.models.jamba",
+    "granitemoehybrid": "edgemoe.models.granitemoehybrid",
+    "dbrx": "edgemoe.models.dbrx",
+    "cohere2_moe": "edgemoe.models.cohere2_moe",
+    "jetmoe": "edgemoe.models.jetmoe",
 }
 
 
@@ -44,3 +55,12 @@ def get_family(model_type: str | None, source: str = "config.json") -> ModuleTyp
             f"{source}: unsupported model_type {model_type!r} (supported: {', '.join(sorted(FAMILIES))})"
         )
     return importlib.import_module(FAMILIES[model_type])
+
+
+def sanitizer(family: ModuleType, args):
+    """The family's `sanitize(name, tensor)`, bound to its config when the layout of its
+    tensors depends on it (a family then declares `sanitize(name, tensor, args)`, e.g.
+    DBRX, whose fused (E*I, H) expert tensors need the expert count to be split)."""
+    if "args" in inspect.signature(family.sanitize).parameters:
+        return functools.partial(family.sanitize, args=args)
+    return family.sanitize

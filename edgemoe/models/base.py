@@ -392,6 +392,12 @@ class Transformer(nn.Module):
         elem = torch.empty(0, dtype=dtype or self.embed.weight.dtype).element_size()
         return sum(layer.attn.kv_bytes_per_token(elem) for layer in self.layers)
 
+    def state_bytes(self, dtype: torch.dtype | None = None) -> int:
+        """Bytes of fixed-size state one sequence keeps whatever its length (recurrent
+        layers' conv windows and scan states, see models/recurrent.py); 0 without them."""
+        elem = torch.empty(0, dtype=dtype or self.embed.weight.dtype).element_size()
+        return sum(layer.attn.state_bytes(elem) for layer in self.layers if hasattr(layer.attn, "state_bytes"))
+
     def forward(
         self, ids: torch.Tensor, cache: list[KVCache] | None = None, last_only: bool = False
     ) -> torch.Tensor:
@@ -403,6 +409,12 @@ class Transformer(nn.Module):
             x = layer(x, cache[i] if cache is not None else None)
         if last_only:
             x = x[:, -1:]
+        return self.head(x)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (B, T, V) from the residual stream after the last layer (B, T, H): the
+        final norm, the LM head and the families' logit transforms. Tools that rerun the
+        tail of a forward (the bitwidth profiler) end with it, so they stay exact."""
         x = self.norm(x)
         if self.args.tie_word_embeddings:
             logits = linear(x, self.embed.weight)  # (B, T, V)
@@ -420,6 +432,12 @@ class Transformer(nn.Module):
     def resident_names(self) -> set[str]:
         """Names of the tensors the model itself owns (everything except routed experts)."""
         return {name for name, _ in self.named_parameters()}
+
+    def fp32_names(self) -> set[str]:
+        """Resident tensors loaded in fp32 whatever the compute dtype (modules list them in
+        `fp32_params`, e.g. routers that choose experts in fp32 as transformers does)."""
+        return {f"{mn}.{pn}" if mn else pn for mn, m in self.named_modules()
+                for pn in getattr(m, "fp32_params", ()) if getattr(m, pn, None) is not None}
 
 
 # ----------------------------------------------------------------------------- sanitize

@@ -32,3 +32,19 @@ class LayerNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)  # (..., D)
+
+
+class LayerNormNoBias(nn.Module):
+    """LayerNorm with a weight and no bias (DBRX, Cohere2-MoE): subtract the mean, divide
+    by the standard deviation, scale; computed in fp32 and cast back, as Cohere does."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf - xf.mean(-1, keepdim=True)
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight.float() * xf).to(x.dtype)  # (..., D)

@@ -43,6 +43,9 @@ class Router(nn.Module):
 
     kind = "softmax"
     supports_adaptive = True
+    # Parameters kept in fp32 whatever the compute dtype (transformers'
+    # _keep_in_fp32_modules_strict for the routers that compute in fp32).
+    fp32_params: frozenset[str] = frozenset()
     scales_input = False  # weights multiply expert outputs (True: their inputs, Llama 4)
 
     def __init__(self, hidden: int, num_experts: int, top_k: int, norm_topk: bool, bias: bool = False):
@@ -67,16 +70,39 @@ class Router(nn.Module):
         logits = self.logits(x)  # (N, E)
         probs = torch.softmax(logits.float(), dim=-1)  # (N, E)
         weights, ids = torch.topk(probs, self.top_k, dim=-1)  # (N, k) x2, descending
-        total = weights.sum(dim=-1, keepdim=True)  # (N, 1)
         if self.adaptive is not None:
-            keep = (weights.cumsum(dim=-1) - weights) < self.adaptive  # mass ranked above each slot
-            weights = weights * keep
-            ids = ids.masked_fill(~keep, -1)
-            if not self.norm_topk:
-                weights = weights * (total / weights.sum(dim=-1, keepdim=True))
+            weights, ids = adaptive_keep(weights, ids, self.adaptive, self.norm_topk)
         if self.norm_topk:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return weights.to(x.dtype), ids, logits
+
+
+def adaptive_keep(weights: torch.Tensor, ids: torch.Tensor, mass: float,
+                  norm_topk: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Adaptive gating on top-k probabilities `weights` (N, k), sorted descending: keep
+    each row's slots while the probability ranked above them is below `mass` (so at least
+    one); dropped slots get id -1 and weight 0. Without renormalisation to come, the kept
+    weights are rescaled to the total the full top-k had."""
+    total = weights.sum(dim=-1, keepdim=True)  # (N, 1)
+    keep = (weights.cumsum(dim=-1) - weights) < mass  # mass ranked above each slot
+    weights = weights * keep
+    ids = ids.masked_fill(~keep, -1)
+    if not norm_topk:
+        weights = weights * (total / weights.sum(dim=-1, keepdim=True))
+    return weights, ids
+
+
+# Look-ahead score of experts a grouped router can never choose for a row (their group
+# was not kept): far below any real score, finite so it survives float16 traces.
+NEVER = -1e4
+
+
+def _monotone(c: torch.Tensor, f, lo: float, hi: float = float("inf")) -> torch.Tensor:
+    """f(c) on [lo, hi], continued beyond with slope 1: strictly increasing everywhere, so
+    scores that leave f's domain (a correction bias pushes a sigmoid score past 1 or a
+    probability below 0) keep their order instead of tying at a clamp."""
+    inner = c.clamp(lo, hi)
+    return f(inner) + (c - inner)
 
 
 class GroupedRouter(Router):
@@ -89,6 +115,7 @@ class GroupedRouter(Router):
     `topk_group` groups' experts may be chosen (the others' choice scores become `masked_score`, as
     in transformers). The weights are the chosen experts' scores, renormalised with
     `norm_topk` (denominator + `norm_eps`, or clamped at `norm_min`), times `scaling`.
+    Adaptive gating applies to softmax scores (a distribution it can cover), not sigmoid ones.
     """
 
     kind = "grouped"
@@ -102,6 +129,9 @@ class GroupedRouter(Router):
         # Gate matmul in fp32 whatever the model dtype (GLM-4.5, dots1, DeepSeek-V3 keep
         # their gate in fp32): in bf16 near-tied experts would otherwise swap.
         self.float_logits = float_logits
+        # The correction bias only ranks experts: rounding it to bf16 could flip near-ties.
+        self.fp32_params = frozenset({"weight", "bias", "e_score_correction_bias"} if float_logits
+                                     else {"e_score_correction_bias"})
         # Choice score of experts outside the kept groups: 0.0 (DeepSeek-V2) or -inf (V3,
         # GLM-4.5, EXAONE-MoE: never chosen, even over a negative corrected score).
         self.masked_score = masked_score
@@ -110,6 +140,9 @@ class GroupedRouter(Router):
         if group_score not in ("max", "top2"):
             raise ValueError(f"unknown group score {group_score!r}")
         self.kind = f"grouped-{scoring}"
+        # Softmax scores are a distribution over the experts that adaptive gating can cover;
+        # sigmoid scores are independent per expert and sum to no total.
+        self.supports_adaptive = scoring == "softmax"
         self.scoring, self.n_group, self.topk_group = scoring, n_group, topk_group
         self.group_score, self.scaling, self.norm_eps, self.norm_min = group_score, scaling, norm_eps, norm_min
         # Loaded from the checkpoint's e_score_correction_bias (named after it).
@@ -125,11 +158,14 @@ class GroupedRouter(Router):
         z = logits.float()
         return torch.sigmoid(z) if self.scoring == "sigmoid" else torch.softmax(z, dim=-1)  # (N, E)
 
-    def choice(self, scores: torch.Tensor) -> torch.Tensor:
-        """Scores the top-k is taken over: corrected, and `masked_score` outside the chosen groups."""
-        c = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias.float()
+    def corrected(self, scores: torch.Tensor) -> torch.Tensor:
+        return scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias.float()
+
+    def group_mask(self, c: torch.Tensor) -> torch.Tensor | None:
+        """(N, E) True for the experts of each row's `topk_group` best groups, judged on the
+        corrected scores c (N, E); None without group-limited routing."""
         if self.n_group <= 1:
-            return c
+            return None
         N, E = c.shape
         grouped = c.view(N, self.n_group, E // self.n_group)  # (N, G, E/G)
         if self.group_score == "max":
@@ -138,26 +174,39 @@ class GroupedRouter(Router):
             g = grouped.topk(2, dim=-1).values.sum(dim=-1)  # (N, G)
         top = g.topk(self.topk_group, dim=-1, sorted=False).indices  # (N, topk_group)
         mask = torch.zeros_like(g, dtype=torch.bool).scatter_(1, top, True)  # (N, G)
-        mask = mask.unsqueeze(-1).expand_as(grouped).reshape(N, E)  # (N, E)
-        return c.masked_fill(~mask, self.masked_score)
+        return mask.unsqueeze(-1).expand_as(grouped).reshape(N, E)  # (N, E)
+
+    def choice(self, scores: torch.Tensor) -> torch.Tensor:
+        """Scores the top-k is taken over: corrected, and `masked_score` outside the chosen groups."""
+        c = self.corrected(scores)
+        mask = self.group_mask(c)
+        return c if mask is None else c.masked_fill(~mask, self.masked_score)
 
     def lookahead_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ordered as this router's choice: the raw logits (sigmoid) or log-probabilities
+        (softmax) without a correction bias, else a strictly increasing logit (or log) of
+        the corrected score; experts of groups the router would not keep get NEVER."""
         z = super().lookahead_logits(x)  # (N, E)
-        if self.e_score_correction_bias is None and self.scoring == "sigmoid":
-            return z
         s = self.scores(z)
-        if self.e_score_correction_bias is not None:
-            s = s + self.e_score_correction_bias.float()
-        if self.scoring == "softmax":
-            return torch.log(s.clamp_min(1e-30))
-        eps = 1e-6  # the logit of the corrected sigmoid score: z itself when the bias is 0
-        return torch.logit(s.clamp(eps, 1 - eps))
+        c = self.corrected(s)
+        if self.e_score_correction_bias is None:
+            out = z if self.scoring == "sigmoid" else torch.log_softmax(z, dim=-1)
+        elif self.scoring == "sigmoid":
+            eps = 1e-6  # logit(c) is z itself where the bias is 0
+            out = _monotone(c, torch.logit, eps, 1 - eps)
+        else:
+            out = _monotone(c, torch.log, 1e-30)
+        mask = self.group_mask(c)
+        return out if mask is None else out.masked_fill(~mask, NEVER)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         logits = self.logits(x)  # (N, E)
         scores = self.scores(logits)  # (N, E)
         ids = torch.topk(self.choice(scores), self.top_k, dim=-1).indices  # (N, k)
         weights = scores.gather(1, ids)  # (N, k)
+        if self.adaptive is not None:  # softmax scores only (supports_adaptive)
+            weights, order = weights.sort(dim=-1, descending=True)  # the bias may have chosen out of order
+            weights, ids = adaptive_keep(weights, ids.gather(1, order), self.adaptive, self.norm_topk)
         if self.norm_topk:
             total = weights.sum(dim=-1, keepdim=True)
             total = total.clamp_min(self.norm_min) if self.norm_min is not None else total + self.norm_eps
@@ -246,4 +295,127 @@ def check_groups(num_experts: int, n_group: int, topk_group: int, top_k: int, so
         raise ModelLoadError(f"{source}: groups of one expert cannot be scored by their top two")
 
 
-__all__ = ["Router", "GroupedRouter", "InputScaledRouter", "SparseMixerRouter", "check_groups"]
+__all__ = ["Router", "GroupedRouter", "InputScaledRouter", "SparseMixerRouter", "adaptive_keep", "check_groups"]
+
+
+# ----------------------------------------------------------------------------- cache-aware routing
+#
+# Training-free cache-aware routing, after Skliar et al., "Mixture of Cache-Conditional
+# Experts for Efficient Mobile Device Inference" (arXiv 2412.00099): MoE quality barely
+# moves when a chosen expert is swapped for one that scored almost as well, so when the
+# runtime would have to read a chosen expert, an expert it already holds whose score is
+# within MARGIN is used instead. This is the margin form of the paper's idea (it studies
+# max-rank, cumulative-probability and cache-prior variants); MARGIN is a difference in
+# the score the router ranks by:
+#
+# - softmax routers (`Router`): routing probability, softmax over all experts (0..1);
+# - grouped routers (`GroupedRouter`): the choice score, i.e. the softmax probability or
+#   sigmoid score plus the correction bias; experts of groups the router did not keep for
+#   the token are never candidates.
+#
+# Rule, per token row: take the chosen experts that are not resident (adaptive gating's
+# dropped slots are left alone), weakest first, and the resident experts that were not
+# chosen, best first; pair them in that order and swap each pair whose score difference
+# (chosen minus resident) is at most MARGIN. Since the first list ascends and the second
+# descends, the differences grow along the pairs, so the swapped pairs are a prefix. The
+# new set is then weighted exactly as the router weighs a set it chose (its scores at the
+# new experts, renormalised, scaled, adaptive rescaling), so MARGIN 0 changes nothing but
+# exact ties.
+
+
+def prefer_resident(scores: torch.Tensor, ids: torch.Tensor, resident, margin: float,
+                    allowed: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+    """The rule above. scores (N, E) float: what the router ranks by; ids (N, k) the chosen
+    experts (-1: dropped); resident: set of expert ids the runtime holds; allowed (N, E)
+    bool or None: experts the router may choose per row. Returns the new ids (N, k) and
+    the number of swapped slots."""
+    N, k = ids.shape
+    if N == 1:  # decode: a few Python comparisons beat a dozen tiny tensor ops
+        row = ids[0].tolist()
+        sc = scores[0].tolist()
+        weak = sorted((sc[e], i) for i, e in enumerate(row) if e >= 0 and e not in resident)
+        if not weak:
+            return ids, 0
+        ok = allowed[0].tolist() if allowed is not None else None
+        cands = sorted((e for e in resident if e not in row and (ok is None or ok[e])), key=lambda e: (-sc[e], e))
+        out, n = list(row), 0
+        for (s, i), c in zip(weak, cands):
+            if s - sc[c] > margin:
+                break
+            out[i] = c
+            n += 1
+        return (torch.tensor([out], dtype=ids.dtype) if n else ids), n
+    E = scores.shape[1]
+    valid = ids >= 0
+    safe = ids.clamp_min(0)
+    held = torch.zeros(E, dtype=torch.bool)
+    if resident:
+        held[list(resident)] = True
+    stays = held[safe] | ~valid  # (N, k) slots never swapped
+    s = scores.gather(1, safe).masked_fill(stays, float("inf"))  # (N, k)
+    s_sorted, order = s.sort(dim=1)  # non-resident chosen, weakest first
+    chosen = torch.zeros(N, E + 1, dtype=torch.bool).scatter_(1, ids.masked_fill(~valid, E), True)[:, :E]
+    cand = scores.masked_fill(chosen | ~held, float("-inf"))  # (N, E)
+    if allowed is not None:
+        cand = cand.masked_fill(~allowed, float("-inf"))
+    c_val, c_idx = cand.topk(k, dim=1)  # resident candidates, best first
+    swap = (s_sorted - c_val) <= margin  # +inf - x and x - (-inf) are +inf: never swapped
+    n = int(swap.sum())
+    if not n:
+        return ids, 0
+    new_sorted = torch.where(swap, c_idx, ids.gather(1, order))
+    return ids.clone().scatter_(1, order, new_sorted), n
+
+
+def cache_routing_unsupported(router: nn.Module) -> str | None:
+    """Why cache-aware routing cannot run on this router (None: it can). Only the router
+    kinds whose weighting `cache_route` reproduces qualify; a subclass that weighs its
+    experts its own way (a new forward) is refused rather than weighted wrongly."""
+    if isinstance(router, GroupedRouter) and type(router).forward is GroupedRouter.forward:
+        return None
+    if type(router) is not GroupedRouter and isinstance(router, Router) and type(router).forward is Router.forward:
+        return None
+    if isinstance(router, InputScaledRouter):
+        return "it ranks raw logits and weighs each expert by their sigmoid: no routing probability to measure a margin in"
+    if isinstance(router, SparseMixerRouter):
+        return "it picks its two experts one after the other, each weighted against the logits near it"
+    return "it weighs the chosen experts its own way"
+
+
+def cache_route(router: Router, logits: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, resident,
+                margin: float) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Cache-aware routing of one router call (see the notes above): the router's output
+    (weights (N, k), ids (N, k), logits (N, E)) with non-resident experts swapped for
+    resident ones within `margin`, and the number of swapped slots. Rows without a swap
+    keep their weights bit for bit."""
+    grouped = isinstance(router, GroupedRouter)
+    if grouped:
+        scores = router.scores(logits)  # (N, E)
+        rank = router.corrected(scores)
+        allowed = router.group_mask(rank)
+    else:
+        scores = rank = torch.softmax(logits.float(), dim=-1)  # (N, E), as forward computes it
+        allowed = None
+    new_ids, n = prefer_resident(rank, ids, resident, margin, allowed)
+    if not n:
+        return weights, ids, 0
+    k = router.top_k
+    w = scores.gather(1, new_ids.clamp_min(0))  # (N, k)
+    if router.adaptive is not None:
+        w = w.masked_fill(new_ids < 0, 0.0)
+        if not router.norm_topk:  # adaptive rescaling: to the mass the full top-k had
+            top = torch.topk(router.choice(scores), k, dim=-1).indices if grouped else None
+            full = scores.gather(1, top) if grouped else torch.topk(scores, k, dim=-1).values
+            w = w * (full.sum(dim=-1, keepdim=True) / w.sum(dim=-1, keepdim=True))
+    if router.norm_topk:
+        total = w.sum(dim=-1, keepdim=True)
+        if grouped:
+            total = total.clamp_min(router.norm_min) if router.norm_min is not None else total + router.norm_eps
+        w = w / total
+    if grouped and router.scaling != 1.0:
+        w = w * router.scaling
+    changed = (new_ids != ids).any(dim=-1, keepdim=True)  # (N, 1)
+    return torch.where(changed, w.to(weights.dtype), weights), new_ids, n
+
+
+__all__ += ["cache_route", "cache_routing_unsupported", "prefer_resident"]

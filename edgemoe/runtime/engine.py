@@ -23,6 +23,7 @@ from ..checkpoint import attach_provider, build_on_meta, load_resident, parse_dt
 from ..cpu import ONEDNN_RESERVE, prefill_onednn
 from ..errors import BudgetError, EdgeMoEError, InvalidArgument, StoreError
 from ..models import get_family
+from ..models.moe import check_cache_aware_routing, set_cache_aware_routing
 from ..quant.resident import swap_int8_
 from ..store.format import ALIGN, Manifest, read_manifest
 from ..store.reader import ExpertStore, check_manifest, manifest_dtype, read_resident
@@ -60,8 +61,9 @@ def min_cache_bytes(manifest: Manifest, top_k: int) -> int:
     return max((sum(sorted(v, reverse=True)[:top_k]) for v in per_layer.values()), default=0)
 
 
-def resident_nbytes(path: Path, manifest: Manifest, dtype: torch.dtype) -> int:
-    """Bytes the resident weights take in RAM at `dtype`, from the file header alone."""
+def resident_nbytes(path: Path, manifest: Manifest, dtype: torch.dtype, fp32: set[str] | frozenset = frozenset()) -> int:
+    """Bytes the resident weights take in RAM at `dtype` (the names in `fp32` in float32),
+    from the file header alone."""
     try:
         infos, _ = read_header(path / manifest.resident_file)
     except FileNotFoundError:
@@ -70,9 +72,10 @@ def resident_nbytes(path: Path, manifest: Manifest, dtype: torch.dtype) -> int:
     except TensorFileError as e:
         raise StoreError(f"{e}; the resident weights are corrupted, re-run 'edgemoe convert'") from None
     total = 0
-    for i in infos.values():
+    for name, i in infos.items():
         numel = i.nbytes // element_size(i.dtype)
-        total += numel * element_size(dtype) if i.dtype.is_floating_point else i.nbytes
+        elem = element_size(torch.float32 if name in fp32 else dtype)
+        total += numel * elem if i.dtype.is_floating_point else i.nbytes
     return total
 
 
@@ -86,29 +89,41 @@ class MemoryPlan:
     workspace: int  # compute workspace (workspace_bytes)
     capacity: int  # the expert cache
     onednn: bool  # whether prefill uses oneDNN (its reserve is in workspace)
+    parallel: int = 1  # sequences decoded together (serve --parallel): kv_bytes holds one KV cache per slot
+    batch_onednn: bool = False  # whether decode steps of several sequences use oneDNN (its reserve is in workspace)
 
 
 def memory_plan(args, dt: torch.dtype, path, budget: int | None, ctx_size: int, explicit_ctx: bool, resident: int,
-                kv_per_token: int, one_layer: int, experts_total: int, onednn: bool, mode: str) -> MemoryPlan:
+                kv_per_token: int, one_layer: int, experts_total: int, onednn: bool, mode: str,
+                parallel: int = 1) -> MemoryPlan:
     """The budget arithmetic of load_converted, also used by 'edgemoe info'. ctx_size is the
     checked context size (the model's maximum unless explicit_ctx); resident (resident_nbytes),
     one_layer (min_cache_bytes) and experts_total (Manifest.expert_bytes) are bytes. A budget
-    below the minimum, or an io-free budget below every expert, is a BudgetError naming path."""
+    below the minimum, or an io-free budget below every expert, is a BudgetError naming path.
+    parallel: slots whose sequences are decoded together (edgemoe.batching): each keeps its
+    own KV cache for ctx_size, so every KV figure below counts `parallel` of them."""
+    from ..batching import batch_onednn
+
     max_pos = args.max_position_embeddings
     min_ctx = ctx_size if explicit_ctx else min(max_pos, MIN_CTX)
+    batched = batch_onednn(onednn, dt, parallel)
     onednn = prefill_onednn(onednn, dt, resident + experts_total)
+    kv_per_token *= parallel  # from here on: the KV bytes of one position in every slot
+    slots = f" x {parallel} slots (--parallel)" if parallel > 1 else ""
 
     def fixed(ctx: int) -> int:  # what a budget must hold besides the KV cache, at this context size
-        return resident + workspace_bytes(args, dt, ctx, onednn) + one_layer
+        return resident + workspace_bytes(args, dt, ctx, onednn or batched) + one_layer
 
     min_budget = fixed(min_ctx) + min_ctx * kv_per_token
     if budget is not None and budget < min_budget and mode != "io-free":  # io-free: its own check below
-        ws = workspace_bytes(args, dt, min_ctx, onednn)
+        ws = workspace_bytes(args, dt, min_ctx, onednn or batched)
         raise BudgetError(
             f"memory budget {format_bytes(budget)} ({budget} bytes) is too small for {path}: the resident weights "
-            f"take {format_bytes(resident)}, the KV cache for {min_ctx} tokens {format_bytes(min_ctx * kv_per_token)}, "
+            f"take {format_bytes(resident)}, the KV cache for {min_ctx} tokens{slots} {format_bytes(min_ctx * kv_per_token)}, "
             f"the compute workspace {format_bytes(ws)} and one layer's top-{args.top_k} experts "
             f"{format_bytes(one_layer)}; the minimum is {format_bytes(min_budget)} (--memory {min_budget})"
+            + (f", or run fewer --parallel slots (the KV cache of one takes {format_bytes(min_ctx * kv_per_token // parallel)})"
+               if parallel > 1 else "")
         )
     if budget is not None and not explicit_ctx:
         # Default context: the model's maximum, stepped down in whole MIN_CTX steps (not below
@@ -121,7 +136,7 @@ def memory_plan(args, dt: torch.dtype, path, budget: int | None, ctx_size: int, 
 
         while ctx_size > min_ctx and too_big(ctx_size):
             ctx_size = max(min_ctx, (ctx_size - 1) // MIN_CTX * MIN_CTX)
-    workspace = workspace_bytes(args, dt, ctx_size, onednn)
+    workspace = workspace_bytes(args, dt, ctx_size, onednn or batched)
     kv_bytes = ctx_size * kv_per_token
     if mode == "io-free":
         need = resident + kv_bytes + workspace + experts_total
@@ -134,7 +149,7 @@ def memory_plan(args, dt: torch.dtype, path, budget: int | None, ctx_size: int, 
         capacity = experts_total
     else:
         capacity = min((budget - resident - kv_bytes - workspace) // ALIGN * ALIGN, experts_total)
-    return MemoryPlan(min_budget, ctx_size, kv_bytes, workspace, capacity, onednn)
+    return MemoryPlan(min_budget, ctx_size, kv_bytes, workspace, capacity, onednn, parallel, batched)
 
 
 def _warm_up_torch(dtype: torch.dtype) -> None:
@@ -171,6 +186,10 @@ def load_converted(
     read_throttle: str | int | None = None,
     ctx_size: int | None = None,
     onednn: bool = True,
+    parallel: int = 1,
+    prefetch_threshold: float | None = None,
+    prefetch_pacing: bool | None = None,
+    cache_aware_routing: float | None = None,
 ) -> tuple[torch.nn.Module, dict]:
     """Load a converted model with its experts offloaded.
 
@@ -185,7 +204,12 @@ def load_converted(
     model's maximum positions, capped so the KV cache takes at most half of what the
     budget leaves). onednn: whether prefill may use oneDNN; it does where `cpu.prefill_onednn`
     says so (the CPU and the model's size, never the budget), and its reserve is then counted
-    in the budget (info["onednn"] says which).
+    in the budget (info["onednn"] says which). parallel: sequences decoded together (serve
+    --parallel); the budget holds one KV cache of ctx_size per slot. prefetch_threshold,
+    prefetch_pacing: which predicted experts are worth preloading (runtime/prefetch.py).
+    cache_aware_routing: MARGIN, a routing-probability difference in (0, 1]: a chosen
+    expert that is not in memory is swapped for one that is and scored within MARGIN of
+    it (models/routers.py, `cache_route`); lossy, off (None) by default; io-exp only.
     """
     return_large_frees_to_os()  # large temporaries leave RSS when freed, not at exit
     _warm_up_torch(parse_dtype(dtype, {}) if dtype not in (None, "auto") else torch.bfloat16)
@@ -202,7 +226,11 @@ def load_converted(
         raise InvalidArgument("a routing trace (--trace) is only used by --cache-policy belady")
     budget = parse_size(memory) if memory is not None else None
     throttle = parse_rate(read_throttle) if read_throttle is not None else None
-    check_prefetch_options(predictor, prefetch_experts, prefetch_layers, prefetch_threads)
+    check_prefetch_options(predictor, prefetch_experts, prefetch_layers, prefetch_threads, prefetch_threshold,
+                           prefetch_pacing, prefetch)
+    if cache_aware_routing is not None and mode == "io-free":
+        raise InvalidArgument("cache-aware routing prefers experts already in memory; with --mode io-free every "
+                              "expert is, so it would change nothing: use --mode io-exp or drop it")
 
     manifest = read_manifest(path)
     args = check_manifest(manifest)
@@ -217,12 +245,14 @@ def load_converted(
     explicit_ctx = ctx_size is not None
     ctx_size = check_ctx_size(ctx_size, max_pos, str(manifest.path))
     model = build_on_meta(family, args)  # shapes only; no memory
+    if cache_aware_routing is not None:
+        check_cache_aware_routing(model, cache_aware_routing)
     kv_per_token = model.kv_bytes_per_token(dt)
-    resident = resident_nbytes(path, manifest, dt)
+    resident = resident_nbytes(path, manifest, dt, model.fp32_names())
     experts_total = manifest.expert_bytes
     one_layer = min_cache_bytes(manifest, args.top_k)
     plan = memory_plan(args, dt, path, budget, ctx_size, explicit_ctx, resident, kv_per_token, one_layer,
-                       experts_total, onednn, mode)
+                       experts_total, onednn, mode, parallel)
     min_budget, ctx_size, kv_bytes, workspace = plan.min_budget, plan.ctx_size, plan.kv_bytes, plan.workspace
     capacity, onednn = plan.capacity, plan.onednn
 
@@ -231,7 +261,7 @@ def load_converted(
         trace_obj = RoutingTrace.load(trace) if trace is not None else None
         ctx = PolicyContext(args.moe_layers(), args.experts_per_layer, args.top_k, trace_obj)
         policy = make_policy(policy_name, ctx)
-        tensors = read_resident(path, manifest, dt)
+        tensors = read_resident(path, manifest, dt, model.fp32_names())
         if manifest.resident_int8:  # resident linear layers stored as int8 (convert --resident int8)
             swap_int8_(model, manifest.resident_int8, dt, str(manifest.path))
         try:
@@ -242,7 +272,7 @@ def load_converted(
         cache = ExpertCache(store, capacity, policy, args.expert_act, dt, verify or "first",
                             loader_threads=prefetch_threads or DEFAULT_THREADS)
         pf = prefetch_config(path, model, args, mode, capacity, one_layer, prefetch, predictor,
-                             prefetch_experts, prefetch_layers)
+                             prefetch_experts, prefetch_layers, prefetch_threshold, prefetch_pacing)
     except BaseException:
         store.close()
         raise
@@ -258,6 +288,8 @@ def load_converted(
         "resident_bytes": resident,
         "ctx_size": ctx_size,
         "kv_bytes": kv_bytes,
+        "parallel": parallel,
+        "batch_onednn": plan.batch_onednn,
         "workspace_bytes": workspace,
         "onednn": onednn,  # prefill on oneDNN (its reserve is in workspace_bytes)
         "expert_bytes": experts_total,
@@ -267,6 +299,7 @@ def load_converted(
         "baseline_rss_bytes": baseline,
         "read_throttle_bps": throttle,
         **pf.describe(),
+        "cache_aware_routing": cache_aware_routing,
     }
     provider = OffloadedProvider(cache, info, args.moe_layers(), pf)
     try:
@@ -280,5 +313,7 @@ def load_converted(
         provider.close()
         raise
     attach_provider(model, provider)
+    if cache_aware_routing is not None:
+        set_cache_aware_routing(model, cache_aware_routing)
     info["load_s"] = round(time.perf_counter() - t0, 6)
     return model, info

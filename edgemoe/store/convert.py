@@ -37,8 +37,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .. import __version__
-from ..checkpoint import (FLOAT_PARTS, HFCheckpoint, bias_names, check_expert_tensor, expert_biases, lacking_parts,
+from .._version import __version__
+from ..checkpoint import (FLOAT_PARTS, HFCheckpoint, build_on_meta, bias_names, check_expert_tensor, expert_biases, lacking_parts,
                           load_resident, parse_dtype)
 from ..errors import EdgeMoEError, ModelLoadError
 from ..models.base import EXPERT_KEY
@@ -346,6 +346,7 @@ def convert(src: str | Path, out: str | Path, *, bits: int | None = None, fmt: s
     gguf_src = ckpt if isinstance(ckpt, GGUFCheckpoint) else None
     args = ckpt.args
     dt = parse_dtype(dtype, ckpt.config)
+    fp32 = build_on_meta(ckpt.family, args).fp32_names()  # resident tensors stored in fp32 whatever dt
     if gguf_src is not None and bits is None and fmt is None and plan is None:
         plan = gguf_src.default_plan(dt)  # keep at least the GGUF's precision
     if gguf_src is None and ckpt.expert_format == "mxfp4" and bits is None and fmt is None and plan is None:
@@ -393,7 +394,8 @@ def convert(src: str | Path, out: str | Path, *, bits: int | None = None, fmt: s
         for key, tensor in ckpt.tensors(None):
             bar.update(tensor.numel() * tensor.element_size())
             if not EXPERT_KEY.match(key):
-                tensors[key] = tensor.to(dt) if tensor.is_floating_point() else tensor
+                keep = torch.float32 if key in fp32 else dt
+                tensors[key] = tensor.to(keep) if tensor.is_floating_point() else tensor
                 continue
             layer, expert, part = check_expert_tensor(args, key, tensor, str(src))
             got = pending.setdefault((layer, expert), {})

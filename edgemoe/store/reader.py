@@ -251,7 +251,8 @@ class ExpertStore:
         return fmt.expert(parts, act, dtype)
 
 
-def read_resident(directory: str | Path, manifest: Manifest, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+def read_resident(directory: str | Path, manifest: Manifest, dtype: torch.dtype | None = None,
+                  fp32: set[str] | frozenset = frozenset()) -> dict[str, torch.Tensor]:
     """Read every resident tensor into its own memory (pread, no mmap), checking each
     against the manifest's checksum. Casts to `dtype` if given and different."""
     path = Path(directory) / manifest.resident_file
@@ -283,7 +284,8 @@ def read_resident(directory: str | Path, manifest: Manifest, dtype: torch.dtype 
             if crc != manifest.resident_tensors[name]:
                 raise StoreError(f"{src}: tensor {name!r}: checksum mismatch; the resident weights are corrupted, "
                                  "re-run 'edgemoe convert'")
-            out[name] = t.to(dtype) if dtype is not None and t.is_floating_point() and t.dtype != dtype else t
+            want = torch.float32 if name in fp32 else dtype  # names in fp32 stay fp32 (see Transformer.fp32_names)
+            out[name] = t.to(want) if want is not None and t.is_floating_point() and t.dtype != want else t
     return out
 
 
