@@ -502,6 +502,17 @@ def _split_fused(layer: int, kind: str, name: str, t: torch.Tensor) -> list[tupl
     return out
 
 
+_LAYER = re.compile(r"model\.layers\.(\d+)\.")
+
+
+def past_last_layer(name: str, args: BaseModelArgs) -> bool:
+    """Whether `name` belongs to a decoder layer past the config's last one: the
+    multi-token-prediction layers DeepSeek-V3 and GLM-4.5 ship after the decoder (only
+    used to draft tokens; transformers skips them on load too)."""
+    m = _LAYER.match(name)
+    return m is not None and int(m.group(1)) >= args.num_hidden_layers
+
+
 def is_moe_layer(layer: int, num_experts: int, sparse_step: int = 1, mlp_only: Iterable[int] = ()) -> bool:
     """Qwen-style rule for which layers are MoE (others are dense MLPs)."""
     return layer not in set(mlp_only) and num_experts > 0 and (layer + 1) % max(sparse_step, 1) == 0

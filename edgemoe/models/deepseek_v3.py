@@ -70,4 +70,4 @@ def build(args: ModelArgs) -> Transformer:
     return build_mla(args, router, interleaved=args.rope_interleave)
 
 
-sanitize = make_mla_sanitizer(61)
+sanitize = make_mla_sanitizer(skip_mtp=True)

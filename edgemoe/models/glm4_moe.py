@@ -24,7 +24,7 @@ import torch
 
 from ..errors import ModelLoadError
 from .attention import Attention, AttentionSpec
-from .base import MLP, BaseModelArgs, DecoderLayer, Transformer, make_sanitizer
+from .base import MLP, BaseModelArgs, DecoderLayer, Transformer, make_sanitizer, past_last_layer
 from .moe import MoEBlock
 from .rope import RoPE
 from .routers import GroupedRouter, check_groups
@@ -154,9 +154,13 @@ RULES = [
 _sanitize = make_sanitizer(RULES)
 
 
-def sanitize(name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+def sanitize(name: str, tensor: torch.Tensor, args=None) -> list[tuple[str, torch.Tensor]]:
     """Map checkpoint names to ours. With n_shared_experts 0 transformers saves empty
-    shared-expert matrices; they hold nothing and are dropped."""
+    shared-expert matrices; they hold nothing and are dropped, and so are the
+    multi-token-prediction layers GLM-4.5 stores after the decoder (model.layers.46 in
+    Air, .92 in GLM-4.5: past num_hidden_layers)."""
     if ".shared_experts." in name and tensor.numel() == 0:
+        return []
+    if args is not None and past_last_layer(name, args):
         return []
     return _sanitize(name, tensor)

@@ -69,4 +69,4 @@ def build(args: ModelArgs) -> Transformer:
     return build_mla(args, router, interleaved=args.rope_interleave)
 
 
-sanitize = make_mla_sanitizer(47)
+sanitize = make_mla_sanitizer(skip_mtp=True)

@@ -153,10 +153,20 @@ def test_unsupported_options_refused(pair):
 
 
 def test_mtp_layer_is_skipped():
-    """V3/R1 store their multi-token-prediction layer after the 61 decoder layers."""
+    """V3/R1 store their multi-token-prediction layer after the 61 decoder layers: every
+    layer past num_hidden_layers is skipped, as transformers does."""
+    from types import SimpleNamespace
+
+    from edgemoe.models import sanitizer
+
     t = torch.zeros(2, 2)
-    assert deepseek_v3.sanitize("model.layers.61.eh_proj.weight", t) == []
-    assert deepseek_v3.sanitize("model.layers.61.self_attn.kv_b_proj.weight", t) == []
-    assert deepseek_v3.sanitize("model.layers.60.self_attn.kv_b_proj.weight", t) == [("layers.60.attn.kv_b.weight", t)]
-    assert deepseek_v3.sanitize("model.layers.6.mlp.gate.e_score_correction_bias", t) == [
+    sanitize = sanitizer(deepseek_v3, SimpleNamespace(num_hidden_layers=61))
+    assert sanitize("model.layers.61.eh_proj.weight", t) == []
+    assert sanitize("model.layers.61.self_attn.kv_b_proj.weight", t) == []
+    assert sanitize("model.layers.60.self_attn.kv_b_proj.weight", t) == [("layers.60.attn.kv_b.weight", t)]
+    assert sanitize("model.layers.6.mlp.gate.e_score_correction_bias", t) == [
         ("layers.6.mlp.router.e_score_correction_bias", t)]
+    # A 4-layer config: layer 4 is past the end, layer 3 is not.
+    small = sanitizer(deepseek_v3, SimpleNamespace(num_hidden_layers=4))
+    assert small("model.layers.4.self_attn.kv_b_proj.weight", t) == []
+    assert small("model.layers.3.self_attn.kv_b_proj.weight", t) == [("layers.3.attn.kv_b.weight", t)]

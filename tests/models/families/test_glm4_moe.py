@@ -211,3 +211,24 @@ def test_sanitize_names():
         "layers.4.mlp.shared.up.weight")
     assert glm4_moe.sanitize("model.layers.4.mlp.shared_experts.up_proj.weight", torch.zeros(0, 2)) == []
     assert glm4_moe.sanitize("model.layers.4.mlp.experts.7.down_proj.weight", t)[0][0] == "experts.4.7.down"
+
+
+def test_mtp_layers_past_the_decoder_are_skipped(tmp_path, tokenizer_dir):
+    """GLM-4.5 ships its multi-token-prediction layer as model.layers.<num_hidden_layers>:
+    a checkpoint with such a layer loads (it is skipped, as in transformers)."""
+    from safetensors.torch import load_file, save_file
+
+    from edgemoe.checkpoint import load_hf
+    from models import parity
+
+    cfg = next(iter(CONFIGS.values()))()
+    parity.save(cfg, tmp_path, tokenizer_dir)
+    f = tmp_path / "model.safetensors"
+    weights = load_file(f)
+    last = cfg.num_hidden_layers - 1
+    extra = {k.replace(f"model.layers.{last}.", f"model.layers.{last + 1}."): v.clone()
+             for k, v in weights.items() if k.startswith(f"model.layers.{last}.")}
+    extra[f"model.layers.{last + 1}.eh_proj.weight"] = torch.zeros(4, 4)
+    save_file({**weights, **extra}, str(f), metadata={"format": "pt"})
+    model, _ = load_hf(tmp_path)
+    assert len(model.layers) == cfg.num_hidden_layers

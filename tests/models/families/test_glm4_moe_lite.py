@@ -95,7 +95,13 @@ def test_unsupported_options_refused(pair):
 
 
 def test_mtp_layer_is_skipped():
+    """GLM-4.7-Flash's multi-token-prediction layer follows its 47 decoder layers."""
+    from types import SimpleNamespace
+
+    from edgemoe.models import sanitizer
+
     t = torch.zeros(2, 2)
-    assert glm4_moe_lite.sanitize("model.layers.47.shared_head.head.weight", t) == []
-    assert glm4_moe_lite.sanitize("model.layers.46.self_attn.q_a_layernorm.weight", t) == [
+    sanitize = sanitizer(glm4_moe_lite, SimpleNamespace(num_hidden_layers=47))
+    assert sanitize("model.layers.47.shared_head.head.weight", t) == []
+    assert sanitize("model.layers.46.self_attn.q_a_layernorm.weight", t) == [
         ("layers.46.attn.q_a_norm.weight", t)]
