@@ -1,14 +1,26 @@
-"""Expert storage formats (formats.py), group-wise quantization and bit packing
-(quantize.py), matmul kernels on quantized weights (kernels.py, csrc/qmm.c), the quantized
-expert formats (experts.py) and int8 linear layers for non-expert weights (linear.py).
+"""Quantized expert storage and compute.
 
-Importing the package registers the quantized formats in `formats.FORMATS`.
+Modules, each importing only those above it (tests/test_imports.py checks there is no
+cycle, function-level imports included):
+
+    native.py    the C library (csrc/qmm.c): build on first use, cache, ctypes bindings
+    registry.py  format names -> Format objects, and the name grammars
+    quantize.py  group-wise quantization and bit packing (C fast path via native)
+    kernels.py   matmul on quantized weights: picks the C kernel or a torch fallback
+    formats.py   the Format interface, the float formats, the expert bias layout
+    experts.py   int8 and 2/3/4-bit group-wise expert formats and their name grammar
+    mxfp4.py     the MXFP4 expert format (gpt-oss) and its kernel
+    linear.py    Int8Linear for non-expert weights; resident.py: their storage
+
+Importing the package registers every format and name grammar in the registry, in the
+order of the loop below (the order of the table).
 """
 
 from . import experts as _experts
 from . import formats as _formats
 from . import mxfp4 as _mxfp4
+from . import registry as _registry
 
-for _fmt in _experts.default_formats():
-    _formats.register(_fmt)
-_formats.register(_mxfp4.FORMAT)
+for _fmt in (*_formats.FLOAT_FORMATS, *_experts.default_formats(), _mxfp4.FORMAT):
+    _registry.register(_fmt)
+_registry.register_parser(_experts.parse_format)

@@ -1,6 +1,6 @@
 """Quantized expert formats and the experts they build.
 
-Names (recorded in the store manifest; `get_format` parses them):
+Names (recorded in the store manifest; the registry parses them with `parse_format`):
 
     int8                    per-output-channel symmetric int8, bf16 scales    8 bits + 16/K
     int4, int3, int2        group-wise symmetric, 64 weights per fp16 scale    b + 0.25
@@ -11,6 +11,9 @@ Names (recorded in the store manifest; `get_format` parses them):
 Bits per weight are exact for shapes whose input sizes are multiples of the group size;
 otherwise rows are padded to whole groups. Every layout here is portable (the same bytes
 on every CPU), so `tag()` is empty: the kernels read it as stored, nothing is repacked.
+
+Owns these formats and their name grammar; it registers nothing itself (the package's
+__init__ does), and the kernels and codes it uses are kernels.py's and quantize.py's.
 """
 
 from __future__ import annotations

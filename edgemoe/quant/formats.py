@@ -6,7 +6,10 @@ named, contiguous tensors in the layout its compute kernel wants, and builds a c
 aligned blob and, at load time, hands back zero-copy views into its cache slab, so
 nothing is allocated or converted per load.
 
-Formats are named by strings recorded in the store manifest ("bf16", "int4", ...).
+Formats are named by strings recorded in the store manifest ("bf16", "int4", ...); the
+name -> format table and the name grammars are registry.py's. This module owns the
+`Format` interface, the float formats and the bias layout; the quantized formats are
+experts.py's and mxfp4.py's, which import this module (never the other way round).
 """
 
 from __future__ import annotations
@@ -15,8 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import EdgeMoEError
 from ..experts import DenseExpert, Expert
+from .registry import FORMATS, get_format, register  # noqa: F401 - re-exported: callers import them from here
 
 
 @dataclass(frozen=True)
@@ -99,30 +102,10 @@ def bias_specs(hidden: int, inter: int, dtype: torch.dtype, names=BIAS_PARTS) ->
     shapes = {"b13": (2 * inter,), "b2": (hidden,)}
     return [TensorSpec(n, dtype, shapes[n]) for n in BIAS_PARTS if n in names]
 
-FORMATS: dict[str, Format] = {
-    "bf16": FloatFormat("bf16", torch.bfloat16),
-    "fp16": FloatFormat("fp16", torch.float16),
-    "fp32": FloatFormat("fp32", torch.float32),
-}
 
-
-def register(fmt: Format) -> Format:
-    FORMATS[fmt.name] = fmt
-    return fmt
-
-
-def get_format(name: str) -> Format:
-    """The format recorded under `name` in a manifest. Besides the registered names this
-    accepts any name of the quantized grammar (e.g. "int3-asym-g128", see experts.py)."""
-    if name not in FORMATS:
-        from .experts import parse_format  # experts imports this module
-
-        try:
-            fmt = parse_format(name)
-        except ValueError as e:
-            raise EdgeMoEError(f"expert format {name!r}: {e}") from None
-        if fmt is None:
-            raise EdgeMoEError(f"unknown expert format {name!r} (known: {', '.join(sorted(FORMATS))})")
-        # A non-canonical spelling ("int4-g64") maps onto the registered canonical format.
-        return FORMATS.setdefault(fmt.name, fmt)
-    return FORMATS[name]
+# The unquantized formats, registered by the package's __init__.
+FLOAT_FORMATS = (
+    FloatFormat("bf16", torch.bfloat16),
+    FloatFormat("fp16", torch.float16),
+    FloatFormat("fp32", torch.float32),
+)

@@ -16,33 +16,25 @@ Without a C compiler everything still works: group-wise weights go through torch
 dequantize-then-matmul (correct, 5-10x slower at batch 1), int8 through torch's kernels,
 and a warning says why once.
 
-The C kernel is compiled on first use with the system compiler into a cache directory
-keyed by the source, the flags, the compiler and the CPU; a compile takes a few seconds.
+Owns the matrix types and which path a call takes. It neither builds nor loads the C
+library (native.py; `native_available`, `native_error` and `use_native` are re-exported
+from there for the callers that switch or report it) nor makes the codes (quantize.py).
 """
 
 from __future__ import annotations
 
-import ctypes
-import hashlib
-import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-import threading
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from ..cpu import linear
-from .quantize import QuantSpec
+from . import native
+from .native import DTYPES as _DTYPES
+from .native import native_available, native_error, use_native  # noqa: F401 - re-exported
+from .quantize import QuantSpec, unpack
 
-log = logging.getLogger(__name__)
-
-SOURCE = Path(__file__).with_name("csrc") / "qmm.c"
-ABI = 3  # must match EM_ABI in qmm.c
+# bench/quant_kernels.py reports the SIMD level through `K._native.get()`.
+_native = native.library
 
 # Batch sizes above these use dequantize + matmul instead of the packed kernels (crossovers
 # measured in bench/results/quant_kernels.md). CPUs with bf16 matrix units (AMX,
@@ -59,89 +51,13 @@ INT8PACK_MAX_BATCH = 4
 INT8PACK_MAX_BATCH_AVX512 = 64
 DEQUANT_ROWS = 1024  # weight rows dequantized per chunk on the large-batch path
 
-_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
-
-
-
-# ----------------------------------------------------------------------------- build
-
-
-class _Native:
-    """The loaded C library, or the reason it could not be built."""
-
-    def __init__(self):
-        self.lib: ctypes.CDLL | None = None
-        self.error: str | None = None
-        self.path: Path | None = None
-        self.disabled = False
-        self._lock = threading.Lock()
-        self._tried = False
-
-    def get(self) -> ctypes.CDLL | None:
-        if self.disabled:
-            return None
-        if not self._tried:
-            with self._lock:
-                if not self._tried:
-                    try:
-                        self.path = _build()
-                        self.lib = _load(self.path)
-                    except Exception as e:  # noqa: BLE001 - any failure means "use the fallback"
-                        self.error = " ".join(str(e).split())[:600] or repr(e)
-                        log.warning(
-                            "edgemoe: could not build the quantized-matmul C kernel (%s); "
-                            "quantized experts fall back to torch, 5-10x slower",
-                            self.error,
-                        )
-                    self._tried = True
-        return self.lib
-
-
-_native = _Native()
-
-
-def native_available() -> bool:
-    """Whether the C kernel is built and loaded (building it on first call)."""
-    return _native.get() is not None
-
-
-def native_error() -> str | None:
-    """Why the C kernel is unavailable, if it is."""
-    _native.get()
-    return _native.error
-
-
-def use_native(enabled: bool) -> None:
-    """Turn the C kernel off (tests of the fallback, comparisons) or back on."""
-    _native.disabled = not enabled
-
-
-def _cache_dir() -> Path:
-    for base in (Path.home() / ".cache" / "edgemoe" / "kernels", Path(tempfile.gettempdir()) / "edgemoe-kernels"):
-        try:
-            base.mkdir(parents=True, exist_ok=True)
-            if os.access(base, os.W_OK):
-                return base
-        except OSError:
-            continue
-    raise RuntimeError("no writable cache directory for the compiled kernel")
-
-
-def _cpu_id() -> str:
-    """What -march=native depends on: the CPU's feature flags."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
-    except OSError:
-        pass
-    return platform.processor() + platform.machine()
+# ----------------------------------------------------------------------------- dispatch
 
 
 def _has_bf16_matmul() -> bool:
     try:
-        flags = _cpu_id().split()
+        flags = native.cpu_id().split()
     except Exception:  # noqa: BLE001
         return False
     return "amx_bf16" in flags or "avx512_bf16" in flags
@@ -158,64 +74,6 @@ def packed_max_batch() -> int:
 
 # torch's int8pack kernel has an AVX-512 implementation that beats ours there.
 INT8PACK_PREFERRED = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
-
-
-def _compiler() -> str:
-    for cc in ("cc", "gcc", "clang"):
-        path = shutil.which(cc)
-        if path:
-            return path
-    raise RuntimeError("no C compiler found (install gcc)")
-
-
-# Tried in order: the first that compiles wins. Without OpenMP the kernel runs on one thread.
-_FLAG_SETS = (
-    ["-O3", "-march=native", "-fopenmp"],
-    ["-O3", "-fopenmp"],
-    ["-O3", "-march=native"],
-    ["-O3"],
-)
-
-
-def _build(flag_sets=None) -> Path:
-    """Compile qmm.c (or find it in the cache) with the first flag set that works."""
-    cc = _compiler()
-    src = SOURCE.read_bytes()
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    out_dir = _cache_dir()
-    errors = []
-    for flags in flag_sets or _FLAG_SETS:
-        key = hashlib.sha256(src + repr((flags, version, _cpu_id(), ABI)).encode()).hexdigest()[:16]
-        lib = out_dir / f"qmm-{key}.so"
-        if lib.exists():
-            return lib
-        tmp = out_dir / f".qmm-{key}-{os.getpid()}.so"
-        cmd = [cc, *flags, "-std=c11", "-fPIC", "-shared", "-o", str(tmp), str(SOURCE), "-lm"]
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-        if res.returncode == 0:
-            os.replace(tmp, lib)  # atomic: concurrent builders never see a partial file
-            return lib
-        tmp.unlink(missing_ok=True)
-        errors.append(f"[{' '.join(flags)}] {' '.join(res.stderr.split())[-300:]}")
-    raise RuntimeError("C kernel failed to compile: " + " | ".join(errors))
-
-
-def _load(path: Path) -> ctypes.CDLL:
-    lib = ctypes.CDLL(str(path))
-    if lib.em_abi() != ABI:
-        raise RuntimeError(f"{path} has ABI {lib.em_abi()}, expected {ABI}")
-    i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-    lib.em_qmm.argtypes = [ptr, i32, i64, i64, ptr, ptr, i32, i32, ptr, i64, i64, i32, i64, ptr, i32, i32]
-    lib.em_qmm.restype = i32
-    lib.em_dequant.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, i32, i64, ptr, i32, i32]
-    lib.em_dequant.restype = i32
-    lib.em_quantize.argtypes = [ptr, i64, i64, i64, i32, i64, i32, i32, ptr, ptr, ptr, i32]
-    lib.em_quantize.restype = i32
-    lib.em_mxfp4_mm.argtypes = [ptr, i32, i64, i64, ptr, ptr, i64, i64, ptr, i32, i32]
-    lib.em_mxfp4_mm.restype = i32
-    lib.em_mxfp4_dequant.argtypes = [ptr, ptr, i64, i64, i64, i64, ptr, i32, i32]
-    lib.em_mxfp4_dequant.restype = i32
-    return lib
 
 
 # ----------------------------------------------------------------------------- 2/3/4-bit
@@ -247,7 +105,7 @@ class QMatrix:
 def qmm(x: torch.Tensor, w: QMatrix, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """x (M, K) @ dequant(w)^T -> (M, N) in out_dtype (default x.dtype)."""
     out_dtype = out_dtype or x.dtype
-    lib = _native.get()
+    lib = native.get()
     if lib is None:
         return _dequant_matmul_torch(x, w).to(out_dtype)
     if x.shape[0] > packed_max_batch():
@@ -257,9 +115,9 @@ def qmm(x: torch.Tensor, w: QMatrix, out_dtype: torch.dtype | None = None) -> to
 
 def qmm_packed(x: torch.Tensor, w: QMatrix, out_dtype: torch.dtype | None = None, lib=None) -> torch.Tensor:
     """The packed C kernel at any batch size (the dispatcher's small-batch path)."""
-    lib = lib or _native.get()
+    lib = lib or native.get()
     if lib is None:
-        raise RuntimeError(f"C kernel unavailable: {_native.error}")
+        raise RuntimeError(f"C kernel unavailable: {native.library.error}")
     out_dtype = out_dtype or x.dtype
     if x.dtype not in _DTYPES:
         x = x.float()
@@ -283,30 +141,9 @@ def qmm_packed(x: torch.Tensor, w: QMatrix, out_dtype: torch.dtype | None = None
     return y if ydt == out_dtype else y.to(out_dtype)
 
 
-def quantize_native(w: torch.Tensor, spec: QuantSpec, search: bool):
-    """The C version of quantize.quantize (same algorithm, ~50x faster), or None when the
-    kernel is not built. Returns codes (N, Kp) uint8, scale and zero (N, Kp/G) fp16."""
-    lib = _native.get()
-    if lib is None:
-        return None
-    w = w.detach().float().contiguous()
-    n, k = w.shape
-    kp, ng = spec.padded(k), spec.groups(k)
-    q = torch.empty(n, kp, dtype=torch.uint8)
-    scale = torch.empty(n, ng, dtype=torch.float16)
-    zero = torch.empty(n, ng, dtype=torch.float16) if spec.asym else None
-    rc = lib.em_quantize(
-        w.data_ptr(), n, k, kp, spec.bits, spec.group, int(spec.asym), int(search),
-        q.data_ptr(), scale.data_ptr(), zero.data_ptr() if zero is not None else None, torch.get_num_threads(),
-    )  # fmt: skip
-    if rc:
-        raise RuntimeError(f"em_quantize failed with code {rc}")
-    return q, scale, zero
-
-
 def dequant_rows(w: QMatrix, n0: int, n1: int, dtype: torch.dtype = torch.float32, out=None) -> torch.Tensor:
     """Rows [n0, n1) of the dequantized weight, (n1 - n0, K), with the C kernel if built."""
-    lib = _native.get()
+    lib = native.get()
     if lib is None or dtype not in (torch.float32, torch.bfloat16):
         return _dequant_torch(w, n0, n1).to(dtype)
     out = torch.empty(n1 - n0, w.k, dtype=dtype) if out is None else out
@@ -337,8 +174,6 @@ def _dequant_matmul_native(lib, x: torch.Tensor, w: QMatrix) -> torch.Tensor:
 
 
 def _dequant_torch(w: QMatrix, n0: int, n1: int) -> torch.Tensor:
-    from .quantize import unpack
-
     spec = w.spec
     q = unpack(w.packed[n0:n1], spec.bits).float()  # (n, Kp)
     n, kp = q.shape
@@ -396,7 +231,7 @@ def int8_mm(x: torch.Tensor, w: Int8Matrix, out_dtype: torch.dtype | None = None
     aligned = k % INT8_XGROUP == 0
     if aligned and x.dtype in _DTYPES and m <= (INT8PACK_MAX_BATCH_AVX512 if INT8PACK_PREFERRED else 0):
         return _int8pack(x, w, out_dtype)
-    lib = _native.get()
+    lib = native.get()
     if lib is not None and aligned and w.scale.dtype in _DTYPES:
         limit = INT8_NATIVE_MAX_BATCH if MATMUL_DTYPE == torch.float32 else PACKED_MAX_BATCH_BF16_CPU
         if m <= limit:

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from ..cpu import linear
-from . import kernels
+from . import kernels, native
 from .experts import QuantExpert, check_parts
 from .formats import Format, TensorSpec
 
@@ -124,7 +124,7 @@ def mxfp4_mm(x: torch.Tensor, w: MXFP4Matrix, out_dtype: torch.dtype | None = No
     m, k = x.shape
     if k != w.k:
         raise ValueError(f"x has {k} columns, weight expects {w.k}")
-    lib = kernels._native.get()
+    lib = native.get()
     if lib is not None and m <= kernels.packed_max_batch():
         return _mm_native(lib, x, w, out_dtype)
     dt = torch.float32 if lib is None or x.dtype == torch.float32 else kernels.MATMUL_DTYPE
@@ -138,25 +138,25 @@ def mxfp4_mm(x: torch.Tensor, w: MXFP4Matrix, out_dtype: torch.dtype | None = No
 
 def dequant_rows(w: MXFP4Matrix, n0: int, n1: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Rows [n0, n1) of the dequantized weight, (n1 - n0, K), with the C kernel if built."""
-    lib = kernels._native.get()
+    lib = native.get()
     if lib is None or dtype not in (torch.float32, torch.bfloat16):
         return dequantize(w.blocks[n0:n1], w.scales[n0:n1], w.k, dtype)
     out = torch.empty(n1 - n0, w.k, dtype=dtype)
     rc = lib.em_mxfp4_dequant(w.blocks.data_ptr(), w.scales.data_ptr(), n0, n1, w.k, w.scales.shape[1],
-                              out.data_ptr(), kernels._DTYPES[dtype], torch.get_num_threads())
+                              out.data_ptr(), native.DTYPES[dtype], torch.get_num_threads())
     if rc:
         raise RuntimeError(f"em_mxfp4_dequant failed with code {rc}")
     return out
 
 
 def _mm_native(lib, x: torch.Tensor, w: MXFP4Matrix, out_dtype: torch.dtype) -> torch.Tensor:
-    if x.dtype not in kernels._DTYPES:
+    if x.dtype not in native.DTYPES:
         x = x.float()
     x = x.contiguous()
     ydt = out_dtype if out_dtype in (torch.float32, torch.bfloat16) else torch.float32
     y = torch.empty(x.shape[0], w.n, dtype=ydt)  # (M, N)
-    rc = lib.em_mxfp4_mm(x.data_ptr(), kernels._DTYPES[x.dtype], x.shape[0], w.k, w.blocks.data_ptr(),
-                         w.scales.data_ptr(), w.n, w.scales.shape[1], y.data_ptr(), kernels._DTYPES[ydt],
+    rc = lib.em_mxfp4_mm(x.data_ptr(), native.DTYPES[x.dtype], x.shape[0], w.k, w.blocks.data_ptr(),
+                         w.scales.data_ptr(), w.n, w.scales.shape[1], y.data_ptr(), native.DTYPES[ydt],
                          torch.get_num_threads())
     if rc:
         raise RuntimeError(f"em_mxfp4_mm failed with code {rc}")

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import platform
+
 import pytest
 import torch
 
 from edgemoe.quant import kernels as K
+from edgemoe.quant import native as N
 from edgemoe.quant.quantize import QuantSpec, dequantize, pack, quantize
 
 SHAPES = [(96, 64), (64, 96), (256, 128), (384, 192), (130, 300)]  # (N, K), K padded when odd
@@ -109,9 +112,9 @@ def test_torch_fallback_without_native():
 
 
 def test_missing_compiler_falls_back_with_a_reason(monkeypatch):
-    monkeypatch.setattr(K.shutil, "which", lambda name: None)
-    native = K._Native()
-    monkeypatch.setattr(K, "_native", native)
+    monkeypatch.setattr(N.shutil, "which", lambda name: None)
+    native = N.Library()
+    monkeypatch.setattr(N, "library", native)
     assert native.get() is None and "no C compiler" in native.error
     w, wd = make(64, 64, QuantSpec(4, 64))
     x = torch.randn(2, 64)
@@ -153,9 +156,9 @@ def test_int8_mm_matches_reference(m, k, path, monkeypatch):
 def test_portable_c_path():
     """The plain-C inner loop (what non-x86 CPUs get) on this machine: built without AVX2."""
     need_native()
-    if K.platform.machine() not in ("x86_64", "AMD64"):
+    if platform.machine() not in ("x86_64", "AMD64"):
         pytest.skip("the native build already is the portable path here")
-    lib = K._load(K._build([["-O2", "-march=x86-64", "-fopenmp"], ["-O2", "-march=x86-64"]]))
+    lib = N.load(N.build([["-O2", "-march=x86-64", "-fopenmp"], ["-O2", "-march=x86-64"]]))
     assert lib.em_simd() == 0
     for bits in (2, 3, 4):
         w, wd = make(130, 300, QuantSpec(bits, 64, bits == 3))
@@ -171,9 +174,9 @@ def test_vnni_loop_structure():
     """The VNNI inner loop (AVX512-VNNI / AVX-VNNI CPUs), with vpdpwssd emulated by
     vpmaddwd + vpaddd so it runs on any AVX2 machine."""
     need_native()
-    if K._native.get().em_simd() < 2:
+    if N.get().em_simd() < 2:
         pytest.skip("no AVX2 here")
-    lib = K._load(K._build([["-O3", "-march=native", "-fopenmp", "-DEM_EMULATE_VNNI"]]))
+    lib = N.load(N.build([["-O3", "-march=native", "-fopenmp", "-DEM_EMULATE_VNNI"]]))
     assert lib.em_simd() == 3
     for bits in (2, 3, 4):
         w, wd = make(130, 300, QuantSpec(bits, 64, bits == 2))
