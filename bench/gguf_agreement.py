@@ -13,11 +13,15 @@ ids (teacher forcing, every position):
 Reported: top-1 agreement and mean KL(llama.cpp || edgemoe) of the next-token
 distributions, and the same for llama.cpp vs transformers as the yardstick of how far
 llama.cpp itself is from the reference. Models: the bundled trained Mixtral (the only one
-whose distributions are peaked, so top-1 means something), and random-weight Qwen2-MoE and
-Qwen3-MoE with 256-wide rows (so Q4_K applies everywhere). OLMoE is not in the list: the
-converter of the peers' llama.cpp (ik_llama.cpp) has no OlmoeForCausalLM.
+whose distributions are peaked, so top-1 means something), and random-weight Qwen2-MoE,
+Qwen3-MoE, dots1, GLM-4.5, DeepSeek-V3 and DeepSeek-V2 with 256-wide rows (so Q4_K applies
+everywhere). OLMoE, Llama 4 and gpt-oss are not in the list: the converter of the peers'
+llama.cpp (ik_llama.cpp) has no OlmoeForCausalLM, Llama4ForCausalLM or GptOssForCausalLM.
+That converter reads the original checkpoints' config spelling (DeepSeek's scoring_func,
+rope_scaling, GLM's special tokens by name) and writes no expert groups, so the configs
+here are written in it and route in one group.
 
-    python bench/gguf_agreement.py [--peers bench/work/peer/peers] [--tokens 256]
+    python bench/gguf_agreement.py [--peers bench/work/peer/peers] [--tokens 256] [--models qwen3_moe,dots1]
 
 Set the peers' environment up first (`bench/setup_peers.sh`). Results:
 bench/results/gguf_agreement.{json,md}.
@@ -82,21 +86,28 @@ def compare(p_logits: np.ndarray, q_logits: np.ndarray) -> dict:
             "kl_max": float(kl.max())}
 
 
-def make_models(work: Path) -> dict[str, Path]:
+def make_models(work: Path, wanted: set[str] | None = None) -> dict[str, Path]:
     """The source checkpoints (Hugging Face directories, configs in the spelling the
     peers' converter reads)."""
     import torch
     import transformers as tf
 
+    from tokenizers import AddedToken, Tokenizer
+
     models = {}
     bundled = work / "bundled-mixtral"
     if not bundled.exists():
         shutil.copytree(ROOT / "edgemoe/assets/tiny-moe", bundled)
-    models["bundled mixtral (trained)"] = bundled
+    if wanted is None or "bundled" in wanted:
+        models["bundled mixtral (trained)"] = bundled
     tok = ROOT / "edgemoe/assets/tiny-moe"
     base = dict(vocab_size=json.loads((tok / "config.json").read_text())["vocab_size"], hidden_size=256,
                 num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                 bos_token_id=0, eos_token_id=0, tie_word_embeddings=False, initializer_range=0.02)
+    glm_tokens = ("[gMASK]", "<|user|>", "<|endoftext|>", "<|observation|>")  # looked up by name by the converter
+    v3 = dict(intermediate_size=512, moe_intermediate_size=256, num_key_value_heads=4, n_routed_experts=8,
+              num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1,
+              kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=64, v_head_dim=64)
     for name, cls, extra in (
         ("mixtral", tf.MixtralConfig, dict(intermediate_size=256, num_local_experts=8, num_experts_per_tok=2,
                                           head_dim=64)),
@@ -104,16 +115,44 @@ def make_models(work: Path) -> dict[str, Path]:
                                              shared_expert_intermediate_size=512, num_experts=8, num_experts_per_tok=2)),
         ("qwen3_moe", tf.Qwen3MoeConfig, dict(intermediate_size=512, moe_intermediate_size=256, num_experts=8,
                                              num_experts_per_tok=2, norm_topk_prob=True, head_dim=64)),
+        ("dots1", tf.Dots1Config, dict(num_key_value_heads=4, intermediate_size=512, moe_intermediate_size=256, n_routed_experts=8,
+                                       num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1,
+                                       norm_topk_prob=True, routed_scaling_factor=2.0, head_dim=64,
+                                       sliding_window=None)),
+        ("glm4_moe", tf.Glm4MoeConfig, dict(num_key_value_heads=4, intermediate_size=512, moe_intermediate_size=256, n_routed_experts=8,
+                                           num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1,
+                                           n_group=1, topk_group=1, routed_scaling_factor=2.5, norm_topk_prob=True,
+                                           use_qk_norm=True, attention_bias=True, head_dim=64,
+                                           vocab_size=base["vocab_size"] + len(glm_tokens))),
+        ("deepseek_v3", tf.DeepseekV3Config, dict(v3, q_lora_rank=128, routed_scaling_factor=2.5,
+                                                 norm_topk_prob=True)),
+        ("deepseek_v2", tf.DeepseekV2Config, dict(v3, q_lora_rank=None, n_shared_experts=2,
+                                                 routed_scaling_factor=1.0, norm_topk_prob=False,
+                                                 topk_method="greedy")),
     ):
+        if wanted is not None and name not in wanted:
+            continue
         d = work / name
         if not d.exists():
             torch.manual_seed(0)
-            tf.AutoModelForCausalLM.from_config(cls(**base, **extra)).eval().save_pretrained(d)
+            model = tf.AutoModelForCausalLM.from_config(cls(**{**base, **extra})).eval()
+            with torch.no_grad():  # a correction bias that matters (around -1)
+                for n, b in model.named_buffers():
+                    if n.endswith("e_score_correction_bias"):
+                        b.copy_(-1.0 + 0.3 * torch.randn(b.shape))
+            model.save_pretrained(d)
             for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
                 shutil.copy(tok / f, d / f)
+            if name == "glm4_moe":
+                t = Tokenizer.from_file(str(d / "tokenizer.json"))
+                t.add_special_tokens([AddedToken(x, special=True) for x in glm_tokens])
+                t.save(str(d / "tokenizer.json"))
             cfg = json.loads((d / "config.json").read_text())
-            cfg.setdefault("num_experts", cfg.get("num_local_experts"))  # the converter's spelling
-            cfg = {k: v for k, v in cfg.items() if v is not None}  # it cannot write nulls (sliding_window)
+            cfg.setdefault("num_experts", cfg.get("num_local_experts") or cfg.get("n_routed_experts"))
+            if name.startswith(("deepseek", "dots1")):
+                cfg.setdefault("scoring_func", "softmax" if name == "deepseek_v2" else "sigmoid")
+            keep = {"q_lora_rank"}  # null means something here
+            cfg = {k: v for k, v in cfg.items() if v is not None or k in keep}  # it cannot write other nulls
             (d / "config.json").write_text(json.dumps(cfg))
         models[f"{name} (random)"] = d
     return models
@@ -125,7 +164,11 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default=str(ROOT / "bench/work/gguf_agreement"))
     ap.add_argument("--tokens", type=int, default=256, help="held-out tokens per model")
     ap.add_argument("--out", default=str(ROOT / "bench/results/gguf_agreement"))
+    ap.add_argument("--models", default=None,
+                    help="comma-separated subset (bundled, mixtral, qwen2_moe, qwen3_moe, dots1, glm4_moe, deepseek_v3, "
+                         "deepseek_v2); the other models' rows are kept from the existing results")
     args = ap.parse_args(argv)
+    wanted = set(args.models.split(",")) if args.models else None
 
     import torch
     import transformers as tf
@@ -145,7 +188,13 @@ def main(argv=None) -> int:
     child.write_text(CHILD)
     text = (ROOT / "edgemoe/assets/heldout.txt").read_text()
     rows = []
-    for label, hf_dir in make_models(work).items():
+    models = make_models(work, wanted)
+    kept, earlier = [], None
+    if wanted is not None and Path(args.out + ".json").exists():
+        before = json.loads(Path(args.out + ".json").read_text())
+        kept = [r for r in before["rows"] if r["model"] not in models]
+        earlier = before.get("earlier") or before["command"]
+    for label, hf_dir in models.items():
         n = min(args.tokens, json.loads((hf_dir / "config.json").read_text())["max_position_embeddings"])
         ids = np.array(Tokenizer(hf_dir).encode(text, add_special_tokens=False)[:n], dtype=np.int64)
         np.save(work / "ids.npy", ids)
@@ -159,10 +208,21 @@ def main(argv=None) -> int:
         run([py, ROOT / "edgemoe/bench/children/gguf_convert.py", info["converter"], hf_dir, ggufs["Q8_0"], "q8_0"])
         # --pure: every tensor Q4_K; the mixtures (Q4_K_M) of this llama.cpp fork use its own types
         # for some tensors, which the gguf package (and so edgemoe) cannot read.
-        run([info["quantize"], "--pure", f32, ggufs["Q4_K"], "Q4_K_S"])
+        proc = subprocess.run([str(c) for c in (info["quantize"], "--pure", f32, ggufs["Q4_K"], "Q4_K_S")],
+                              capture_output=True, text=True)
+        if proc.returncode:  # this llama-quantize cannot quantize every file its converter writes
+            asserts = [ln for ln in (proc.stderr + proc.stdout).splitlines() if "GGML_ASSERT" in ln or "error" in ln]
+            rows.append({"model": label, "gguf": "Q4_K", "refused": "not made: llama-quantize failed: "
+                         + (asserts[0].split(": ", 1)[-1] if asserts else f"exit {proc.returncode}")[:160]})
+            del ggufs["Q4_K"]
         for qtype, gguf_file in ggufs.items():
-            run([py, child, gguf_file, work / "ids.npy", work / "llama.npy"])
-            llama = np.load(work / "llama.npy")
+            proc = subprocess.run([str(c) for c in (py, child, gguf_file, work / "ids.npy", work / "llama.npy")],
+                                  capture_output=True, text=True)
+            llama_error = None
+            if proc.returncode:  # this llama.cpp cannot run every file its converter writes
+                lines = [ln for ln in proc.stderr.splitlines() if "error" in ln.lower()]
+                llama_error = (lines[0] if lines else proc.stderr.strip().splitlines()[-1])[:200]
+            llama = None if llama_error else np.load(work / "llama.npy")
             out = Path(f"{stem}-{qtype}-edgemoe")
             shutil.rmtree(out, ignore_errors=True)
             t0 = time.perf_counter()
@@ -181,31 +241,40 @@ def main(argv=None) -> int:
                 engine.close()
             row = {"model": label, "gguf": qtype, "tokens": int(len(ids)), "edgemoe_formats": r.formats,
                    "added_error": r.added_error, "convert_s": round(seconds, 2),
-                   "edgemoe_vs_llama": compare(llama, ours), "transformers_vs_llama": compare(llama, ref),
-                   "edgemoe_vs_transformers": compare(ref, ours)}
+                   "edgemoe_vs_llama": compare(llama, ours) if llama is not None else None,
+                   "transformers_vs_llama": compare(llama, ref) if llama is not None else None,
+                   "llama_error": llama_error, "edgemoe_vs_transformers": compare(ref, ours)}
             rows.append(row)
             print(json.dumps(row), flush=True)
 
-    result = {"command": "python bench/gguf_agreement.py " + " ".join(argv or sys.argv[1:]),
+    order = {m: i for i, m in enumerate(dict.fromkeys([r["model"] for r in kept + rows]))}
+    rows = sorted(kept + rows, key=lambda r: order[r["model"]])
+    result = {"command": "python bench/gguf_agreement.py " + " ".join(argv or sys.argv[1:]), "earlier": earlier,
               "llama_cpp": {"package": f"ik-llama-cpp-python {info['version']}", "converter": "convert_hf_to_gguf.py",
                             "quantize": "llama-quantize"}, "rows": rows}
     Path(args.out + ".json").write_text(json.dumps(result, indent=2))
     lines = ["# edgemoe vs llama.cpp on the same llama.cpp-made GGUF", "",
              f"`{result['command']}`; llama.cpp: {result['llama_cpp']['package']} (converter and quantizer of the "
              "peers' environment). Held-out text: edgemoe/assets/heldout.txt, teacher-forced, every position; "
-             "edgemoe computes in fp32 with all experts in RAM, after `edgemoe convert FILE.gguf` (default plan).", "",
+             "edgemoe computes in fp32 with all experts in RAM, after `edgemoe convert FILE.gguf` (default plan)."
+             + (f" Rows of the models not in --models come from an earlier run: `{earlier}`." if kept else ""), "",
              "| model | GGUF | edgemoe experts | top-1 edgemoe = llama.cpp | KL(llama.cpp ‖ edgemoe) mean / max "
-             "| top-1 transformers = llama.cpp | KL(llama.cpp ‖ transformers) | added weight error |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| top-1 transformers = llama.cpp | KL(llama.cpp ‖ transformers) | top-1 edgemoe = transformers "
+             "| KL(transformers ‖ edgemoe) | added weight error |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "refused" in r:
-            lines.append(f"| {r['model']} | {r['gguf']} | refused: {r['refused']} | | | | | |")
+            lines.append(f"| {r['model']} | {r['gguf']} | refused: {r['refused']} | | | | | | | |")
             continue
-        e, t = r["edgemoe_vs_llama"], r["transformers_vs_llama"]
+        e, t, x = r["edgemoe_vs_llama"], r["transformers_vs_llama"], r.get("edgemoe_vs_transformers")
         fmts = ", ".join(f"{k} x{v}" for k, v in sorted(r["edgemoe_formats"].items()))
         added = "; ".join(f"{k}: {100 * v['rel_rms']:.2f}%" for k, v in sorted(r["added_error"].items()))
-        lines.append(f"| {r['model']} | {r['gguf']} | {fmts} | {100 * e['top1']:.1f}% | {e['kl']:.2e} / {e['kl_max']:.2e} "
-                     f"| {100 * t['top1']:.1f}% | {t['kl']:.2e} | {added} |")
+        if e is None:
+            llama_cells = f"llama.cpp could not load it: {r['llama_error']} | | |"
+        else:
+            llama_cells = f"{100 * e['top1']:.1f}% | {e['kl']:.2e} / {e['kl_max']:.2e} | {100 * t['top1']:.1f}% | {t['kl']:.2e}"
+        ours = f"{100 * x['top1']:.1f}% | {x['kl']:.2e}" if x else " | "
+        lines.append(f"| {r['model']} | {r['gguf']} | {fmts} | {llama_cells} | {ours} | {added} |")
     Path(args.out + ".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -8,8 +8,10 @@ How the README is run (README.md says the same where the placeholders first appe
   directory, and `.venv` in the scratch directory links to this environment, so that
   `. .venv/bin/activate` and `edgemoe` work as in a checkout.
 - Placeholders are not rewritten, they are made real: `path/to/hf-model` is a directory
-  in the scratch directory holding a copy of the bundled model, and the hub id `ORG/NAME`
-  is that model in a hub cache built for the test (HF_HUB_CACHE, HF_HUB_OFFLINE=1).
+  in the scratch directory holding a copy of the bundled model, `path/to/model.gguf` is
+  that model written as a Q8_0 GGUF the way llama.cpp's converter writes it
+  (tests/store/gguf_helpers.py), and the hub id `ORG/NAME` is that model in a hub cache
+  built for the test (HF_HUB_CACHE, HF_HUB_OFFLINE=1).
 - `<!-- readme-test: skip: REASON -->` on the line before a block skips it. Only what
   cannot run here may be skipped: downloads (the machine is offline), `make test` (it runs
   this suite), benchmarks that need root, peers and GBs of disk.
@@ -124,6 +126,17 @@ def generated_text(command: str, out: str) -> str | None:
     return out
 
 
+def write_bundled_gguf(path: Path) -> None:
+    """The bundled model as a Q8_0 GGUF (tokenizer and chat template in the metadata)."""
+    import torch
+    import transformers
+
+    from store.gguf_helpers import write_gguf
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(assets.MODEL_DIR, dtype=torch.float32).eval()
+    write_gguf(hf, Path(assets.MODEL_DIR), path, "Q8_0")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -139,6 +152,7 @@ class Runner:
         bindir = Path(sys.executable).parent
         (work / "path" / "to").mkdir(parents=True)
         shutil.copytree(assets.MODEL_DIR, work / "path" / "to" / "hf-model")
+        write_bundled_gguf(work / "path" / "to" / "model.gguf")
         (work / ".venv").symlink_to(Path(sys.prefix), target_is_directory=True)
         self.hub = work.parent / "hub-cache"
         populate_cache(self.hub, HUB_ID, assets.MODEL_DIR)

@@ -5,6 +5,8 @@ inside a memory cgroup limited to a fraction of the quantized model size.
     edgemoe bench --setup                      # once: the peers' environment (llama.cpp, accelerate)
     edgemoe bench                              # the comparison -> bench/results/peer/
     edgemoe bench --model bundled --budgets 100 --repeats 1 --engines edgemoe --no-cgroup
+    edgemoe bench --model Qwen3-30B-A3B-Q4_K_M.gguf  # from a GGUF: llama.cpp runs the file as it is,
+                                                     # edgemoe converts it (transformers needs a directory)
 
 See edgemoe/bench/ for the pieces and README "Benchmark against llama.cpp" for how to read
 the results.
@@ -45,9 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="create the peers' environment (llama.cpp bindings, gguf, accelerate) under --work and exit")
     p.add_argument("--model", default="random",
                    help="'random' (a random Mixtral-shaped 2.3 B model, written once into --work), 'bundled' (the "
-                        "bundled trained tiny MoE: realistic routing), or a Hugging Face MoE directory")
-    p.add_argument("--bits", type=int, choices=sorted(QTYPES), default=4,
-                   help="expert bits for edgemoe and the matching GGUF type (4: Q4_0, 8: Q8_0); default 4")
+                        "bundled trained tiny MoE: realistic routing), a Hugging Face MoE directory, or a GGUF file "
+                        "(llama.cpp runs the file as it is; edgemoe converts it, keeping its precision unless --bits "
+                        "is given; transformers needs a Hugging Face directory and is skipped)")
+    p.add_argument("--bits", type=int, choices=sorted(QTYPES), default=None,
+                   help="expert bits for edgemoe and the matching GGUF type (4: Q4_0, 8: Q8_0); default 4. With a GGUF "
+                        "--model: edgemoe re-quantizes its experts to these bits (default: the file's own precision)")
     p.add_argument("--engines", default="edgemoe,llama.cpp,transformers",
                    help="comma-separated engines to run (default: all three)")
     p.add_argument("--configs", default=None,
@@ -93,6 +98,8 @@ class Bench:
         self.threads = opts.threads or os.cpu_count() or 1
         self.notes: list[str] = []
         self.unavailable: dict[str, str] = {}
+        self.gguf_source: Path | None = None  # --model FILE.gguf
+        self.gguf_types = ""  # its expert tensor types, e.g. "Q4_K/Q6_K"
 
     def log(self, msg: str) -> None:
         if not self.opts.quiet:
@@ -118,15 +125,34 @@ class Bench:
                                      f"layers x {cfg.get('num_local_experts', cfg.get('num_experts'))} experts, hidden "
                                      f"{cfg['hidden_size']}): trained routing")
         path = Path(m)
+        from ..store.gguf import GGUFCheckpoint, is_gguf
+
+        if is_gguf(path):
+            ckpt = GGUFCheckpoint(path)  # a missing, damaged or unsupported file fails here, named
+            types = sorted({t for ts in ckpt.expert_types().values() for t in ts})
+            self.gguf_source, self.gguf_types = path.resolve(), "/".join(types)
+            return self.gguf_source, (f"{path} (GGUF {ckpt.arch_name}, {ckpt.config['model_type']}; experts "
+                                      f"{self.gguf_types}, {ckpt.args.num_hidden_layers} layers x "
+                                      f"{ckpt.args.experts_per_layer} experts)")
         if not (path / "config.json").exists():
-            raise InvalidArgument(f"{path}: not a Hugging Face model directory (no config.json); "
-                                  "--model takes 'random', 'bundled' or a directory")
+            raise InvalidArgument(f"{path}: not a Hugging Face model directory (no config.json) nor a GGUF file; "
+                                  "--model takes 'random', 'bundled', a directory or a .gguf file")
         return path.resolve(), f"{path} ({json.loads((path / 'config.json').read_text()).get('model_type')})"
+
+    @staticmethod
+    def source_stamp(src: Path) -> dict:
+        """What identifies the source's content for the conversion caches."""
+        if src.is_dir():
+            return {"source": str(src), "source_mtime": (src / "config.json").stat().st_mtime}
+        from ..store.gguf import split_parts
+
+        st = [p.stat() for p in split_parts(src)]
+        return {"source": str(src), "source_mtime": max(x.st_mtime for x in st), "source_bytes": sum(x.st_size for x in st)}
 
     def ensure_store(self, hf: Path, name: str, flags: list[str]) -> Path:
         """`edgemoe convert` into WORK/NAME once (again when the source or flags change)."""
         out = self.work / name
-        stamp = {"source": str(hf), "flags": flags, "source_mtime": (hf / "config.json").stat().st_mtime}
+        stamp = {**self.source_stamp(hf), "flags": flags}
         stamp_file = out / "bench-source.json"
         if (out / MANIFEST_NAME).exists() and stamp_file.exists() and json.loads(stamp_file.read_text()) == stamp:
             return out
@@ -139,7 +165,7 @@ class Bench:
         return out
 
     def ensure_gguf(self, hf: Path, info: dict) -> Path:
-        qtype = QTYPES[self.opts.bits]
+        qtype = QTYPES[self.opts.bits or 4]
         d = self.work / ("gguf-" + hf.name)
         out = d / f"model-{qtype}.gguf"
         stamp = {"source": str(hf), "source_mtime": (hf / "config.json").stat().st_mtime, "qtype": qtype,
@@ -233,8 +259,21 @@ class Bench:
         hf, desc = self.model_dir()
         meta["model"] = desc
         meta["model_dir"] = str(hf)
+        gguf_in = self.gguf_source is not None
+        if gguf_in and engines == ["transformers"]:
+            raise InvalidArgument(f"{hf}: transformers runs a Hugging Face directory, not a GGUF file; with a GGUF "
+                                  "--model use --engines edgemoe,llama.cpp")
+        if gguf_in and "transformers" in engines:
+            self.unavailable["transformers"] = ("--model is a GGUF file; transformers runs a Hugging Face directory "
+                                                "(give the checkpoint's directory to compare with it)")
         resident = ["--resident", opts.resident]
-        quant = self.ensure_store(hf, f"edgemoe-int{opts.bits}-{hf.name}", ["--bits", str(opts.bits), *resident])
+        if gguf_in and opts.bits is None:
+            label = "gguf"  # the converter's default plan: the file's own precision
+            quant = self.ensure_store(hf, f"edgemoe-gguf-{hf.stem}", resident)
+        else:
+            bits = opts.bits or 4
+            label = f"int{bits}"
+            quant = self.ensure_store(hf, f"edgemoe-int{bits}-{hf.name}", ["--bits", str(bits), *resident])
         stores = {"quant": quant}
         if any(c.store == "bf16" for c in cfgs):
             stores["bf16"] = self.ensure_store(hf, f"edgemoe-bf16-{hf.name}", ["--bits", "16"])
@@ -254,13 +293,14 @@ class Bench:
         if LLAMA_ON(cfgs):
             try:
                 info = peers.check_llama(self.peers_python)
-                gguf = self.ensure_gguf(hf, info)
+                gguf = self.gguf_source or self.ensure_gguf(hf, info)  # a given GGUF runs as it is
                 peer_info["llama.cpp"] = {"bindings": f"ik-llama-cpp-python {info['version']}", "gguf": str(gguf),
-                                          "gguf_type": QTYPES[opts.bits], "gguf_bytes": gguf.stat().st_size}
+                                          "gguf_type": self.gguf_types or QTYPES[opts.bits or 4],
+                                          "gguf_bytes": self.source_stamp(gguf).get("source_bytes") or gguf.stat().st_size}
             except (peers.PeerError, RuntimeError, subprocess.SubprocessError, OSError) as e:
                 self.unavailable["llama.cpp"] = str(e)
                 self.log(f"llama.cpp unavailable: {e}")
-        if TRANSFORMERS_ON(cfgs):
+        if TRANSFORMERS_ON(cfgs) and "transformers" not in self.unavailable:
             try:
                 peer_info["transformers"] = peers.check_transformers(self.peers_python)
             except (peers.PeerError, subprocess.SubprocessError, OSError) as e:
@@ -273,18 +313,21 @@ class Bench:
         meta["peers"] = peer_info
 
         # The quantized model size the budgets are fractions of.
-        if gguf is not None:
-            size, size_what = gguf.stat().st_size, f"the GGUF file at matching bits ({QTYPES[opts.bits]})"
+        if gguf_in:
+            size, size_what = self.source_stamp(hf)["source_bytes"], f"the GGUF file given ({self.gguf_types} experts)"
+        elif gguf is not None:
+            size, size_what = gguf.stat().st_size, f"the GGUF file at matching bits ({QTYPES[opts.bits or 4]})"
         else:
-            size, size_what = edgemoe_size, f"edgemoe's int{opts.bits} store (resident weights + experts; no GGUF in this run)"
+            size, size_what = edgemoe_size, f"edgemoe's {label} store (resident weights + experts; no GGUF in this run)"
         meta["size_bytes"], meta["size_of"] = size, size_what
 
         # Token stream: the prompt, then the greedy tokens of an unconstrained IO-FREE run.
         from ..tokenizer import Tokenizer
 
-        self.prompt_ids = Tokenizer(hf).encode(opts.prompt or DEFAULT_PROMPT)
+        # (A GGUF's tokenizer is the one its conversion built from the metadata.)
+        self.prompt_ids = Tokenizer(quant if gguf_in else hf).encode(opts.prompt or DEFAULT_PROMPT)
         self.tmp.mkdir(parents=True, exist_ok=True)
-        trace = self.work / f"trace-{hf.name}-int{opts.bits}.npz"
+        trace = self.work / f"trace-{hf.name}-{label}.npz"
         self.log(f"reference run: edgemoe IO-FREE, greedy, {opts.tokens} tokens, recording the routing trace")
         ref = self.run_child(self.edgemoe_launch(quant, {"mode": "io-free"}, None, None, trace), None)
         if ref.get("status") != "ok":

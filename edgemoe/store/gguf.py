@@ -4,27 +4,32 @@
 `family`, `args`, `tensors()`, `build()`) plus what only a GGUF needs: the files a
 Hugging Face directory would carry (config.json, tokenizer.json, tokenizer_config.json)
 built from the metadata, a default expert plan that keeps the file's precision, and a
-report of the error that re-quantizing adds. Its tensors come out under Hugging Face names
-so that the family's `sanitize` stays the one place of renaming; the GGUF -> HF table is
-`_TENSOR_RULES` below.
+report of the error that re-quantizing adds. Its tensors come out under edgemoe's own
+names; what each llama.cpp architecture means (family, config keys, tensor names) is in
+gguf_archs.py.
 
 The file is parsed by the `gguf` package (maintained with llama.cpp); tensor data is read
 with pread, one expert at a time, and dequantized by `gguf.quants`. Nothing in a GGUF is
 code: the chat template is Jinja, rendered in a sandbox by edgemoe/tokenizer.py.
 
 What is kept of the source's quantization: relative RMS error added on top of the GGUF's
-own dequantized weights, measured on Gaussian weights (with outlier columns: the larger
-figure); every conversion reports the value it measured on the real weights:
+own dequantized weights, measured on Gaussian weights with 1 % outlier columns (the worse
+case: bench/results/gguf_kquants.md for Q4_K and Q6_K); every conversion reports the
+value it measured on the real weights:
 
     GGUF expert type               edgemoe format   bits/weight     added error
     F32 / F16 / BF16               --dtype float    32 / 16         0 / bf16 rounding (0.2 %)
     Q8_0 (32-blocks, fp16 scale)   int8             8.5 -> 8.0      0.7-1.6 %
     Q4_0 (32-blocks, 16 levels)    int4-asym        4.5 -> 4.5      7-9 % (Q4_0's own: ~10 %)
-    Q4_1, Q5_0, Q5_1, Q5_K, Q6_K   int8             5-6.6 -> 8.0    ~0.7-1.6 %
-    Q4_K, IQ3_*, IQ4_*             int4-asym        4.5 -> 4.5      ~7 % (Q4_K)
+    Q4_1, Q5_0, Q5_1, Q5_K, Q6_K   int8             5-6.6 -> 8.0    0.7-3 % (Q6_K: 3.0 %)
+    Q4_K, IQ3_*, IQ4_*             int4-asym        4.5 -> 4.5      7-9.4 % (Q4_K: 9.4 %, its own 8.9 %)
     Q2_K, Q3_K, IQ2_*, IQ1_*, TQ*  int3-asym, int4-asym, int2-asym (a level above the source's bits)
+    MXFP4 (gpt-oss)                mxfp4            4.25 -> 4.25    0: the codes are kept bit for bit
 
 int4-asym rather than int4 for Q4_0: 9 % instead of 15 % added, at Q4_0's own 4.5 bits.
+K-quants are re-quantized rather than kept as raw blocks: computing from the blocks needs
+a SIMD kernel per type to be usable (a torch dequantizer is 65-75x slower than the int4
+kernel per expert); `--format int8` keeps Q4_K within 3 % at 8 bits per weight.
 
 None of these is lossless: our int8 has one scale per output row (Q8_0 one per 32
 weights) and our 4-bit groups are 64 weights wide (Q4_0's blocks 32, with an integer grid
@@ -48,40 +53,16 @@ import torch
 from ..errors import ModelLoadError
 from ..models import get_family
 from ..models.base import BaseModelArgs, Transformer
+from .gguf_archs import ARCHITECTURES, BLOCK, NOT_MAPPED, Arch, Ctx, Meta, canonical_name, rope_parameters
+from .gguf_archs import LEGACY_EXPERT as _LEGACY_EXPERT
+from .gguf_archs import STACKED_EXPERTS as _STACKED_EXPERTS
 
 GGUF_MAGIC = b"GGUF"
 SPLIT_NAME = re.compile(r"^(?P<prefix>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 # A metadata array longer than this is corruption (vocabularies and merge lists are < 1M).
 MAX_ARRAY = 1 << 26
 
-# GGUF general.architecture -> (edgemoe family, description for messages).
-ARCHITECTURES = {
-    "llama": ("mixtral", "Mixtral (llama with experts)"),
-    "qwen2moe": ("qwen2_moe", "Qwen2-MoE"),
-    "qwen3moe": ("qwen3_moe", "Qwen3-MoE"),
-    "olmoe": ("olmoe", "OLMoE"),
-}
-
-# GGUF tensor name -> Hugging Face name (the names each family's sanitize reads).
-_TENSOR_RULES: list[tuple[re.Pattern, str]] = [
-    (re.compile(p + "$"), r)
-    for p, r in [
-        (r"token_embd\.weight", "model.embed_tokens.weight"),
-        (r"output_norm\.weight", "model.norm.weight"),
-        (r"output\.weight", "lm_head.weight"),
-        (r"blk\.(\d+)\.attn_norm\.weight", r"model.layers.\1.input_layernorm.weight"),
-        (r"blk\.(\d+)\.ffn_norm\.weight", r"model.layers.\1.post_attention_layernorm.weight"),
-        (r"blk\.(\d+)\.attn_([qkv])\.(weight|bias)", r"model.layers.\1.self_attn.\2_proj.\3"),
-        (r"blk\.(\d+)\.attn_output\.(weight|bias)", r"model.layers.\1.self_attn.o_proj.\2"),
-        (r"blk\.(\d+)\.attn_([qk])_norm\.weight", r"model.layers.\1.self_attn.\2_norm.weight"),
-        (r"blk\.(\d+)\.ffn_gate_inp\.weight", r"model.layers.\1.mlp.gate.weight"),
-        (r"blk\.(\d+)\.ffn_(gate|up|down)\.weight", r"model.layers.\1.mlp.\2_proj.weight"),
-        (r"blk\.(\d+)\.ffn_(gate|up|down)_shexp\.weight", r"model.layers.\1.mlp.shared_expert.\2_proj.weight"),
-        (r"blk\.(\d+)\.ffn_gate_inp_shexp\.weight", r"model.layers.\1.mlp.shared_expert_gate.weight"),
-    ]
-]
-_STACKED_EXPERTS = re.compile(r"blk\.(\d+)\.ffn_(gate|up|down)_exps\.weight$")  # (E, out, in)
-_LEGACY_EXPERT = re.compile(r"blk\.(\d+)\.ffn_(gate|up|down)\.(\d+)\.weight$")  # old Mixtral files: one per expert
+_ROUTER = re.compile(r"blk\.(\d+)\.ffn_gate_inp\.weight$")
 
 # Default expert format per GGUF type (see the module docstring): at least the source's
 # bits per weight, one level up below 4 bits.
@@ -89,7 +70,7 @@ _EXPERT_FORMAT = {
     "Q8_0": "int8", "Q8_1": "int8", "Q8_K": "int8",
     "Q4_0": "int4-asym", "Q4_K": "int4-asym", "IQ4_NL": "int4-asym", "IQ4_XS": "int4-asym",
     "IQ3_XXS": "int4-asym", "IQ3_S": "int4-asym", "Q3_K": "int4-asym",
-    "Q4_1": "int8", "Q5_0": "int8", "Q5_1": "int8", "Q5_K": "int8", "Q6_K": "int8", "MXFP4": "int8",
+    "Q4_1": "int8", "Q5_0": "int8", "Q5_1": "int8", "Q5_K": "int8", "Q6_K": "int8", "MXFP4": "int8",  # mixed with others
     "Q2_K": "int3-asym", "IQ2_XXS": "int3-asym", "IQ2_XS": "int3-asym", "IQ2_S": "int3-asym",
     "IQ1_S": "int2-asym", "IQ1_M": "int2-asym", "TQ1_0": "int2-asym", "TQ2_0": "int2-asym",
 }
@@ -97,17 +78,31 @@ _EXPERT_FORMAT = {
 _FORMAT_RANK = {"int2-asym": 0, "int3-asym": 1, "int4-asym": 2, "int8": 3}
 _FLOAT_TYPES = ("F32", "F16", "BF16")
 
-# tokenizer.ggml.pre -> pre-tokenizer split regex (None: GPT-2's, built into ByteLevel).
+# tokenizer.ggml.pre -> the regexes llama.cpp splits text with before BPE (llama-vocab.cpp,
+# in their tokenizer.json form), applied one after the other; None: GPT-2's, built into
+# ByteLevel.
 _GPT2_SPLIT = None
 _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+",)
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+                 r"|\s*[\r\n]+|\s+(?!\S)|\s+",)
+# gpt-oss (o200k), Llama 4, MiniMax-M2.
+_GPT4O_SPLIT = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+                r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+                r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+",)
+# DeepSeek-V3 / R1: digits in threes, then kana and CJK runs, then words and punctuation.
+_DEEPSEEK3_SPLIT = (r"\p{N}{1,3}", r"[一-龥぀-ゟ゠-ヿ]+",
+                    r"[!\"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+"
+                    r"| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+# Granite 3 (refact), StarCoder: digits one by one, then GPT-2's rule.
+_STARCODER_SPLIT = (r"\p{N}", r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)")
 PRE_TOKENIZERS = {
-    "default": _GPT2_SPLIT, "gpt-2": _GPT2_SPLIT, "gpt2": _GPT2_SPLIT, "olmo": _GPT2_SPLIT,
-    "qwen2": _QWEN2_SPLIT, "deepseek-r1-qwen": _QWEN2_SPLIT,
+    "default": _GPT2_SPLIT, "gpt-2": _GPT2_SPLIT, "gpt2": _GPT2_SPLIT, "olmo": _GPT2_SPLIT, "exaone4": _GPT2_SPLIT,
+    "qwen2": _QWEN2_SPLIT, "deepseek-r1-qwen": _QWEN2_SPLIT, "megrez": _QWEN2_SPLIT, "hunyuan": _QWEN2_SPLIT,
     "llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT, "llama-bpe": _LLAMA3_SPLIT, "smaug-bpe": _LLAMA3_SPLIT,
-    "dbrx": _LLAMA3_SPLIT,
+    "dbrx": _LLAMA3_SPLIT, "glm4": _LLAMA3_SPLIT, "chatglm-bpe": _LLAMA3_SPLIT,
+    "gpt-4o": _GPT4O_SPLIT, "llama4": _GPT4O_SPLIT, "minimax-m2": _GPT4O_SPLIT,
+    "deepseek-v3": _DEEPSEEK3_SPLIT, "refact": _STARCODER_SPLIT, "starcoder": _STARCODER_SPLIT,
 }
 _IGNORE_MERGES = {"llama3", "llama-v3", "llama-bpe", "smaug-bpe", "dbrx"}  # as llama.cpp: whole words first
 
@@ -262,52 +257,12 @@ def split_parts(path: Path) -> list[Path]:
     return parts
 
 
-# ----------------------------------------------------------------------------- metadata helpers
-
-
-class _Meta:
-    """Typed access to GGUF metadata with errors naming the file and the key."""
-
-    def __init__(self, meta: dict, path: Path, arch: str):
-        self.meta, self.path, self.arch = meta, path, arch
-
-    def get(self, key: str, kind: type | tuple, default=None, arch: bool = True):
-        full = f"{self.arch}.{key}" if arch else key
-        if full not in self.meta:
-            return default
-        value = self.meta[full]
-        kinds = kind if isinstance(kind, tuple) else (kind,)
-        if float in kinds and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        wrong_bool = isinstance(value, bool) and bool not in kinds  # bool is an int subclass
-        if wrong_bool or not isinstance(value, kinds):
-            want = " or ".join(k.__name__ for k in kinds)
-            raise ModelLoadError(f"{self.path}: metadata {full} should be {want}, got {str(value)[:60]!r}")
-        return value
-
-    def need(self, key: str, kind, arch: bool = True):
-        value = self.get(key, kind, None, arch)
-        if value is None:
-            full = f"{self.arch}.{key}" if arch else key
-            raise ModelLoadError(f"{self.path}: metadata {full} is missing")
-        return value
-
-
-def _per_layer(value, key: str, m: _Meta):
-    """Some files store a per-layer list (all layers equal for the families here)."""
-    if isinstance(value, list):
-        if not value or any(v != value[0] for v in value):
-            raise ModelLoadError(f"{m.path}: metadata {m.arch}.{key} differs between layers ({str(value)[:60]}); "
-                                 "edgemoe's families need one value")
-        return value[0]
-    return value
-
-
 # ----------------------------------------------------------------------------- the checkpoint
 
 
 class GGUFCheckpoint:
-    """A validated GGUF file (or split set) seen as a Hugging Face checkpoint."""
+    """A validated GGUF file (or split set) seen as a checkpoint: its config from the
+    metadata, its tensors under edgemoe's names."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -329,14 +284,25 @@ class GGUFCheckpoint:
                     t.name, f, t.tensor_type.name, t.tensor_type, tuple(int(d) for d in reversed(t.shape.tolist())),
                     int(t.data_offset), int(t.n_bytes))
         del readers  # drop the memory maps; data is read with pread
-        self.arch = self.meta.get("general.architecture")
-        if not isinstance(self.arch, str):
+        self.arch_name = self.meta.get("general.architecture")
+        if not isinstance(self.arch_name, str):
             raise ModelLoadError(f"{self.path}: metadata general.architecture is missing; not a model GGUF?")
+        if self.arch_name in NOT_MAPPED:
+            raise ModelLoadError(
+                f"{self.path}: GGUF architecture {self.arch_name!r} ({NOT_MAPPED[self.arch_name]}) is not supported "
+                "yet; edgemoe runs this family from its Hugging Face checkpoint: edgemoe convert HF_DIR OUT_DIR")
+        if self.arch_name not in ARCHITECTURES:
+            raise ModelLoadError(
+                f"{self.path}: unsupported GGUF architecture {self.arch_name!r} (supported: "
+                + ", ".join(f"{a} ({d.description})" for a, d in sorted(ARCHITECTURES.items())) + ")")
+        self.arch: Arch = ARCHITECTURES[self.arch_name]
         self._check_types()
         self.config = self._config()
         src = f"{self.path} (config from its GGUF metadata)"
         self.family: ModuleType = get_family(self.config["model_type"], src)
         self.args: BaseModelArgs = self.family.ModelArgs.from_dict(self.config, src)
+        self._check_layout()
+        self.expert_parts = self._expert_parts()
         self._plan_rows: dict[tuple, list[float]] = {}  # added-error accounting, see observe_expert
         self._types: dict | None = None
         self.source_bytes = sum(t.nbytes for t in self.tensor_map.values())
@@ -382,142 +348,102 @@ class GGUFCheckpoint:
                 raise ModelLoadError(f"{t.file}: unsupported tensor type: tensor {t.name!r} is {t.type_name}, which "
                                      "edgemoe cannot dequantize (the gguf package has no dequantizer for it)")
 
+    def _check_layout(self) -> None:
+        """The tensors must be those the config describes: routers exactly in the config's
+        MoE layers, and every tensor one edgemoe knows (names are checked again, with
+        shapes, when the resident weights are loaded)."""
+        for name, t in self.tensor_map.items():
+            if _STACKED_EXPERTS.match(name) or _LEGACY_EXPERT.match(name) or self._skipped(name):
+                continue
+            try:
+                canonical_name(self.arch, name)
+            except KeyError:
+                raise ModelLoadError(f"{t.file}: tensor {name!r} is not used by edgemoe's {self.config['model_type']} "
+                                     f"(unexpected in a GGUF of architecture {self.arch_name})") from None
+        routed = sorted(self._moe_layers)
+        if routed != self.args.moe_layers():
+            raise ModelLoadError(f"{self.path}: the config built from the metadata makes layers "
+                                 f"{self.args.moe_layers()} MoE, but the routers are in layers {routed}")
+
+    def _skipped(self, name: str) -> bool:
+        """Tensors of multi-token-prediction blocks past the decoder (GLM-4.5's nextn)."""
+        m = BLOCK.match(name)
+        return m is not None and int(m.group(1)) >= self._n_layers
+
     # -- config
 
     def _config(self) -> dict:
-        if self.arch not in ARCHITECTURES:
-            raise ModelLoadError(
-                f"{self.path}: unsupported GGUF architecture {self.arch!r} (supported: "
-                + ", ".join(f"{a} ({d})" for a, (_, d) in sorted(ARCHITECTURES.items())) + ")")
-        family = ARCHITECTURES[self.arch][0]
-        m = _Meta(self.meta, self.path, self.arch)
-        tm = self.tensor_map
-        n_layers = m.need("block_count", int)
-        if not 0 < n_layers <= 1024:
-            raise ModelLoadError(f"{self.path}: metadata {self.arch}.block_count is {n_layers}, outside 1..1024")
-        heads = _per_layer(m.need("attention.head_count", (int, list)), "attention.head_count", m)
-        kv_heads = _per_layer(m.get("attention.head_count_kv", (int, list), heads), "attention.head_count_kv", m)
+        shapes = {n: t.shape for n, t in self.tensor_map.items()}
+        m = Meta(self.meta, self.path, self.arch_name)
+        c = Ctx(self.path, self.arch_name, m, shapes)
+        blocks = m.need("block_count", int)
+        nextn = m.get("nextn_predict_layers", int, 0) if self.arch.nextn else 0
+        c.n_layers = self._n_layers = blocks - nextn
+        if not 0 < c.n_layers <= 1024 or nextn < 0:
+            raise ModelLoadError(f"{self.path}: metadata {self.arch_name}.block_count is {blocks}"
+                                 + (f" with {nextn} prediction layers" if nextn else "") + ", outside 1..1024")
+        heads = m.one("attention.head_count")
+        if heads is None:
+            raise ModelLoadError(f"{self.path}: metadata {self.arch_name}.attention.head_count is missing")
+        kv_heads = m.one("attention.head_count_kv", int, heads)
         hidden = m.need("embedding_length", int)
-        emb = tm.get("token_embd.weight")
+        emb = self.tensor_map.get("token_embd.weight")
         if emb is None or len(emb.shape) != 2:
             raise ModelLoadError(f"{self.path}: tensor token_embd.weight is missing or not 2-D")
-        vocab = emb.shape[0]
+        if heads <= 0 or hidden <= 0:
+            raise ModelLoadError(f"{self.path}: metadata head_count {heads} and embedding_length {hidden} "
+                                 "must be positive")
+        key_len, value_len = m.get("attention.key_length", int), m.get("attention.value_length", int)
+        c.head_dim = key_len if key_len is not None else hidden // heads
+        c.experts, c.used = m.get("expert_count", int, 0), m.get("expert_used_count", int, 0)
+        c.moe_layers = self._moe_layers = sorted(
+            {int(x.group(1)) for n in self.tensor_map if (x := _ROUTER.match(n)) and int(x.group(1)) < c.n_layers})
+        if c.experts <= 0 or not c.moe_layers:
+            raise ModelLoadError(f"{self.path}: a dense {self.arch_name} model ({self.arch_name}.expert_count "
+                                 f"{c.experts}, no blk.N.ffn_gate_inp router); edgemoe runs Mixture-of-Experts models")
+        c.expert_dim = m.get("expert_feed_forward_length", int) or self._expert_dim()
         cfg: dict = {
-            "model_type": family,
             "architectures": None,
-            "vocab_size": vocab,
+            "vocab_size": emb.shape[0],
             "hidden_size": hidden,
-            "num_hidden_layers": n_layers,
+            "num_hidden_layers": c.n_layers,
             "num_attention_heads": heads,
             "num_key_value_heads": kv_heads,
             "hidden_act": "silu",
             "max_position_embeddings": m.get("context_length", int, 4096),
             "rms_norm_eps": m.get("attention.layer_norm_rms_epsilon", float, 1e-6),
-            "tie_word_embeddings": "output.weight" not in tm,
+            "tie_word_embeddings": "output.weight" not in self.tensor_map,
         }
-        key_len, value_len = m.get("attention.key_length", int), m.get("attention.value_length", int)
-        if key_len is not None and value_len is not None and key_len != value_len:
-            raise ModelLoadError(f"{self.path}: attention key_length {key_len} != value_length {value_len} "
-                                 "is not supported")
-        if key_len is not None:
+        if key_len is not None and self.arch_name != "deepseek2":  # MLA's lengths are its own (see there)
+            if value_len is not None and key_len != value_len:
+                raise ModelLoadError(f"{self.path}: attention key_length {key_len} != value_length {value_len} "
+                                     "is not supported")
             cfg["head_dim"] = key_len
-        elif isinstance(heads, int) and heads > 0 and m.get("rope.dimension_count", int) not in (None, hidden // heads):
-            cfg["head_dim"] = m.get("rope.dimension_count", int)
-        cfg["rope_theta"] = m.get("rope.freq_base", float, 10000.0)
-        scaling = self._rope_scaling(m)
-        if scaling:
-            cfg["rope_scaling"] = scaling
-        if "rope_freqs.weight" in tm:
-            raise ModelLoadError(f"{self.path}: rope frequency factors (rope_freqs.weight, llama3-style rope "
-                                 "scaling baked into a tensor) are not supported")
-
-        experts = m.get("expert_count", int, 0)
-        used = m.get("expert_used_count", int, 0)
-        moe_layers = sorted({int(mt.group(1)) for n in tm if (mt := re.match(r"blk\.(\d+)\.ffn_gate_inp\.weight$", n))})
-        if experts <= 0 or not moe_layers:
-            raise ModelLoadError(f"{self.path}: a dense {self.arch} model ({self.arch}.expert_count "
-                                 f"{experts}, no blk.N.ffn_gate_inp router); edgemoe runs Mixture-of-Experts models")
-        expert_dim = m.get("expert_feed_forward_length", int)
-        if expert_dim is None:
-            expert_dim = self._expert_dim()
-        dense_dim = _per_layer(m.get("feed_forward_length", (int, list)), "feed_forward_length", m)
-        norm = m.get("expert_weights_norm", bool)
-        bias = "blk.0.attn_q.bias" in tm
+        elif m.get("rope.dimension_count", int) not in (None, hidden // heads) and self.arch_name in ("llama",):
+            cfg["head_dim"] = c.head_dim = m.get("rope.dimension_count", int)
+        freqs = self._read(self.tensor_map["rope_freqs.weight"]).numpy() if "rope_freqs.weight" in self.tensor_map \
+            else None
+        if freqs is not None and self.arch_name not in ("llama", "llama4"):
+            raise ModelLoadError(f"{self.path}: rope frequency factors (rope_freqs.weight) are not supported for "
+                                 f"{self.arch_name}")
+        cfg["rope_parameters"] = rope_parameters(c, m.get("rope.freq_base", float, 10000.0), freqs)
         cfg["bos_token_id"] = self.meta.get("tokenizer.ggml.bos_token_id")
         eos = [self.meta.get(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
         eos = list(dict.fromkeys(i for i in eos if isinstance(i, int)))
         cfg["eos_token_id"] = eos[0] if len(eos) == 1 else (eos or None)
-
-        if family == "mixtral":
-            if len(moe_layers) != n_layers:
-                raise ModelLoadError(f"{self.path}: a llama MoE whose layers are not all MoE is not supported")
-            cfg.update(intermediate_size=expert_dim, num_local_experts=experts, num_experts_per_tok=used,
-                       sliding_window=m.get("attention.sliding_window", int))
-            if norm is False:
-                raise ModelLoadError(f"{self.path}: {self.arch}.expert_weights_norm false is not supported for llama")
-        else:
-            dense = [i for i in range(n_layers) if i not in moe_layers]
-            if family == "qwen2_moe":
-                shared = m.get("expert_shared_feed_forward_length", int)
-                if shared is None:
-                    t = tm.get(f"blk.{moe_layers[0]}.ffn_gate_shexp.weight")
-                    shared = t.shape[0] if t is not None else 0
-                cfg.update(moe_intermediate_size=expert_dim, shared_expert_intermediate_size=shared,
-                           num_experts=experts, num_experts_per_tok=used, norm_topk_prob=bool(norm),
-                           decoder_sparse_step=1, mlp_only_layers=dense, qkv_bias=bias, use_sliding_window=False)
-            elif family == "qwen3_moe":
-                # llama.cpp always renormalises Qwen3-MoE's top-k weights (as its checkpoints say).
-                cfg.update(moe_intermediate_size=expert_dim, num_experts=experts, num_experts_per_tok=used,
-                           norm_topk_prob=True if norm is None else norm, decoder_sparse_step=1,
-                           mlp_only_layers=dense, attention_bias=bias, use_sliding_window=False)
-            else:  # olmoe
-                if dense:
-                    raise ModelLoadError(f"{self.path}: an OLMoE whose layers are not all MoE is not supported")
-                cfg.update(intermediate_size=expert_dim, num_experts=experts, num_experts_per_tok=used,
-                           norm_topk_prob=bool(norm), attention_bias=bias)
-                clip = m.get("attention.clamp_kqv", float)
-                if clip is not None:
-                    cfg["clip_qkv"] = clip
-            if dense:
-                if dense_dim is None:
-                    t = tm.get(f"blk.{dense[0]}.ffn_gate.weight")
-                    dense_dim = t.shape[0] if t is not None else None
-                if dense_dim is not None:
-                    cfg["intermediate_size"] = dense_dim
+        cfg = {k: v for k, v in cfg.items() if v is not None}
+        self.arch.config(c, cfg)  # its None values are meant (q_lora_rank None: no q LoRA)
         cfg["torch_dtype"] = "float32" if self._all_f32() else "bfloat16"
-        cfg["gguf"] = {"file": self.files[0].name, "architecture": self.arch,
+        cfg["gguf"] = {"file": self.files[0].name, "architecture": self.arch_name,
                        "name": self.meta.get("general.name"), "file_type": self.meta.get("general.file_type")}
-        return {k: v for k, v in cfg.items() if v is not None}
-
-    def _rope_scaling(self, m: _Meta) -> dict | None:
-        kind = m.get("rope.scaling.type", str)
-        factor = m.get("rope.scaling.factor", float)
-        linear = m.get("rope.scale_linear", float)  # older files
-        if kind in (None, "none"):
-            if linear is not None and linear != 1.0:
-                return {"rope_type": "linear", "factor": linear}
-            return None
-        if kind not in ("linear", "yarn"):
-            raise ModelLoadError(f"{self.path}: metadata {self.arch}.rope.scaling.type {kind!r} is not supported "
-                                 "(supported: none, linear, yarn)")
-        out = {"rope_type": kind, "factor": factor if factor is not None else 1.0}
-        orig = m.get("rope.scaling.original_context_length", int)
-        if orig is not None:
-            out["original_max_position_embeddings"] = orig
-        for key, hf in (("rope.scaling.yarn_beta_fast", "beta_fast"), ("rope.scaling.yarn_beta_slow", "beta_slow")):
-            v = m.get(key, float)
-            if v is not None:
-                out[hf] = v
-        return out
+        return cfg
 
     def _expert_dim(self) -> int:
         for name, t in self.tensor_map.items():
-            if _STACKED_EXPERTS.match(name) and len(t.shape) == 3:
-                part = _STACKED_EXPERTS.match(name).group(2)
-                return t.shape[2] if part == "down" else t.shape[1]
-            if _LEGACY_EXPERT.match(name) and len(t.shape) == 2:
-                part = _LEGACY_EXPERT.match(name).group(2)
-                return t.shape[1] if part == "down" else t.shape[0]
+            if (x := _STACKED_EXPERTS.match(name)) and x.group(3) == "weight" and len(t.shape) == 3:
+                return t.shape[2] if x.group(2) == "down" else t.shape[1]
+            if (x := _LEGACY_EXPERT.match(name)) and len(t.shape) == 2:
+                return t.shape[1] if x.group(2) == "down" else t.shape[0]
         raise ModelLoadError(f"{self.path}: no expert tensors (blk.N.ffn_gate_exps.weight) found")
 
     def _all_f32(self) -> bool:
@@ -525,11 +451,8 @@ class GGUFCheckpoint:
 
     # -- tensors
 
-    def _read(self, t: GGUFTensor, index: int | None = None) -> torch.Tensor:
-        """Tensor `t` (or its slice `index` along the first axis) dequantized to float32
-        (F16 and F32 keep their dtype), in Hugging Face orientation."""
-        gguf = _gguf()
-        shape = t.shape if index is None else t.shape[1:]
+    def _raw(self, t: GGUFTensor, index: int | None = None) -> np.ndarray:
+        """The bytes of tensor `t` (or of its slice `index` along the first axis)."""
         count = 1 if index is None else t.shape[0]
         nbytes = t.nbytes // count
         offset = t.offset + (0 if index is None else index * nbytes)
@@ -540,7 +463,14 @@ class GGUFCheckpoint:
             raise ModelLoadError(f"{t.file}: cannot read tensor {t.name!r}: {e.strerror or e}") from None
         if len(raw) != nbytes:
             raise ModelLoadError(f"{t.file}: truncated GGUF: tensor {t.name!r} ends past the end of the file")
-        data = np.frombuffer(raw, dtype=np.uint8)
+        return np.frombuffer(raw, dtype=np.uint8)
+
+    def _read(self, t: GGUFTensor, index: int | None = None) -> torch.Tensor:
+        """Tensor `t` (or its slice `index` along the first axis) dequantized to float32
+        (F16 and F32 keep their dtype), in numpy order (for weights: (out, in))."""
+        gguf = _gguf()
+        shape = t.shape if index is None else t.shape[1:]
+        data = self._raw(t, index)
         if t.type_name == "F32":
             return torch.from_numpy(data.view(np.float32).reshape(shape).copy())
         if t.type_name == "F16":
@@ -553,40 +483,93 @@ class GGUFCheckpoint:
                                  f"dequantized: {e}") from None
         return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32))
 
-    def _hf_tensor(self, name: str, t: GGUFTensor) -> tuple[str, torch.Tensor]:
-        for pattern, repl in _TENSOR_RULES:
-            if pattern.match(name):
-                hf = pattern.sub(repl, name)
-                break
-        else:
+    def _read_mxfp4(self, t: GGUFTensor, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One expert's MXFP4 matrix as the codes and exponents edgemoe's mxfp4 format
+        stores, bit for bit: ggml's blocks are (exponent, 16 bytes) with element j in the
+        low nibble of byte j and element j + 16 in its high nibble; ours keep the
+        exponents apart and pack elements 2i, 2i + 1 into byte i (low, high)."""
+        out, k = t.shape[1:]
+        g = k // 32
+        raw = self._raw(t, index).reshape(out, g, 17)
+        scales = raw[:, :, 0].copy()  # (out, G) E8M0
+        qs = raw[:, :, 1:]  # (out, G, 16)
+        codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)  # (out, G, 32) in element order
+        packed = codes[..., 0::2] | (codes[..., 1::2] << 4)  # (out, G, 16)
+        return torch.from_numpy(np.ascontiguousarray(packed)), torch.from_numpy(scales)
+
+    def _canonical_tensor(self, name: str, t: GGUFTensor) -> tuple[str, torch.Tensor] | None:
+        """(edgemoe name, tensor) of a non-expert tensor; None for one not loaded."""
+        if self._skipped(name):
+            return None
+        try:
+            key = canonical_name(self.arch, name)
+        except KeyError:
             raise ModelLoadError(f"{t.file}: tensor {name!r} is not used by edgemoe's {self.config['model_type']} "
-                                 f"(unexpected in a GGUF of architecture {self.arch})")
+                                 f"(unexpected in a GGUF of architecture {self.arch_name})") from None
+        if key is None:
+            return None
         w = self._read(t)
-        a = self.args
-        if self.arch == "llama" and re.search(r"self_attn\.[qk]_proj\.", hf):
+        if self.arch.permuted_qk and re.search(r"\.attn\.[qk]\.", key):
             # llama.cpp's converter interleaves the two RoPE halves of each q/k head for
             # its rotation; undo it to get transformers' rotate-half layout back.
-            heads = a.num_attention_heads if ".q_proj." in hf else a.num_key_value_heads
+            heads = self.args.num_attention_heads if ".attn.q." in key else self.args.num_key_value_heads
             w = unpermute_qk(w, heads, name, t.file)
-        if hf.endswith("shared_expert_gate.weight") and w.dim() == 1:
-            w = w.unsqueeze(0)  # stored as (H,), transformers' Linear(H, 1) is (1, H)
-        return hf, w
+        if key.endswith("shared_gate.weight") and w.dim() == 1:
+            w = w.unsqueeze(0)  # stored as (H,), a Linear(H, 1) is (1, H)
+        if key.endswith("attn.sinks") and w.dim() != 1:
+            w = w.reshape(-1)
+        return key, w
+
+    def _joined_kv_b(self, layer: int) -> torch.Tensor:
+        """DeepSeek's kv_b (heads * (nope + v), kv_lora) from llama.cpp's split attn_k_b
+        (heads, kv_lora, nope), stored transposed, and attn_v_b (heads, v, kv_lora)."""
+        k_t, v_t = (self.tensor_map.get(f"blk.{layer}.attn_{x}_b.weight") for x in "kv")
+        if k_t is None or v_t is None:
+            missing = f"blk.{layer}.attn_kv_b.weight or blk.{layer}.attn_k_b.weight and attn_v_b.weight"
+            raise ModelLoadError(f"{self.path}: tensor {missing} missing")
+        k, v = self._read(k_t).float(), self._read(v_t).float()
+        if k.dim() != 3 or v.dim() != 3 or k.shape[0] != v.shape[0] or k.shape[1] != v.shape[2]:
+            raise ModelLoadError(f"{k_t.file}: tensors {k_t.name} {tuple(k.shape)} and {v_t.name} {tuple(v.shape)} "
+                                 "do not fit together (heads, kv_lora_rank, nope) / (heads, v, kv_lora_rank)")
+        return torch.cat([k.transpose(1, 2), v], dim=1).reshape(-1, k.shape[1])  # (heads * (nope + v), kv_lora)
 
     def _expert_sources(self) -> dict[tuple[int, int], dict[str, tuple[GGUFTensor, int | None]]]:
+        """(layer, expert) -> part (gate, up, down, gate_bias, ...) -> (tensor, index)."""
         out: dict[tuple[int, int], dict[str, tuple[GGUFTensor, int | None]]] = {}
         for name, t in self.tensor_map.items():
+            if self._skipped(name):
+                continue
             m = _STACKED_EXPERTS.match(name)
             if m:
-                layer, part = int(m.group(1)), m.group(2)
-                if len(t.shape) != 3:
-                    raise ModelLoadError(f"{t.file}: tensor {name!r} should be 3-D (experts, out, in), got {t.shape}")
+                layer, part, kind = int(m.group(1)), m.group(2), m.group(3)
+                if len(t.shape) != (3 if kind == "weight" else 2):
+                    want = "3-D (experts, out, in)" if kind == "weight" else "2-D (experts, out)"
+                    raise ModelLoadError(f"{t.file}: tensor {name!r} should be {want}, got {t.shape}")
                 for e in range(t.shape[0]):
-                    out.setdefault((layer, e), {})[part] = (t, e)
+                    out.setdefault((layer, e), {})[part if kind == "weight" else f"{part}_bias"] = (t, e)
                 continue
             m = _LEGACY_EXPERT.match(name)
             if m:
                 out.setdefault((int(m.group(1)), int(m.group(3))), {})[m.group(2)] = (t, None)
         return out
+
+    def _expert_parts(self) -> frozenset[str]:
+        """The canonical parts every expert comes as: MXFP4 codes when all expert matrices
+        are MXFP4 (kept as they are), float weights otherwise, plus any biases."""
+        from ..checkpoint import FLOAT_PARTS, MXFP4_PARTS
+
+        sources = self._expert_sources()
+        weights = {t.type_name for parts in sources.values() for p, (t, _) in parts.items() if p in FLOAT_PARTS}
+        self._mxfp4 = weights == {"MXFP4"}
+        biases = {p for parts in sources.values() for p in parts if p.endswith("_bias")}
+        if ("gate_bias" in biases) != ("up_bias" in biases):
+            raise ModelLoadError(f"{self.path}: routed experts have a gate or an up bias without the other")
+        return (MXFP4_PARTS if self._mxfp4 else FLOAT_PARTS) | frozenset(biases)
+
+    @property
+    def expert_format(self) -> str | None:
+        """"mxfp4" when the experts are MXFP4 codes, None for any other type."""
+        return "mxfp4" if self._mxfp4 else None
 
     def expert_types(self) -> dict[tuple[int, int], tuple[str, str, str]]:
         """(layer, expert) -> GGUF types of its (gate, up, down)."""
@@ -594,29 +577,41 @@ class GGUFCheckpoint:
                 for k, v in self._expert_sources().items()}
 
     def tensors(self, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield (canonical_name, tensor) pairs like HFCheckpoint.tensors: non-expert tensors
-        first, then each expert's gate, up and down together (one expert in memory at a time)."""
+        """Yield (edgemoe name, tensor) pairs like HFCheckpoint.tensors: the resident
+        tensors first, then each expert's parts together under experts.L.E.<part> (one
+        expert in memory at a time)."""
         experts = self._expert_sources()
         expert_tensors = {src[0].name for parts in experts.values() for src in parts.values()}
 
-        def emit(hf: str, w: torch.Tensor, file: Path):
-            if dtype is not None and w.is_floating_point():
-                w = w.to(dtype)
-            try:
-                yield from self.family.sanitize(hf, w)
-            except ModelLoadError as e:
-                raise ModelLoadError(f"{file}: {e}") from None
+        def cast(w: torch.Tensor) -> torch.Tensor:
+            return w.to(dtype) if dtype is not None and w.is_floating_point() else w
 
+        joined = set()
         for name, t in self.tensor_map.items():
-            if name not in expert_tensors:
-                hf, w = self._hf_tensor(name, t)
-                yield from emit(hf, w, t.file)
+            if name in expert_tensors:
+                continue
+            m = re.match(r"blk\.(\d+)\.attn_[kv]_b\.weight$", name)
+            if m and self.arch_name == "deepseek2" and not self._skipped(name):
+                layer = int(m.group(1))
+                if f"blk.{layer}.attn_kv_b.weight" not in self.tensor_map and layer not in joined:
+                    joined.add(layer)
+                    yield f"layers.{layer}.attn.kv_b.weight", cast(self._joined_kv_b(layer))
+                continue
+            got = self._canonical_tensor(name, t)
+            if got is not None:
+                yield got[0], cast(got[1])
         for (layer, e), parts in sorted(experts.items()):
-            for part in ("gate", "up", "down"):
-                if part in parts:
-                    t, index = parts[part]
-                    hf = f"model.layers.{layer}.mlp.experts.{e}.{part}_proj.weight"
-                    yield from emit(hf, self._read(t, index), t.file)
+            for part in ("gate", "up", "down", "gate_bias", "up_bias", "down_bias"):
+                if part not in parts:
+                    continue
+                t, index = parts[part]
+                key = f"experts.{layer}.{e}.{part}"
+                if self._mxfp4 and not part.endswith("_bias"):
+                    blocks, scales = self._read_mxfp4(t, index)
+                    yield key + "_blocks", blocks
+                    yield key + "_scales", scales
+                else:
+                    yield key, cast(self._read(t, index))
 
     def build(self) -> Transformer:
         from ..checkpoint import build_on_meta
@@ -625,13 +620,13 @@ class GGUFCheckpoint:
 
     @property
     def stream_bytes(self) -> int:
-        """Bytes of the float tensors `tensors()` yields (for a progress bar)."""
+        """Bytes of the tensors `tensors()` yields (for a progress bar)."""
         total = 0
         for t in self.tensor_map.values():
             n = 1
             for d in t.shape:
                 n *= d
-            total += n * (2 if t.type_name == "F16" else 4)
+            total += t.nbytes if t.type_name == "MXFP4" and self._mxfp4 else n * (2 if t.type_name == "F16" else 4)
         return total
 
     # -- converter integration
@@ -640,6 +635,9 @@ class GGUFCheckpoint:
         """The expert plan that keeps at least the GGUF's precision (see the module docstring)."""
         from .convert import FLOAT_FORMAT
         from .format import ExpertPlan
+
+        if self._mxfp4:
+            return ExpertPlan("mxfp4")  # the codes as they are
 
         def pick(types: tuple[str, ...]) -> str:
             if any(t in _FLOAT_TYPES for t in types):
@@ -675,6 +673,18 @@ class GGUFCheckpoint:
                        parts: dict[str, torch.Tensor]) -> None:
         """Accumulate the error that storing this expert in `fmt` adds to the GGUF's own
         dequantized weights (called by the converter after encoding each expert)."""
+        if self._types is None:
+            self._types = self.expert_types()
+        key = (self._types.get((layer, expert)), fmt.name)
+        if "gate_blocks" in source:
+            from ..quant.mxfp4 import dequantize_parts
+
+            if fmt.name == "mxfp4":  # codes kept as they are: nothing added
+                row = self._plan_rows.setdefault(key, [0, 0.0, 1.0, 0.0])
+                row[0] += 1
+                return
+            gate, up, down = dequantize_parts(source, self.args.hidden_size, self.args.expert_dim)
+            source = {"gate": gate, "up": up, "down": down}
         decoded = decode_expert(fmt, parts)
         if decoded is None:
             return
@@ -683,9 +693,6 @@ class GGUFCheckpoint:
         ref2 = source["down"].float()
         err = float((w13 - ref13).pow(2).sum() + (w2 - ref2).pow(2).sum())
         ref = float(ref13.pow(2).sum() + ref2.pow(2).sum())
-        if self._types is None:
-            self._types = self.expert_types()
-        key = (self._types.get((layer, expert)), fmt.name)
         row = self._plan_rows.setdefault(key, [0, 0.0, 0.0, 0.0])
         row[0] += 1
         row[1] += err
@@ -709,6 +716,7 @@ class GGUFCheckpoint:
             src = "/".join(dict.fromkeys(types)) if types else "?"
             out[f"{src} -> {fmt}"] = {"experts": n, "rel_rms": (err / ref) ** 0.5 if ref else 0.0, "worst": worst}
         return out
+
 
 
 def unpermute_qk(w: torch.Tensor, heads: int, name: str = "", file: Path | None = None) -> torch.Tensor:
@@ -809,10 +817,9 @@ def build_tokenizer_files(meta: dict, path: Path) -> dict[str, bytes]:
             if split is None:
                 tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
             else:
-                tok.pre_tokenizer = pre_tokenizers.Sequence([
-                    pre_tokenizers.Split(Regex(split), behavior="isolated"),
-                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-                ])
+                tok.pre_tokenizer = pre_tokenizers.Sequence(
+                    [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in split]
+                    + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
             tok.decoder = decoders.ByteLevel()
             add_bos, add_eos = flag("add_bos_token", False), flag("add_eos_token", False)
         elif kind == "llama":

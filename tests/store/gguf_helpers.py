@@ -7,12 +7,18 @@ q/k permutation is llama.cpp's formula, metadata keys are the writer's own metho
 from __future__ import annotations
 
 import json
+import math
+import re
 from pathlib import Path
 
 import numpy as np
 import torch
 
-ARCH = {"mixtral": "LLAMA", "qwen2_moe": "QWEN2MOE", "qwen3_moe": "QWEN3MOE", "olmoe": "OLMOE"}
+ARCH = {"mixtral": "LLAMA", "qwen2_moe": "QWEN2MOE", "qwen3_moe": "QWEN3MOE", "olmoe": "OLMOE",
+        "glm4_moe": "GLM4_MOE", "dots1": "DOTS1", "llama4_text": "LLAMA4", "deepseek_v2": "DEEPSEEK2",
+        "deepseek_v3": "DEEPSEEK2", "gpt_oss": "GPT_OSS", "minimax_m2": "MINIMAXM2", "hunyuan_v1_moe": "HUNYUAN_MOE",
+        "granitemoe": "GRANITE_MOE", "granitemoeshared": "GRANITE_MOE", "ernie4_5_moe": "ERNIE4_5_MOE"}
+PERMUTED = ("mixtral", "granitemoe", "granitemoeshared")  # LlamaModel subclasses: q/k rows permuted
 
 
 def llama_cpp_permute(w: np.ndarray, n_head: int, n_head_kv: int | None) -> np.ndarray:
@@ -64,28 +70,259 @@ def _encode(arr: np.ndarray, qtype_name: str):
     return gguf.quants.quantize(arr.astype(np.float32), qtype), qtype
 
 
-def hf_tensors(model) -> dict[str, np.ndarray]:
-    """The model's weights under the names llama.cpp's converter sees: fused experts of
-    transformers 5 as the stacked gate/up/down (E, out, in) it writes."""
-    out = {}
-    for name, t in model.state_dict().items():
-        a = t.detach().float().numpy()
-        if name.endswith("experts.gate_up_proj"):
-            gate, up = np.split(a, 2, axis=1)
-            base = name[: -len("gate_up_proj")]
-            out[base + "gate_proj"], out[base + "up_proj"] = gate, up
-        elif name.endswith("experts.down_proj"):
-            out[name] = a
-        elif not name.endswith("rotary_emb.inv_freq"):
-            out[name] = a
-    return out
+def _decode(data: np.ndarray, raw) -> np.ndarray:
+    import gguf
+
+    return gguf.quants.dequantize(data, raw) if raw is not None else data.astype(np.float32)
+
+
+# transformers 5's fused expert tensors, per family: gate_up (E, 2I, H) with the gate first
+# and down (E, H, I), except Llama 4 (input-major: (E, H, 2I), (E, I, H)) and gpt-oss
+# (input-major with gate and up in alternating columns).
+INPUT_MAJOR = ("llama4_text", "gpt_oss")
+
+
+def split_experts(family: str, name: str, a: np.ndarray) -> dict[str, np.ndarray] | None:
+    """A fused expert tensor of the state dict as llama.cpp's converter stacks it:
+    part -> (E, out, in) weights or (E, out) biases; None for any other tensor."""
+    if name.endswith("experts.gate_up_proj"):
+        t = a.transpose(0, 2, 1) if family in INPUT_MAJOR else a  # (E, 2I, H)
+        if family == "gpt_oss":
+            return {"gate": t[:, 0::2], "up": t[:, 1::2]}
+        return dict(zip(("gate", "up"), np.split(t, 2, axis=1)))
+    if name.endswith("experts.gate_up_proj_bias"):  # gpt-oss
+        return {"gate_bias": a[:, 0::2], "up_bias": a[:, 1::2]}
+    if name.endswith("experts.down_proj"):
+        return {"down": a.transpose(0, 2, 1) if family in INPUT_MAJOR else a}
+    if name.endswith("experts.down_proj_bias"):
+        return {"down_bias": a}
+    return None
+
+
+def fuse_experts(family: str, name: str, p: dict[str, np.ndarray]) -> np.ndarray:
+    """The inverse of `split_experts` (for the GGUF's dequantized weights)."""
+    if name.endswith("gate_up_proj"):
+        if family == "gpt_oss":
+            t = np.empty((p["gate"].shape[0], 2 * p["gate"].shape[1], p["gate"].shape[2]), np.float32)
+            t[:, 0::2], t[:, 1::2] = p["gate"], p["up"]
+        else:
+            t = np.concatenate([p["gate"], p["up"]], axis=1)
+        return t.transpose(0, 2, 1) if family in INPUT_MAJOR else t
+    if name.endswith("gate_up_proj_bias"):
+        t = np.empty((p["gate_bias"].shape[0], 2 * p["gate_bias"].shape[1]), np.float32)
+        t[:, 0::2], t[:, 1::2] = p["gate_bias"], p["up_bias"]
+        return t
+    if name.endswith("down_proj"):
+        return p["down"].transpose(0, 2, 1) if family in INPUT_MAJOR else p["down"]
+    return p["down_bias"]
+
+
+def mxfp4_repack(w: np.ndarray) -> np.ndarray:
+    """Float experts (E, out, in) quantized to MXFP4 the way the gpt-oss release stores them
+    (edgemoe's quantizer: codes with the even element in the low nibble, E8M0 exponents),
+    then repacked into ggml's MXFP4 blocks by convert_hf_to_gguf.py's
+    GptOssModel.repack_mxfp4 / transform_nibble_layout, verbatim in numpy. Returns the raw
+    (E, out, in / 32 * 17) uint8 data and the HF-layout codes (E, out, G, 16), exponents
+    (E, out, G)."""
+    from edgemoe.quant.mxfp4 import quantize
+
+    E, n, k = w.shape
+    blocks, scales = quantize(torch.from_numpy(w.reshape(E * n, k)))
+    blocks = blocks.numpy().reshape(E, n, k // 32, 16)
+    scales = scales.numpy().reshape(E, n, k // 32)
+    t = blocks
+    t = ((t & 0x0F) << 4) | ((t & 0xF0) >> 4)  # swap nibbles
+    a, b = np.split(t, 2, axis=-1)
+    a = np.stack([(a & 0xF0).reshape(-1), (a << 4).reshape(-1)], axis=-1).reshape(t.shape).astype(np.uint8)
+    b = np.stack([(b >> 4).reshape(-1), (b & 0x0F).reshape(-1)], axis=-1).reshape(t.shape).astype(np.uint8)
+    out = a | b
+    out = ((out & 0xF0) >> 4) | ((out & 0x0F) << 4)
+    raw = np.concatenate([scales[..., None], out], axis=-1).reshape(E, n, k // 32 * 17)
+    return raw, blocks, scales
+
+
+def _rope(cfg) -> tuple[float, dict]:
+    params = dict(getattr(cfg, "rope_parameters", None) or {})
+    theta = float(params.get("rope_theta", getattr(cfg, "rope_theta", 10000.0)))
+    if cfg.model_type == "hunyuan_v1_moe" and params.get("rope_type") == "dynamic":
+        # HunYuanMoEModel: NTK-alpha baked into the base (with hidden / heads as the dimension).
+        dim = cfg.hidden_size // cfg.num_attention_heads
+        return theta * params.get("alpha", 1000) ** (dim / (dim - 2)), {}
+    return theta, params
+
+
+def llama3_rope_freqs(cfg, dim: int) -> np.ndarray | None:
+    """LlamaModel.generate_extra_tensors: llama3 rope as frequency factors (rope_freqs).
+    As the converter, the original context comes from the config's top level (8192 when
+    absent), not from the rope parameters."""
+    theta, params = _rope(cfg)
+    if params.get("rope_type") != "llama3":
+        return None
+    freqs = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    factor = params.get("factor", 8.0)
+    low, high = params.get("low_freq_factor", 1.0), params.get("high_freq_factor", 4.0)
+    old = cfg.to_dict().get("original_max_position_embeddings", 8192)
+    out = []
+    for f in freqs:
+        wavelen = 2 * math.pi / f
+        if wavelen < old / high:
+            out.append(1)
+        elif wavelen > old / low:
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, dtype=np.float32)
+
+
+def write_metadata(w, cfg, family: str, n_blocks: int, mla_layout: str) -> None:
+    """What convert_hf_to_gguf.py's set_gguf_parameters writes for these families."""
+    import gguf
+
+    w.add_block_count(n_blocks)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
+    w.add_head_count(heads)
+    w.add_head_count_kv(1 if family.startswith("deepseek") and mla_layout != "legacy" else kv)
+    theta, rope = _rope(cfg)
+    w.add_rope_freq_base(theta)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_vocab_size(cfg.vocab_size)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    if rope.get("rope_type") == "yarn":
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(rope["factor"])
+        w.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+        for key, add in (("beta_fast", w.add_rope_scaling_yarn_beta_fast), ("beta_slow", w.add_rope_scaling_yarn_beta_slow)):
+            if rope.get(key) is not None:
+                add(rope[key])
+    elif rope.get("rope_type") == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(rope["factor"])
+    topk = getattr(cfg, "moe_topk", None) or cfg.num_experts_per_tok
+    w.add_expert_used_count(topk[0] if isinstance(topk, list) else topk)
+
+    def common_moe(experts: int, expert_ff: int, dense_ff: int | None):
+        w.add_expert_count(experts)
+        w.add_expert_feed_forward_length(expert_ff)
+        if dense_ff is not None:
+            w.add_feed_forward_length(dense_ff)
+
+    if family == "mixtral":
+        w.add_feed_forward_length(cfg.intermediate_size)
+        w.add_rope_dimension_count(head_dim)
+        w.add_expert_count(cfg.num_local_experts)
+    elif family in ("qwen2_moe", "qwen3_moe"):
+        common_moe(cfg.num_experts, cfg.moe_intermediate_size, cfg.intermediate_size)
+        if family == "qwen2_moe":
+            w.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
+        else:
+            w.add_key_length(head_dim)
+            w.add_value_length(head_dim)
+    elif family == "olmoe":
+        w.add_feed_forward_length(cfg.intermediate_size)
+        w.add_expert_count(cfg.num_experts)
+        if getattr(cfg, "clip_qkv", None) is not None:
+            w.add_clamp_kqv(cfg.clip_qkv)
+    elif family in ("glm4_moe", "dots1"):
+        common_moe(cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.intermediate_size)
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+        if family == "glm4_moe":
+            w.add_rope_dimension_count(int(head_dim * rope.get("partial_rotary_factor", 0.5)))
+        w.add_leading_dense_block_count(cfg.first_k_dense_replace)
+        w.add_expert_shared_count(cfg.n_shared_experts)
+        w.add_expert_weights_scale(cfg.routed_scaling_factor)
+        w.add_expert_weights_norm(cfg.norm_topk_prob)
+        w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+    elif family == "llama4_text":
+        # The converter swaps the widths: intermediate_size_mlp is the dense layers'.
+        common_moe(cfg.num_local_experts, cfg.intermediate_size, cfg.intermediate_size_mlp)
+        w.add_rope_dimension_count(head_dim)
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+        w.add_interleave_moe_layer_step(cfg.interleave_moe_layer_step)
+    elif family.startswith("deepseek"):
+        common_moe(cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.intermediate_size)
+        w.add_leading_dense_block_count(cfg.first_k_dense_replace)
+        if cfg.q_lora_rank is not None:
+            w.add_q_lora_rank(cfg.q_lora_rank)
+        w.add_kv_lora_rank(cfg.kv_lora_rank)
+        if mla_layout == "legacy":  # llama.cpp before the MLA-absorption split
+            w.add_key_length(cfg.qk_nope_head_dim + cfg.qk_rope_head_dim)
+            w.add_value_length(cfg.v_head_dim)
+        else:
+            w.add_key_length(cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+            w.add_value_length(cfg.kv_lora_rank)
+            w.add_key_length_mla(cfg.qk_nope_head_dim + cfg.qk_rope_head_dim)
+            w.add_value_length_mla(cfg.v_head_dim)
+        w.add_expert_shared_count(cfg.n_shared_experts)
+        w.add_expert_weights_scale(cfg.routed_scaling_factor)
+        if cfg.norm_topk_prob:
+            w.add_expert_weights_norm(True)
+        if family == "deepseek_v3":
+            w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+            w.add_expert_group_count(cfg.n_group)
+            w.add_expert_group_used_count(cfg.topk_group)
+        else:
+            w.add_expert_gating_func(gguf.ExpertGatingFuncType.SOFTMAX)
+        w.add_rope_dimension_count(cfg.qk_rope_head_dim)
+        if rope.get("rope_type") == "yarn" and rope.get("mscale_all_dim") is not None:
+            w.add_rope_scaling_yarn_log_mul(0.1 * rope["mscale_all_dim"])
+    elif family == "minimax_m2":
+        common_moe(cfg.num_local_experts, cfg.intermediate_size, cfg.intermediate_size)
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+        w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+        w.add_rope_dimension_count(getattr(cfg, "rotary_dim", None)
+                                   or int(head_dim * rope.get("partial_rotary_factor", 1.0)))
+    elif family == "hunyuan_v1_moe":
+        moe = getattr(cfg, "moe_intermediate_size", None) or cfg.intermediate_size
+        common_moe(cfg.num_experts, moe[0] if isinstance(moe, list) else moe, cfg.intermediate_size)
+        w.add_expert_shared_feed_forward_length(cfg.intermediate_size)
+        w.add_expert_shared_count(1)
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+    elif family in ("granitemoe", "granitemoeshared"):
+        w.add_feed_forward_length(cfg.intermediate_size)
+        w.add_expert_count(cfg.num_local_experts)
+        w.add_rope_dimension_count(cfg.hidden_size // heads)  # GraniteModel drops head_dim
+        w.add_attention_scale(cfg.attention_multiplier)
+        w.add_embedding_scale(cfg.embedding_multiplier)
+        w.add_residual_scale(cfg.residual_multiplier)
+        w.add_logit_scale(cfg.logits_scaling)
+        if getattr(cfg, "shared_intermediate_size", 0):
+            w.add_expert_shared_feed_forward_length(cfg.shared_intermediate_size)
+    elif family == "ernie4_5_moe":
+        common_moe(cfg.moe_num_experts, cfg.moe_intermediate_size, cfg.intermediate_size)
+        w.add_interleave_moe_layer_step(cfg.moe_layer_interval)
+        w.add_leading_dense_block_count(cfg.moe_layer_start_index)
+        w.add_expert_shared_count(cfg.moe_num_shared_experts)
+        if cfg.moe_num_shared_experts:  # as Ernie4_5MoeModel writes it
+            w.add_expert_shared_feed_forward_length(cfg.intermediate_size // cfg.num_key_value_heads)
+    elif family == "gpt_oss":
+        common_moe(cfg.num_local_experts, cfg.intermediate_size, cfg.intermediate_size)
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+        w.add_sliding_window(cfg.sliding_window)
+    else:
+        raise ValueError(family)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
 
 
 def write_gguf(model, tok_dir: Path | None, out: Path, qtype: str = "F16", expert_qtype: str | None = None,
-               split_max_tensors: int = 0, chat_template: str | None = None, legacy_experts: bool = False) -> list[Path]:
+               split_max_tensors: int = 0, chat_template: str | None = None, legacy_experts: bool = False,
+               mla_layout: str = "split", nextn: int = 0):
     """Write `model` (a transformers MoE) as GGUF. qtype applies to the 2-D/3-D weights
     (routers, norms and 1-D tensors stay F32 as llama-quantize leaves them), expert_qtype
-    to the routed experts (default: qtype). Returns the written file(s)."""
+    to the routed experts (default: qtype; "MXFP4": gpt-oss's released codes). DeepSeek's
+    MLA: mla_layout "split" (attn_k_b / attn_v_b, llama.cpp since mid-2025), "legacy"
+    (attn_kv_b) or "both" (ik_llama.cpp). `nextn` appends that many GLM-4.5-style
+    multi-token-prediction blocks (block_count counts them; transformers has no such
+    layers, so they hold copies of the last layer plus the nextn.* tensors). Returns the
+    written file(s) and what the GGUF holds, dequantized, in the state dict's names and
+    layout."""
     import gguf
 
     cfg = model.config
@@ -96,61 +333,96 @@ def write_gguf(model, tok_dir: Path | None, out: Path, qtype: str = "F16", exper
     tmap = gguf.get_tensor_name_map(arch, n_layers)
     w = gguf.GGUFWriter(out, arch_name, split_max_tensors=split_max_tensors)
     w.add_name(f"tiny {family}")
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_block_count(n_layers)
-    w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    rope = getattr(cfg, "rope_parameters", None) or {}
-    w.add_rope_freq_base(float(rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))))
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    w.add_vocab_size(cfg.vocab_size)
-    if family == "mixtral":
-        w.add_feed_forward_length(cfg.intermediate_size)
-        w.add_rope_dimension_count(head_dim)
-        w.add_expert_count(cfg.num_local_experts)
-    else:
-        w.add_expert_count(cfg.num_experts)
-    w.add_expert_used_count(cfg.num_experts_per_tok)
-    if family in ("qwen2_moe", "qwen3_moe"):
-        w.add_feed_forward_length(cfg.intermediate_size)
-        w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
-    if family == "qwen2_moe":
-        w.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
-    if family == "qwen3_moe":
-        w.add_key_length(head_dim)
-        w.add_value_length(head_dim)
-    if family == "olmoe":
-        w.add_feed_forward_length(cfg.intermediate_size)
-        if getattr(cfg, "clip_qkv", None) is not None:
-            w.add_clamp_kqv(cfg.clip_qkv)
-    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
-
+    write_metadata(w, cfg, family, n_layers + nextn, mla_layout)
+    if nextn:
+        w.add_nextn_predict_layers(nextn)
     if tok_dir is not None:
         add_tokenizer(w, tok_dir, cfg.vocab_size, chat_template)
+    expert_qtype = expert_qtype or qtype
 
-    deq: dict[str, np.ndarray] = {}  # what the GGUF holds, dequantized, in transformers' layout
-    for name, a in hf_tensors(model).items():
-        gname = tmap.get_name(name, try_suffixes=(".weight", ".bias"))
-        is_expert = gname is not None and "_exps" in gname
-        if a.ndim == 1 or (gname and "ffn_gate_inp" in gname):
-            data, raw = a.astype(np.float32), None
-        else:
-            data, raw = _encode(a, (expert_qtype or qtype) if is_expert else qtype)
-        deq[name] = gguf.quants.dequantize(data, raw) if raw is not None else data.astype(np.float32)
-        if family == "mixtral" and name.endswith(("q_proj.weight", "k_proj.weight")):
-            kv = cfg.num_key_value_heads if name.endswith("k_proj.weight") else cfg.num_attention_heads
-            data = llama_cpp_permute(data, cfg.num_attention_heads, kv)  # rows: commutes with row-wise blocks
+    def add(name: str, data: np.ndarray, raw=None):
+        w.add_tensor(name, np.ascontiguousarray(data), raw_dtype=raw)
+        last = f"blk.{n_layers - 1}."
+        for i in range(nextn):  # the prediction blocks: the last layer's tensors again
+            if name.startswith(last):
+                w.add_tensor(f"blk.{n_layers + i}." + name[len(last):], np.ascontiguousarray(data), raw_dtype=raw)
+
+    H = cfg.hidden_size
+    for i in range(nextn):
+        blk = f"blk.{n_layers + i}.nextn."
+        add(blk + "eh_proj.weight", np.full((H, 2 * H), 0.01, np.float16))
+        for norm in ("enorm", "hnorm", "shared_head_norm"):
+            add(blk + norm + ".weight", np.ones(H, np.float32))
+
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    freqs = llama3_rope_freqs(cfg, head_dim) if family == "llama4_text" else None
+    if freqs is not None:
+        add("rope_freqs.weight", freqs)
+    deq: dict[str, np.ndarray] = {}
+    for name, t in model.state_dict().items():
+        if name.endswith("rotary_emb.inv_freq"):
+            continue
+        a = t.detach().float().numpy()
+        pieces = split_experts(family, name, a)
+        if pieces is not None:
+            layer = int(re.search(r"layers\.(\d+)\.", name).group(1))
+            held = {}
+            for part, arr in pieces.items():
+                base = f"blk.{layer}.ffn_{part.removesuffix('_bias')}_exps"
+                if part.endswith("_bias"):
+                    data, raw = arr.astype(np.float32), None
+                    add(base + ".bias", data)
+                elif expert_qtype == "MXFP4":
+                    data, _, _ = mxfp4_repack(arr)
+                    raw = gguf.GGMLQuantizationType.MXFP4
+                    add(base + ".weight", data, raw)
+                else:
+                    data, raw = _encode(arr, expert_qtype)
+                    if legacy_experts:  # old Mixtral layout: one tensor per expert
+                        for e in range(data.shape[0]):
+                            add(f"blk.{layer}.ffn_{part}.{e}.weight", data[e], raw)
+                    else:
+                        add(base + ".weight", data, raw)
+                held[part] = _decode(data, raw)
+            deq[name] = fuse_experts(family, name, held)
+            continue
+        hf = name.replace("e_score_correction_bias", "e_score_correction.bias")  # the converter's rename
+        # transformers 5's in-memory names for what the converter reads under its on-disk names
+        hf = hf.replace("mlp.gate.moe_statics.", "mlp.moe_statics.")
+        if family.startswith("granitemoe"):
+            hf = hf.replace("block_sparse_moe.router.weight", "block_sparse_moe.router.layer.weight")
+        if name.endswith("moe_statics.e_score_correction_bias"):
+            a = a.reshape(-1)  # (1, E) on disk; the converter squeezes it
+        if name.endswith("shared_mlp.input_linear.weight"):  # GraniteMoeModel: gate rows, then up rows
+            gate, up = np.split(a, 2, axis=0)
+            for part, arr in (("gate", gate), ("up", up)):
+                data, raw = _encode(arr, qtype)
+                add(f"blk.{name.split('.')[2]}.ffn_{part}_shexp.weight", data, raw)
+            deq[name] = np.concatenate([_decode(*_encode(gate, qtype)), _decode(*_encode(up, qtype))])
+            continue
+        gname = tmap.get_name(hf, try_suffixes=(".weight", ".bias"))
         assert gname is not None, name
         if not gname.endswith((".weight", ".bias")):
-            gname += ".weight"  # fused experts carry no suffix in transformers 5
-        if is_expert and legacy_experts:  # old Mixtral layout: one tensor per expert
-            part = gname.split(".")[2].replace("_exps", "")
-            for e in range(data.shape[0]):
-                w.add_tensor(f"blk.{gname.split('.')[1]}.{part}.{e}.weight", np.ascontiguousarray(data[e]), raw_dtype=raw)
-            continue
-        w.add_tensor(gname, np.ascontiguousarray(data), raw_dtype=raw)
+            gname += ".weight"  # gpt-oss's sinks
+        if a.ndim == 1 or "ffn_gate_inp" in gname:
+            data, raw = a.astype(np.float32), None
+        elif gname.endswith("attn_kv_b.weight"):
+            data, raw = a.astype(np.float16), None  # F16 also in quantized files here (see mla_layout)
+        else:
+            data, raw = _encode(a, qtype)
+        deq[name] = _decode(data, raw).reshape(t.shape)
+        if family in PERMUTED and re.search(r"[qk]_proj\.(weight|bias)$", name):
+            kv = cfg.num_key_value_heads if ".k_proj." in name else cfg.num_attention_heads
+            data = llama_cpp_permute(data, cfg.num_attention_heads, kv)  # rows: commutes with row-wise blocks
+        if gname.endswith("attn_kv_b.weight") and mla_layout != "legacy":
+            # DeepseekV2Model.modify_tensors: kv_b split per head, the key half transposed.
+            heads, nope, v = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim
+            kv_b = data.reshape(heads, nope + v, -1)
+            add(gname.replace("kv_b", "k_b"), kv_b[:, :nope].transpose(0, 2, 1))  # (heads, kv_lora, nope)
+            add(gname.replace("kv_b", "v_b"), kv_b[:, nope:])  # (heads, v, kv_lora)
+            if mla_layout == "split":
+                continue
+        add(gname, data, raw)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -169,13 +441,9 @@ def reference_model(model, deq: dict[str, np.ndarray]):
     import copy
 
     ref = copy.deepcopy(model)
-    sd = ref.state_dict()
     with torch.no_grad():
-        for name, t in sd.items():
-            if name.endswith("experts.gate_up_proj"):
-                base = name[: -len("gate_up_proj")]
-                t.copy_(torch.from_numpy(np.concatenate([deq[base + "gate_proj"], deq[base + "up_proj"]], axis=1)))
-            elif name in deq:
+        for name, t in ref.state_dict().items():
+            if name in deq:
                 t.copy_(torch.from_numpy(deq[name]).to(t.dtype))
     return ref
 

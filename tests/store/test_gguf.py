@@ -144,6 +144,46 @@ def test_bpe_tokenizer_matches_transformers_gguf_loader(tmp_path, tokenizer_dir,
         assert ours.encode(text, add_special_tokens=False) == ref.encode(text, add_special_tokens=False), (pre, text)
 
 
+def llama_cpp_split(text: str, regexes: tuple[str, ...]) -> list[str]:
+    """llama.cpp's unicode_regex_split: each regex splits every piece further, keeping
+    both its matches and the text between them (with the `regex` module, an engine
+    independent of the tokenizers library's)."""
+    import regex
+
+    pieces = [text]
+    for r in regexes:
+        out = []
+        for p in pieces:
+            at = 0
+            for m in regex.finditer(r, p):
+                out += [x for x in (p[at:m.start()], m.group()) if x]
+                at = m.end()
+            if at < len(p):
+                out.append(p[at:])
+        pieces = out
+    return pieces
+
+
+@pytest.mark.parametrize("pre", ["gpt-4o", "llama4", "deepseek-v3", "glm4", "hunyuan", "qwen2", "refact"])
+def test_pre_tokenizers_split_as_llama_cpp(tmp_path, pre):
+    """The pre-tokenizer built for each tokenizer.ggml.pre splits text into the pieces
+    llama.cpp's regexes give (before the byte-level mapping)."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import pre_tokenizers
+
+    from edgemoe.store.gguf import PRE_TOKENIZERS
+
+    meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": pre, "tokenizer.ggml.tokens": ["a", "b", "ab"],
+            "tokenizer.ggml.merges": ["a b"]}
+    tok = HFTokenizer.from_str(build_tokenizer_files(meta, tmp_path / "t.gguf")["tokenizer.json"].decode())
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    texts = ["I'M 1234567 LLaMA's don'T stop", "héllo wörld ✓ 你好世界 カタカナ ひらがな 12,345.67",
+             "a\r\n\r\nb   c\t\td  ", "x=foo(bar)/2; // ok?!", "HTTPRequest getHTTP 3rd", "Ünïcödé ÀB àb"]
+    for text in texts:
+        want = [byte_level.pre_tokenize_str(p)[0][0] for p in llama_cpp_split(text, PRE_TOKENIZERS[pre])]
+        assert [p for p, _ in tok.pre_tokenizer.pre_tokenize_str(text)] == want, (pre, text)
+
+
 def test_sentencepiece_tokenizer(tmp_path):
     """A llama-type (SentencePiece) vocabulary, as Mixtral GGUFs store it: tokens, scores
     and types, no merges. Same ids as the source tokenizer and as transformers' loader."""
@@ -337,6 +377,11 @@ def test_unknown_architecture_and_dense_models(tmp_path):
     path = _write(tmp_path, arch="llama")
     with pytest.raises(ModelLoadError, match="dense llama model"):
         GGUFCheckpoint(path)
+    # A family edgemoe has, whose GGUF layout it does not read: pointed to the checkpoint.
+    path = _write(tmp_path, arch="phimoe")
+    assert_clean_error(run_cli("convert", path, tmp_path / "o"), str(path),
+                       "GGUF architecture 'phimoe' (Phi-3.5-MoE) is not supported yet",
+                       "edgemoe convert HF_DIR OUT_DIR")
 
 
 def test_unsupported_tensor_type(tmp_path, small_gguf):
