@@ -19,6 +19,7 @@ from safetensors import SafetensorError, safe_open
 
 from .errors import ModelLoadError
 from .models import get_family, sanitizer
+from .store.names import check_not_gguf
 from .models.base import EXPERT_KEY, BaseModelArgs, Transformer, short_repr
 from .experts import DenseExpert
 from .models.moe import InRAMProvider
@@ -57,8 +58,6 @@ def read_config(path: Path) -> dict:
     if not path.exists():
         raise ModelLoadError(f"{path}: model directory does not exist")
     if not path.is_dir():
-        from .store.gguf import check_not_gguf
-
         check_not_gguf(path)  # a GGUF file: say to convert it first
         raise ModelLoadError(f"{path}: not a directory")
     cfg_file = path / "config.json"

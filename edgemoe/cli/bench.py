@@ -125,7 +125,8 @@ class Bench:
                                      f"layers x {cfg.get('num_local_experts', cfg.get('num_experts'))} experts, hidden "
                                      f"{cfg['hidden_size']}): trained routing")
         path = Path(m)
-        from ..store.gguf import GGUFCheckpoint, is_gguf
+        from ..store.gguf import GGUFCheckpoint
+        from ..store.names import is_gguf
 
         if is_gguf(path):
             ckpt = GGUFCheckpoint(path)  # a missing, damaged or unsupported file fails here, named

@@ -46,7 +46,8 @@ from ..quant.formats import get_format
 from ..quant.mxfp4 import MXFP4Format, dequantize_parts
 from ..quant.resident import RESIDENT_FORMATS, quantize_resident
 from ..utils import peak_rss_bytes, pid_alive, return_large_frees_to_os, rss_bytes
-from .gguf import GGUFCheckpoint, is_gguf
+from .gguf import GGUFCheckpoint
+from .names import is_gguf
 from .format import (
     ALIGN,
     MANIFEST_NAME,

@@ -53,11 +53,11 @@ import torch
 from ..errors import ModelLoadError
 from ..models import get_family
 from ..models.base import BaseModelArgs, Transformer
+from .names import GGUF_MAGIC
 from .gguf_archs import ARCHITECTURES, BLOCK, NOT_MAPPED, Arch, Ctx, Meta, canonical_name, rope_parameters
 from .gguf_archs import LEGACY_EXPERT as _LEGACY_EXPERT
 from .gguf_archs import STACKED_EXPERTS as _STACKED_EXPERTS
 
-GGUF_MAGIC = b"GGUF"
 SPLIT_NAME = re.compile(r"^(?P<prefix>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 # A metadata array longer than this is corruption (vocabularies and merge lists are < 1M).
 MAX_ARRAY = 1 << 26
@@ -108,34 +108,6 @@ _IGNORE_MERGES = {"llama3", "llama-v3", "llama-bpe", "smaug-bpe", "dbrx"}  # as 
 
 # llama.cpp token types.
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
-
-
-def is_gguf(path: str | Path) -> bool:
-    """Whether `path` names a GGUF file: a name ending in .gguf that is not a directory
-    (existing or not, so that a missing one is reported as a missing file), or a file
-    starting with the GGUF magic. Cheap (reads 4 bytes); does not import the gguf package."""
-    path = Path(path)
-    if path.suffix.lower() == ".gguf" and not path.is_dir():
-        return True
-    if not path.is_file():
-        return False
-    try:
-        with open(path, "rb") as f:
-            return f.read(4) == GGUF_MAGIC
-    except OSError:
-        return False
-
-
-def gguf_load_error(path: str | Path) -> ModelLoadError:
-    """The error for running a GGUF file directly (`edgemoe generate MODEL.gguf`)."""
-    return ModelLoadError(f"{path}: a GGUF file; convert it first: edgemoe convert {path} OUT_DIR, "
-                          "then run edgemoe generate OUT_DIR")
-
-
-def check_not_gguf(path: str | Path) -> None:
-    """Raise `gguf_load_error` if `path` is a GGUF file (for loaders of converted models)."""
-    if is_gguf(path):
-        raise gguf_load_error(path)
 
 
 # ----------------------------------------------------------------------------- parsing
