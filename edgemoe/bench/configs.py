@@ -1,6 +1,6 @@
 """The configurations `edgemoe bench` runs, as data: one row per configuration.
 
-edgemoe rows follow the EdgeMoE paper's baselines (docs/design.md):
+edgemoe rows follow the EdgeMoE paper's baselines (docs/paper.md):
 
 | name      | experts stored as | mode   | cache policy | prefetch |
 |-----------|-------------------|--------|--------------|----------|
