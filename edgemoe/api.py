@@ -4,6 +4,8 @@
     >>> engine = edgemoe.load()                      # the bundled model, all in RAM
     >>> print(engine.generate("def add(a, b):", max_tokens=32).text)
     >>> engine = edgemoe.load("out/", memory="300MB")  # a converted model, experts offloaded
+    >>> engine = edgemoe.load(parallel=4)             # four KV caches: four sequences per decode step
+    >>> [r.text for r in engine.generate_batch(["def add(", "class Point", "import os"], max_tokens=32)]
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ from typing import Iterator, Sequence
 
 import torch
 
+from .batching import BatchScheduler, SequenceStream, check_parallel
 from .cpu import prefill_onednn
 from .errors import ContextLengthError, InvalidArgument, ModelLoadError
-from .generate import GenerationResponse, GenerationStats, PromptCache, provider_of, stream_generate
+from .generate import GenerationResponse, GenerationStats, PromptCache, PromptScorer, provider_of, stream_generate
 from .models.base import Transformer
 from .models.moe import set_adaptive_gating
 from .sample import make_logits_processors, make_sampler
@@ -50,6 +53,34 @@ class GenerationResult:
 
 
 DEFAULT_MAX_TOKENS = 256
+
+
+def _one_at_a_time(responses: Iterator, lock) -> Iterator:
+    """The responses, each computed while holding `lock` (the batch scheduler's model lock)."""
+    try:
+        while True:
+            with lock:
+                r = next(responses, None)
+            if r is None:
+                return
+            yield r
+    finally:
+        responses.close()
+
+
+@dataclass
+class _Call:
+    """One checked call of Engine.stream: what running it needs."""
+
+    ids: list[int]
+    max_tokens: int
+    sampler: object
+    procs: list
+    stop: list[str]
+    ignore_eos: bool
+    cache: PromptCache | None
+    logprobs: int | None
+    prompt_logprobs: bool
 MAX_TOP_LOGPROBS = 20  # top alternatives per token (OpenAI's chat limit)
 
 
@@ -58,10 +89,15 @@ class Engine:
 
     `ctx_size` is the most tokens (prompt plus generated) one sequence may hold; the
     engine's KV cache is allocated for that many positions once, inside the memory budget.
+
+    `parallel` sequences can be decoded together (`generate_batch`, or every call once
+    `start_batching` has run, as the server does): each has its own KV cache, and the
+    budget holds all of them (edgemoe.load(parallel=N)). Without batching an Engine runs
+    one call at a time; with it, calls from several threads share decode steps.
     """
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, path: Path, info: dict | None = None,
-                 ctx_size: int | None = None, onednn: bool = True):
+                 ctx_size: int | None = None, onednn: bool = True, parallel: int = 1):
         self.model = model
         self.tokenizer = tokenizer
         self.path = path
@@ -69,7 +105,9 @@ class Engine:
         self.on_close: list = []  # callables run by close() (e.g. saving a recorded routing trace)
         self.ctx_size = ctx_size or model.args.max_position_embeddings
         self.onednn = onednn
+        self.parallel = check_parallel(parallel)
         self._cache = PromptCache(model, self.ctx_size)  # used when a call brings none
+        self._scheduler: BatchScheduler | None = None
 
     @property
     def provider(self):
@@ -79,6 +117,22 @@ class Engine:
     def vocab_limit(self) -> int:
         """Token ids must be below this: the embedding's row count."""
         return self.model.args.vocab_size
+
+    @property
+    def scheduler(self) -> BatchScheduler:
+        """The batch scheduler (edgemoe.batching) of `parallel` slots, made on first use; the
+        engine's own KV cache is its first slot. Once it exists, every call without an
+        explicit cache goes through it."""
+        if self._scheduler is None:
+            caches = [self._cache] + [PromptCache(self.model, self.ctx_size) for _ in range(self.parallel - 1)]
+            self._scheduler = BatchScheduler(self.model, caches, self.onednn)
+        return self._scheduler
+
+    def start_batching(self) -> None:
+        """Run the batch scheduler on a background thread: from now on calls without an
+        explicit cache, from any thread, queue for one of the `parallel` slots and share
+        decode steps with the others (the server does this). Idempotent; close() stops it."""
+        self.scheduler.start()
 
     def new_cache(self) -> PromptCache:
         """A KV cache that can be passed to successive calls to reuse a shared prefix. Each
@@ -133,6 +187,7 @@ class Engine:
         logprobs: int | None = None,
         prompt_logprobs: bool = False,
         logits_processors: Sequence = (),
+        abort=None,
     ) -> Iterator[GenerationResponse]:
         """Return an iterator of responses with text deltas; the last one has finish_reason
         and stats. Every option is checked here, before anything runs: bad values raise
@@ -147,7 +202,71 @@ class Engine:
         prompt_logprobs: also score the prompt (the first response's prompt_logprobs); then
         max_tokens may be 0, which only scores.
         logits_processors: extra callables (context ids, logits) -> logits, applied last
-        (constrained decoding, ...); each is used for this one call."""
+        (constrained decoding, ...); each is used for this one call.
+        cache: a PromptCache (new_cache) whose prefix shared with the prompt is reused; the
+        call then runs alone, outside the batch scheduler.
+
+        Once the batch scheduler exists (start_batching, generate_batch), a call without a
+        cache is queued for a slot and decoded together with the others; `abort`, if given,
+        is called about every 0.2 s while it waits for a slot or a token and may raise to
+        give up (the server stops a request whose client left). Closing the iterator frees
+        the slot.
+        """
+        call = self._prepare(prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                             min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, stop=stop,
+                             ignore_eos=ignore_eos, cache=cache, presence_penalty=presence_penalty,
+                             frequency_penalty=frequency_penalty, logit_bias=logit_bias, logprobs=logprobs,
+                             prompt_logprobs=prompt_logprobs, logits_processors=logits_processors)
+        if call.cache is None and self._scheduler is not None:
+            return self._submit(call, abort)
+        return self._run_alone(call)
+
+    def generate_batch(self, prompts: Sequence[str | Sequence[int]], **options) -> list["GenerationResult"]:
+        """Generate for several prompts together: up to `parallel` of them (edgemoe.load's
+        option; with 1 they run one after another) share every decode step, the others wait
+        for a free slot. Same options as `stream`, applied to each prompt (no cache); every
+        prompt is checked before any runs. Returns one GenerationResult per prompt, in order.
+
+        Each prompt gets the tokens it gets run alone through the scheduler: exactly for
+        bf16 models (their decode steps use edgemoe.rowmm's kernel, which computes each row
+        the same way whatever the batch), up to the rounding of torch's batched matmuls
+        otherwise. `generate` without the scheduler decodes on torch's kernels, which round
+        bf16 differently, so a near-tie can go the other way there."""
+        if isinstance(prompts, str) or not isinstance(prompts, Sequence):
+            raise InvalidArgument("generate_batch takes a list of prompts (strings or lists of token ids)")
+        if options.get("cache") is not None:
+            raise InvalidArgument("generate_batch runs its prompts in the engine's slots; it takes no cache")
+        calls = [self._prepare(p, **options) for p in prompts]
+        streams = []
+        try:
+            streams = [self._submit(call, None) for call in calls]
+            return [self._collect(s) for s in streams]
+        finally:
+            for s in streams:
+                s.close()
+
+    def _prepare(
+        self,
+        prompt: str | Sequence[int],
+        *,
+        max_tokens: int | None = None,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        min_p: float = 0.0,
+        repetition_penalty: float = 1.0,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+        ignore_eos: bool = False,
+        cache: PromptCache | None = None,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+        logit_bias: dict[int, float] | None = None,
+        logprobs: int | None = None,
+        prompt_logprobs: bool = False,
+        logits_processors: Sequence = (),
+    ) -> "_Call":
+        """Check every option of a call (see `stream`) and build what running it needs."""
         ids = self.tokenize(prompt)
         if not isinstance(prompt_logprobs, bool):
             raise InvalidArgument(f"prompt_logprobs must be True or False, got {prompt_logprobs!r}")
@@ -172,27 +291,51 @@ class Engine:
         stop = [stop] if isinstance(stop, str) else list(stop)
         if not all(isinstance(s, str) for s in stop):
             raise InvalidArgument("stop must be a string or a list of strings")
+        if cache is not None and cache.capacity is not None and cache.capacity < len(ids) + max_tokens:
+            raise ContextLengthError(f"the prompt ({len(ids)} tokens) plus max_tokens ({max_tokens}) does not fit "
+                                     f"the given cache of {cache.capacity} positions")
+        return _Call(ids, max_tokens, sampler, procs, stop, ignore_eos, cache, logprobs, prompt_logprobs)
+
+    def _run_alone(self, call: "_Call") -> Iterator[GenerationResponse]:
+        cache = call.cache
         if cache is None:
             cache = self._cache
             cache.clear()  # a fresh sequence; reusing a prefix across calls takes an explicit cache
-        elif cache.capacity is not None and cache.capacity < len(ids) + max_tokens:
-            raise ContextLengthError(f"the prompt ({len(ids)} tokens) plus max_tokens ({max_tokens}) does not fit "
-                                     f"the given cache of {cache.capacity} positions")
         if self.provider is not None:
             self.provider.reset_stats()  # statistics describe this request only
-        return stream_generate(self.model, self.tokenizer, ids, max_tokens, sampler, procs, stop, ignore_eos, cache,
-                               onednn=self.onednn, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+        responses = stream_generate(self.model, self.tokenizer, call.ids, call.max_tokens, call.sampler, call.procs,
+                                    call.stop, call.ignore_eos, cache, onednn=self.onednn, logprobs=call.logprobs,
+                                    prompt_logprobs=call.prompt_logprobs)
+        if self._scheduler is not None:  # its thread may be computing: take turns with it, token by token
+            return _one_at_a_time(responses, self._scheduler.model_lock)
+        return responses
 
-    def generate(self, prompt: str | Sequence[int], **kwargs) -> GenerationResult:
-        """Generate to completion; same options as `stream`. `token_ids` holds the
-        generated ids, without the EOS token that ended generation."""
+    def _submit(self, call: "_Call", abort) -> SequenceStream:
+        """Queue a call on the batch scheduler; its responses as stream_generate gives them.
+        (Provider statistics are not reset: they cover every sequence since the last reset.)"""
+        scorer = PromptScorer(call.ids, call.logprobs or 0) if call.prompt_logprobs else None
+        seq = self.scheduler.submit(call.ids, call.sampler, call.procs, call.max_tokens, call.logprobs is not None,
+                                    () if call.ignore_eos else self.tokenizer.eos_ids, scorer)
+        responses = stream_generate(self.model, self.tokenizer, call.ids, call.max_tokens, call.sampler, call.procs,
+                                    call.stop, call.ignore_eos, None, onednn=self.onednn, logprobs=call.logprobs,
+                                    prompt_logprobs=call.prompt_logprobs, steps=seq.tokens(abort), scorer=scorer,
+                                    kv_stats=seq.kv_stats)
+        return SequenceStream(responses, seq)
+
+    @staticmethod
+    def _collect(responses: Iterator[GenerationResponse]) -> "GenerationResult":
         parts, ids, last = [], [], None
-        for r in self.stream(prompt, **kwargs):
+        for r in responses:
             parts.append(r.text)
             if r.token is not None:
                 ids.append(r.token)
             last = r
         return GenerationResult("".join(parts), ids, last.finish_reason, last.stats)
+
+    def generate(self, prompt: str | Sequence[int], **kwargs) -> GenerationResult:
+        """Generate to completion; same options as `stream`. `token_ids` holds the
+        generated ids, without the EOS token that ended generation."""
+        return self._collect(self.stream(prompt, **kwargs))
 
     def chat_prompt(self, messages: list[dict]) -> list[int]:
         return self.tokenizer.encode_chat(messages, add_generation_prompt=True)
@@ -202,6 +345,8 @@ class Engine:
         return self.generate(self.chat_prompt(messages), **kwargs)
 
     def close(self) -> None:
+        if self._scheduler is not None:
+            self._scheduler.close()  # running sequences end; nothing computes after this
         callbacks, self.on_close = self.on_close, []
         for fn in callbacks:
             fn()
@@ -283,6 +428,7 @@ def load(
     adaptive_gating: float | None = None,
     ctx_size: int | None = None,
     onednn: bool = True,
+    parallel: int = 1,
     **runtime,
 ) -> Engine:
     """Load a model for generation.
@@ -306,6 +452,8 @@ def load(
     onednn: False keeps every matmul off oneDNN (by default prefill uses it where the CPU
     has AVX-512-BF16/AMX and the model has 240 MB of weights or more, and the budget
     reserves what it needs; see edgemoe.cpu).
+    parallel: sequences that can be decoded together (Engine.generate_batch, the server's
+    slots): one KV cache of ctx_size each, all counted in the memory budget.
     runtime: options for the offloaded runtime (cache_policy, prefetch, ...).
     """
     if path is None:
@@ -317,6 +465,7 @@ def load(
     if not isinstance(onednn, bool):
         raise InvalidArgument(f"onednn must be True or False, got {onednn!r}")
     threads = check_threads(threads)
+    parallel = check_parallel(parallel)
     if not path.exists():
         from .store.convert import interrupted
 
@@ -327,7 +476,8 @@ def load(
     if is_converted(path):
         from .runtime.engine import load_converted
 
-        model, info = load_converted(path, memory=memory, dtype=dtype, ctx_size=ctx_size, onednn=onednn, **runtime)
+        model, info = load_converted(path, memory=memory, dtype=dtype, ctx_size=ctx_size, onednn=onednn,
+                                     parallel=parallel, **runtime)
         ctx_size, onednn = info["ctx_size"], info["onednn"]
     else:
         if memory is not None or runtime:
@@ -343,7 +493,8 @@ def load(
         onednn = prefill_onednn(onednn, next(model.parameters()).dtype, weight_bytes)
         info["onednn"] = onednn
         info["ctx_size"] = ctx_size
-        info["kv_bytes"] = ctx_size * model.kv_bytes_per_token()
+        info["kv_bytes"] = parallel * ctx_size * model.kv_bytes_per_token()  # one KV cache per slot
+        info["parallel"] = parallel
     try:
         tokenizer = Tokenizer(path, eos_token_ids=model.args.eos_ids)
         tokenizer.check_vocab(model.args.vocab_size, str(path / (MANIFEST_NAME if info["kind"] == "converted" else "config.json")))
@@ -356,4 +507,4 @@ def load(
         if provider is not None:
             provider.close()  # stop loader threads and close the store before giving up
         raise
-    return Engine(model, tokenizer, path, info, ctx_size=ctx_size, onednn=onednn)
+    return Engine(model, tokenizer, path, info, ctx_size=ctx_size, onednn=onednn, parallel=parallel)

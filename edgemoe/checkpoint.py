@@ -21,7 +21,7 @@ from .errors import ModelLoadError
 from .models import get_family, sanitizer
 from .store.names import check_not_gguf
 from .models.base import EXPERT_KEY, BaseModelArgs, Transformer, short_repr
-from .experts import DenseExpert
+from .experts import DenseExpert, UngatedDenseExpert
 from .models.moe import InRAMProvider
 from .store.tensorfile import TensorFileError, iter_tensors
 
@@ -34,6 +34,9 @@ MXFP4_SUFFIXES = ("_blocks", "_scales")
 
 # The parts one expert may come as (canonical names, see models.base.EXPERT_KEY).
 FLOAT_PARTS = frozenset({"gate", "up", "down"})
+# Ungated experts (args.expert_gated False: Switch Transformers, NLLB-MoE): the input
+# matrix as "gate", and "down".
+UNGATED_PARTS = frozenset({"gate", "down"})
 MXFP4_PARTS = frozenset(f"{p}{s}" for p in ("gate", "up", "down") for s in MXFP4_SUFFIXES)
 BIAS_PARTS = frozenset({"gate_bias", "up_bias", "down_bias"})
 PART_ORDER = ("gate", "up", "down", *sorted(MXFP4_PARTS), "gate_bias", "up_bias", "down_bias")
@@ -211,21 +214,23 @@ class HFCheckpoint:
             except ModelLoadError as e:
                 raise ModelLoadError(f"{r.file}: {e}") from None
             except (RuntimeError, NotImplementedError):  # a sanitize that reads values: plain experts
-                return FLOAT_PARTS
+                return FLOAT_PARTS if self.args.expert_gated else UNGATED_PARTS
             for key, _ in named:
                 m = EXPERT_KEY.match(key)
                 if m:
                     found.add(m.group(3))
         # Missing parts are reported per expert by the loaders; a mix of kinds is refused here.
         weights, biases = found - BIAS_PARTS, found & BIAS_PARTS
-        if weights <= FLOAT_PARTS:
+        if not self.args.expert_gated:
+            parts = UNGATED_PARTS | (biases - {"up_bias"})
+        elif weights <= FLOAT_PARTS:
             parts = FLOAT_PARTS | biases
         elif weights <= MXFP4_PARTS:
             parts = MXFP4_PARTS | biases
         else:
             raise ModelLoadError(f"{self.path}: routed experts come both as float weights and as MXFP4 blocks "
                                  f"and scales ({', '.join(p for p in PART_ORDER if p in weights)})")
-        if ("gate_bias" in parts) != ("up_bias" in parts):
+        if self.args.expert_gated and ("gate_bias" in parts) != ("up_bias" in parts):
             raise ModelLoadError(f"{self.path}: routed experts have a gate or an up bias without the other")
         return parts
 
@@ -340,8 +345,8 @@ def expert_biases(parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """An expert's biases as the store and the experts hold them: b13 (2I,) = gate then
     up, b2 (H,) = down; absent ones are left out."""
     out = {}
-    if "gate_bias" in parts:
-        out["b13"] = torch.cat([parts["gate_bias"], parts["up_bias"]])
+    if "gate_bias" in parts:  # ungated experts: the input matrix's bias alone
+        out["b13"] = torch.cat([parts["gate_bias"], parts["up_bias"]]) if "up_bias" in parts else parts["gate_bias"]
     if "down_bias" in parts:
         out["b2"] = parts["down_bias"]
     return out
@@ -360,6 +365,8 @@ def make_expert(parts: dict[str, torch.Tensor], act: str, dtype: torch.dtype):
         from .quant.mxfp4 import FORMAT
 
         return FORMAT.expert({**FORMAT.encode_codes(parts), **biases}, act, dtype)
+    if "up" not in parts:  # ungated (UNGATED_PARTS)
+        return UngatedDenseExpert(parts["gate"], parts["down"], act, biases.get("b13"), biases.get("b2"))
     return DenseExpert(parts["gate"], parts["up"], parts["down"], act, biases.get("b13"), biases.get("b2"))
 
 

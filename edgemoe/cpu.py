@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import threading
 from functools import lru_cache
 
 import torch
@@ -67,8 +68,29 @@ def bucket_rows(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
+_rows = threading.local()  # .fn: the matmul for decode steps of several sequences (row_matmul)
+
+
+@contextlib.contextmanager
+def row_matmul(fn):
+    """Within the body, on this thread, `linear` first offers each matmul to fn(x, w, b),
+    which returns the result or None to decline: edgemoe.batching's decode steps of several
+    sequences hand them to a kernel whose cost hardly grows with the rows (edgemoe.rowmm)."""
+    prev = getattr(_rows, "fn", None)
+    _rows.fn = fn
+    try:
+        yield
+    finally:
+        _rows.fn = prev
+
+
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear that gives oneDNN only power-of-two row counts (see the module docstring)."""
+    fn = getattr(_rows, "fn", None)
+    if fn is not None:
+        out = fn(x, w, b)
+        if out is not None:
+            return out
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if rows <= 1 or not onednn_used(x.dtype):
         return F.linear(x, w, b)

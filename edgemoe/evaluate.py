@@ -68,6 +68,17 @@ def perplexity(model, ids: list[int], context: int, batch: int = 8, recorder=Non
     return out
 
 
+def check_decoder_only(model, what: str, source) -> None:
+    """Refuse an encoder-decoder model (Switch Transformers, NLLB-MoE) for a tool that
+    runs the model over text as one causal token stream (perplexity windows, calibration
+    passes, teacher-forced traces): such a model scores a target given a source, which a
+    plain text does not provide."""
+    if getattr(model, "is_encoder_decoder", False):
+        raise EdgeMoEError(f"{source}: {what} runs decoder-only models over one token stream; "
+                           f"{model.args.model_type} is an encoder-decoder model (a target given a source), "
+                           "which it does not support")
+
+
 def relative_loss(ppl: float, reference_ppl: float) -> float:
     """Quality loss as used throughout edgemoe: the relative perplexity increase."""
     return ppl / reference_ppl - 1.0

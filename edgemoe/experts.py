@@ -99,3 +99,23 @@ class DenseExpert:
         if self.b2 is not None:
             y = y + self.b2
         return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
+class UngatedDenseExpert:
+    """An ungated expert held as plain float matrices: down(act(w1 x + b1)) + b2, the
+    feed-forward of Switch Transformers and NLLB-MoE (one input projection, no gate/up
+    pair). w1 (I, H), w2 (H, I); optional biases b1 (I,) and b2 (H,)."""
+
+    def __init__(self, w1: torch.Tensor, w2: torch.Tensor, act: str = "relu",
+                 b1: torch.Tensor | None = None, b2: torch.Tensor | None = None):
+        self.w1, self.w2 = w1, w2  # (I, H), (H, I): used as given (views into a cache slot)
+        self.b1, self.b2 = b1, b2  # (I,), (H,) or None
+        self.act = ACTIVATIONS[act]
+        self.nbytes = sum(t.nbytes for t in (w1, w2, b1, b2) if t is not None)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        # As DenseExpert: weights stored in another float type are used as stored.
+        xin = x if x.dtype == self.w1.dtype else x.to(self.w1.dtype)
+        h = self.act(linear(xin, self.w1, self.b1))  # (N, I)
+        y = linear(h, self.w2, self.b2)  # (N, H)
+        return y if y.dtype == x.dtype else y.to(x.dtype)

@@ -1,6 +1,8 @@
 """Generation in layers: `generate_step` yields token ids from a model and a KV cache
 (with the model's log-probabilities when asked); `stream_generate` adds detokenized text,
-stop conditions, statistics and per-token log-probabilities with their top alternatives."""
+stop conditions, statistics and per-token log-probabilities with their top alternatives.
+`stream_generate` may also read its tokens from elsewhere (`steps`): edgemoe.batching
+generates several sequences together and hands each its own stream of tokens."""
 
 from __future__ import annotations
 
@@ -25,11 +27,11 @@ def provider_of(model: Transformer):
 class PromptCache:
     """A KV cache plus the token ids it holds, so that a follow-up prompt sharing a prefix
     (the next chat turn) only prefills the new part. `capacity` is the context size in
-    tokens (None: grow as needed)."""
+    tokens (None: grow as needed). `layers` gives the layer caches to use instead of new ones."""
 
-    def __init__(self, model: Transformer, capacity: int | None = None):
+    def __init__(self, model: Transformer, capacity: int | None = None, layers: list | None = None):
         self.capacity = capacity
-        self.layers: list[KVCache] = model.make_cache(capacity)
+        self.layers: list[KVCache] = model.make_cache(capacity) if layers is None else layers
         self.tokens: list[int] = []
 
     def clear(self) -> None:
@@ -45,6 +47,10 @@ class PromptCache:
         limit = min(len(self.tokens), len(prompt) - 1)
         while n < limit and self.tokens[n] == prompt[n]:
             n += 1
+        # A recurrent layer's state cannot go back to an earlier position: unless the whole
+        # cached sequence is kept, the prompt is recomputed from the start.
+        if any(not getattr(c, "can_trim", True) and c.offset > n for c in self.layers):
+            n = 0
         for c in self.layers:
             c.trim(c.offset - n)
         self.tokens = list(prompt[:n])
@@ -53,6 +59,35 @@ class PromptCache:
 
 PromptLogitsHook = Callable[[int, torch.Tensor], None]  # (position of the first row, logits (T, V) fp32)
 SCORE_ELEMENTS = 1 << 24  # logits of one prefill chunk when a prompt is scored (64 MB in fp32)
+
+
+@torch.inference_mode()
+def prefill(model: Transformer, prompt: Sequence[int], cache: PromptCache, prefill_chunk: int = 512,
+            onednn: bool = True, prompt_logits: PromptLogitsHook | None = None) -> torch.Tensor:
+    """Run the prompt through the model into `cache` (reusing its longest common prefix
+    with the prompt, unless `prompt_logits` asks for every row: see generate_step) and
+    return the logits of the last chunk: (1, 1, V), or (1, T, V) with prompt_logits."""
+    if not prompt:
+        raise ValueError("the prompt must contain at least one token")
+    if prompt_logits is not None:
+        cache.clear()
+        vocab = getattr(model.args, "vocab_size", None)
+        if vocab:  # every row's logits are kept for scoring: bound them to SCORE_ELEMENTS per chunk
+            prefill_chunk = max(1, min(prefill_chunk, SCORE_ELEMENTS // vocab))
+    start = cache.reuse(prompt)
+    todo = torch.tensor([list(prompt[start:])], dtype=torch.long)  # (1, T)
+    provider = provider_of(model)
+    logits = None
+    for i in range(0, todo.shape[1], prefill_chunk):
+        chunk = todo[:, i : i + prefill_chunk]
+        if provider is not None:
+            provider.begin_forward(chunk.shape[1])
+        with native_matmuls(not onednn):
+            logits = model(chunk, cache.layers, last_only=prompt_logits is None)  # (1, T or 1, V)
+        if prompt_logits is not None:
+            prompt_logits(start + i, logits[0].float())
+    cache.tokens = list(prompt)
+    return logits
 
 
 @torch.inference_mode()
@@ -85,25 +120,9 @@ def generate_step(
         raise ValueError("the prompt must contain at least one token")
     sampler = sampler or make_sampler(0.0)
     cache = cache or PromptCache(model)
-    if prompt_logits is not None:
-        cache.clear()
-        vocab = getattr(model.args, "vocab_size", None)
-        if vocab:  # every row's logits are kept for scoring: bound them to SCORE_ELEMENTS per chunk
-            prefill_chunk = max(1, min(prefill_chunk, SCORE_ELEMENTS // vocab))
-    start = cache.reuse(prompt)
     context = list(prompt)
-    todo = torch.tensor([context[start:]], dtype=torch.long)  # (1, T)
     provider = provider_of(model)
-    logits = None
-    for i in range(0, todo.shape[1], prefill_chunk):
-        chunk = todo[:, i : i + prefill_chunk]
-        if provider is not None:
-            provider.begin_forward(chunk.shape[1])
-        with native_matmuls(not onednn):
-            logits = model(chunk, cache.layers, last_only=prompt_logits is None)  # (1, T or 1, V)
-        if prompt_logits is not None:
-            prompt_logits(start + i, logits[0].float())
-    cache.tokens = list(context)
+    logits = prefill(model, context, cache, prefill_chunk, onednn, prompt_logits)
     for n in range(max_tokens):
         raw = logits[0, -1].float()  # (V,)
         scores = raw
@@ -192,6 +211,21 @@ class GenerationResponse:
     prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
+class PromptScorer:
+    """The prompt_logits hook that turns each prefill chunk's logits into the prompt's
+    log-probabilities (with `top` alternatives): `scored` gets one entry per prompt
+    token, None for the first (nothing predicts it)."""
+
+    def __init__(self, ids: Sequence[int], top: int):
+        self.ids, self.top = list(ids), top
+        self.scored: list[TokenLogprob | None] = [None]
+
+    def __call__(self, pos: int, logits: torch.Tensor) -> None:
+        targets = self.ids[pos + 1 : pos + 1 + logits.shape[0]]  # the last row predicts past the prompt
+        if targets:
+            self.scored.extend(pick_logprobs(torch.log_softmax(logits[: len(targets)], -1), targets, self.top))
+
+
 def _hold_back(text: str, stops: Sequence[str]) -> int:
     """How many trailing characters of `text` could be the start of a stop string."""
     hold = 0
@@ -216,6 +250,9 @@ def stream_generate(
     onednn: bool = True,
     logprobs: int | None = None,
     prompt_logprobs: bool = False,
+    steps: Iterator | None = None,
+    scorer: PromptScorer | None = None,
+    kv_stats: Callable[[], tuple[int, int]] | None = None,
 ) -> Iterator[GenerationResponse]:
     """Stream text. The last response has a finish_reason and the final statistics.
 
@@ -224,26 +261,40 @@ def stream_generate(
     distribution, before logits processors and sampling settings.
     prompt_logprobs: also score the prompt (the first response carries them, with
     `logprobs` alternatives); max_tokens may then be 0.
+    steps: the tokens (or (token, log-probabilities) pairs with logprobs) from another
+    source than generate_step on `model` (edgemoe.batching), whose prefill was given
+    `scorer` as its prompt_logits hook when prompt_logprobs is set; `kv_stats` then says
+    (context size, positions used) of the KV cache the sequence ran in. The source is
+    closed when streaming ends, however it ends.
     """
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
     stats = GenerationStats(prompt_tokens=len(ids))
     provider = provider_of(model)
-    detok = tokenizer.detokenizer()
     stops = [s for s in stop if s]
-    pending = ""  # decoded text not yet emitted because it may begin a stop string
-    finish, cut = "length", False
     top = logprobs or 0
-    scored: list[TokenLogprob | None] | None = [None] if prompt_logprobs else None
-
-    def score(pos: int, logits: torch.Tensor) -> None:
-        targets = ids[pos + 1 : pos + 1 + logits.shape[0]]  # the last row predicts past the prompt
-        if targets:
-            scored.extend(pick_logprobs(torch.log_softmax(logits[: len(targets)], -1), targets, top))
+    if prompt_logprobs and scorer is None:
+        scorer = PromptScorer(ids, top)
+    scored: list[TokenLogprob | None] | None = scorer.scored if prompt_logprobs else None
 
     t0 = time.perf_counter()
+    if steps is None:
+        steps = generate_step(model, ids, sampler, logits_processors, max_tokens, cache, onednn=onednn,
+                              logprobs=logprobs is not None, prompt_logits=scorer if prompt_logprobs else None)
+    try:
+        yield from _stream_steps(steps, tokenizer, ids, stats, stops, ignore_eos, logprobs, top, scored, t0,
+                                 model, provider, cache, kv_stats)
+    finally:
+        close = getattr(steps, "close", None)
+        if close is not None:
+            close()  # a sequence from the batch scheduler frees its slot
+
+
+def _stream_steps(steps, tokenizer, ids, stats, stops, ignore_eos, logprobs, top, scored, t0, model, provider, cache,
+                  kv_stats) -> Iterator[GenerationResponse]:
+    detok = tokenizer.detokenizer()
+    pending = ""  # decoded text not yet emitted because it may begin a stop string
+    finish, cut = "length", False
     t_first = None
-    steps = generate_step(model, ids, sampler, logits_processors, max_tokens, cache, onednn=onednn,
-                          logprobs=logprobs is not None, prompt_logits=score if prompt_logprobs else None)
     for step in steps:
         token, lp = step if logprobs is not None else (step, None)
         if t_first is None:
@@ -271,7 +322,11 @@ def stream_generate(
         stats.prefill_s = time.perf_counter() - t0
     tail = pending if cut else pending + detok.flush()
     stats.peak_rss_bytes = peak_rss_bytes()
-    if cache is not None and cache.capacity is not None:
+    if kv_stats is not None:
+        per_token = model.kv_bytes_per_token()
+        capacity, used = kv_stats()
+        stats.ctx_size, stats.kv_bytes, stats.kv_used_bytes = capacity, capacity * per_token, used * per_token
+    elif cache is not None and cache.capacity is not None:
         per_token = model.kv_bytes_per_token()
         stats.ctx_size, stats.kv_bytes = cache.capacity, cache.capacity * per_token
         stats.kv_used_bytes = cache.layers[0].offset * per_token if cache.layers else 0

@@ -9,17 +9,22 @@ penalties and logit_bias, stream_options.include_usage, response_format (JSON ob
 JSON schema, by constrained decoding: edgemoe.grammar), and tools through the model's
 chat template (edgemoe.tool_calls). An unknown model name is a 404.
 
-The engine is injected, so tests drive a real server over HTTP. One request runs at a
-time (a device with one model has one set of cores); others wait on a lock. A request's
-sequences (prompts x n) run one after another.
+The engine is injected, so tests drive a real server over HTTP. Requests share the
+engine's batch scheduler (edgemoe.batching), as llama-server's parallel slots do: the
+engine has `parallel` slots (edgemoe serve --parallel N; each keeps a KV cache of the
+context size, all inside the memory budget); every sequence of a request (prompts x n)
+is queued at once, a free slot admits the oldest waiting one and prefills it, and all
+admitted sequences share each decode step. Sampling, stop strings, max_tokens and
+log-probabilities stay per sequence; a sequence that ends, or whose client leaves, frees
+its slot for the next one waiting.
 
 Every request gets an HTTP answer: bad input is a 4xx JSON error in OpenAI's shape
 ({"error": {"message", "type", "param", "code"}}), a bug is a JSON 500 (its traceback goes
 to the server log, never to the client), and an error after a stream has started is sent
 as a final SSE event. Prompts are tokenized before generation so that prompt plus
 max_tokens can be checked against the model's context. A client that disconnects stops
-its generation at the next token (or never starts it, if it was still waiting for the
-lock); connections time out when idle and their number is capped.
+its generation at the next token (or never starts it, if it was still waiting for a
+slot); connections time out when idle and their number is capped.
 """
 
 from __future__ import annotations
@@ -58,7 +63,7 @@ SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed acc
 DEFAULT_TIMEOUT = 30.0
 DEFAULT_MAX_CONNECTIONS = 64
 LINGER_S = 5.0  # after an error that left a body unread: how long to drain it before closing
-LOCK_POLL_S = 0.2  # how often a request waiting for the model checks that its client is still there
+LOCK_POLL_S = 0.2  # how often a request waiting for a slot checks that its client is still there (batching.POLL_S)
 
 GET_PATHS = ("/health", "/v1/health", "/v1/models")
 MODEL_PREFIX = "/v1/models/"  # GET /v1/models/{id}
@@ -844,46 +849,42 @@ class Handler(BaseHTTPRequestHandler):
                     continue
                 yield i, job, engine.stream(job.ids, **opts, logprobs=logprobs,
                                             prompt_logprobs=plan.echo and plan.logprobs is not None,
-                                            logits_processors=constraint() if constraint else ())
+                                            logits_processors=constraint() if constraint else (),
+                                            abort=self._abort_if_gone)
 
     def _run(self, plan: Plan, jobs: list["Job"], chat: bool, constraint, tools: "ToolContext | None" = None) -> None:
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        self._acquire()
-        current = None
+        if self.client_gone():
+            raise ClientGone()
+        streams: list[tuple[int, "Job", Iterator]] = []
         try:
-            sequences = self._sequences(plan, jobs, constraint)
-            # Engine.stream validates its options when called, and the first response needs
-            # the prefill: both happen before any header, so their errors are plain JSON.
-            i, job, current = next(sequences)
+            # Every sequence is queued now: they run side by side in the engine's slots, and
+            # are read in order. Engine.stream validates its options when called, and the first
+            # response needs the prefill: both happen before any header, so their errors are
+            # plain JSON.
+            streams.extend(self._sequences(plan, jobs, constraint))
+            i, job, current = streams[0]
             first = next(current, None)
             if first is None:
                 raise RuntimeError("the engine produced no response")
 
             def runs() -> Iterator[tuple[int, "Job", Iterator]]:
-                nonlocal current
                 yield i, job, itertools.chain([first], current)
-                for item in sequences:
-                    current = item[2]
-                    yield item
+                yield from streams[1:]
 
             if plan.stream:
                 self._stream(rid, chat, plan, runs(), tools)
             else:
                 self._complete(rid, chat, plan, runs(), tools)
         finally:
-            close = getattr(current, "close", None)
-            if close is not None:
-                close()  # stops generation if we left early
-            self.server.lock.release()
+            for _, _, responses in streams:
+                close = getattr(responses, "close", None)
+                if close is not None:
+                    close()  # frees the slot (or the place in the queue) if we left early
 
-    def _acquire(self) -> None:
-        """Take the generation lock, giving up if the client leaves while waiting."""
-        lock = self.server.lock
-        while not lock.acquire(timeout=LOCK_POLL_S):
-            if self.client_gone():
-                raise ClientGone()
+    def _abort_if_gone(self) -> None:
+        """Called while a sequence waits for a slot or a token: give up if the client left."""
         if self.client_gone():
-            lock.release()
             raise ClientGone()
 
     def _tokens(self, responses: Iterator) -> Iterator:
@@ -1051,7 +1052,7 @@ class EdgeMoEServer(ThreadingHTTPServer):
         self.verbose = verbose
         self.request_timeout = float(timeout)
         self.max_connections = max_connections
-        self.lock = threading.Lock()  # one generation at a time
+        engine.start_batching()  # requests share decode steps in the engine's slots (edgemoe.batching)
         self.stopping = False
         self.active_connections = 0
         self._count_lock = threading.Lock()

@@ -460,16 +460,19 @@ def test_disconnected_client_stops_generation(url, port, engine, monkeypatch, st
 def test_request_whose_client_left_while_waiting_never_runs(server, port, engine, monkeypatch):
     probe = Probe(engine)
     monkeypatch.setattr(engine, "stream", probe)
-    server.lock.acquire()  # another generation is running
+    scheduler = engine.scheduler
+    prefills = scheduler.prefills
+    scheduler.model_lock.acquire()  # the model is busy: the request waits in the queue
     try:
         s = _slow_request(port, stream=False)
         time.sleep(0.3)
         s.close()
         time.sleep(3 * LOCK_POLL_S)
     finally:
-        server.lock.release()
+        scheduler.model_lock.release()
     time.sleep(0.5)
-    assert probe.calls == 0
+    assert probe.calls == 1 and probe.yielded == 0  # queued, then dropped before its prefill
+    assert scheduler.prefills == prefills and not scheduler.waiting and not scheduler.active
 
 
 # -- 7. slow, idle and too many connections

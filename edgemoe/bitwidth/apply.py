@@ -12,9 +12,15 @@ whose dtype differs from the compute dtype (bf16 experts of a float32 run) are t
 weights rounded to that dtype and computed in the compute dtype, which for a bf16
 checkpoint is the original expert itself.
 
+Experts with biases (gpt-oss) keep them, unquantized, in every format, as the store
+does. Originals held as MXFP4 codes (a gpt-oss release) are encoded into other formats
+from their exact dequantized weights, and are themselves the "mxfp4" variant. Ungated
+experts (Switch Transformers, NLLB-MoE: encoder-decoder models the calibration tools do
+not run) are refused.
+
 `stored_bytes` is the size of one expert in the store: its format's blob payload
-(`FormatInfo.of`, the converter's layout) padded to the store's 4 KiB alignment, the
-bytes a cache slot takes and a miss reads.
+(`FormatInfo.of`, the converter's layout, bias tensors included) padded to the store's
+4 KiB alignment, the bytes a cache slot takes and a miss reads.
 """
 
 from __future__ import annotations
@@ -28,22 +34,34 @@ import torch
 from ..errors import EdgeMoEError
 from ..experts import DenseExpert, Expert
 from ..models.moe import InRAMProvider
-from ..quant.formats import FloatFormat, get_format
-from ..store.format import ExpertPlan, FormatInfo, round_up
+from ..quant.formats import BIAS_PARTS, FloatFormat, get_format
+from ..store.format import ExpertBiases, ExpertPlan, FormatInfo, round_up
 
 Key = tuple[int, int]  # (layer, expert)
 
 
 @lru_cache(maxsize=None)
-def stored_bytes(fmt: str, hidden: int, inter: int) -> int:
-    """Bytes one expert of this shape takes in the expert store in format `fmt`
-    (payload padded to the blob alignment, as `ExpertEntry.length`)."""
-    return round_up(FormatInfo.of(get_format(fmt), hidden, inter).size)
+def stored_bytes(fmt: str, hidden: int, inter: int, biases: ExpertBiases | None = None) -> int:
+    """Bytes one expert of this shape takes in the expert store in format `fmt`, with the
+    bias tensors `biases` describes (payload padded to the blob alignment, as
+    `ExpertEntry.length`)."""
+    return round_up(FormatInfo.of(get_format(fmt), hidden, inter, biases).size)
 
 
-def plan_bytes(formats: Mapping[Key, str], hidden: int, inter: int) -> int:
+def plan_bytes(formats: Mapping[Key, str], hidden: int, inter: int, biases: ExpertBiases | None = None) -> int:
     """Stored bytes of all experts under a per-expert format assignment."""
-    return sum(stored_bytes(f, hidden, inter) for f in formats.values())
+    return sum(stored_bytes(f, hidden, inter, biases) for f in formats.values())
+
+
+def _mxfp4_weights(expert) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """gate, up, down in fp32 of an expert held as MXFP4 codes (exact), else None."""
+    from ..quant.mxfp4 import MXFP4Matrix, dequantize
+
+    w13, w2 = getattr(expert, "w13", None), getattr(expert, "w2", None)
+    if not (isinstance(w13, MXFP4Matrix) and isinstance(w2, MXFP4Matrix)):
+        return None
+    gate, up = dequantize(w13.blocks, w13.scales, w13.k).chunk(2, dim=0)
+    return gate, up, dequantize(w2.blocks, w2.scales, w2.k)
 
 
 def canonical(name: str) -> str:
@@ -78,19 +96,38 @@ class ExpertVariants:
             raise EdgeMoEError("bitwidth adaptation needs a model with its experts in RAM (a Hugging Face directory)")
         self.model = model
         self.args = model.args
-        self.originals: dict[Key, DenseExpert] = dict(provider.table)
+        if not getattr(self.args, "expert_gated", True):
+            raise EdgeMoEError(f"bitwidth adaptation of {self.args.model_type}'s ungated experts (one input matrix) "
+                               "is not supported")
+        self.originals: dict[Key, Expert] = dict(provider.table)
         first = next(iter(self.originals.values()))
-        self.dtype = first.w13.dtype
+        # MXFP4 originals compute in the model's dtype; float ones in their weights' type.
+        self.mxfp4 = _mxfp4_weights(first) is not None
+        self.dtype = model.embed.weight.dtype if self.mxfp4 else first.w13.dtype
         self.act = self.args.expert_act
         self.hidden, self.inter = self.args.hidden_size, self.args.expert_dim
+        # Bias tensors every expert carries (gpt-oss), kept as they are in any format.
+        self.bias_parts = tuple(n for n in BIAS_PARTS if getattr(first, n, None) is not None)
         self.keys = sorted(self.originals)
         self._cache: dict[tuple[Key, str], Expert] | None = {} if cache else None
+
+    def store_biases(self, dtype: torch.dtype) -> ExpertBiases | None:
+        """How the expert store lays out these experts' biases for compute dtype `dtype`
+        (None: the experts have none), for `stored_bytes`."""
+        return ExpertBiases(dtype, self.bias_parts) if self.bias_parts else None
 
     def weights(self, key: Key) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The original gate (I, H), up (I, H) and down (H, I)."""
         d = self.originals[key]
+        if self.mxfp4:
+            return _mxfp4_weights(d)
         g, u = d.w13.chunk(2, dim=0)
         return g, u, d.w2
+
+    def biases(self, key: Key) -> dict[str, torch.Tensor]:
+        """The original expert's bias tensors by stored name (b13, b2); empty without."""
+        d = self.originals[key]
+        return {n: getattr(d, n) for n in self.bias_parts}
 
     def expert(self, key: Key, fmt: str) -> Expert:
         """Expert `key` stored in format `fmt`."""
@@ -98,13 +135,17 @@ class ExpertVariants:
             return self._cache[(key, fmt)]
         f = get_format(fmt)
         gate, up, down = self.weights(key)
-        if isinstance(f, FloatFormat) and f.dtype != self.dtype:
-            if f.dtype == torch.float32 or all(_exact(w, f.dtype) for w in (gate, up, down)):
+        biases = self.biases(key)
+        if self.mxfp4 and f.name == "mxfp4":
+            ex = self.originals[key]  # the released codes themselves
+        elif isinstance(f, FloatFormat) and f.dtype != self.dtype:
+            if not self.mxfp4 and (f.dtype == torch.float32 or all(_exact(w, f.dtype) for w in (gate, up, down))):
                 ex = self.originals[key]  # the format holds these weights exactly
             else:
-                ex = DenseExpert(*(w.to(f.dtype).to(self.dtype) for w in (gate, up, down)), act=self.act)
+                ex = DenseExpert(*(w.to(f.dtype).to(self.dtype) for w in (gate, up, down)), act=self.act,
+                                 b13=biases.get("b13"), b2=biases.get("b2"))
         else:
-            ex = f.expert(f.encode(gate, up, down), self.act, self.dtype)
+            ex = f.expert({**f.encode(gate, up, down), **biases}, self.act, self.dtype)
         if self._cache is not None:
             self._cache[(key, fmt)] = ex
         return ex
@@ -124,8 +165,10 @@ class ExpertVariants:
         """Serve the original experts again."""
         self.attach({})
 
-    def bytes(self, formats: Mapping[Key, str]) -> int:
-        return plan_bytes(formats, self.hidden, self.inter)
+    def bytes(self, formats: Mapping[Key, str], dtype: torch.dtype | None = None) -> int:
+        """Stored bytes of the experts in these formats, biases in `dtype` (default the
+        compute dtype)."""
+        return plan_bytes(formats, self.hidden, self.inter, self.store_biases(dtype or self.dtype))
 
 
 def _exact(w: torch.Tensor, dtype: torch.dtype) -> bool:
@@ -135,7 +178,7 @@ def _exact(w: torch.Tensor, dtype: torch.dtype) -> bool:
 def load_planned(path: str | Path, plan: ExpertPlan | str | Path, dtype: str | torch.dtype | None = None):
     """A Hugging Face model loaded into RAM with every expert in its planned format:
     the in-RAM twin of `edgemoe convert --plan` + `load_converted`. Returns (model,
-    checkpoint, formats)."""
+    checkpoint, formats); `planned_bytes` gives what the store would hold."""
     from ..checkpoint import load_hf
 
     model, ckpt = load_hf(path, dtype)
@@ -147,3 +190,14 @@ def load_planned(path: str | Path, plan: ExpertPlan | str | Path, dtype: str | t
     variants = ExpertVariants(model, cache=False)
     variants.attach(formats)
     return model, ckpt, formats
+
+
+def planned_bytes(model, ckpt, formats: Mapping[Key, str]) -> int:
+    """Stored expert bytes of `edgemoe convert --plan` for a model from `load_planned`:
+    the formats' blobs with the experts' biases in the checkpoint's compute dtype (what
+    convert stores them in without --dtype)."""
+    from ..checkpoint import bias_names, config_dtype
+
+    parts = bias_names(ckpt.expert_parts)  # the bias tensors convert stores with every blob
+    biases = ExpertBiases(config_dtype(ckpt.config), parts) if parts else None
+    return plan_bytes(formats, model.args.hidden_size, model.args.expert_dim, biases)

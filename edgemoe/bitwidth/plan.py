@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .. import __version__
+from .._version import __version__
 from ..errors import EdgeMoEError, InvalidArgument
 from ..utils import format_bytes, parse_size
 from .apply import Key, canonical, to_plan

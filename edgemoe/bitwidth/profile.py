@@ -2,12 +2,16 @@
 candidate storage format would cost it.
 
 One pass over the calibration text (windows of the model's context) runs the model in
-RAM with autograd, recording for every MoE layer its input x_t, its routing (experts
-and gate weights w_t) and the gradient g_t of the summed calibration loss with respect
-to the layer's output. Storing expert e in format f changes that output, at every token
+RAM with autograd, recording for every MoE layer, through its blocks' expert hook
+(`MoEBlock.expert_hook`), what its routed experts computed on: their input x_t exactly as
+the experts received it (Gemma 4 runs them on a norm of the block's input), the routing
+(experts and gate weights w_t) and the gradient g_t of the summed calibration loss with
+respect to the experts' combined output (before the block adds a shared expert or
+scales anything). Storing expert e in format f changes that output, at every token
 routed to e, by
 
-    d_t = w_t * (E_f(x_t) - E(x_t))
+    d_t = w_t * (E_f(x_t) - E(x_t))              (gate weights on the outputs)
+    d_t = E_f(w_t * x_t) - E(w_t * x_t)          (routers that scale inputs: Llama 4)
 
 where E_f is the expert built from its encoded form exactly as the runtime builds it.
 A second-order Taylor expansion of the summed calibration NLL in these output changes,
@@ -50,11 +54,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .. import __version__
+from .._version import __version__
 from ..errors import EdgeMoEError, InvalidArgument
-from ..evaluate import eval_tokens, read_text, windows
+from ..evaluate import check_decoder_only, eval_tokens, read_text, windows
 from ..quant.formats import get_format
-from ..runtime.trace import RoutingRecorder
 from .apply import ExpertVariants, canonical, stored_bytes
 
 PROFILE_FORMAT = "edgemoe-expert-profile"
@@ -65,12 +68,15 @@ DEFAULT_VALIDATE = 12  # experts whose proxy is checked against a full measureme
 PROXY = "fisher-taylor"
 
 
-def default_top(config: dict) -> str:
-    """The format `edgemoe convert` stores experts in without a plan: the checkpoint's
-    compute dtype (bf16 for half-precision checkpoints, fp32 for fp32 ones)."""
+def default_top(config: dict, expert_format: str | None = None) -> str:
+    """The format `edgemoe convert` stores experts in without a plan: MXFP4 codes as
+    released (`expert_format` "mxfp4", gpt-oss), else the checkpoint's compute dtype
+    (bf16 for half-precision checkpoints, fp32 for fp32 ones)."""
     from ..checkpoint import config_dtype
     from ..store.convert import FLOAT_FORMAT
 
+    if expert_format == "mxfp4":
+        return "mxfp4"
     return FLOAT_FORMAT[config_dtype(config)]
 
 
@@ -125,17 +131,20 @@ def spearman(a: list[float], b: list[float]) -> float:
 
 
 def _tail(model, h: torch.Tensor, start: int) -> torch.Tensor:
-    """Logits from the residual stream entering decoder layer `start` (no KV cache)."""
+    """Logits from the residual stream entering decoder layer `start` (no KV cache),
+    ending as the model's forward does (`Transformer.head`: norm, LM head, soft-cap, scale)."""
     for layer in model.layers[start:]:
         h = layer(h, None)
-    h = model.norm(h)
-    if model.args.tie_word_embeddings:
-        return F.linear(h, model.embed.weight)  # (B, T, V)
-    return model.lm_head(h)
+    return model.head(h)  # (B, T, V)
+
+
+def _wide(logits: torch.Tensor) -> torch.Tensor:
+    """Logits in float32 at least (float64 stays float64: exact checks run in it)."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
 def _nll_sum(logits: torch.Tensor, targets: torch.Tensor) -> float:
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum").item()
+    return F.cross_entropy(_wide(logits).flatten(0, 1), targets.flatten(), reduction="sum").item()
 
 
 def _sample(keys: list[tuple[int, int]], layers: list[int], n: int, seed: int) -> list[tuple[int, int]]:
@@ -165,35 +174,36 @@ def _agreement(pred: list[float], meas: list[float]) -> dict:
     }
 
 
-class _Capture(RoutingRecorder):
-    """For one batch of windows: each MoE block's input and routing (as the routing
-    recorder sees them), its (gradient-retaining) output and each decoder layer's input."""
+class _Capture:
+    """For one batch of windows: what each MoE block's routed experts computed on (their
+    input, routing and gradient-retaining combined output, from the blocks' expert hooks)
+    and each decoder layer's input. Hooks already set keep running; `remove` restores
+    them. While `active` is False nothing is recorded (the validation reruns)."""
 
     def __init__(self, model):
-        super().__init__(model, inputs=True)
-        self.moe_in: dict[int, torch.Tensor] = {}  # layer -> (N, H)
+        self.blocks = list(model.moe_blocks())
+        self.active = True
+        self.expert_in: dict[int, torch.Tensor] = {}  # layer -> (N, H)
         self.routing: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> weights, ids (N, k) x2
-        self.moe_out: dict[int, torch.Tensor] = {}
+        self.expert_out: dict[int, torch.Tensor] = {}  # layer -> (N, H), retains its gradient
         self.layer_in: dict[int, torch.Tensor] = {}
-        self.handles = []
-        for block in self.blocks:
-            self.handles.append(block.register_forward_hook(self._post(block.layer)))
-        for i, layer in enumerate(model.layers):
-            self.handles.append(layer.register_forward_pre_hook(self._layer(i)))
+        self._prev = [b.expert_hook for b in self.blocks]
+        for b, prev in zip(self.blocks, self._prev):
+            b.expert_hook = self._expert_hook(prev)
+        self.handles = [layer.register_forward_pre_hook(self._layer(i)) for i, layer in enumerate(model.layers)]
         # The weights do not require gradients: make the embeddings' output the leaf.
         self.handles.append(model.embed.register_forward_hook(lambda m, a, out: out.detach().requires_grad_(True)))
 
-    def on_route(self, i, ids, weights, logits):
-        layer = self.layers[i]
-        self.moe_in[layer] = self.x.detach()
-        self.routing[layer] = (weights.detach(), ids)
-
-    def _post(self, l):
-        def hook(module, args, out):
+    def _expert_hook(self, prev):
+        def hook(layer, x, weights, ids, out):
             if self.active:
+                self.expert_in[layer] = x.detach()
+                self.routing[layer] = (weights.detach(), ids)
                 if out.requires_grad:
                     out.retain_grad()
-                self.moe_out[l] = out
+                self.expert_out[layer] = out
+            if prev is not None:
+                prev(layer, x, weights, ids, out)
 
         return hook
 
@@ -205,13 +215,14 @@ class _Capture(RoutingRecorder):
         return hook
 
     def clear(self) -> None:
-        self.moe_in.clear()
+        self.expert_in.clear()
         self.routing.clear()
-        self.moe_out.clear()
+        self.expert_out.clear()
         self.layer_in.clear()
 
     def remove(self) -> None:
-        self.detach()
+        for b, prev in zip(self.blocks, self._prev):
+            b.expert_hook = prev
         for h in self.handles:
             h.remove()
 
@@ -223,6 +234,7 @@ def profile_model(
     *,
     formats: list[str] = DEFAULT_FORMATS,
     top: str = "bf16",
+    store_dtype: torch.dtype | None = None,
     calib_tokens: int | None = DEFAULT_CALIB_TOKENS,
     context: int | None = None,
     batch: int = 8,
@@ -233,15 +245,18 @@ def profile_model(
     source: str = "calibration text",
 ) -> dict:
     """Profile every routed expert of `model` (loaded in RAM, in float32 for exact
-    encodings) on `calib_text`. Returns the profile as a JSON-ready dict (see
-    docs/bitwidth.md for the schema)."""
+    encodings) on `calib_text`. `store_dtype` is the compute dtype of the expert store the
+    plan will be converted into (default: the experts'), which expert biases are stored
+    in. Returns the profile as a JSON-ready dict (see docs/bitwidth.md for the schema)."""
     t_start = time.perf_counter()
     args = model.args
     top = canonical(top)
     formats = [f for f in parse_formats(formats) if f != top]
     all_formats = [top] + formats
     H, I = args.hidden_size, args.expert_dim
-    sizes = {f: stored_bytes(f, H, I) for f in all_formats}
+    variants = ExpertVariants(model)
+    biases = variants.store_biases(store_dtype or variants.dtype)
+    sizes = {f: stored_bytes(f, H, I, biases) for f in all_formats}
     lowest = min(formats or [top], key=lambda f: (sizes[f], f))
     vformats = parse_formats(validate_formats) if validate_formats else [lowest]
     unknown = [f for f in vformats if f not in all_formats]
@@ -258,7 +273,6 @@ def profile_model(
     inputs, targets = windows(ids, context)
     N = targets.numel()
 
-    variants = ExpertVariants(model)
     keys = variants.keys
     layers = list(args.moe_layers())
     E = args.experts_per_layer
@@ -270,6 +284,7 @@ def profile_model(
     ref_total = 0.0
     provider = variants.attach({})  # originals, in a table we can swap single experts in
     cap = _Capture(model)
+    on_input = {b.layer: b.router.scales_input for b in cap.blocks}
     bar = tqdm(total=N, unit="tok", desc="profiling", disable=not progress, leave=False, dynamic_ncols=True)
     t_pass = time.perf_counter()
     t_valid = 0.0
@@ -279,13 +294,16 @@ def profile_model(
             cap.clear()
             with torch.enable_grad():
                 logits = model(x)  # (B, T, V)
-                loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
+                loss = F.cross_entropy(_wide(logits).flatten(0, 1), y.flatten(), reduction="sum")
                 loss.backward()
             del logits, loss
             with torch.inference_mode():
                 for l in layers:
-                    xs = cap.moe_in[l].reshape(-1, H)  # (n, H)
-                    g = cap.moe_out[l].grad.reshape(-1, H).detach()  # (n, H)
+                    xs = cap.expert_in[l]  # (n, H): what the experts were given
+                    grad = cap.expert_out[l].grad
+                    if grad is None:
+                        raise EdgeMoEError(f"layer {l}: the calibration loss does not depend on its experts' output")
+                    g = grad.detach()  # (n, H)
                     weights, sel = cap.routing[l]  # (n, k) x2, as the forward routed
                     for e in range(E):
                         hit = sel == e  # (n, k)
@@ -294,16 +312,19 @@ def profile_model(
                             continue
                         w = (weights * hit).sum(-1)[rows].unsqueeze(-1)  # (m, 1)
                         xe, ge = xs[rows], g[rows]  # (m, H) x2
+                        # The block weights either the expert's input (then sums the outputs)
+                        # or its output; the same product, so the reference is bit-exact.
+                        xe, out_w = (xe * w, 1.0) if on_input[l] else (xe, w)
                         ref = variants.originals[(l, e)](xe)  # (m, H)
                         a = acc[(l, e)]
                         a["tokens"] += rows.numel()
                         a["gate"] += float(w.sum())
-                        a["ref_sq"] += float((ref * w).double().square().sum())
+                        a["ref_sq"] += float((ref * out_w).double().square().sum())
                         for f in all_formats:
                             ex = variants.expert((l, e), f)
                             if ex is variants.originals[(l, e)]:
                                 continue  # the format holds the weights exactly: no change
-                            d = ((ex(xe) - ref) * w).double()  # (m, H)
+                            d = ((ex(xe) - ref) * out_w).double()  # (m, H)
                             gd = (ge.double() * d).sum(-1)  # (m,)
                             af = a[f]
                             af["first"] += float(gd.sum())
@@ -381,8 +402,10 @@ def profile_model(
             "unit": "increase in mean calibration NLL (nats/token); relative perplexity increase = exp(x) - 1",
             "sensitivity": "(1/N) * sum_t 1/2 (g_t.d_t)^2",
             "first_order": "(1/N) * sum_t g_t.d_t",
-            "where": "d_t = w_t (E_f(x_t) - E(x_t)) over the tokens t routed to the expert (w_t its gate weight), "
-                     "g_t = d(summed calibration NLL)/d(MoE layer output at t), N = calibration tokens",
+            "where": "d_t = w_t (E_f(x_t) - E(x_t)), or E_f(w_t x_t) - E(w_t x_t) for routers that scale the "
+                     "experts' inputs, over the tokens t routed to the expert (x_t the expert's input, w_t its gate "
+                     "weight), g_t = d(summed calibration NLL)/d(the layer's combined routed-expert output at t), "
+                     "N = calibration tokens",
         },
         "experts": experts,
         "validation": validation,
@@ -461,6 +484,7 @@ def load_for_profiling(model_dir: str | Path, dtype: str = "float32"):
         raise EdgeMoEError(f"{path}: a converted model; profiling and planning need the Hugging Face directory "
                            "it was converted from (the original weights)")
     model, ckpt = load_hf(path, dtype)
+    check_decoder_only(model, "profiling and planning", path)
     if not list(model.moe_blocks()):
         raise EdgeMoEError(f"{path}: the model has no routed experts to profile")
     tokenizer = Tokenizer(path, eos_token_ids=model.args.eos_ids)
@@ -472,10 +496,13 @@ def run_profile(model_dir: str | Path, calib: str | Path | None = None, top: str
     """Load a Hugging Face model in float32 and profile it on a calibration text (the
     bundled one by default); the profile records both paths, for `edgemoe plan`. The top
     format defaults to what `edgemoe convert` stores without a plan."""
+    from ..checkpoint import config_dtype
+
     text, calib_path = read_calibration(calib)
     model, ckpt, tok = load_for_profiling(model_dir)
-    top = top or default_top(ckpt.config)
-    profile = profile_model(model, tok, text, top=top, source=calib_path, **kwargs)
+    top = top or default_top(ckpt.config, ckpt.expert_format)
+    profile = profile_model(model, tok, text, top=top, store_dtype=config_dtype(ckpt.config), source=calib_path,
+                            **kwargs)
     profile["model"] = str(Path(model_dir).resolve())
     profile["calibration"]["text"] = calib_path
     return profile

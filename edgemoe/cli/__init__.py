@@ -65,7 +65,7 @@ def run(argv: list[str]) -> int:
         print(usage())
         return 0
     if argv[0] in ("-V", "--version"):
-        from .. import __version__
+        from .._version import __version__
 
         print(f"edgemoe {__version__}")
         return 0

@@ -65,11 +65,22 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "(EdgeMoE path statistics), freq, combined (default auto: combined if the model directory "
                         "has a fitted predictor.npz from 'edgemoe fit-predictor', else gate)")
     g.add_argument("--prefetch-experts", type=int, default=None, metavar="N",
-                   help="experts to preload per layer (default: top-k + 1)")
+                   help="experts to preload per layer at most (default: top-k + 1)")
     g.add_argument("--prefetch-layers", type=int, default=None, metavar="D",
-                   help="how many MoE layers ahead to preload (default 1)")
+                   help="how many MoE layers ahead to preload at most (default 3 with pacing, which looks that far "
+                        "only when layers are short; 1 with --no-prefetch-pacing)")
     g.add_argument("--prefetch-threads", type=int, default=None, metavar="N",
                    help="background reader threads (default 1)")
+    g.add_argument("--prefetch-threshold", type=float, default=None, metavar="P",
+                   help="preload only experts the predictor gives at least this probability of being used, "
+                        "0 to 1 (default 0.5; 0: its top N whatever it says)")
+    g.add_argument("--no-prefetch-pacing", action="store_true",
+                   help="queue every predicted expert, even those the link cannot deliver before their layer "
+                        "(default: preload only what the measured read rate delivers in time)")
+    g.add_argument("--cache-aware-routing", type=float, default=None, metavar="MARGIN",
+                   help="lossy: when a token's chosen expert is not in memory, use an expert that is, if its routing "
+                        "probability is within MARGIN of the chosen one's (0 to 1, e.g. 0.1; fewer reads, slightly "
+                        "different output; default off)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser, temperature: float = 0.0) -> None:
@@ -165,6 +176,9 @@ def runtime_kwargs(args: argparse.Namespace) -> dict:
         "prefetch_experts": getattr(args, "prefetch_experts", None),
         "prefetch_layers": getattr(args, "prefetch_layers", None),
         "prefetch_threads": getattr(args, "prefetch_threads", None),
+        "prefetch_threshold": getattr(args, "prefetch_threshold", None),
+        "prefetch_pacing": False if getattr(args, "no_prefetch_pacing", False) else None,
+        "cache_aware_routing": getattr(args, "cache_aware_routing", None),
     }
     return {k: v for k, v in kw.items() if v is not None}
 
@@ -185,7 +199,8 @@ def check_output_path(path, flag: str) -> None:
         raise InvalidArgument(f"{flag} {path}: not writable")
 
 
-def load_engine(args: argparse.Namespace) -> "Engine":
+def load_engine(args: argparse.Namespace, **load_kwargs) -> "Engine":
+    """The engine the options ask for; load_kwargs are more edgemoe.load options (serve: parallel)."""
     from ..api import load
 
     path = getattr(args, "record_trace", None)
@@ -195,7 +210,7 @@ def load_engine(args: argparse.Namespace) -> "Engine":
     template = read_chat_template(template_file) if template_file is not None else None
     engine = load(args.model, dtype=args.dtype, memory=args.memory, threads=args.threads,
                   adaptive_gating=getattr(args, "adaptive_gating", None), ctx_size=getattr(args, "ctx_size", None),
-                  onednn=not getattr(args, "no_onednn", False), **runtime_kwargs(args))
+                  onednn=not getattr(args, "no_onednn", False), **runtime_kwargs(args), **load_kwargs)
     if template is not None:
         from pathlib import Path
 
@@ -257,7 +272,15 @@ def _offload_lines(x: dict) -> list[str]:
     memory = (f"memory: budget {limit} | used {format_bytes(used)} (resident {format_bytes(resident)} + "
               f"cache {format_bytes(used - resident)} of {format_bytes(cache)}) | peak RSS {format_bytes(over)} "
               f"over a baseline of {format_bytes(baseline)}")
-    return [experts, memory, _prefetch_line(x, stall_tok)]
+    lines = [experts, memory, _prefetch_line(x, stall_tok)]
+    if x.get("cache_aware_routing") is not None:
+        margin = g("cache_aware_routing")
+        swapped, rate, per_tok = g("rerouted_slots", 0), g("reroute_rate", 0.0), g("rerouted_per_token", 0.0)
+        d_rate, d_tok = g("decode_reroute_rate", 0.0), g("decode_rerouted_per_token", 0.0)
+        g("routed_slots", None)
+        lines.append(f"cache-aware routing: margin {margin:g} | {swapped} routed slots swapped to resident experts "
+                     f"({100 * rate:.1f}%, {per_tok:.2f}/token; decode {100 * d_rate:.1f}%, {d_tok:.2f}/token)")
+    return lines
 
 
 def _prefetch_line(x: dict, stall_tok: float) -> str:
@@ -268,8 +291,13 @@ def _prefetch_line(x: dict, stall_tok: float) -> str:
     v = {k: g(k) for k in keys}
     if not on:
         return f"prefetch: {off} | decode stall {1000 * stall_tok:.2f} ms/token"
+    threshold = v.get("prefetch_threshold")
+    if threshold == "auto":
+        threshold = f"auto (now {v.get('prefetch_threshold_now', 0.0):.2f})"
+    pacing = "paced to the link" if v.get("prefetch_pacing") else "not paced"
     return (f"prefetch: {v.get('predictor')} predictor, {v.get('prefetch_experts')} experts x "
-            f"{v.get('prefetch_layers')} layer(s) ahead | {v.get('prefetch_hits', 0)} hits "
+            f"{v.get('prefetch_layers')} layer(s) ahead, threshold {threshold}, {pacing} | "
+            f"{v.get('prefetch_hits', 0)} hits "
             f"({v.get('prefetch_late', 0)} late), wasted {format_bytes(v.get('prefetch_wasted_bytes', 0))} | "
             f"predictor recall {100 * v.get('predictor_recall', 0.0):.1f}% (decode "
             f"{100 * v.get('decode_predictor_recall', 0.0):.1f}%), precision "

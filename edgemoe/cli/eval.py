@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     from .. import assets
-    from ..evaluate import eval_tokens, perplexity, read_text
+    from ..evaluate import check_decoder_only, eval_tokens, perplexity, read_text
 
     for flag, v in (("--batch", args.batch), ("--context", args.context)):
         if v is not None and v < 1:
@@ -53,6 +53,7 @@ def main(argv: list[str]) -> int:
     engine = _load(args)
     with engine:
         model = engine.model
+        check_decoder_only(model, "eval", engine.path)
         context = args.context or model.args.max_position_embeddings
         ids = eval_tokens(engine.tokenizer, text, context, args.max_tokens, str(text_path))
         if engine.provider is not None:
@@ -111,7 +112,7 @@ def _load(args):
         if args.memory is not None or any(getattr(args, k, None) for k in ("mode", "cache_policy", "trace", "verify")):
             raise ModelLoadError(f"{path}: memory budgets and runtime options need a converted model")
         from ..api import set_threads
-        from ..bitwidth.apply import load_planned, plan_bytes
+        from ..bitwidth.apply import load_planned, planned_bytes
         from ..tokenizer import Tokenizer
 
         model, ckpt, formats = load_planned(path, args.plan, args.dtype)
@@ -120,7 +121,7 @@ def _load(args):
         for f in formats.values():
             counts[f] = counts.get(f, 0) + 1
         info = {"kind": "hf+plan", "dtype": args.dtype, "plan": str(args.plan), "formats": counts,
-                "expert_bytes": plan_bytes(formats, model.args.hidden_size, model.args.expert_dim)}
+                "expert_bytes": planned_bytes(model, ckpt, formats)}
         tokenizer = Tokenizer(path, eos_token_ids=model.args.eos_ids)
         tokenizer.check_vocab(model.args.vocab_size, str(path / "config.json"))
         return Engine(model, tokenizer, path, info)

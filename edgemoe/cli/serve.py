@@ -12,6 +12,11 @@ from .common import add_chat_template_arg, add_model_args, eprint, load_engine
 
 DEFAULT_TIMEOUT = 30.0  # same defaults as edgemoe.server (not imported here: it loads torch)
 DEFAULT_MAX_CONNECTIONS = 64
+# Slots decoded together (edgemoe.batching). A few: each keeps a KV cache of --ctx-size tokens
+# inside --memory, and with 8-expert top-2 models the gain per added stream falls quickly
+# (bench/results/concurrent.md: 1.2-1.3x at 2 streams, 1.6-1.9x at 4).
+DEFAULT_PARALLEL = 4
+MAX_PARALLEL = 64  # edgemoe.batching.MAX_PARALLEL
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
                         f"stays idle between requests (default {DEFAULT_TIMEOUT:g})")
     p.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS, metavar="N",
                    help=f"open connections served at once; more get a 503 (default {DEFAULT_MAX_CONNECTIONS})")
+    p.add_argument("--parallel", "-np", type=int, default=DEFAULT_PARALLEL, metavar="N",
+                   help=f"requests decoded together, as llama-server's slots (default {DEFAULT_PARALLEL}): each slot "
+                        "keeps a KV cache of --ctx-size tokens inside --memory; more requests wait in a queue")
     p.add_argument("--verbose", action="store_true", help="log every request")
     return p
 
@@ -42,6 +50,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise InvalidArgument(f"--timeout must be a positive number of seconds, got {args.timeout:g}")
     if args.max_connections < 1:
         raise InvalidArgument(f"--max-connections must be at least 1, got {args.max_connections}")
+    if not 1 <= args.parallel <= MAX_PARALLEL:
+        raise InvalidArgument(f"--parallel must be between 1 and {MAX_PARALLEL}, got {args.parallel}")
 
 
 def main(argv: list[str]) -> int:
@@ -61,7 +71,7 @@ def main(argv: list[str]) -> int:
 
         if is_converted(args.model):
             args.verify = "always"  # a server runs for days: re-check every expert read from storage
-    engine = load_engine(args)
+    engine = load_engine(args, parallel=args.parallel)
     try:
         server = make_server(engine, args.host, args.port, model_name=args.model_name,
                              default_max_tokens=args.max_tokens, verbose=args.verbose,
@@ -71,13 +81,13 @@ def main(argv: list[str]) -> int:
         eprint(f"edgemoe: error: cannot listen on {args.host}:{args.port}: {e.strerror or e}")
         return 1
     host, port = server.server_address[:2]
-    eprint(f"edgemoe serve: {engine.path} on http://{host}:{port}/v1 (Ctrl-C to stop)", flush=True)
+    eprint(f"edgemoe serve: {engine.path} on http://{host}:{port}/v1, {engine.parallel} slot"
+           f"{'s' if engine.parallel > 1 else ''} of {engine.ctx_size} tokens (Ctrl-C to stop)", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
         server.server_close()  # running generations stop at their next token
-        with server.lock:  # ...then nothing uses the engine any more
-            engine.close()
+        engine.close()  # waits for the step in progress; then nothing uses the engine any more
     return 0

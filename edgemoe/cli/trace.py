@@ -47,7 +47,7 @@ def main(argv: list[str]) -> int:
     from .. import assets
     from ..api import load
     from ..errors import InvalidArgument
-    from ..evaluate import read_text, windows
+    from ..evaluate import check_decoder_only, read_text, windows
     from ..runtime.trace import TraceRecorder
 
     if args.window is not None and args.window < 1:
@@ -65,6 +65,7 @@ def main(argv: list[str]) -> int:
     t0 = time.perf_counter()
     with engine:
         model = engine.model
+        check_decoder_only(model, "trace", engine.path)
         window = args.window or min(int(getattr(model.args, "max_position_embeddings", 256) or 256), 256)
         recorder = TraceRecorder(model, lookahead=args.lookahead)
         provider = engine.provider

@@ -45,6 +45,8 @@ FAMILIES: dict[str, str] = {
     "dbrx": "edgemoe.models.dbrx",
     "cohere2_moe": "edgemoe.models.cohere2_moe",
     "jetmoe": "edgemoe.models.jetmoe",
+    "switch_transformers": "edgemoe.models.switch_transformers",  # encoder-decoder (edgemoe.seq2seq)
+    "nllb-moe": "edgemoe.models.nllb_moe",  # encoder-decoder (edgemoe.seq2seq)
 }
 
 

@@ -18,6 +18,7 @@ from ..cpu import Linear
 from ..errors import ContextLengthError
 from .norms import RMSNorm
 from .rope import RoPE
+from .rows import RowCaches
 
 
 
@@ -89,6 +90,9 @@ class AttentionSpec:
     sinks: bool = False
     # qk_norm "head" applied after RoPE instead of before it (Hunyuan-A13B).
     qk_norm_after_rope: bool = False
+    # Qwen3-Next: the q projection's rows hold, head by head, the query then an output gate;
+    # the attention output is multiplied by sigmoid(gate) before o.
+    query_gate: bool = False
 
 
 class Attention(nn.Module):
@@ -98,7 +102,7 @@ class Attention(nn.Module):
         if s.fused_qkv:
             self.qkv = Linear(s.hidden, (s.heads + 2 * s.kv_heads) * s.head_dim, bias=s.qkv_bias)
         else:
-            self.q = Linear(s.hidden, s.heads * s.head_dim, bias=s.qkv_bias)
+            self.q = Linear(s.hidden, s.heads * s.head_dim * (2 if s.query_gate else 1), bias=s.qkv_bias)
             self.k = Linear(s.hidden, s.kv_heads * s.head_dim, bias=s.qkv_bias)
             self.v = Linear(s.hidden, s.kv_heads * s.head_dim, bias=s.qkv_bias)
         self.o = Linear(s.heads * s.head_dim, s.hidden, bias=s.o_bias)
@@ -128,6 +132,9 @@ class Attention(nn.Module):
             q, k, v = self.qkv(x).split([s.heads * s.head_dim, kv, kv], dim=-1)  # (B, T, heads*D), (B, T, kv*D) x2
         else:
             q, k, v = self.q(x), self.k(x), self.v(x)  # (B, T, heads*D), (B, T, kv*D) x2
+        if s.query_gate:
+            q, qgate = q.view(B, T, s.heads, 2, s.head_dim).unbind(3)  # (B, T, heads, D) x2
+            q, qgate = q.reshape(B, T, -1), qgate.reshape(B, T, -1)  # (B, T, heads*D) x2
         if s.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         if s.clip_qkv is not None:
@@ -138,29 +145,45 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, heads, T, D), (B, kv, T, D)
         v = v.view(B, T, s.kv_heads, s.head_dim).transpose(1, 2)  # (B, kv, T, D)
-        offset = cache.offset if cache is not None else 0
+        rows = cache if isinstance(cache, RowCaches) else None  # sequences at their own positions (models/rows.py)
+        offset = cache.offset if cache is not None and rows is None else 0
         if s.use_rope:
-            q, k = self.rope(q, k, offset)
+            q, k = self.rope(q, k, offset) if rows is None else rows.rope(self.rope, q, k)
         if s.qk_norm == "head" and s.qk_norm_after_rope:
             q, k = self.q_norm(q), self.k_norm(k)  # (B, heads, T, D), (B, kv, T, D)
         if s.qk_norm == "l2":
             q, k = l2_norm(q, s.norm_eps), l2_norm(k, s.norm_eps)
         if s.temperature is not None:
-            scales = temperature_scales(offset, T, *s.temperature).to(q.device)  # (T,) fp32
-            q = (q * scales[:, None]).to(q.dtype)  # (B, heads, T, D)
-        if cache is not None:
-            k, v = cache.update(k, v)  # (B, kv, offset+T, D)
-        mask, causal = self._mask(T, offset, x.device)
-        if s.sinks:
-            q, k, v, mask, causal = add_sink(q, k, v, mask, causal, self.sinks, s.scale)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=s.heads != s.kv_heads,
-            scale=s.scale,
-        )  # (B, heads, T, D)
+            if rows is None:
+                scales = temperature_scales(offset, T, *s.temperature).to(q.device)[:, None]  # (T, 1) fp32
+            else:
+                scales = rows.temperature(T, s.temperature)  # (B, 1, T, 1) fp32
+            q = (q * scales).to(q.dtype)  # (B, heads, T, D)
+        if rows is None:
+            out = self._attend(q, k, v, cache, T, offset)  # (B, heads, T, D)
+        else:  # each row over its own cache, as that sequence alone would (no padding, no mask of rows)
+            out = torch.cat([self._attend(q[b : b + 1], k[b : b + 1], v[b : b + 1], c, T, start)
+                             for b, (c, start) in enumerate(zip(rows.rows, rows.starts))])
         out = out.transpose(1, 2).reshape(B, T, s.heads * s.head_dim)  # (B, T, heads*D)
         if s.output_gate:
             out = out * torch.sigmoid(self.gate(x))
+        if s.query_gate:
+            out = out * torch.sigmoid(qgate)
         return self.o(out)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache | None, T: int,
+                offset: int) -> torch.Tensor:
+        """Append k, v (B, kv, T, D) to the cache and attend with q (B, heads, T, D): (B, heads, T, D)."""
+        s = self.spec
+        if cache is not None:
+            k, v = cache.update(k, v)  # (B, kv, offset+T, D)
+        mask, causal = self._mask(T, offset, q.device)
+        if s.sinks:
+            q, k, v, mask, causal = add_sink(q, k, v, mask, causal, self.sinks, s.scale)
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=s.heads != s.kv_heads,
+            scale=s.scale,
+        )  # (B, heads, T, D)
 
     def _mask(self, T: int, offset: int, device) -> tuple[torch.Tensor | None, bool]:
         window = self.spec.sliding_window

@@ -159,6 +159,12 @@ class BaseModelArgs:
         """The gated activation routed experts are built with (a name `experts.glu` knows)."""
         return self.hidden_act
 
+    @property
+    def expert_gated(self) -> bool:
+        """Whether routed experts are gated (gate, up, down) or ungated (one input matrix
+        and down, act(w1 x): Switch Transformers, NLLB-MoE; stored as gate and down)."""
+        return True
+
 
 _TYPE_CACHE: dict[type, dict[str, object]] = {}
 

@@ -105,7 +105,8 @@ class Gemma4Router(Router):
 
 class Gemma4MoE(MoEBlock):
     """Routes on its input (the residual stream) and runs the experts on
-    `norm(input)` (pre_feedforward_layernorm_2). The provider sees the normed input."""
+    `norm(input)` (pre_feedforward_layernorm_2). The provider is told the block's input,
+    the one routers see, so the gate look-ahead scores what a later router would."""
 
     def __init__(self, layer: int, router: Gemma4Router, hidden: int, eps: float):
         super().__init__(layer, router)
@@ -117,7 +118,7 @@ class Gemma4MoE(MoEBlock):
         weights, ids, logits = self.router(x)  # (N, k), (N, k), (N, E)
         if self.hook is not None:
             self.hook(self.layer, ids, weights, logits)
-        return self.routed(self.norm(x), weights, ids).reshape(shape)  # (..., H)
+        return self.routed(self.norm(x), weights, ids, route_x=x).reshape(shape)  # (..., H)
 
 
 class Gemma4Layer(nn.Module):

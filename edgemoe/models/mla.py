@@ -18,7 +18,6 @@ Two equal ways to attend, picked per call by their cost:
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from typing import Callable
 
@@ -28,11 +27,12 @@ from torch import nn
 
 from ..cpu import Linear, linear
 from ..errors import ContextLengthError, ModelLoadError
-from .base import MLP, BaseModelArgs, DecoderLayer, Transformer, make_sanitizer
+from .base import MLP, BaseModelArgs, DecoderLayer, Transformer, make_sanitizer, past_last_layer
 from .moe import MoEBlock
 from .norms import RMSNorm
 from .rope import RoPE
 from .routers import Router
+from .rows import RowCaches
 
 # ----------------------------------------------------------------------------- cache
 
@@ -142,15 +142,28 @@ class MLAttention(nn.Module):
         q = q.view(B, T, s.heads, s.nope_dim + s.rope_dim).transpose(1, 2)  # (B, heads, T, qk)
         q_nope, q_pe = q.split([s.nope_dim, s.rope_dim], dim=-1)
         c, k_pe = self.kv_a(x).split([s.kv_lora_rank, s.rope_dim], dim=-1)  # (B, T, R), (B, T, P)
-        offset = cache.offset if cache is not None else 0
-        q_pe, k_pe = self.rope(q_pe, k_pe.unsqueeze(1), offset)  # (B, heads, T, P), (B, 1, T, P)
+        rows = cache if isinstance(cache, RowCaches) else None  # sequences at their own positions (models/rows.py)
+        offset = cache.offset if cache is not None and rows is None else 0
+        if rows is None:
+            q_pe, k_pe = self.rope(q_pe, k_pe.unsqueeze(1), offset)  # (B, heads, T, P), (B, 1, T, P)
+        else:
+            q_pe, k_pe = rows.rope(self.rope, q_pe, k_pe.unsqueeze(1))
         latent = torch.cat([self.kv_a_norm(c), k_pe.squeeze(1)], dim=-1)  # (B, T, R+P)
+        if rows is None:
+            out = self._attend(q_nope, q_pe, latent, cache, T, offset)  # (B, heads, T, v)
+        else:  # each row over its own cache, as that sequence alone would
+            out = torch.cat([self._attend(q_nope[b : b + 1], q_pe[b : b + 1], latent[b : b + 1], c, T, start)
+                             for b, (c, start) in enumerate(zip(rows.rows, rows.starts))])
+        return self.o(out.transpose(1, 2).reshape(B, T, s.heads * s.v_dim))  # (B, T, H)
+
+    def _attend(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, cache: MLACache | None,
+                T: int, offset: int) -> torch.Tensor:
+        """Append latent (B, T, R+P) to the cache and attend by the cheaper path: (B, heads, T, v)."""
         if cache is not None:
             latent = cache.update(latent)  # (B, S, R+P), S = offset + T
         S = latent.shape[1]
         absorb = self.absorb if self.absorb is not None else self._absorb_cheaper(T, S)
-        out = self._absorbed(q_nope, q_pe, latent, offset) if absorb else self._expanded(q_nope, q_pe, latent, offset)
-        return self.o(out.transpose(1, 2).reshape(B, T, s.heads * s.v_dim))  # (B, T, H)
+        return (self._absorbed if absorb else self._expanded)(q_nope, q_pe, latent, offset)
 
     def _absorb_cheaper(self, T: int, S: int) -> bool:
         """Multiply-adds per head of each path for T queries over S positions."""
@@ -309,15 +322,15 @@ MLA_RULES: list[tuple[str, str]] = [
 ]
 
 
-def make_mla_sanitizer(mtp_layer: int | None = None) -> Callable[[str, torch.Tensor], list[tuple[str, torch.Tensor]]]:
-    """sanitize(name, tensor) for an MLA checkpoint. A multi-token-prediction layer stored
-    as model.layers.<mtp_layer> is skipped (it only drafts tokens; transformers skips the
-    same index), and the zero-element shared-expert matrices of n_shared_experts 0 too."""
+def make_mla_sanitizer(skip_mtp: bool = False) -> Callable[..., list[tuple[str, torch.Tensor]]]:
+    """sanitize(name, tensor, args) for an MLA checkpoint. With `skip_mtp`, the
+    multi-token-prediction layers stored after the decoder (model.layers.<N> for N >=
+    num_hidden_layers) are skipped (they only draft tokens; transformers skips them too),
+    and the zero-element shared-expert matrices of n_shared_experts 0 always."""
     rename = make_sanitizer(MLA_RULES)
-    mtp = re.compile(rf"model\.layers\.{mtp_layer}\.") if mtp_layer is not None else None
 
-    def sanitize(name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
-        if mtp is not None and mtp.match(name):
+    def sanitize(name: str, tensor: torch.Tensor, args=None) -> list[tuple[str, torch.Tensor]]:
+        if skip_mtp and args is not None and past_last_layer(name, args):
             return []
         if ".shared_experts." in name and tensor.numel() == 0:
             return []

@@ -36,6 +36,15 @@ class ExpertProvider:
     def begin_forward(self, num_tokens: int) -> None:
         """Called once at the start of every model forward."""
 
+    def resident(self, layer: int) -> set[int] | None:
+        """The experts of `layer` that are in memory now (cached or being read), for
+        cache-aware routing; None means every expert is (nothing to prefer)."""
+        return None
+
+    def note_cache_routing(self, layer: int, slots: int, swapped: int) -> None:
+        """Cache-aware routing at `layer` considered `slots` routed slots and swapped
+        `swapped` of them to resident experts (for the statistics)."""
+
     def stats(self) -> dict:
         """Counters since the last reset (hits, misses, bytes read, ...), JSON-ready."""
         return {}
@@ -71,13 +80,72 @@ def set_adaptive_gating(model: nn.Module, mass: float | None) -> None:
     if mass is not None:
         for r in routers:
             if not r.supports_adaptive:
-                raise InvalidArgument(f"adaptive gating needs softmax routing; this model's {r.kind} router "
-                                      "does not support it")
+                raise InvalidArgument(f"adaptive gating (--adaptive-gating) keeps experts until a share of the "
+                                      f"softmax routing probability is covered; this model's {r.kind} router has "
+                                      "no such distribution, so it does not support it")
     for r in routers:
         r.adaptive = mass
 
 
+def set_cache_aware_routing(model: nn.Module, margin: float | None) -> None:
+    """Turn cache-aware routing on (prefer experts the provider holds when their routing
+    score is within `margin` of a chosen one's; see routers.cache_route) or off (None)
+    for every MoE block of a model. Refused, before anything changes, for a margin outside
+    (0, 1] and for router kinds it cannot apply to. The block only asks its provider which
+    experts are resident (`ExpertProvider.resident`): model code still does no I/O."""
+    if margin is not None:
+        check_cache_aware_routing(model, margin)
+    for b in model.moe_blocks():
+        handle = getattr(b, "_cache_routing_handle", None)
+        if handle is not None:
+            handle.remove()
+            b._cache_routing_handle = None
+        if margin is not None:
+            b._cache_routing_handle = b.router.register_forward_hook(_cache_routing_hook(b, float(margin)))
+
+
+def check_cache_aware_routing(model: nn.Module, margin) -> None:
+    """Raise InvalidArgument unless `margin` is in (0, 1] and every router of the model
+    supports cache-aware routing."""
+    from .routers import cache_routing_unsupported
+
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 < margin <= 1:
+        raise InvalidArgument(f"cache-aware routing margin must be a routing-probability difference in (0, 1], "
+                              f"got {margin!r}")
+    for b in model.moe_blocks():
+        why = cache_routing_unsupported(b.router)
+        if why is not None:
+            raise InvalidArgument(f"cache-aware routing (--cache-aware-routing) swaps experts whose routing "
+                                  f"scores are within a margin; this model's {b.router.kind} router does not "
+                                  f"support it: {why}")
+
+
+def _cache_routing_hook(block: nn.Module, margin: float):
+    """A forward hook on `block`'s router that applies cache-aware routing to its output,
+    so every family's block (whatever its own forward) routes through it."""
+    from .routers import cache_route
+
+    def hook(router, inputs, output):
+        provider = block.provider
+        resident = provider.resident(block.layer) if provider is not None else None
+        if resident is None:  # everything is in memory: nothing to prefer
+            return None
+        weights, ids, logits = output
+        weights, ids, swapped = cache_route(router, logits, weights, ids, resident, margin)
+        slots = ids.shape[1] - ids[0].tolist().count(-1) if ids.shape[0] == 1 else int((ids >= 0).sum())
+        provider.note_cache_routing(block.layer, slots, swapped)
+        return weights, ids, logits
+
+    return hook
+
+
 RoutingHook = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
+# expert_hook(layer, x, weights, ids, out), called once the routed experts of a block call
+# have run: x (N, H) exactly as the experts received it (before any input scaling),
+# weights and ids (N, k) as routed, out (N, H) their combined output before the block adds
+# or scales anything else. Tools that weigh experts (the bitwidth profiler, expert
+# statistics) use it rather than rebuilding each family's block around the experts.
+ExpertHook = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 
 class MoEBlock(nn.Module):
@@ -97,6 +165,7 @@ class MoEBlock(nn.Module):
         self.shared_gate = shared_gate
         self.provider: ExpertProvider | None = None
         self.hook: RoutingHook | None = None
+        self.expert_hook: ExpertHook | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -112,7 +181,18 @@ class MoEBlock(nn.Module):
             out = out + s
         return out.reshape(shape)
 
-    def routed(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    def routed(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+               route_x: torch.Tensor | None = None) -> torch.Tensor:
+        """The weighted routed experts on x (N, H). `route_x` is the block's input the
+        router saw, what the provider is told about for prediction when the experts see
+        something else (Gemma 4 runs them on a norm of it); default x."""
+        out = self._routed(x, weights, ids, x if route_x is None else route_x)  # (N, H)
+        if self.expert_hook is not None:
+            self.expert_hook(self.layer, x, weights, ids, out)
+        return out
+
+    def _routed(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+                route_x: torch.Tensor) -> torch.Tensor:
         N, k = ids.shape
         E = self.num_experts
         flat = ids.reshape(-1)  # (N*k,); -1 marks a slot dropped by adaptive gating
@@ -124,7 +204,7 @@ class MoEBlock(nn.Module):
         if N == 1:
             picked = flat.tolist()
             slot = {e: i for i, e in enumerate(picked) if e >= 0}  # top-k ids are distinct
-            for e, expert in self.provider.experts(self.layer, list(slot), x, ids):
+            for e, expert in self.provider.experts(self.layer, list(slot), route_x, ids):
                 i = slot[e]
                 slots[i] = expert(x * weights[0, i] if on_input else x)[0]
         else:
@@ -138,7 +218,7 @@ class MoEBlock(nn.Module):
                     wanted.append(e)
                 pos += c
             w_flat = weights.reshape(-1, 1)  # (N*k, 1)
-            for e, expert in self.provider.experts(self.layer, wanted, x, ids):
+            for e, expert in self.provider.experts(self.layer, wanted, route_x, ids):
                 a, b = starts[e]
                 sel = order[a:b]  # slot indices routed to e
                 xin = x[sel // k]  # (n, H)

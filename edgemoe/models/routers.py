@@ -388,6 +388,8 @@ def cache_route(router: Router, logits: torch.Tensor, weights: torch.Tensor, ids
     (weights (N, k), ids (N, k), logits (N, E)) with non-resident experts swapped for
     resident ones within `margin`, and the number of swapped slots. Rows without a swap
     keep their weights bit for bit."""
+    if ids.shape[0] == 1 and all(e < 0 or e in resident for e in ids[0].tolist()):
+        return weights, ids, 0  # decode, every chosen expert in memory: the common case, kept cheap
     grouped = isinstance(router, GroupedRouter)
     if grouped:
         scores = router.scores(logits)  # (N, E)

@@ -3,7 +3,8 @@
 Modules, each importing only those above it (tests/test_imports.py checks there is no
 cycle, function-level imports included):
 
-    native.py    the C library (csrc/qmm.c): build on first use, cache, ctypes bindings
+    native.py    the C library (csrc/): build on first use, one object per instruction set,
+                 run-time dispatch, cache, ctypes bindings
     registry.py  format names -> Format objects, and the name grammars
     quantize.py  group-wise quantization and bit packing (C fast path via native)
     kernels.py   matmul on quantized weights: picks the C kernel or a torch fallback

@@ -23,8 +23,9 @@ import re
 import torch
 
 from ..errors import StoreError
-from ..experts import glu
-from .formats import Format, TensorSpec
+from ..experts import ACTIVATIONS, glu
+from .formats import Format, TensorSpec, UngatedFormat
+from . import kernels
 from .kernels import Int8Matrix, QMatrix, int8_mm, qmm, quantize_int8
 from .quantize import BLOCK, QuantSpec, pack, quantize
 
@@ -48,16 +49,28 @@ def check_parts(fmt: Format, parts: dict[str, torch.Tensor], hidden: int, inter:
 
 class QuantExpert:
     """An expert whose gate/up (stacked) and down matrices are quantized. Holds only views
-    of the encoded tensors; every call allocates just its activations."""
+    of the encoded tensors; every call allocates just its activations.
+
+    With int8 activations (kernels.ACTIVATIONS), a batch the packed kernels take, no biases
+    and an elementwise activation (kernels.FUSED_ACTS), the whole expert is one C call
+    (kernels.expert_fused): no Python between gate/up, the activation and down."""
 
     def __init__(self, w13, w2, act: str, mm, b13: torch.Tensor | None = None, b2: torch.Tensor | None = None):
-        self.w13, self.w2 = w13, w2  # QMatrix or Int8Matrix
+        self.w13, self.w2 = w13, w2  # QMatrix, Int8Matrix or MXFP4Matrix
         self.b13, self.b2 = b13, b2  # float biases (2I,), (H,) or None
         self.glu = glu(act)
         self._mm = mm
         self.nbytes = w13.nbytes + w2.nbytes + sum(b.nbytes for b in (b13, b2) if b is not None)
+        self._fused = None  # (desc13, desc2, inter, activation code) when the fused call applies
+        if b13 is None and b2 is None and act in kernels.FUSED_ACTS:
+            d13, d2 = kernels.matrix_desc(w13), kernels.matrix_desc(w2)
+            if d13 is not None and d2 is not None:
+                self._fused = (d13, d2, w2.k if isinstance(w2, QMatrix) else w2.q.shape[1], kernels.FUSED_ACTS[act])
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # (N, H) -> (N, H)
+        if self._fused is not None and kernels.fused_ok(x.shape[0], self.w13):
+            d13, d2, inter, act = self._fused
+            return kernels.expert_fused(x, d13, d2, inter, act, x.dtype)
         h = self._mm(x, self.w13, torch.float32)  # (N, 2I); fp32 so the product below is not rounded twice
         if self.b13 is not None:
             h = h + self.b13
@@ -65,6 +78,23 @@ class QuantExpert:
         if self.b2 is None:
             return self._mm(self.glu(g, u), self.w2, x.dtype)  # (N, H)
         return (self._mm(self.glu(g, u), self.w2, torch.float32) + self.b2).to(x.dtype)  # (N, H)
+
+
+class UngatedQuantExpert(QuantExpert):
+    """An ungated expert, down(act(w1 x)), with quantized w1 (I rows, held as "w13") and
+    w2: the same matmul calls as QuantExpert on a one-matrix layout (UngatedFormat)."""
+
+    def __init__(self, w1, w2, act: str, mm, b1: torch.Tensor | None = None, b2: torch.Tensor | None = None):
+        super().__init__(w1, w2, "relu", mm, b1, b2)  # "relu": any known name; the activation is set below
+        self.act = ACTIVATIONS[act]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # (N, H) -> (N, H)
+        h = self._mm(x, self.w13, torch.float32)  # (N, I)
+        if self.b13 is not None:
+            h = h + self.b13
+        if self.b2 is None:
+            return self._mm(self.act(h), self.w2, x.dtype)  # (N, H)
+        return (self._mm(self.act(h), self.w2, torch.float32) + self.b2).to(x.dtype)  # (N, H)
 
 
 class GroupwiseFormat(Format):
@@ -113,6 +143,15 @@ class GroupwiseFormat(Format):
         w13, w2 = self.matrices(parts)
         return QuantExpert(w13, w2, act, qmm, parts.get("b13"), parts.get("b2"))
 
+    def ungated_expert(self, parts, act, dtype):
+        """An ungated expert from "w13" holding w1's I rows (UngatedFormat's layout)."""
+        hidden, inter = parts["w2.q"].shape[0], parts["w13.q"].shape[0]
+        check_parts(UngatedFormat(self), parts, hidden, inter)
+        sp = self.spec
+        w1 = QMatrix(parts["w13.q"], parts["w13.s"], parts.get("w13.z"), sp, hidden)
+        w2 = QMatrix(parts["w2.q"], parts["w2.s"], parts.get("w2.z"), sp, inter)
+        return UngatedQuantExpert(w1, w2, act, qmm, parts.get("b13"), parts.get("b2"))
+
 
 class Int8Format(Format):
     """Per-output-channel symmetric int8 with bf16 scales: the layout torch's
@@ -137,6 +176,13 @@ class Int8Format(Format):
         w13 = Int8Matrix(parts["w13.q"], parts["w13.s"])
         w2 = Int8Matrix(parts["w2.q"], parts["w2.s"])
         return QuantExpert(w13, w2, act, int8_mm, parts.get("b13"), parts.get("b2"))
+
+    def ungated_expert(self, parts, act, dtype):
+        """An ungated expert from "w13" holding w1's I rows (UngatedFormat's layout)."""
+        check_parts(UngatedFormat(self), parts, parts["w2.q"].shape[0], parts["w13.q"].shape[0])
+        w1 = Int8Matrix(parts["w13.q"], parts["w13.s"])
+        w2 = Int8Matrix(parts["w2.q"], parts["w2.s"])
+        return UngatedQuantExpert(w1, w2, act, int8_mm, parts.get("b13"), parts.get("b2"))
 
 
 # ----------------------------------------------------------------------------- names

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..experts import DenseExpert, Expert
+from ..experts import DenseExpert, Expert, UngatedDenseExpert
 from .registry import FORMATS, get_format, register  # noqa: F401 - re-exported: callers import them from here
 
 
@@ -71,6 +71,11 @@ class Format:
     def bits_per_weight(self, hidden: int, inter: int) -> float:
         return 8 * sum(s.nbytes for s in self.layout(hidden, inter)) / (3 * hidden * inter)
 
+    def bias_layout(self, hidden: int, inter: int, dtype: torch.dtype, names=None) -> list["TensorSpec"]:
+        """The bias tensors a blob of this format carries after its own (see bias_specs);
+        ungated experts (UngatedFormat) carry a b13 of I values instead of 2I."""
+        return bias_specs(hidden, inter, dtype, BIAS_PARTS if names is None else names)
+
 
 class FloatFormat(Format):
     """Unquantized experts in bf16, fp16 or fp32: gate and up stacked as w13 (2I, H)."""
@@ -91,6 +96,10 @@ class FloatFormat(Format):
         # Views are used as stored; DenseExpert casts activations when dtypes differ.
         return DenseExpert.from_stacked(parts["w13"], parts["w2"], act, parts.get("b13"), parts.get("b2"))
 
+    def ungated_expert(self, parts, act, dtype):
+        """An ungated expert from this format's tensors holding one input matrix (UngatedFormat)."""
+        return UngatedDenseExpert(parts["w13"], parts["w2"], act, parts.get("b13"), parts.get("b2"))
+
 
 # Expert biases a blob may carry after its format's tensors, in this order.
 BIAS_PARTS = ("b13", "b2")
@@ -109,3 +118,56 @@ FLOAT_FORMATS = (
     FloatFormat("fp16", torch.float16),
     FloatFormat("fp32", torch.float32),
 )
+
+
+class UngatedFormat(Format):
+    """Ungated experts, down(act(w1 x)) (Switch Transformers, NLLB-MoE), stored in a base
+    format: the base's layout with its "w13" tensors holding w1's I rows instead of gate
+    and up's 2I. Every base format here encodes and computes w13 row by row, so the same
+    encoder makes the codes and the base's `ungated_expert` runs them with the same
+    matmuls on the one-matrix layout. The name and machine tag are the base's: whether a
+    store's experts are gated comes from its model's config (`expert_gated`)."""
+
+    def __init__(self, base: Format):
+        if not hasattr(base, "ungated_expert"):
+            from ..errors import EdgeMoEError
+
+            raise EdgeMoEError(f"expert format {base.name!r} cannot store ungated experts (one input matrix, as in "
+                               "Switch Transformers and NLLB-MoE); choose a float, int8 or int2/3/4 format")
+        self.base, self.name = base, base.name
+
+    def layout(self, hidden: int, inter: int) -> list[TensorSpec]:
+        out = []
+        for s in self.base.layout(hidden, inter):
+            if s.name.split(".")[0] == "w13":  # (2I, ...) rows of gate then up -> (I, ...) rows of w1
+                s = TensorSpec(s.name, s.dtype, (inter, *s.shape[1:]))
+            out.append(s)
+        return out
+
+    def encode(self, gate, up, down):
+        """`gate` is the input matrix w1 (I, H); ungated experts have no `up` (None)."""
+        if up is not None:
+            raise ValueError("an ungated expert has no up matrix")
+        return self.base.encode(gate, gate[:0], down)  # w13 = [w1; nothing]
+
+    def expert(self, parts, act, dtype):
+        return self.base.ungated_expert(parts, act, dtype)
+
+    def bias_dtype(self, compute):
+        return self.base.bias_dtype(compute)
+
+    def bias_layout(self, hidden, inter, dtype, names=None):
+        return [TensorSpec(s.name, s.dtype, (inter,)) if s.name == "b13" else s
+                for s in super().bias_layout(hidden, inter, dtype, names)]
+
+    def tag(self) -> str:
+        return self.base.tag()
+
+    def bits_per_weight(self, hidden: int, inter: int) -> float:
+        return 8 * sum(s.nbytes for s in self.layout(hidden, inter)) / (2 * hidden * inter)
+
+
+def for_experts(fmt: Format, gated: bool = True) -> Format:
+    """The format as experts of a model use it: `fmt` itself for gated experts, its
+    UngatedFormat for ungated ones (a model's `expert_gated`)."""
+    return fmt if gated else UngatedFormat(fmt)

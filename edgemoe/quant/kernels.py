@@ -2,15 +2,26 @@
 
 Paths, picked per call by batch size (rows of x):
 
-* 2/3/4-bit group-wise (`QMatrix`): a small C kernel (csrc/qmm.c) that computes straight
-  from the packed codes with int16 activations; above PACKED_MAX_BATCH rows the weights
-  are instead dequantized, a chunk of rows at a time, into a reused fp32 buffer for an MKL
-  matmul.
+* 2/3/4-bit group-wise (`QMatrix`): a small C kernel (csrc/) that computes straight from
+  the packed codes; above packed_max_batch() rows the weights are instead dequantized, a
+  chunk of rows at a time, into a reused buffer for an MKL / oneDNN matmul.
 * int8 per-channel (`Int8Matrix`, also behind `Int8Linear` for non-expert weights), stored
-  in the layout torch's `_weight_int8pack_mm` reads: the same C kernel (3-6x faster than
-  `_weight_int8pack_mm` on this machine) up to INT8_NATIVE_MAX_BATCH rows, then dequantize
-  + matmul; `_weight_int8pack_mm` only when the C kernel is missing or K is not a multiple
-  of 64, and only for tiny batches (its cost grows linearly with the batch).
+  in the layout torch's `_weight_int8pack_mm` reads: the same C kernel (6-20x faster than
+  `_weight_int8pack_mm` on a Zen 5 EPYC) up to INT8_NATIVE_MAX_BATCH rows, then
+  dequantize + matmul; `_weight_int8pack_mm` only when the C kernel is missing, K is a
+  multiple of 64, and the batch tiny (its cost grows linearly with the batch).
+
+The C kernels quantize the activations per call, to int8 (one scale per 64 activations;
+csrc/qmm8.c: u8 x s8 integer dot products, vpmaddubsw / vpdpbusd / sdot) or to int16
+(one scale per weight group; csrc/qmm.c: vpmaddwd / vpdpwssd). int8 is the default for
+expert weights (`ACTIVATIONS`): about 2x faster at batch 1 and 32 where the CPU has AVX2
+or better, for a held-out perplexity change within +-0.1% on the bundled model
+(bench/results/quant_kernels.md). EDGEMOE_QMM_ACT=int16 or `set_activations("int16")`
+selects the int16 path, whose results are bit for bit those of the kernels before the
+int8 path existed. Resident int8 layers keep int16 (`RESIDENT_ACTIVATIONS`, linear.py),
+MXFP4 experts fp32 (mxfp4.ACTIVATIONS). A gated expert can run as one C call
+(`expert_fused`, used by experts.QuantExpert). Which instruction set the kernels run is
+native.py's (runtime dispatch, EDGEMOE_ISA).
 
 Without a C compiler everything still works: group-wise weights go through torch
 dequantize-then-matmul (correct, 5-10x slower at batch 1), int8 through torch's kernels,
@@ -23,6 +34,8 @@ from there for the callers that switch or report it) nor makes the codes (quanti
 
 from __future__ import annotations
 
+import ctypes
+import os
 from dataclasses import dataclass
 
 import torch
@@ -36,17 +49,66 @@ from .quantize import QuantSpec, unpack
 # bench/quant_kernels.py reports the SIMD level through `K._native.get()`.
 _native = native.library
 
+# ----------------------------------------------------------------------------- activations
+
+ACT_ENV = "EDGEMOE_QMM_ACT"
+ACT_PATHS = ("int8", "int16")
+DEFAULT_ACTIVATIONS = "int8"
+
+
+def _env_activations() -> str:
+    v = os.environ.get(ACT_ENV, "").strip().lower()
+    if v in ("", "auto", "default"):
+        return DEFAULT_ACTIVATIONS
+    if v not in ACT_PATHS:
+        raise ValueError(f"{ACT_ENV}={v!r}: expected one of {', '.join(ACT_PATHS)}")
+    return v
+
+
+ACTIVATIONS = _env_activations()  # how the C kernels quantize activations: "int8" or "int16"
+
+
+def _env_resident() -> str:
+    v = os.environ.get("EDGEMOE_RESIDENT_ACT", "").strip().lower() or "int16"
+    if v not in ACT_PATHS:
+        raise ValueError(f"EDGEMOE_RESIDENT_ACT={v!r}: expected one of {', '.join(ACT_PATHS)}")
+    return v
+
+
+# The activations of resident int8 layers (quant/linear.py: attention, LM head, shared
+# experts): int16 unless EDGEMOE_RESIDENT_ACT=int8 (see linear.py for why).
+RESIDENT_ACTIVATIONS = _env_resident()
+
+
+def set_activations(path: str | None) -> str:
+    """Select the activation path of the C kernels ("int8" or "int16"; None: the default
+    or EDGEMOE_QMM_ACT). Returns the previous one."""
+    global ACTIVATIONS
+    prev = ACTIVATIONS
+    path = _env_activations() if path is None else path
+    if path not in ACT_PATHS:
+        raise ValueError(f"activation path {path!r}: expected one of {', '.join(ACT_PATHS)}")
+    ACTIVATIONS = path
+    return prev
+
+
+def _act8(act: str | None) -> bool:
+    return (act or ACTIVATIONS) == "int8"
+
 # Batch sizes above these use dequantize + matmul instead of the packed kernels (crossovers
 # measured in bench/results/quant_kernels.md). CPUs with bf16 matrix units (AMX,
 # AVX512-BF16) run the dequantized matmul in bf16 several times faster than fp32, so
-# there the crossover comes much earlier.
+# there the crossover comes much earlier; the int8-activation kernels are about twice as
+# fast as the int16 ones, which moves it from 16 to 32 on a Zen 5 EPYC.
 PACKED_MAX_BATCH = 64
 INT8_NATIVE_MAX_BATCH = 64
-PACKED_MAX_BATCH_BF16_CPU = 16
+PACKED_MAX_BATCH_BF16_CPU = 32  # int8 activations
+PACKED_MAX_BATCH_BF16_CPU_INT16 = 16  # int16 activations (and MXFP4's fp32 ones)
 # torch's _weight_int8pack_mm, only for K a multiple of 64 (bf16 with K = 72 and batch >= 4
-# segfaults in torch 2.11 on an AMX Xeon): on AVX-512 CPUs it beats the C kernel up to
-# batch 64; on AVX2 ones it is 3-6x slower, so there it only serves when the C kernel is
-# missing, for tiny batches (its cost grows linearly with the batch).
+# segfaults in torch 2.11 on an AMX Xeon). It used to be preferred on AVX-512 CPUs up to
+# batch 64 (it beat the int16 kernel on a Xeon); on a Zen 5 EPYC it is 6-20x slower than
+# the C kernel at batch 1-64 (bench/results/quant_kernels.md), so now it serves only when
+# the C kernel is missing, for tiny batches (its cost grows linearly with the batch).
 INT8PACK_MAX_BATCH = 4
 INT8PACK_MAX_BATCH_AVX512 = 64
 DEQUANT_ROWS = 1024  # weight rows dequantized per chunk on the large-batch path
@@ -67,13 +129,17 @@ def _has_bf16_matmul() -> bool:
 MATMUL_DTYPE = torch.bfloat16 if _has_bf16_matmul() else torch.float32
 
 
-def packed_max_batch() -> int:
-    """Largest batch that the packed kernels take on this CPU."""
-    return PACKED_MAX_BATCH_BF16_CPU if MATMUL_DTYPE == torch.bfloat16 else PACKED_MAX_BATCH
+def packed_max_batch(act: str | None = None) -> int:
+    """Largest batch that the packed kernels take on this CPU, for activation path `act`
+    (default ACTIVATIONS; "int16" also stands for MXFP4's fp32 activations)."""
+    if MATMUL_DTYPE == torch.bfloat16:
+        return PACKED_MAX_BATCH_BF16_CPU if _act8(act) else PACKED_MAX_BATCH_BF16_CPU_INT16
+    return PACKED_MAX_BATCH
 
 
-# torch's int8pack kernel has an AVX-512 implementation that beats ours there.
-INT8PACK_PREFERRED = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+# Route int8 weights to torch's _weight_int8pack_mm up to INT8PACK_MAX_BATCH_AVX512 rows
+# (see above: off, the C kernel is faster wherever measured since the int8 path).
+INT8PACK_PREFERRED = False
 
 
 # ----------------------------------------------------------------------------- 2/3/4-bit
@@ -113,8 +179,10 @@ def qmm(x: torch.Tensor, w: QMatrix, out_dtype: torch.dtype | None = None) -> to
     return qmm_packed(x, w, out_dtype, lib)
 
 
-def qmm_packed(x: torch.Tensor, w: QMatrix, out_dtype: torch.dtype | None = None, lib=None) -> torch.Tensor:
-    """The packed C kernel at any batch size (the dispatcher's small-batch path)."""
+def qmm_packed(x: torch.Tensor, w: QMatrix, out_dtype: torch.dtype | None = None, lib=None,
+               act: str | None = None) -> torch.Tensor:
+    """The packed C kernel at any batch size (the dispatcher's small-batch path), with
+    int8 or int16 activations (`act`; default ACTIVATIONS)."""
     lib = lib or native.get()
     if lib is None:
         raise RuntimeError(f"C kernel unavailable: {native.library.error}")
@@ -129,7 +197,8 @@ def qmm_packed(x: torch.Tensor, w: QMatrix, out_dtype: torch.dtype | None = None
         raise ValueError(f"packed group-wise kernel takes 2/3/4-bit codes, not {w.spec.bits}")
     ydt = out_dtype if out_dtype in (torch.float32, torch.bfloat16) else torch.float32
     y = torch.empty(m, w.n, dtype=ydt)  # (M, N)
-    rc = lib.em_qmm(
+    fn = lib.em_qmm8 if _act8(act) else lib.em_qmm
+    rc = fn(
         x.data_ptr(), _DTYPES[x.dtype], m, k,
         w.packed.data_ptr(), w.scale.data_ptr(), _DTYPES[torch.float16], 0,
         w.zero.data_ptr() if w.zero is not None else None,
@@ -222,8 +291,10 @@ def quantize_int8(w: torch.Tensor, scale_dtype: torch.dtype = torch.bfloat16) ->
     return Int8Matrix(q, s)
 
 
-def int8_mm(x: torch.Tensor, w: Int8Matrix, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """x (M, K) @ (scale * q)^T -> (M, N)."""
+def int8_mm(x: torch.Tensor, w: Int8Matrix, out_dtype: torch.dtype | None = None,
+            act: str | None = None) -> torch.Tensor:
+    """x (M, K) @ (scale * q)^T -> (M, N); `act`: the C kernel's activations (default
+    ACTIVATIONS)."""
     out_dtype = out_dtype or x.dtype
     m, k = x.shape
     if k != w.q.shape[1]:
@@ -233,13 +304,13 @@ def int8_mm(x: torch.Tensor, w: Int8Matrix, out_dtype: torch.dtype | None = None
         return _int8pack(x, w, out_dtype)
     lib = native.get()
     if lib is not None and aligned and w.scale.dtype in _DTYPES:
-        limit = INT8_NATIVE_MAX_BATCH if MATMUL_DTYPE == torch.float32 else PACKED_MAX_BATCH_BF16_CPU
+        limit = INT8_NATIVE_MAX_BATCH if MATMUL_DTYPE == torch.float32 or _act8(act) else PACKED_MAX_BATCH_BF16_CPU_INT16
         if m <= limit:
-            return _int8_native(lib, x, w, out_dtype)
+            return _int8_native(lib, x, w, out_dtype, act)
     elif aligned and x.dtype in _DTYPES and m <= INT8PACK_MAX_BATCH:
         return _int8pack(x, w, out_dtype)
     # bf16 matmul only pays (and is only worth its rounding) for large batches
-    dt = MATMUL_DTYPE if m > packed_max_batch() else torch.float32
+    dt = MATMUL_DTYPE if m > packed_max_batch(act) else torch.float32
     xd = x.to(dt)
     y = torch.empty(m, w.q.shape[0], dtype=dt)
     for n0 in range(0, w.q.shape[0], DEQUANT_ROWS):
@@ -254,7 +325,7 @@ def _int8pack(x: torch.Tensor, w: Int8Matrix, out_dtype: torch.dtype) -> torch.T
     return torch.ops.aten._weight_int8pack_mm(x.contiguous(), w.q, s).to(out_dtype)
 
 
-def _int8_native(lib, x: torch.Tensor, w: Int8Matrix, out_dtype: torch.dtype) -> torch.Tensor:
+def _int8_native(lib, x: torch.Tensor, w: Int8Matrix, out_dtype: torch.dtype, act: str | None = None) -> torch.Tensor:
     """The C kernel on torch's int8pack layout: signed codes (N, K), one scale per row."""
     if x.dtype not in _DTYPES:
         x = x.float()
@@ -263,10 +334,58 @@ def _int8_native(lib, x: torch.Tensor, w: Int8Matrix, out_dtype: torch.dtype) ->
     n = w.q.shape[0]
     ydt = out_dtype if out_dtype in (torch.float32, torch.bfloat16) else torch.float32
     y = torch.empty(m, n, dtype=ydt)  # (M, N)
-    rc = lib.em_qmm(
+    fn = lib.em_qmm8 if _act8(act) else lib.em_qmm
+    rc = fn(
         x.data_ptr(), _DTYPES[x.dtype], m, k, w.q.data_ptr(), w.scale.data_ptr(), _DTYPES[w.scale.dtype], 1, None,
         n, k, 8, INT8_XGROUP, y.data_ptr(), _DTYPES[ydt], torch.get_num_threads(),
     )  # fmt: skip
     if rc:
         raise RuntimeError(f"em_qmm (int8) failed with code {rc}")
+    return y if ydt == out_dtype else y.to(out_dtype)
+
+
+# ----------------------------------------------------------------------------- fused expert
+
+# Elementwise activations the C expert call computes (em_expert8); other gated
+# combinations (gpt-oss's clamped SwiGLU) and experts with biases take two calls.
+FUSED_ACTS = {"silu": 0, "swish": 0, "gelu": 1, "gelu_pytorch_tanh": 2, "relu": 3}
+
+
+def matrix_desc(w) -> ctypes.Array | None:
+    """The int64 description em_expert8 reads for one matrix ({codes, scale, zero, scale
+    dtype, per_row, Kp, bits, G}), or None when the fused call cannot take it. The
+    tensors must outlive the description (the expert holds them)."""
+    if isinstance(w, QMatrix) and w.spec.bits in (2, 3, 4):
+        vals = (w.packed.data_ptr(), w.scale.data_ptr(), w.zero.data_ptr() if w.zero is not None else 0,
+                _DTYPES[torch.float16], 0, w.kp, w.spec.bits, w.spec.group)
+    elif isinstance(w, Int8Matrix) and w.q.shape[1] % INT8_XGROUP == 0 and w.scale.dtype in _DTYPES:
+        vals = (w.q.data_ptr(), w.scale.data_ptr(), 0, _DTYPES[w.scale.dtype], 1, w.q.shape[1], 8, INT8_XGROUP)
+    else:
+        return None
+    return (ctypes.c_int64 * 8)(*vals)
+
+
+def fused_ok(m: int, w) -> bool:
+    """Whether an expert call of m rows on weights like `w` takes em_expert8 now: the C
+    kernel built, int8 activations, and a batch the packed kernels take."""
+    if ACTIVATIONS != "int8" or native.library.disabled or native.get() is None:
+        return False
+    if isinstance(w, Int8Matrix):
+        return not INT8PACK_PREFERRED and m <= INT8_NATIVE_MAX_BATCH
+    return m <= packed_max_batch()
+
+
+def expert_fused(x: torch.Tensor, d13, d2, inter: int, act: int, out_dtype: torch.dtype) -> torch.Tensor:
+    """y (M, H) = act(x W_gate^T) * (x W_up^T) @ W_down^T in one C call (int8 activations)."""
+    lib = native.get()
+    if x.dtype not in _DTYPES:
+        x = x.float()
+    x = x.contiguous()
+    m, h = x.shape
+    ydt = out_dtype if out_dtype in (torch.float32, torch.bfloat16) else torch.float32
+    y = torch.empty(m, h, dtype=ydt)  # (M, H)
+    rc = lib.em_expert8(x.data_ptr(), _DTYPES[x.dtype], m, h, inter, d13, d2, act, y.data_ptr(), _DTYPES[ydt],
+                        torch.get_num_threads())
+    if rc:
+        raise RuntimeError(f"em_expert8 failed with code {rc}")
     return y if ydt == out_dtype else y.to(out_dtype)

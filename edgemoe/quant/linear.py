@@ -3,8 +3,12 @@ experts, dense MLPs, the LM head.
 
 `Int8Linear` keeps a per-output-channel symmetric int8 weight and its scales as buffers
 (`qweight` (N, K) int8, `scale` (N,)), so a state dict round-trips with safetensors, and
-computes with torch's `_weight_int8pack_mm` for small batches (decode) or dequantize +
-matmul for large ones (prefill); see kernels.int8_mm.
+computes with the C kernel for small batches (decode) or dequantize + matmul for large
+ones (prefill); see kernels.int8_mm. The C kernel runs these layers with int16
+activations (kernels.RESIDENT_ACTIVATIONS, EDGEMOE_RESIDENT_ACT): int8 activations here
+are untested for accuracy (issue 15 section 4), and on a random tiny MoE they move the
+logits by up to half their range through routing flips (the experts' int8 path is
+measured in bench/results/quant_kernels.md).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import torch
 from torch import nn
 
 from ..cpu import Linear
+from . import kernels
 from .kernels import Int8Matrix, int8_mm, quantize_int8
 
 # The float linear layers int8 quantization may replace.
@@ -49,7 +54,8 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        y = int8_mm(x.reshape(-1, shape[-1]), Int8Matrix(self.qweight, self.scale), x.dtype)  # (M, N)
+        y = int8_mm(x.reshape(-1, shape[-1]), Int8Matrix(self.qweight, self.scale), x.dtype,
+                    act=kernels.RESIDENT_ACTIVATIONS)  # (M, N)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*shape[:-1], self.out_features)

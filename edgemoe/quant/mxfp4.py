@@ -25,10 +25,17 @@ The kernel (`mxfp4_mm`) computes from the codes: for small batches a C kernel
 fp32 activations; for large batches (or without a C compiler) rows of the weight are
 dequantized a chunk at a time (exact) for a float matmul. No float copy of an expert is
 ever kept.
+
+The C kernel can instead quantize the activations to int8, one scale per 32-block, and
+sum integer products (csrc/qmm8.c, em_mxfp4_mm8: vpdpbusd / vpmaddubsw / sdot): opt in
+with EDGEMOE_MXFP4_ACT=int8 or `set_activations("int8")`. The default stays "fp32": the
+float products keep gpt-oss's outputs those of transformers on the dequantized weights
+(tests/models/families/test_gpt_oss.py); bench/results/quant_kernels.md measures both.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -53,6 +60,34 @@ _POW2 = torch.cat([torch.exp2(torch.arange(255, dtype=torch.float64, device="cpu
 # Round-to-nearest-even boundaries between consecutive E2M1 magnitudes; at a tie the even
 # code wins, so the comparison is strict (stay low) after an even code and not after an odd.
 _BOUNDS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
+
+
+ACT_ENV = "EDGEMOE_MXFP4_ACT"
+ACT_PATHS = ("fp32", "int8")
+
+
+def _env_activations() -> str:
+    v = os.environ.get(ACT_ENV, "").strip().lower()
+    if v in ("", "auto", "default"):
+        return "fp32"
+    if v not in ACT_PATHS:
+        raise ValueError(f"{ACT_ENV}={v!r}: expected one of {', '.join(ACT_PATHS)}")
+    return v
+
+
+ACTIVATIONS = _env_activations()  # activations of the MXFP4 C kernel: "fp32" or "int8"
+
+
+def set_activations(path: str | None) -> str:
+    """Select the MXFP4 kernel's activations ("fp32" or "int8"; None: the default or
+    EDGEMOE_MXFP4_ACT). Returns the previous one."""
+    global ACTIVATIONS
+    prev = ACTIVATIONS
+    path = _env_activations() if path is None else path
+    if path not in ACT_PATHS:
+        raise ValueError(f"MXFP4 activation path {path!r}: expected one of {', '.join(ACT_PATHS)}")
+    ACTIVATIONS = path
+    return prev
 
 
 def groups(k: int) -> int:
@@ -125,7 +160,7 @@ def mxfp4_mm(x: torch.Tensor, w: MXFP4Matrix, out_dtype: torch.dtype | None = No
     if k != w.k:
         raise ValueError(f"x has {k} columns, weight expects {w.k}")
     lib = native.get()
-    if lib is not None and m <= kernels.packed_max_batch():
+    if lib is not None and m <= kernels.packed_max_batch("int8" if ACTIVATIONS == "int8" else "int16"):
         return _mm_native(lib, x, w, out_dtype)
     dt = torch.float32 if lib is None or x.dtype == torch.float32 else kernels.MATMUL_DTYPE
     xd = x.to(dt)
@@ -149,13 +184,16 @@ def dequant_rows(w: MXFP4Matrix, n0: int, n1: int, dtype: torch.dtype = torch.fl
     return out
 
 
-def _mm_native(lib, x: torch.Tensor, w: MXFP4Matrix, out_dtype: torch.dtype) -> torch.Tensor:
+def _mm_native(lib, x: torch.Tensor, w: MXFP4Matrix, out_dtype: torch.dtype, act: str | None = None) -> torch.Tensor:
+    """The C kernel: fp32 activations (em_mxfp4_mm) or int8 ones with one scale per 32-block
+    (em_mxfp4_mm8); `act` ("fp32" or "int8") defaults to ACTIVATIONS."""
     if x.dtype not in native.DTYPES:
         x = x.float()
     x = x.contiguous()
     ydt = out_dtype if out_dtype in (torch.float32, torch.bfloat16) else torch.float32
     y = torch.empty(x.shape[0], w.n, dtype=ydt)  # (M, N)
-    rc = lib.em_mxfp4_mm(x.data_ptr(), native.DTYPES[x.dtype], x.shape[0], w.k, w.blocks.data_ptr(),
+    fn = lib.em_mxfp4_mm8 if (act or ACTIVATIONS) == "int8" else lib.em_mxfp4_mm
+    rc = fn(x.data_ptr(), native.DTYPES[x.dtype], x.shape[0], w.k, w.blocks.data_ptr(),
                          w.scales.data_ptr(), w.n, w.scales.shape[1], y.data_ptr(), native.DTYPES[ydt],
                          torch.get_num_threads())
     if rc:

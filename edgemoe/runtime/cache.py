@@ -33,6 +33,14 @@ neither evicted nor moved) or READY. A READY entry can additionally be
   never evicted to make room for a background load (a prefetch), and a demand load takes
   it only when no unguarded expert can go. Guards lapse by themselves as requests advance.
 
+Demand first. A read the compute thread waits for (a miss in `acquire`, a late prefetch
+it waits on, or a layer that holds the link with `hold_background`) pauses background
+reads: none starts, and one in progress stops between chunks of a throttled read until
+the demand is served, so a prefetch delays a demand by at most the one chunk already on
+the wire. A background read the compute thread starts waiting for becomes urgent and
+is never paused. `bandwidth()` is the read rate measured on recent loads (pauses left
+out), which the provider uses to pace its prefetches.
+
 Threads. All bookkeeping happens under one condition variable; reads and checksum
 verification run outside it, so loads in different threads overlap. `acquire` (the
 on-demand path) reads a missing expert in the calling thread, so it never queues behind
@@ -58,7 +66,7 @@ import torch
 from ..errors import BudgetError, EdgeMoEError
 from ..experts import Expert
 from ..store.format import ALIGN, ExpertEntry
-from ..store.reader import ExpertStore
+from ..store.reader import ExpertStore, ReadAborted
 from .loader import DEMAND, PREFETCH, Loader, LoadFuture
 from .policies import Key, Policy
 from .slab import Slab, SlabAllocator, views_only
@@ -81,6 +89,8 @@ class CacheCounters(NamedTuple):
     bytes_read: int
     stall_s: float
     read_s: float
+    background_bytes: int = 0  # bytes of background loads completed
+    miss_s: float = 0.0  # time the compute thread spent reading its misses (part of stall_s)
 
 
 @dataclass(eq=False)
@@ -109,7 +119,10 @@ class _Counts:
     background_loads: int = 0
     background_bytes: int = 0
     waits: int = 0
+    paused: int = 0  # background reads that paused for a demand
+    paused_s: float = 0.0
     stall_s: float = 0.0
+    miss_s: float = 0.0
     verify_s: float = 0.0
     verifications: int = 0
     verify_bytes: int = 0
@@ -142,6 +155,10 @@ class ExpertCache:
         self._touched = 0  # highest slab byte ever written: those pages are in RSS
         self._loader: Loader | None = None
         self._built: dict[tuple[str, int, int], Expert] = {}  # see expert()
+        self._demand = 0  # reads (and holds) the compute thread is waiting on: background reads pause
+        sizes = {e.length for e in store.entries.values()}
+        self._uniform = sizes.pop() if len(sizes) == 1 else 0  # the one blob size, if all are equal
+        self._bw: float | None = None  # measured read rate, bytes/s (an exponential average)
         self._views_only: dict[str, bool] = {}
         self.reset_stats()
 
@@ -187,7 +204,8 @@ class ExpertCache:
         """The counters a caller accounts per phase, as one consistent snapshot."""
         with self._cond:
             s = self._store
-            return CacheCounters(self._n.hits, self._n.misses, s.bytes_read, self._n.stall_s, s.read_s)
+            n = self._n
+            return CacheCounters(n.hits, n.misses, s.bytes_read, n.stall_s, s.read_s, n.background_bytes, n.miss_s)
 
     def stats(self) -> dict:
         """Every counter and the slab's occupancy, JSON-ready."""
@@ -210,6 +228,9 @@ class ExpertCache:
                 "background_loads": c.background_loads,
                 "background_bytes": c.background_bytes,
                 "waits": c.waits,
+                "background_paused": c.paused,
+                "background_paused_s": round(c.paused_s, 6),
+                "read_bandwidth_bps": int(self._bw) if self._bw else None,
                 "cache_bytes": self.capacity,
                 "cache_used_bytes": self.used,
                 "cache_peak_bytes": c.peak_used,
@@ -281,6 +302,38 @@ class ExpertCache:
         e = self._entries.get(key)
         return e.state if e is not None else None
 
+    def present_ids(self, layer: int) -> set[int]:
+        """The expert ids of `layer` whose blob is cached or being read (cache-aware routing)."""
+        stored = self._store.entries
+        with self._cond:
+            entries = self._entries
+            out = set()
+            for e in range(self._store.args.experts_per_layer):
+                info = stored.get((layer, e))
+                if info is not None and info.blob_key in entries:
+                    out.add(e)
+            return out
+
+    def smallest_blob(self) -> int:
+        """Bytes of the smallest expert blob in the store."""
+        return min((i.length for i in self._store.entries.values()), default=0)
+
+    def bandwidth(self) -> float | None:
+        """Read rate measured on recent loads, bytes per second (None before the first)."""
+        return self._bw
+
+    def hold_background(self) -> None:
+        """The compute thread is about to read on demand (a layer with misses): pause
+        background reads until `release_background`."""
+        with self._cond:
+            self._demand += 1
+
+    def release_background(self) -> None:
+        with self._cond:
+            self._demand -= 1
+            if not self._demand:
+                self._cond.notify_all()
+
     # ----------------------------------------------------------------- on-demand path
 
     def acquire(self, key: Key) -> tuple[Entry, bool]:
@@ -303,16 +356,32 @@ class ExpertCache:
                 # Being read by another thread (a prefetch): waiting beats reading it twice,
                 # and from now on that read goes ahead of other background reads.
                 e.urgent = True
+                self._cond.notify_all()  # if its read was paused for a demand, it resumes
                 waited = True
                 self._n.waits += 1
-                self._cond.wait()
+                self._demand += 1  # other background reads pause meanwhile
+                try:
+                    self._cond.wait()
+                finally:
+                    self._demand -= 1
+                    if not self._demand:
+                        self._cond.notify_all()
             e = self._reserve(key, wait=True)
             e.leases = 1
             self._n.misses += 1
-        self._fill(e)
+            self._demand += 1
+        try:
+            self._fill(e)
+        finally:
+            with self._cond:
+                self._demand -= 1
+                if not self._demand:
+                    self._cond.notify_all()
         with self._cond:
             self._policy.on_access(key)
-            self._n.stall_s += time.perf_counter() - t0
+            dt = time.perf_counter() - t0
+            self._n.stall_s += dt
+            self._n.miss_s += dt
         return e, False
 
     def release(self, entry: Entry) -> None:
@@ -354,6 +423,14 @@ class ExpertCache:
         (demand) load may evict guarded experts and reads ahead of the others; `abort`
         is checked between chunks of a throttled read (see ExpertStore.read_into)."""
         with self._cond:
+            if not (wait or urgent) and self._demand:  # demand first: start once it is served
+                t0 = time.perf_counter()
+                while self._demand and not (abort is not None and abort()):
+                    self._cond.wait()
+                self._n.paused += 1
+                self._n.paused_s += time.perf_counter() - t0
+                if abort is not None and abort():
+                    raise ReadAborted(f"layer {key[0]} expert {key[1]}: background load dropped before it started", 0)
             e = self._entries.get(key)
             if e is not None:
                 e.guard = max(e.guard, guard)
@@ -418,6 +495,10 @@ class ExpertCache:
                 compacted = False
                 continue
             if wait and any(e.state == LOADING or e.leases for e in self._entries.values()):
+                for e in self._entries.values():  # a background read paused for this demand must end
+                    if e.state == LOADING:
+                        e.urgent = True
+                self._cond.notify_all()
                 self._cond.wait()  # another thread's load or use ends, then its room may be taken
                 compacted = False
                 continue
@@ -435,12 +516,33 @@ class ExpertCache:
         """Read and verify a LOADING entry outside the lock, then publish it as READY. On
         failure the entry and its room are given back and the error propagates."""
         store = self._store
+        paused = [0.0]
+
+        def stop() -> bool:
+            """Between chunks of a background read: pause while the compute thread waits
+            for a demand read (unless this read became urgent), then ask `abort`."""
+            if self._demand and not e.urgent:
+                t = time.perf_counter()
+                with self._cond:
+                    while self._demand and not e.urgent and not (abort is not None and abort()):
+                        self._cond.wait()
+                    self._n.paused += 1
+                paused[0] += time.perf_counter() - t
+            return abort is not None and abort()
+
         try:
             buf = self._slab.view[e.offset : e.offset + e.length]
+            t0 = time.perf_counter()
             if e.urgent and abort is None:
                 store.read_into(e.info, buf)
             else:  # a background read: its urgency can change while it runs
-                store.read_into(e.info, buf, urgent=lambda: e.urgent, abort=abort)
+                store.read_into(e.info, buf, urgent=lambda: e.urgent, abort=stop)
+            dt = time.perf_counter() - t0 - paused[0]
+            if dt > 0:
+                with self._cond:  # an exponential average over the last few reads
+                    rate = e.length / dt
+                    self._bw = rate if self._bw is None else 0.7 * self._bw + 0.3 * rate
+                    self._n.paused_s += paused[0]
             # "first": each expert's first read in this cache is checked, not its re-reads
             # after an eviction; "always": every read from storage is.
             if self.verify == "always" or e.key not in self._verified:
@@ -471,6 +573,8 @@ class ExpertCache:
         victim fits, so the policy's order is unchanged."""
         if not self.fit_victims:
             return None
+        if self._uniform and need == self._uniform:  # every victim's room holds it: skip the checks
+            return self._policy.victim(victims)
         entries = self._entries
         fits = [k for k in victims if self._alloc.hole_around(entries[k].offset, entries[k].length) >= need]
         return self._policy.victim(fits) if fits else None
@@ -506,6 +610,9 @@ class ExpertCache:
 
     def close(self) -> None:
         """Stop the loader, drop every expert, give the slab back and close the store."""
+        with self._cond:  # no demand is coming any more: a paused background read ends
+            self._demand = 0
+            self._cond.notify_all()
         if self._loader is not None:
             self._loader.close()
             self._loader = None

@@ -90,7 +90,6 @@ class MemoryPlan:
     capacity: int  # the expert cache
     onednn: bool  # whether prefill uses oneDNN (its reserve is in workspace)
     parallel: int = 1  # sequences decoded together (serve --parallel): kv_bytes holds one KV cache per slot
-    batch_onednn: bool = False  # whether decode steps of several sequences use oneDNN (its reserve is in workspace)
 
 
 def memory_plan(args, dt: torch.dtype, path, budget: int | None, ctx_size: int, explicit_ctx: bool, resident: int,
@@ -102,21 +101,18 @@ def memory_plan(args, dt: torch.dtype, path, budget: int | None, ctx_size: int, 
     below the minimum, or an io-free budget below every expert, is a BudgetError naming path.
     parallel: slots whose sequences are decoded together (edgemoe.batching): each keeps its
     own KV cache for ctx_size, so every KV figure below counts `parallel` of them."""
-    from ..batching import batch_onednn
-
     max_pos = args.max_position_embeddings
     min_ctx = ctx_size if explicit_ctx else min(max_pos, MIN_CTX)
-    batched = batch_onednn(onednn, dt, parallel)
     onednn = prefill_onednn(onednn, dt, resident + experts_total)
     kv_per_token *= parallel  # from here on: the KV bytes of one position in every slot
     slots = f" x {parallel} slots (--parallel)" if parallel > 1 else ""
 
     def fixed(ctx: int) -> int:  # what a budget must hold besides the KV cache, at this context size
-        return resident + workspace_bytes(args, dt, ctx, onednn or batched) + one_layer
+        return resident + workspace_bytes(args, dt, ctx, onednn) + one_layer
 
     min_budget = fixed(min_ctx) + min_ctx * kv_per_token
     if budget is not None and budget < min_budget and mode != "io-free":  # io-free: its own check below
-        ws = workspace_bytes(args, dt, min_ctx, onednn or batched)
+        ws = workspace_bytes(args, dt, min_ctx, onednn)
         raise BudgetError(
             f"memory budget {format_bytes(budget)} ({budget} bytes) is too small for {path}: the resident weights "
             f"take {format_bytes(resident)}, the KV cache for {min_ctx} tokens{slots} {format_bytes(min_ctx * kv_per_token)}, "
@@ -136,7 +132,7 @@ def memory_plan(args, dt: torch.dtype, path, budget: int | None, ctx_size: int, 
 
         while ctx_size > min_ctx and too_big(ctx_size):
             ctx_size = max(min_ctx, (ctx_size - 1) // MIN_CTX * MIN_CTX)
-    workspace = workspace_bytes(args, dt, ctx_size, onednn or batched)
+    workspace = workspace_bytes(args, dt, ctx_size, onednn)
     kv_bytes = ctx_size * kv_per_token
     if mode == "io-free":
         need = resident + kv_bytes + workspace + experts_total
@@ -149,7 +145,7 @@ def memory_plan(args, dt: torch.dtype, path, budget: int | None, ctx_size: int, 
         capacity = experts_total
     else:
         capacity = min((budget - resident - kv_bytes - workspace) // ALIGN * ALIGN, experts_total)
-    return MemoryPlan(min_budget, ctx_size, kv_bytes, workspace, capacity, onednn, parallel, batched)
+    return MemoryPlan(min_budget, ctx_size, kv_bytes, workspace, capacity, onednn, parallel)
 
 
 def _warm_up_torch(dtype: torch.dtype) -> None:
@@ -249,6 +245,10 @@ def load_converted(
         check_cache_aware_routing(model, cache_aware_routing)
     kv_per_token = model.kv_bytes_per_token(dt)
     resident = resident_nbytes(path, manifest, dt, model.fp32_names())
+    # Recurrent layers' states (conv windows, scan states) are a fixed size per sequence, not
+    # per token: they join what the budget holds besides the KV cache, once per slot.
+    state = model.state_bytes(dt) * parallel
+    resident += state
     experts_total = manifest.expert_bytes
     one_layer = min_cache_bytes(manifest, args.top_k)
     plan = memory_plan(args, dt, path, budget, ctx_size, explicit_ctx, resident, kv_per_token, one_layer,
@@ -285,11 +285,11 @@ def load_converted(
         "budget_bytes": budget,
         "min_budget_bytes": min_budget,
         "min_cache_bytes": one_layer,  # one layer's largest top-k experts: the least cache that runs a token
-        "resident_bytes": resident,
+        "resident_bytes": resident - state,  # the weights; state_bytes below
         "ctx_size": ctx_size,
         "kv_bytes": kv_bytes,
+        "state_bytes": state,
         "parallel": parallel,
-        "batch_onednn": plan.batch_onednn,
         "workspace_bytes": workspace,
         "onednn": onednn,  # prefill on oneDNN (its reserve is in workspace_bytes)
         "expert_bytes": experts_total,

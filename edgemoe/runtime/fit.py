@@ -108,7 +108,7 @@ def fit(traces: Sequence, max_distance: int = 2, beta: float = DEFAULT_BETA, hol
                         if best is None or score > best[0]:
                             best = (score, a, t)
                 alpha[d - 1][j], tau[d - 1][j] = best[1], best[2]
-    from .. import __version__
+    from .._version import __version__
 
     out = stats_for(ids, alpha, tau)
     out.header["gate_depth"] = gate_depth

@@ -10,9 +10,44 @@ of experts it has finished with; the slab is never exceeded.
 
 Preloading (the EdgeMoE pipeline). When MoE layer i has routed, before its experts
 compute, the provider asks the predictor (edgemoe.runtime.predict) to rank the experts of
-layers i+1 .. i+D (D = prefetch_layers) and submits the top N (prefetch_experts) that are
-not cached as PREFETCH loads to the cache's background loader, nearer layers and likelier
-experts first. They read while layer i computes.
+later layers and submits those worth reading as PREFETCH loads to the cache's background
+loader, earlier deadlines and likelier experts first. They read while layer i computes.
+What is worth reading (prefetch.py has the knobs):
+
+- Confidence. Only experts of the predictor's top N (prefetch_experts) whose predicted
+  probability of use is at least the threshold. A prefetch is not free: the loader
+  thread competes with the compute thread for the CPU and the interpreter lock (on a
+  busy 2-core machine a bare background pread of one bundled-model expert slowed the
+  compute thread by 0.1-0.2 ms, a third to a half of a demand read). So by default the
+  threshold is the break-even probability, measured online in decode: the cost of one
+  background read (how much longer a layer computes per background read that finished
+  during it, against layers during which none did: running averages) over the stall of
+  one demand read; never below prefetch.AUTO_FLOOR. When it exceeds 1 nothing is read,
+  and the cost estimate decays so that reading resumes, and is measured again, later.
+- Pacing (on by default). A prefetch pays only if it arrives before its layer asks for
+  it; one still on the wire then makes the demand wait, and one not needed cost link
+  time and evicted something. The provider measures the per-layer compute time of each
+  phase (time between two layer requests less the stall in between, a running average)
+  and the cache the link's read rate. Reads for layer i+d can then use
+  rate x d x layer time bytes of link time, less what earlier prefetches still have to
+  read. Each layer predicts one target: the nearest layer i+d whose window holds at
+  least one expert, so when layers are short (or the link slow) it looks further ahead,
+  up to `layers` (default 3), and otherwise only at the next layer (the next layer
+  predicts the one after with fresher inputs, and predicting costs compute time too).
+  Its experts are admitted, likeliest first, while they fit the window. When even the
+  furthest window holds nothing, it neither predicts nor reads: preloading costs nothing
+  where it cannot pay (a slow SD card, where one expert takes longer to read than
+  several layers take to compute).
+- Revision. A target predicted again (from a nearer layer, when the window changed) with
+  fresher inputs cancels its queued prefetches that the new prediction no longer admits.
+- Demand first. A decode layer with misses holds the link (`hold_background`) from its
+  request until its last miss is read, so no prefetch starts or continues meanwhile
+  (cache.py); a prefetch delays a demand read by at most one chunk already on the wire.
+
+Without pacing, every admitted expert of the next `layers` (default 1) layers is queued,
+which with threshold 0 is the preloading this runtime had before (kept for comparison).
+
+What a queued or running prefetch may do:
 
 - Protection. The experts predicted for a later layer (cached or prefetched) are guarded
   until that layer's request: no prefetch evicts them, and a demand load takes them only
@@ -29,6 +64,10 @@ experts first. They read while layer i computes.
   in the compute thread at the next layer request; a prefetch that found no room it was
   allowed to take (CacheFull) is only counted.
 
+Cache-aware routing (models/routers.py, `cache_route`) asks `resident(layer)` which
+experts are in memory, and reports each routing through `note_cache_routing`; the
+statistics count the routed slots it swapped.
+
 Statistics separate prefill from decode (the paper's numbers are decode numbers):
 prefetch hits (needed experts present because a prefetch read them), late arrivals,
 wasted prefetch bytes (read for a layer that did not use them), stall seconds per token
@@ -41,6 +80,8 @@ from concurrent.futures import CancelledError
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
+import time
+
 import numpy as np
 import torch
 
@@ -48,11 +89,14 @@ from ..models.moe import Expert, ExpertProvider
 from ..store.reader import ReadAborted
 from ..utils import peak_rss_bytes
 from .cache import PREFETCH, CacheFull, ExpertCache, LoadFuture
-from .prefetch import PrefetchConfig
+from .prefetch import AUTO_FLOOR, AUTO_START, PrefetchConfig
 
 # Counters kept per phase (prefill / decode).
 _COUNTERS = ("hits", "misses", "bytes", "stall_s", "pf_hits", "pf_late", "pf_wasted_bytes", "pf_bytes",
-             "pred_hits", "pred_needed", "pred_predicted")
+             "pred_hits", "pred_needed", "pred_predicted", "cr_slots", "cr_swapped")
+LAYER_TIME_WEIGHT = 0.2  # weight of the newest sample in the per-layer compute time's running average
+COST_WEIGHT = 0.03  # the same for the break-even estimates (noisier samples, slower averages)
+COST_DECAY = 0.98  # per layer that read nothing because of the threshold: the read cost estimate shrinks
 
 
 @dataclass(eq=False)
@@ -88,6 +132,12 @@ class OffloadedProvider(ExpertProvider):
         self._records: dict[tuple[int, int], _Prefetch] = {}  # prefetches not yet settled
         self._retired: list[_Prefetch] = []  # settled, still reading
         self._predicted: dict[int, list[int]] = {}  # position -> top-N predicted at distance 1
+        self._layer_s: dict[str, float] = {}  # phase -> compute seconds per MoE layer (running average)
+        self._clock: tuple | None = None  # (position, time, cache counters) at the last request
+        self._idle_s: float | None = None  # decode layer compute time with no background read finishing
+        self._read_cost: float | None = None  # compute seconds one background read costs
+        self._miss_s: float | None = None  # stall seconds of one demand read
+        self._blob_min = 0  # the smallest expert blob: a window smaller than this admits nothing
         self.reset_stats()
 
     # ----------------------------------------------------------------- forwards
@@ -100,6 +150,7 @@ class OffloadedProvider(ExpertProvider):
         self.forwards_started += 1
         self._rows.clear()
         self._predicted.clear()
+        self._clock = None  # layer times are measured within one forward
         self._account()
         self._phase = "decode" if num_tokens == 1 else "prefill"
         self.tokens += num_tokens
@@ -126,6 +177,9 @@ class OffloadedProvider(ExpertProvider):
         blob = {int(e): cache.blob_key((layer, int(e))) for e in ids}
         keys = list(dict.fromkeys(blob.values()))
         pos = self.pos.get(layer, 0)
+        active = self.prefetch.active
+        if active and (self.prefetch.pacing or self.prefetch.threshold is None):
+            self._tick(pos)  # what pacing and the automatic threshold measure
         try:
             self._poll_retired()
         except BaseException:
@@ -133,12 +187,20 @@ class OffloadedProvider(ExpertProvider):
             raise
         pinned = cache.request(layer, keys, self._base + pos)  # the cached ones, pinned
         present = set(pinned)
+        # Demand first: a decode layer with misses keeps background reads off the link
+        # until its last miss is read (in prefill, expert compute between misses is long
+        # enough to be worth the link; there each miss pauses them only while it reads).
+        hold = active and x.shape[0] == 1 and len(present) < len(keys)
+        if hold:
+            cache.hold_background()
         try:
             self._settle(pos, set(keys), {(layer, e) for e in blob})
-            if self.prefetch.active:
+            if active:
                 self._prefetch(pos, ids, x, rows)
         except BaseException:
             cache.unpin(pinned)
+            if hold:
+                cache.release_background()
             self._drop_all(discard=True)
             raise
         order = pinned + [k for k in keys if k not in present]  # cached experts first
@@ -147,8 +209,11 @@ class OffloadedProvider(ExpertProvider):
             users.setdefault(k, []).append(e)
         ok = False
         try:
-            for key in order:
+            for n, key in enumerate(order):
                 entry, _ = cache.acquire(key)
+                if hold and n == len(order) - 1:  # every miss is in: the link is free for prefetches
+                    hold = False
+                    cache.release_background()
                 if key in present:  # the lease protects it from here on
                     cache.unpin([key])
                     present.discard(key)
@@ -160,10 +225,60 @@ class OffloadedProvider(ExpertProvider):
                     cache.release(entry)
             ok = True
         finally:
+            if hold:
+                cache.release_background()
             if present:  # the caller stopped early (or a load failed): drop the remaining pins
                 cache.unpin(list(present))
             if not ok:  # this forward is over: its prefetches are of no use, their errors moot
                 self._drop_all(discard=True)
+
+    def resident(self, layer: int) -> set[int]:
+        """The experts of `layer` cached or being read (cache-aware routing)."""
+        return self.cache.present_ids(layer)
+
+    def note_cache_routing(self, layer: int, slots: int, swapped: int) -> None:
+        acc = self._phases[self._phase]
+        acc["cr_slots"] += slots
+        acc["cr_swapped"] += swapped
+
+    def _tick(self, pos: int) -> None:
+        """Layer request `pos` of this forward begins: the time since the previous one,
+        less the stall in between, is one sample of the phase's per-layer compute time
+        (and, in decode, of the break-even estimates)."""
+        now, c = time.perf_counter(), self.cache.counters()
+        last = self._clock
+        if last is not None and last[0] == pos - 1:
+            _, t, b = last
+            dt = now - t - (c.stall_s - b.stall_s)
+            if dt > 0:
+                old = self._layer_s.get(self._phase)
+                self._layer_s[self._phase] = dt if old is None else old + LAYER_TIME_WEIGHT * (dt - old)
+                if self._phase == "decode":
+                    self._learn(dt, c.background_bytes - b.background_bytes, c.misses - b.misses, c.miss_s - b.miss_s)
+        self._clock = (pos, now, c)
+
+    def _learn(self, dt: float, bg_bytes: int, misses: int, miss_s: float) -> None:
+        """One decode layer interval: `dt` compute seconds while `bg_bytes` of background
+        reads finished, and `misses` demand reads that stalled `miss_s`."""
+        w = COST_WEIGHT
+        if misses:
+            s = miss_s / misses
+            self._miss_s = s if self._miss_s is None else self._miss_s + w * (s - self._miss_s)
+        reads = bg_bytes / max(self._blob_min or self.cache.smallest_blob(), 1)
+        if reads < 0.5:
+            self._idle_s = dt if self._idle_s is None else self._idle_s + w * (dt - self._idle_s)
+        elif self._idle_s is not None:
+            s = (dt - self._idle_s) / reads  # negative samples too: noise averages out
+            self._read_cost = s if self._read_cost is None else self._read_cost + w * (s - self._read_cost)
+
+    def threshold(self) -> float:
+        """The least predicted probability worth a read now: the configured one, or the
+        measured break-even (read cost over demand stall), at least AUTO_FLOOR."""
+        if self.prefetch.threshold is not None:
+            return self.prefetch.threshold
+        if self._read_cost is None or not self._miss_s:
+            return AUTO_START
+        return max(AUTO_FLOOR, self._read_cost / self._miss_s)
 
     # ----------------------------------------------------------------- prefetching
 
@@ -189,24 +304,64 @@ class OffloadedProvider(ExpertProvider):
         else:
             context = {pos: np.empty((x.shape[0], 0), np.int16) if x.shape[0] > 1 else []}
         E = self.num_experts
+        theta = self.threshold()
+        depth = min(cfg.layers, self.L - 1 - pos)
+        if cfg.pacing:
+            layer_s, rate = self._layer_s.get(self._phase), cache.bandwidth()
+            if layer_s is None or rate is None:  # nothing measured yet: no basis to pace on
+                self.pf_unmeasured += 1
+                return
+            per_layer = rate * layer_s  # bytes the link reads while one layer computes
+            backlog = sum(r.length for r in self._records.values() if not r.future.done())
+            if not self._blob_min:
+                self._blob_min = cache.smallest_blob()
         todo = []  # (key, priority, guard, target)
-        for d in range(1, cfg.layers + 1):
+        used = 0  # bytes admitted by this call
+        looked = False
+        for d in range(1, depth + 1):
             j = pos + d
-            if j >= self.L:
-                break
-            ranked = predictor.top(j, pos, context, x, self.n_prefetch)
+            if cfg.pacing and per_layer * d - backlog - used < self._blob_min:
+                continue  # not even one expert would arrive before layer j asks: look further
+            looked = True
+            ranked = predictor.ranked(j, pos, context, x, self.n_prefetch)
             if d == 1:
-                self._predicted[j] = ranked
+                self._predicted[j] = [e for e, _ in ranked]
             until = self._base + j
-            keys = list(dict.fromkeys(cache.blob_key((self.layers[j], e)) for e in ranked))
-            present = set(cache.guard(keys, until))  # cached or being read already: keep them for layer j
-            for rank, key in enumerate(keys):
-                if key not in present and key not in self._records:
-                    todo.append((key, PREFETCH + (d - 1) * E + rank, until, j))
+            wanted = list(dict.fromkeys(cache.blob_key((self.layers[j], e)) for e, p in ranked if p >= theta))
+            if not wanted and ranked and ranked[0][1] >= AUTO_FLOOR and self._read_cost is not None \
+                    and cfg.threshold is None:
+                self._read_cost *= COST_DECAY  # held back by the cost alone: let it be measured again later
+            present = set(cache.guard(wanted, until))  # cached or being read already: keep them for layer j
+            for rank, key in enumerate(wanted):
+                if key in present or key in self._records:
+                    continue
+                if cfg.pacing:
+                    b = cache.blob_bytes(key)
+                    if used + b > per_layer * d - backlog:  # it would still be reading when layer j asks
+                        self.pf_late_skipped += 1
+                        continue
+                    used += b
+                # By absolute target: earlier deadlines read first, whichever layer queued them.
+                todo.append((key, PREFETCH + (self._base + j) * E + rank, until, j))
+                self.pf_distance += j - pos
+                self.pf_submitted += 1
+            self._revise(j, set(wanted))
+            if cfg.pacing:  # one target per layer: the next layer predicts the one after with fresher inputs
+                break
+        if not looked:
+            self.pf_no_window += 1
         if todo:
             futures = cache.submit_many([t[:3] for t in todo])  # one wake-up of the loader
             for (key, _, _, j), fut in zip(todo, futures):
                 self._records[key] = _Prefetch(key, j, fut, cache.blob_bytes(key), self._phase)
+
+    def _revise(self, target: int, wanted: set) -> None:
+        """Cancel the queued prefetches for `target` that its newest prediction no longer
+        admits (one already reading goes on: part of it is spent)."""
+        for key in [k for k, r in self._records.items() if r.target == target and k not in wanted]:
+            if self._records[key].future.cancel():
+                del self._records[key]
+                self.pf_revoked += 1
 
     def _settle(self, pos: int, needed: set, wanted: set) -> None:
         """Layer `pos` is being served: judge the prefetches made for it. `needed`: the
@@ -364,6 +519,20 @@ class OffloadedProvider(ExpertProvider):
                 "prefetch_not_started": self.pf_not_started,
                 "prefetch_aborted": self.pf_aborted,
                 "prefetch_no_room": self.pf_no_room,
+                "prefetch_threshold": "auto" if cfg.threshold is None else cfg.threshold,
+                "prefetch_threshold_now": round(self.threshold(), 4),
+                "prefetch_read_cost_ms": round(1000 * self._read_cost, 4) if self._read_cost is not None else None,
+                "demand_read_ms": round(1000 * self._miss_s, 4) if self._miss_s is not None else None,
+                "prefetch_pacing": cfg.pacing,
+                "prefetch_revoked": self.pf_revoked,
+                "prefetch_skipped_late": self.pf_late_skipped,
+                "prefetch_no_window": self.pf_no_window,
+                "prefetch_unmeasured": self.pf_unmeasured,
+                "prefetch_submitted": self.pf_submitted,
+                "prefetch_mean_distance": ratio(self.pf_distance, self.pf_submitted),  # MoE layers ahead
+                "decode_layer_ms": round(1000 * self._layer_s["decode"], 4) if "decode" in self._layer_s else None,
+                "read_bandwidth_bps": c["read_bandwidth_bps"],
+                "background_paused": c["background_paused"],
                 "decode_prefetch_hits": dec["pf_hits"],
                 "decode_prefetch_late": dec["pf_late"],
                 "decode_prefetch_wasted_bytes": dec["pf_wasted_bytes"],
@@ -376,6 +545,20 @@ class OffloadedProvider(ExpertProvider):
             })
         elif cfg.reason:
             out["prefetch_off"] = cfg.reason
+        margin = info.get("cache_aware_routing")
+        if margin is not None:
+            def per(a, b):
+                return round(a / b, 4) if b else 0.0
+
+            out.update({
+                "cache_aware_routing": margin,
+                "routed_slots": tot["cr_slots"],
+                "rerouted_slots": tot["cr_swapped"],
+                "reroute_rate": per(tot["cr_swapped"], tot["cr_slots"]),
+                "rerouted_per_token": per(tot["cr_swapped"], self.tokens),
+                "decode_reroute_rate": per(dec["cr_swapped"], dec["cr_slots"]),
+                "decode_rerouted_per_token": per(dec["cr_swapped"], self.decode_forwards),
+            })
         if c["compact_bytes"]:
             out["compact_bytes"] = c["compact_bytes"]
         if c["background_loads"]:
@@ -390,6 +573,8 @@ class OffloadedProvider(ExpertProvider):
         self.cache.reset_stats()  # its store's and throttle's counters too
         self.tokens = self.forwards = self.decode_forwards = 0
         self.pf_reads = self.pf_cancelled = self.pf_not_started = self.pf_aborted = self.pf_no_room = 0
+        self.pf_revoked = self.pf_late_skipped = self.pf_no_window = self.pf_unmeasured = self.pf_distance = 0
+        self.pf_submitted = 0
         self._phase = "prefill"
         self._phases = {p: {k: 0 for k in _COUNTERS} for p in ("prefill", "decode")}
         self._mark = (0, 0, 0, 0.0)

@@ -113,6 +113,20 @@ class Predictor:
         part = np.argpartition(-agg, n - 1)[:n]
         return part[np.argsort(-agg[part], kind="stable")].tolist()
 
+    def ranked(self, target: int, pos: int, ids: dict, x: torch.Tensor | None, n: int) -> list[tuple[int, float]]:
+        """`top` with each expert's probability of being used at `target` (for N rows:
+        that at least one row uses it), most likely first."""
+        if x is not None and x.shape[0] == 1:
+            if not all(isinstance(v, list) for v in ids.values()):
+                ids = {q: v if isinstance(v, list) else np.asarray(v).reshape(-1).tolist() for q, v in ids.items()}
+            p = self.probs_one(target, pos, ids, x)
+            top = sorted(range(len(p)), key=p.__getitem__, reverse=True)[:n]
+            return [(e, min(1.0, float(p[e]))) for e in top]
+        p = self.probs(target, pos, ids, x)
+        agg = p[0] if len(p) == 1 else 1.0 - np.prod(1.0 - np.clip(p, 0.0, 1.0), axis=0)
+        top = np.argsort(-agg, kind="stable")[:n].tolist()
+        return [(e, min(1.0, float(agg[e]))) for e in top]
+
 
 class FreqPredictor(Predictor):
     """Each layer's frequency prior, whatever came before."""

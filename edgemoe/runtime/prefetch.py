@@ -1,6 +1,19 @@
 """How expert preloading is configured: `PrefetchConfig`, the checks of the user's
 options and `prefetch_config`, which turns them (and the converted directory's fitted
-predictor, if any) into a configuration for the offloaded provider (offload.py)."""
+predictor, if any) into a configuration for the offloaded provider (offload.py).
+
+Two knobs decide what is worth reading ahead (the provider's notes say how):
+- `threshold`: an expert is preloaded only if its predicted probability of being used
+  by the target layer is at least this (0 keeps the predictor's top N whatever it says).
+  None (the default) is the break-even probability measured online: what one background
+  read costs the compute thread (it competes for the CPU and the interpreter) over what
+  one demand read stalls it, never below AUTO_FLOOR;
+- `pacing` (on by default): only as many bytes as the link can deliver before the
+  target layer asks for them, from the read rate and the per-layer compute time
+  measured online, looking up to `layers` MoE layers ahead, further when layers are
+  short. Off, every admitted expert of the next `layers` layers is queued (the old
+  behaviour with threshold 0).
+"""
 
 from __future__ import annotations
 
@@ -10,19 +23,27 @@ from pathlib import Path
 from ..errors import InvalidArgument
 from .predict import FITTED, METHODS, PREDICTOR_FILE, GateLookahead, Predictor, PredictorStats, make_predictor
 
-DEFAULT_LAYERS = 1  # how many MoE layers ahead to preload
+DEFAULT_LAYERS = 1  # how many MoE layers ahead to preload without pacing
+DEFAULT_PACED_LAYERS = 3  # the furthest a paced prefetch looks ahead (it goes that far only when layers are short)
+AUTO_FLOOR = 0.2  # the automatic threshold never goes below this (the gate look-ahead's
+# probabilities under 0.2 are used 10% of the time on the bundled model)
+AUTO_START = 0.5  # the automatic threshold before anything is measured
 DEFAULT_THREADS = 1  # background reader threads
 
 
 @dataclass
 class PrefetchConfig:
-    """How far ahead to preload: `layers` MoE layers, `experts` per layer (None: top_k + 1)."""
+    """How far ahead to preload: `layers` MoE layers (with pacing: at most), `experts` per
+    layer at most (None: top_k + 1), each with a predicted probability of at least
+    `threshold`; `pacing` fits the reads to the measured link rate and compute time."""
 
     predictor: Predictor | None = None
     layers: int = 1
     experts: int | None = None
     enabled: bool = True
     reason: str = ""  # why it is off, when it is
+    threshold: float | None = None  # None: automatic (break-even, measured)
+    pacing: bool = True
 
     @property
     def active(self) -> bool:
@@ -32,26 +53,46 @@ class PrefetchConfig:
         if not self.active:
             return {"prefetch": False, "prefetch_off": self.reason or "off"}
         return {"prefetch": True, "predictor": self.predictor.name, "prefetch_layers": self.layers,
-                "prefetch_experts": self.experts or self.predictor.k + 1}
+                "prefetch_experts": self.experts or self.predictor.k + 1,
+                "prefetch_threshold": "auto" if self.threshold is None else self.threshold,
+                "prefetch_pacing": self.pacing}
 
 
 def check_prefetch_options(predictor: str | None, experts: int | None, layers: int | None,
-                           threads: int | None) -> None:
-    """Refuse an unknown predictor name and counts below 1."""
+                           threads: int | None, threshold: float | None = None, pacing: bool | None = None,
+                           prefetch: bool | None = None) -> None:
+    """Refuse an unknown predictor name, counts below 1, a threshold outside [0, 1], and
+    preloading settings given together with prefetch=False (they would be ignored)."""
     if predictor is not None and predictor not in ("auto", *METHODS):
         raise InvalidArgument(f"unknown predictor {predictor!r} (choose from auto, {', '.join(METHODS)})")
     for name, v in (("prefetch experts", experts), ("prefetch layers", layers), ("prefetch threads", threads)):
-        if v is not None and v < 1:
-            raise InvalidArgument(f"{name} must be at least 1, got {v}")
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise InvalidArgument(f"{name} must be an integer of at least 1, got {v!r}")
+    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
+                                  or not 0 <= threshold <= 1):
+        raise InvalidArgument(f"prefetch threshold must be a probability from 0 to 1, got {threshold!r}")
+    if pacing is not None and not isinstance(pacing, bool):
+        raise InvalidArgument(f"prefetch pacing must be True or False, got {pacing!r}")
+    if prefetch is False:
+        given = [n for n, v in (("predictor", predictor), ("prefetch experts", experts), ("prefetch layers", layers),
+                                ("prefetch threshold", threshold), ("prefetch pacing", pacing)) if v is not None]
+        if given:
+            raise InvalidArgument(f"{', '.join(given)} set with preloading off (--no-prefetch / prefetch=False): "
+                                  "drop one or the other")
 
 
 def prefetch_config(path, model, args, mode: str, capacity: int, min_cache: int, prefetch: bool | None,
-                    predictor: str | None, experts: int | None, layers: int | None) -> PrefetchConfig:
+                    predictor: str | None, experts: int | None, layers: int | None,
+                    threshold: float | None = None, pacing: bool | None = None) -> PrefetchConfig:
     """Preloading as asked for, with its defaults: on in io-exp mode; the predictor is
     `combined` when the converted directory holds a fitted predictor.npz, else the gate
-    look-ahead (which needs no fitting); top_k + 1 experts, one MoE layer ahead. It is off
-    when the cache cannot hold two layers' experts (it could only evict what is needed)."""
-    layers = layers or DEFAULT_LAYERS
+    look-ahead (which needs no fitting); at most top_k + 1 experts per layer, each with a
+    predicted probability of at least the automatic threshold, paced to the link, up to
+    DEFAULT_PACED_LAYERS MoE layers ahead (one without pacing). It is off when the cache
+    cannot hold two layers' experts (it could only evict what is needed)."""
+    pacing = True if pacing is None else pacing
+    threshold = None if threshold is None else float(threshold)
+    layers = layers or (DEFAULT_PACED_LAYERS if pacing else DEFAULT_LAYERS)
     if prefetch is False:
         return PrefetchConfig(enabled=False, reason="off (--no-prefetch)")
     if mode == "io-free":
@@ -65,5 +106,5 @@ def prefetch_config(path, model, args, mode: str, capacity: int, min_cache: int,
     pred = make_predictor(method, stats, GateLookahead.from_model(model), moe, args.experts_per_layer, args.top_k)
     if capacity < 2 * min_cache:
         reason = "off (the cache holds fewer than two layers' experts)"
-        return PrefetchConfig(pred, layers, experts, enabled=False, reason=reason)
-    return PrefetchConfig(pred, layers, experts)
+        return PrefetchConfig(pred, layers, experts, enabled=False, reason=reason, threshold=threshold, pacing=pacing)
+    return PrefetchConfig(pred, layers, experts, threshold=threshold, pacing=pacing)

@@ -173,7 +173,7 @@ class TraceRecorder(RoutingRecorder):
     look-ahead logits of the next D MoE layers on each block's input."""
 
     def __init__(self, model, lookahead: int = 0):
-        from .. import __version__
+        from .._version import __version__
 
         L = sum(1 for _ in model.moe_blocks())
         self.depth = max(0, min(int(lookahead), L - 1))

@@ -42,7 +42,7 @@ from ..checkpoint import (FLOAT_PARTS, HFCheckpoint, build_on_meta, bias_names, 
                           load_resident, parse_dtype)
 from ..errors import EdgeMoEError, ModelLoadError
 from ..models.base import EXPERT_KEY
-from ..quant.formats import get_format
+from ..quant.formats import for_experts, get_format
 from ..quant.mxfp4 import MXFP4Format, dequantize_parts
 from ..quant.resident import RESIDENT_FORMATS, quantize_resident
 from ..utils import peak_rss_bytes, pid_alive, return_large_frees_to_os, rss_bytes
@@ -322,7 +322,7 @@ def _encode(fmt, info: FormatInfo, got: dict[str, torch.Tensor], dtype: torch.dt
     elif "gate_blocks" in got:
         parts = fmt.encode(*dequantize_parts(got, hidden, inter))
     else:
-        parts = fmt.encode(got["gate"], got["up"], got["down"])
+        parts = fmt.encode(got["gate"], got.get("up"), got["down"])  # ungated experts have no up (UngatedFormat)
     parts.update({k: v.to(fmt.bias_dtype(dtype)) for k, v in expert_biases(got).items()})
     for p in info.parts:
         t = parts.get(p.name)
@@ -372,7 +372,8 @@ def convert(src: str | Path, out: str | Path, *, bits: int | None = None, fmt: s
     want_parts = getattr(ckpt, "expert_parts", FLOAT_PARTS)  # what makes an expert complete
     stored = bias_names(want_parts)  # bias tensors each blob carries
     biases = ExpertBiases(dt, stored) if stored else None
-    formats = {name: get_format(name) for name in sorted(plan.names())}  # plan spelling -> format
+    # plan spelling -> format (for ungated experts, its one-matrix layout: quant/formats.UngatedFormat)
+    formats = {name: for_experts(get_format(name), args.expert_gated) for name in sorted(plan.names())}
     infos = {f.name: FormatInfo.of(f, H, I, biases) for f in formats.values()}  # canonical name -> layout
     wanted = {(l, e) for l in args.moe_layers() for e in range(args.experts_per_layer)}
     source_bytes = gguf_src.source_bytes if gguf_src is not None else \

@@ -147,7 +147,7 @@ class FormatInfo:
         the format's own when the experts have biases."""
         specs = fmt.layout(hidden, inter)
         if biases is not None:
-            specs = specs + bias_specs(hidden, inter, fmt.bias_dtype(biases.dtype), biases.parts)
+            specs = specs + fmt.bias_layout(hidden, inter, fmt.bias_dtype(biases.dtype), biases.parts)
         parts, size = blob_layout(specs)
         return cls(fmt.name, fmt.tag(), round(fmt.bits_per_weight(hidden, inter), 4), tuple(parts), size)
 

@@ -21,7 +21,7 @@ import torch
 
 from ..errors import EdgeMoEError, StoreError
 from ..experts import Expert
-from ..quant.formats import get_format
+from ..quant.formats import for_experts, get_format
 from .format import (
     ALIGN,
     HEADER_BYTES,
@@ -69,7 +69,7 @@ def check_manifest(manifest: Manifest):
     hidden, inter = args.hidden_size, args.expert_dim
     for name, info in manifest.formats.items():
         try:
-            fmt = get_format(name)
+            fmt = for_experts(get_format(name), args.expert_gated)  # ungated experts: the one-matrix layout
         except EdgeMoEError:
             users = [e for e in manifest.experts if e.format == name]
             first = f" (used by {users[0].name} and {len(users) - 1} more)" if users else ""
@@ -118,7 +118,8 @@ class ExpertStore:
         self.args = check_manifest(self.manifest)
         self.path = self.dir / self.manifest.store_file
         self.entries: dict[tuple[int, int], ExpertEntry] = self.manifest.table()
-        self.formats = {name: (get_format(name), info) for name, info in self.manifest.formats.items()}
+        self.formats = {name: (for_experts(get_format(name), self.args.expert_gated), info)
+                        for name, info in self.manifest.formats.items()}
         # Where each format's tensors lie in a blob, computed once (experts are built per use).
         self._parts = {name: [(p.name, p.offset, p.offset + p.nbytes, p.dtype, tuple(p.shape)) for p in info.parts]
                        for name, info in self.manifest.formats.items()}

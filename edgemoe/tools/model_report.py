@@ -69,15 +69,18 @@ class RoutingCounts(RoutingRecorder):
         E = self.E
         for i, s in enumerate(sel):
             flat = s.reshape(-1)
-            self.counts[i] += torch.bincount(flat, minlength=E).double()
             tok = self._tokens.repeat_interleave(s.shape[1])  # (N*k,) token of each selection
+            used = flat >= 0  # -1: a slot adaptive gating dropped
+            flat, tok = flat[used], tok[used]
+            self.counts[i] += torch.bincount(flat, minlength=E).double()
             self.token_counts[i].view(-1).index_add_(
                 0, flat * self.V + tok, torch.ones(flat.numel(), dtype=torch.float64)
             )
         for i in range(1, len(sel)):
             a, b = sel[i - 1], sel[i]  # (N, k) x2
             paths = (a[:, :, None] * E + b[:, None, :]).reshape(-1)  # (N*k*k,)
-            self.pairs[i - 1] += torch.bincount(paths, minlength=E * E).view(E, E).double()
+            used = ((a[:, :, None] >= 0) & (b[:, None, :] >= 0)).reshape(-1)
+            self.pairs[i - 1] += torch.bincount(paths[used], minlength=E * E).view(E, E).double()
         self._ids.clear()
 
 
@@ -110,7 +113,8 @@ def mutual_information(pairs: torch.Tensor) -> float:
 
 def randomize_(model: Transformer, seed: int = 0, std: float = 0.02) -> None:
     """Replace every weight of a loaded model by a random initialisation of the same
-    shape (normal(0, std) matrices, unit norms), experts included."""
+    shape (normal(0, std) matrices, unit norms), experts included (with zero biases where
+    the experts have biases)."""
     from ..experts import DenseExpert
     from ..models.moe import InRAMProvider
 
@@ -123,11 +127,14 @@ def randomize_(model: Transformer, seed: int = 0, std: float = 0.02) -> None:
                 p.fill_(1.0)
     args = model.args
     H, I = args.hidden_size, args.expert_dim
+    first = next(iter(next(model.moe_blocks()).provider.table.values()))
+    biased = {n: getattr(first, n, None) is not None for n in ("b13", "b2")}
     experts = {}
     for layer in args.moe_layers():
         for e in range(args.experts_per_layer):
             w = [torch.randn(s, generator=gen) * std for s in ((I, H), (I, H), (H, I))]
-            experts[(layer, e)] = DenseExpert(*w, args.expert_act)
+            experts[(layer, e)] = DenseExpert(*w, args.expert_act, b13=torch.zeros(2 * I) if biased["b13"] else None,
+                                              b2=torch.zeros(H) if biased["b2"] else None)
     provider = InRAMProvider(experts)
     for block in model.moe_blocks():
         block.provider = provider

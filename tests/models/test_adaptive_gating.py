@@ -79,3 +79,28 @@ def test_bad_mass_is_rejected():
         set_adaptive_gating(torch.nn.Module(), 0.0)
     with pytest.raises(InvalidArgument):
         set_adaptive_gating(torch.nn.Module(), 1.5)
+
+
+def test_grouped_softmax_router_covers_its_probabilities_in_their_order():
+    """A grouped router with softmax scores: probabilities (0.1, 0.5, 0.3, 0.1) and a
+    correction bias (+0.3 on expert 0) that makes it choose experts 0 and 1, in that
+    order. Adaptive gating ranks the chosen by probability: expert 1 (0.5) covers a mass
+    of 0.4 alone and expert 0 is dropped; the kept weight is renormalised to 1, then
+    scaled by 2. Sigmoid scores have no distribution to cover: refused, naming the kind."""
+    from edgemoe.models.routers import GroupedRouter
+
+    r = GroupedRouter(4, 4, 2, norm_topk=True, scoring="softmax", correction=True, scaling=2.0)
+    with torch.no_grad():
+        r.weight.copy_(torch.log(torch.tensor([0.1, 0.5, 0.3, 0.1])).diag())
+        r.e_score_correction_bias.copy_(torch.tensor([0.3, 0.0, 0.0, 0.0]))
+    x = torch.ones(1, 4)
+    assert r(x)[1].tolist() == [[1, 0]]  # 0.5 then 0.1 + 0.3
+    set_adaptive_gating(r, 0.4)
+    w, ids, _ = r(x)
+    assert ids.tolist() == [[1, -1]] and torch.allclose(w, torch.tensor([[2.0, 0.0]]))
+    set_adaptive_gating(r, 0.55)  # 0.5 is not enough: both kept, as without adaptive gating
+    w, ids, _ = r(x)
+    assert ids.tolist() == [[1, 0]] and torch.allclose(w, torch.tensor([[2 * 5 / 6, 2 / 6]]))
+    sig = GroupedRouter(4, 4, 2, norm_topk=True, scoring="sigmoid")
+    with pytest.raises(InvalidArgument, match="grouped-sigmoid router"):
+        set_adaptive_gating(sig, 0.5)

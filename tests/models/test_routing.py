@@ -163,3 +163,25 @@ def test_expert_arrival_order_is_bit_identical():
         # The block asks for each needed expert once per forward.
         [wanted] = b.provider.requests
         assert len(wanted) == len(set(wanted))
+
+
+def test_grouped_lookahead_orders_as_the_choice():
+    """Look-ahead scores of a grouped sigmoid router with a correction bias: corrected
+    scores past 1 keep their order (no tie at a clamp) and experts of the group the router
+    drops sit at the bottom. Logits 0 give sigmoid 0.5 everywhere; biases (0.9, 0.7, 0,
+    -0.2) make the corrected scores (1.4, 1.2, 0.5, 0.3). Groups {0, 1} and {2, 3}, one
+    kept (scored by its top two): the first; the choice is experts 0 then 1."""
+    from edgemoe.models.routers import NEVER, GroupedRouter
+
+    r = GroupedRouter(2, 4, 2, norm_topk=True, scoring="sigmoid", correction=True, n_group=2, topk_group=1,
+                      masked_score=float("-inf"))
+    with torch.no_grad():
+        r.weight.zero_()
+        r.e_score_correction_bias.copy_(torch.tensor([0.9, 0.7, 0.0, -0.2]))
+    x = torch.ones(1, 2)
+    assert r(x)[1].tolist() == [[0, 1]]
+    z = r.lookahead_logits(x)[0]
+    assert z[0] > z[1] > 0 and z[2] == z[3] == NEVER
+    r.n_group = 1  # no groups: every corrected score ranked, 0.5 itself at logit 0
+    z = r.lookahead_logits(x)[0]
+    assert z[0] > z[1] > z[2] > z[3] and abs(z[2]) < 1e-6

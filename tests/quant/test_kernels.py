@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import platform
-
 import pytest
 import torch
 
 from edgemoe.quant import kernels as K
 from edgemoe.quant import native as N
 from edgemoe.quant.quantize import QuantSpec, dequantize, pack, quantize
+
+from .refs import act8, check_path
 
 SHAPES = [(96, 64), (64, 96), (256, 128), (384, 192), (130, 300)]  # (N, K), K padded when odd
 BATCHES = [1, 7, 33]
@@ -20,6 +20,15 @@ def make(n: int, k: int, spec: QuantSpec, seed: int = 0):
     w = torch.randn(n, k, generator=g) * 0.05
     qz = quantize(w, spec, search=False)
     return K.QMatrix(pack(qz.q, spec.bits), qz.scale, qz.zero, spec, k), dequantize(qz)
+
+
+def assert_matches_path(y: torch.Tensor, x: torch.Tensor, wd: torch.Tensor, rtol: float):
+    """The packed kernels quantize activations (int8 by default, see kernels.ACTIVATIONS):
+    compare with the reference of the path in use; rtol applies to the int16 path."""
+    if K.ACTIVATIONS == "int8":
+        check_path(y, x, wd, "int8")
+    else:
+        assert_matches(y, x, wd, rtol)
 
 
 def assert_matches(y: torch.Tensor, x: torch.Tensor, wd: torch.Tensor, rtol: float):
@@ -33,8 +42,10 @@ def assert_matches(y: torch.Tensor, x: torch.Tensor, wd: torch.Tensor, rtol: flo
 @pytest.fixture(autouse=True)
 def native_on():
     K.use_native(True)
+    prev = K.ACTIVATIONS
     yield
     K.use_native(True)
+    K.set_activations(prev)
 
 
 def need_native():
@@ -42,17 +53,18 @@ def need_native():
         pytest.skip(f"C kernel unavailable: {K.native_error()}")
 
 
+@pytest.mark.parametrize("act", ["int8", "int16"])
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("asym", [False, True])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_packed_kernel_matches_reference(bits, asym, shape):
+def test_packed_kernel_matches_reference(bits, asym, shape, act):
     need_native()
     n, k = shape
     w, wd = make(n, k, QuantSpec(bits, 64, asym))
     for m in BATCHES:
         x = torch.randn(m, k)
-        # int16 activations: ~1e-4 of the sum's scale
-        assert_matches(K.qmm_packed(x, w, torch.float32), x, wd, 5e-4)
+        # int16 activations: ~1e-4 of the sum's scale; int8: exact against act8's activations
+        check_path(K.qmm_packed(x, w, torch.float32, act=act), x, wd, act)
 
 
 @pytest.mark.parametrize("group", [128, 256])
@@ -60,7 +72,7 @@ def test_larger_groups(group):
     need_native()
     w, wd = make(200, 512, QuantSpec(3, group, True), seed=1)
     x = torch.randn(5, 512)
-    assert_matches(K.qmm(x, w, torch.float32), x, wd, 5e-4)
+    assert_matches_path(K.qmm(x, w, torch.float32), x, wd, 5e-4)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
@@ -70,7 +82,8 @@ def test_activation_dtypes(dtype):
     x = torch.randn(3, 192).to(dtype)
     y = K.qmm(x, w)
     assert y.dtype == dtype and y.shape == (3, 256)
-    assert_matches(y.float(), x.float(), wd, 5e-4 if dtype == torch.float32 else 1e-2)
+    xr = act8(x.float()) if K.ACTIVATIONS == "int8" else x.float()
+    assert_matches(y.float(), xr, wd, 5e-4 if dtype == torch.float32 else 1e-2)
 
 
 def test_dequant_rows_is_exact():
@@ -147,42 +160,31 @@ def test_int8_mm_matches_reference(m, k, path, monkeypatch):
         wd = w.q.float() * w.scale.float()[:, None]
         x = torch.randn(m, k)
         rtol = 1e-2 if dequant_bf16 else 5e-4 if path == "native" and k % 64 == 0 else 1e-5
-        assert_matches(K.int8_mm(x, w, torch.float32), x, wd, rtol)
+        if path == "native" and k % 64 == 0 and not dequant_bf16:
+            assert_matches_path(K.int8_mm(x, w, torch.float32), x, wd, rtol)
+        else:
+            assert_matches(K.int8_mm(x, w, torch.float32), x, wd, rtol)
         y = K.int8_mm(x.bfloat16(), w)
         assert y.dtype == torch.bfloat16
         assert_matches(y.float(), x.bfloat16().float(), wd, 1e-2)
 
 
 def test_portable_c_path():
-    """The plain-C inner loop (what non-x86 CPUs get) on this machine: built without AVX2."""
+    """The plain-C inner loops (what CPUs without a SIMD variant get), via the dispatcher;
+    tests/quant/test_isa_paths.py covers every variant."""
     need_native()
-    if platform.machine() not in ("x86_64", "AMD64"):
-        pytest.skip("the native build already is the portable path here")
-    lib = N.load(N.build([["-O2", "-march=x86-64", "-fopenmp"], ["-O2", "-march=x86-64"]]))
-    assert lib.em_simd() == 0
-    for bits in (2, 3, 4):
-        w, wd = make(130, 300, QuantSpec(bits, 64, bits == 3))
-        for m in (1, 6):
-            x = torch.randn(m, 300)
-            assert_matches(K.qmm_packed(x, w, torch.float32, lib=lib), x, wd, 5e-4)
-    w8 = K.quantize_int8(torch.randn(70, 192))
-    x = torch.randn(5, 192)
-    assert_matches(K._int8_native(lib, x, w8, torch.float32), x, w8.q.float() * w8.scale.float()[:, None], 5e-4)
-
-
-def test_vnni_loop_structure():
-    """The VNNI inner loop (AVX512-VNNI / AVX-VNNI CPUs), with vpdpwssd emulated by
-    vpmaddwd + vpaddd so it runs on any AVX2 machine."""
-    need_native()
-    if N.get().em_simd() < 2:
-        pytest.skip("no AVX2 here")
-    lib = N.load(N.build([["-O3", "-march=native", "-fopenmp", "-DEM_EMULATE_VNNI"]]))
-    assert lib.em_simd() == 3
-    for bits in (2, 3, 4):
-        w, wd = make(130, 300, QuantSpec(bits, 64, bits == 2))
-        for m in (1, 3, 6):
-            x = torch.randn(m, 300)
-            assert_matches(K.qmm_packed(x, w, torch.float32, lib=lib), x, wd, 5e-4)
-    w8 = K.quantize_int8(torch.randn(70, 192))
-    x = torch.randn(5, 192)
-    assert_matches(K._int8_native(lib, x, w8, torch.float32), x, w8.q.float() * w8.scale.float()[:, None], 5e-4)
+    N.set_isa("generic")
+    try:
+        for bits in (2, 3, 4):
+            w, wd = make(130, 300, QuantSpec(bits, 64, bits == 3))
+            for m in (1, 6):
+                x = torch.randn(m, 300)
+                for act in ("int8", "int16"):
+                    check_path(K.qmm_packed(x, w, torch.float32, act=act), x, wd, act)
+        w8 = K.quantize_int8(torch.randn(70, 192))
+        x = torch.randn(5, 192)
+        for act in ("int8", "int16"):
+            check_path(K._int8_native(N.get(), x, w8, torch.float32, act=act), x,
+                       w8.q.float() * w8.scale.float()[:, None], act)
+    finally:
+        N.set_isa(None)

@@ -19,133 +19,17 @@
  * Codes are never expanded to floats, so 2- and 3-bit rows cost about as much compute per
  * weight as 4-bit rows while reading 2/4 and 3/4 of the bytes.
  *
- * Built at first use by edgemoe/quant/kernels.py (cc -O3 -march=native -fopenmp) and
- * called through ctypes; no Python or torch headers, so it compiles in a few seconds.
+ * This is the int16-activation path ("int16"); qmm8.c has the int8-activation one.
+ *
+ * Built at first use by edgemoe/quant/native.py, once per instruction-set variant
+ * (em_common.h), and called through ctypes via dispatch.c; no Python or torch headers.
  * OpenMP resolves to the libgomp torch already loaded (same soname), so the threads are
  * torch's own pool. Without AVX2 the same algorithm runs as plain C.
  */
-#include <math.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
-
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#define EM_AVX2 1
-/* vpdpwssd (AVX512-VNNI or AVX-VNNI) fuses vpmaddwd and the int32 add. */
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-#define EM_VNNI 1
-#define EM_DPWSSD(acc, a, b) _mm256_dpwssd_epi32(acc, a, b)
-#elif defined(__AVXVNNI__)
-#define EM_VNNI 1
-#define EM_DPWSSD(acc, a, b) _mm256_dpwssd_avx_epi32(acc, a, b)
-#elif defined(EM_EMULATE_VNNI) /* tests: run the VNNI loop structure on plain AVX2 */
-#define EM_VNNI 1
-#define EM_DPWSSD(acc, a, b) _mm256_add_epi32(acc, _mm256_madd_epi16(a, b))
-#endif
-#endif
-
-#define EM_ABI 3
-#define EM_BLOCK 64 /* codes per packed block */
-#define EM_MR 4     /* activation rows computed together */
-#define EM_NB 16    /* weight rows per parallel work item */
-/* Below this many multiply-adds (~10 us on one core) waking a second thread costs more
- * than it saves. */
-#define EM_PAR_MIN (1 << 18)
-
-enum { EM_F32 = 0, EM_BF16 = 1, EM_F16 = 2 };
-
-int em_abi(void) { return EM_ABI; }
-
-/* Which inner loop was compiled: 0 portable C, 2 AVX2, 3 AVX2 with VNNI. */
-int em_simd(void) {
-#if defined(EM_VNNI)
-    return 3;
-#elif defined(EM_AVX2)
-    return 2;
-#else
-    return 0;
-#endif
-}
-
-/* ------------------------------------------------------------------ scalar conversions */
-
-static inline float bf16_to_f32(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline uint16_t f32_to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* quiet NaN */
-    u += 0x7fffu + ((u >> 16) & 1u);                                             /* round to nearest even */
-    return (uint16_t)(u >> 16);
-}
-
-static inline float f16_to_f32(uint16_t h) {
-#ifdef __F16C__
-    return _cvtsh_ss(h);
-#else
-    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu, u;
-    if (exp == 0) {
-        float f = (float)man * (1.0f / 16777216.0f); /* zero or subnormal: man * 2^-24 */
-        return sign ? -f : f;
-    }
-    u = exp == 31 ? sign | 0x7f800000u | (man << 13) : sign | ((exp + 112) << 23) | (man << 13);
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-#endif
-}
-
-static inline uint16_t f32_to_f16(float f) { /* round to nearest even, like torch */
-#ifdef __F16C__
-    return _cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-#else
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    const uint32_t sign = (u >> 16) & 0x8000u;
-    u &= 0x7fffffffu;
-    if (u > 0x7f800000u) return (uint16_t)(sign | 0x7e00u);        /* NaN */
-    if (u >= 0x477ff000u) return (uint16_t)(sign | 0x7c00u);       /* rounds to inf */
-    if (u < 0x38800000u) {                                         /* fp16 subnormal or zero */
-        float a;
-        memcpy(&a, &u, 4);
-        return (uint16_t)(sign | (uint32_t)lrintf(a * 16777216.0f)); /* units of 2^-24, RNE */
-    }
-    const uint32_t r = u + 0x0fffu + ((u >> 13) & 1u); /* RNE on the 13 dropped bits */
-    return (uint16_t)(sign | ((r - 0x38000000u) >> 13));
-#endif
-}
-
-static inline float load_act(const void *x, int dt, int64_t i) {
-    if (dt == EM_BF16) return bf16_to_f32(((const uint16_t *)x)[i]);
-    if (dt == EM_F16) return f16_to_f32(((const uint16_t *)x)[i]);
-    return ((const float *)x)[i];
-}
-
-static inline void store_out(void *y, int dt, int64_t i, float v) {
-    if (dt == EM_BF16)
-        ((uint16_t *)y)[i] = f32_to_bf16(v);
-    else
-        ((float *)y)[i] = v;
-}
+#include "em_common.h"
 
 /* ------------------------------------------------------------------ activations */
 
-#ifdef EM_AVX2
-/* 8 activations as fp32 (dt is EM_F32 or EM_BF16). */
-static inline __m256 load8(const void *x, int dt, int64_t i) {
-    if (dt == EM_BF16) {
-        __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)x + i)));
-        return _mm256_castsi256_ps(_mm256_slli_epi32(h, 16));
-    }
-    return _mm256_loadu_ps((const float *)x + i);
-}
-#endif
 
 /* x (M, K) -> xq (M, Kp) int16 (zero padded), xs (M, ng) group scales, xsum (M, ng) sums of
  * the dequantized activations of each group (for the zero-point term). */
@@ -274,12 +158,6 @@ static inline __attribute__((always_inline)) void unpack64(const int bits, const
     w[3] = _mm256_srli_epi16(v, 6);
 }
 
-static inline float hsum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
 #endif
 
 /* ------------------------------------------------------------------ one weight row */
@@ -409,7 +287,7 @@ static int check(int bits, int64_t K, int64_t Kp, int64_t G) {
  * bits 2/3/4: unsigned codes, fp16 scale (sdt EM_F16) and zero per group of G (per_row 0).
  * bits 8: signed int8 codes (N, K), one scale per row of dtype sdt (per_row 1), no zero:
  * torch's _weight_int8pack_mm layout; G is then only the activation group (64). */
-int em_qmm(const void *x, int xdt, int64_t M, int64_t K, const uint8_t *w, const void *scale, int sdt, int per_row,
+int EM_API(qmm)(const void *x, int xdt, int64_t M, int64_t K, const uint8_t *w, const void *scale, int sdt, int per_row,
            const uint16_t *zero, int64_t N, int64_t Kp, int bits, int64_t G, void *y, int ydt, int nthreads) {
     int rc = check(bits, K, Kp, G);
     if (rc) return rc;
@@ -450,7 +328,7 @@ int em_qmm(const void *x, int xdt, int64_t M, int64_t K, const uint8_t *w, const
 }
 
 /* Rows [n0, n1) of dequant(W) into out (n1 - n0, K), fp32 or bf16. */
-int em_dequant(const uint8_t *w, const uint16_t *scale, const uint16_t *zero, int64_t n0, int64_t n1, int64_t K,
+int EM_API(dequant)(const uint8_t *w, const uint16_t *scale, const uint16_t *zero, int64_t n0, int64_t n1, int64_t K,
                int64_t Kp, int bits, int64_t G, void *out, int odt, int nthreads) {
     int rc = check(bits, K, Kp, G);
     if (rc) return rc;
@@ -571,7 +449,7 @@ static void mx_pow2(float pw[256], float half) {
 
 /* y (M, N) = x (M, K) @ dequant(W)^T for MXFP4 W: blocks (N, G * 16) and exponents (N, G),
  * G = ceil(K / 32). Returns 0, -1 when out of memory, -3 on bad sizes. */
-int em_mxfp4_mm(const void *x, int xdt, int64_t M, int64_t K, const uint8_t *blocks, const uint8_t *scales,
+int EM_API(mxfp4_mm)(const void *x, int xdt, int64_t M, int64_t K, const uint8_t *blocks, const uint8_t *scales,
                 int64_t N, int64_t G, void *y, int ydt, int nthreads) {
     if (G != (K + EM_MX_BLOCK - 1) / EM_MX_BLOCK || M < 0 || N < 0) return -3;
     const int64_t Kp = G * EM_MX_BLOCK;
@@ -604,7 +482,7 @@ int em_mxfp4_mm(const void *x, int xdt, int64_t M, int64_t K, const uint8_t *blo
 
 /* Rows [n0, n1) of an MXFP4 weight dequantized into out (n1 - n0, K), fp32 or bf16 (exact
  * in both). */
-int em_mxfp4_dequant(const uint8_t *blocks, const uint8_t *scales, int64_t n0, int64_t n1, int64_t K, int64_t G,
+int EM_API(mxfp4_dequant)(const uint8_t *blocks, const uint8_t *scales, int64_t n0, int64_t n1, int64_t K, int64_t G,
                      void *out, int odt, int nthreads) {
     if (G != (K + EM_MX_BLOCK - 1) / EM_MX_BLOCK) return -3;
     (void)nthreads;
@@ -688,7 +566,7 @@ static const float SHRINK[] = {1.0f, 0.95f, 0.9f, 0.85f, 0.8f, 0.75f, 0.7f, 0.65
 
 /* Group-wise quantization of w (N, K) fp32: codes (N, Kp), scales and zeros (N, Kp/G) fp16.
  * Same algorithm as quantize.py (range candidates, then one least-squares refit). */
-int em_quantize(const float *w, int64_t N, int64_t K, int64_t Kp, int bits, int64_t G, int asym, int search,
+int EM_API(quantize)(const float *w, int64_t N, int64_t K, int64_t Kp, int bits, int64_t G, int asym, int search,
                 uint8_t *q, uint16_t *scale, uint16_t *zero, int nthreads) {
     if (bits < 2 || bits > 8 || G <= 0 || Kp % G || K > Kp) return -3;
     (void)nthreads;
