@@ -28,3 +28,28 @@ def test_prefix_reuse_with_recurrent_state(tmp_path, tokenizer_dir):
     finally:
         engine.close()
         fresh.close()
+
+
+def test_state_in_the_budget_and_info(tmp_path, tokenizer_dir):
+    """The recurrent state is counted once per sequence, the same in `info` as at load."""
+    import json
+
+    from cli.helpers import run_cli
+    from store.helpers import make_converted
+
+    parity.save(next(iter(CONFIGS.values()))(), tmp_path / "hf", tokenizer_dir)
+    conv = make_converted(tmp_path / "hf", tmp_path / "conv")
+    engine = edgemoe.load(conv)
+    try:
+        state = engine.model.state_bytes()
+        assert state > 0 and engine.info["state_bytes"] == state
+        minimum = engine.info["min_budget_bytes"]
+    finally:
+        engine.close()
+    info = json.loads(run_cli("info", str(conv), "--json").stdout)
+    assert info["state_bytes"] == state and info["memory"]["min_budget_bytes"] == minimum
+    with_two = edgemoe.load(conv, parallel=2)
+    try:
+        assert with_two.info["state_bytes"] == 2 * state
+    finally:
+        with_two.close()

@@ -79,7 +79,7 @@ def model_info(model=None, *, memory=None, ctx_size=None, dtype=None, onednn: bo
         "kv_bytes": plan.kv_bytes,
         "workspace_bytes": plan.workspace,
         "onednn": plan.onednn,
-        "io_free_bytes": facts["resident_bytes"] + plan.kv_bytes + plan.workspace + facts["expert_cache_bytes"],
+        "io_free_bytes": facts["resident_bytes"] + facts["state_bytes"] + plan.kv_bytes + plan.workspace + facts["expert_cache_bytes"],
     }
     if budget is not None:
         b = _plan(facts, args, dt, path, budget, ctx, explicit_ctx, kv_per_token, onednn)
@@ -92,8 +92,9 @@ def model_info(model=None, *, memory=None, ctx_size=None, dtype=None, onednn: bo
 def _plan(facts: dict, args, dt, path, budget, ctx, explicit_ctx, kv_per_token, onednn):
     from ..runtime.engine import memory_plan
 
-    return memory_plan(args, dt, path, budget, ctx, explicit_ctx, facts["resident_bytes"], kv_per_token,
-                       facts["min_cache_bytes"], facts["expert_cache_bytes"], onednn, "io-exp")
+    # The same arithmetic as load_converted: a recurrent state joins what the budget holds besides the KV cache.
+    return memory_plan(args, dt, path, budget, ctx, explicit_ctx, facts["resident_bytes"] + facts["state_bytes"],
+                       kv_per_token, facts["min_cache_bytes"], facts["expert_cache_bytes"], onednn, "io-exp")
 
 
 def _shape(family_name: str, args, resident_params: int) -> dict:
@@ -123,7 +124,8 @@ def _meta(family, args, dt):
     from ..checkpoint import build_on_meta
 
     model = build_on_meta(family, args)
-    return sum(p.numel() for p in model.parameters()), model.kv_bytes_per_token(dt), model.fp32_names()
+    return (sum(p.numel() for p in model.parameters()), model.kv_bytes_per_token(dt), model.fp32_names(),
+            model.state_bytes(dt))
 
 
 def _histogram(formats: dict) -> list[dict]:
@@ -147,7 +149,7 @@ def _converted(path, dtype) -> dict:
     args = check_manifest(manifest)
     family = get_family(manifest.model_type, str(manifest.path))
     dt = manifest_dtype(manifest) if dtype in (None, "auto") else parse_dtype(dtype, manifest.config)
-    resident_params, kv_per_token, fp32 = _meta(family, args, dt)
+    resident_params, kv_per_token, fp32, state = _meta(family, args, dt)
     counts: dict[str, int] = {}
     for e in manifest.experts:
         counts[e.format] = counts.get(e.format, 0) + 1
@@ -172,6 +174,7 @@ def _converted(path, dtype) -> dict:
         "files": files,
         "disk_bytes": sum(files.values()),
         "predictor": _predictor(path, args),
+        "state_bytes": state,  # recurrent layers' fixed-size state per sequence (0 without them)
         "_args": args, "_dtype": dt, "_kv_per_token": kv_per_token,
     }
 
@@ -184,7 +187,7 @@ def _hf(path, dtype) -> dict:
     ckpt = HFCheckpoint(path)  # config and safetensors headers only
     args = ckpt.args
     dt = parse_dtype(dtype, ckpt.config)
-    resident_params, kv_per_token, _ = _meta(ckpt.family, args, dt)
+    resident_params, kv_per_token, _, state = _meta(ckpt.family, args, dt)
     shape = _shape(ckpt.config.get("model_type"), args, resident_params)
     elem = dt.itemsize
     files = sorted({r.file for r in ckpt.refs})
@@ -209,6 +212,7 @@ def _hf(path, dtype) -> dict:
         "files": {f.name: f.stat().st_size for f in files},
         "disk_bytes": sum(f.stat().st_size for f in files),
         "predictor": {"fitted": False, "note": "predictors are fitted on converted models ('edgemoe fit-predictor')"},
+        "state_bytes": state,  # recurrent layers' fixed-size state per sequence (0 without them)
         "_args": args, "_dtype": dt, "_kv_per_token": kv_per_token,
     }
 
