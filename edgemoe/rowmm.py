@@ -30,14 +30,13 @@ import ctypes
 import hashlib
 import logging
 import os
-import platform
-import shutil
 import subprocess
-import tempfile
 import threading
 from pathlib import Path
 
 import torch
+
+from .quant.native import cache_dir, compiler, cpu_id  # one place builds and caches C kernels
 
 log = logging.getLogger(__name__)
 
@@ -236,36 +235,13 @@ def simd() -> str:
     return {2: "avx512bf16"}.get(lib.em_rows_simd(), "generic")
 
 
-def _cache_dir() -> Path:
-    for base in (Path.home() / ".cache" / "edgemoe" / "kernels", Path(tempfile.gettempdir()) / "edgemoe-kernels"):
-        try:
-            base.mkdir(parents=True, exist_ok=True)
-            if os.access(base, os.W_OK):
-                return base
-        except OSError:
-            continue
-    raise RuntimeError("no writable cache directory for the compiled kernel")
-
-
-def _cpu_id() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
-    except OSError:
-        pass
-    return platform.processor() + platform.machine()
-
-
 def _build() -> Path:
-    cc = next((shutil.which(c) for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
-    if cc is None:
-        raise RuntimeError("no C compiler found (install gcc)")
+    cc = compiler()
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    out_dir = _cache_dir()
+    out_dir = cache_dir()
     errors = []
     for flags in FLAG_SETS:
-        key = hashlib.sha256((SOURCE + repr((flags, version, _cpu_id(), ABI))).encode()).hexdigest()[:16]
+        key = hashlib.sha256((SOURCE + repr((flags, version, cpu_id(), ABI))).encode()).hexdigest()[:16]
         lib = out_dir / f"rowmm-{key}.so"
         if lib.exists():
             return lib

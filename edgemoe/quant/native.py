@@ -199,7 +199,8 @@ def _apply_env_isa(lib: ctypes.CDLL) -> None:
 # ----------------------------------------------------------------------------- build
 
 
-def _cache_dir() -> Path:
+def cache_dir() -> Path:
+    """Where compiled kernels are kept (per user, else the temporary directory)."""
     for base in (Path.home() / ".cache" / "edgemoe" / "kernels", Path(tempfile.gettempdir()) / "edgemoe-kernels"):
         try:
             base.mkdir(parents=True, exist_ok=True)
@@ -221,7 +222,8 @@ def cpu_id() -> str:
     return platform.processor() + platform.machine()
 
 
-def _compiler() -> str:
+def compiler() -> str:
+    """The C compiler kernels are built with."""
     for cc in ("cc", "gcc", "clang"):
         path = shutil.which(cc)
         if path:
@@ -282,10 +284,10 @@ def build(variants=None, extra: dict | None = None, cc: str | None = None) -> Pa
     """Compile the kernels (or find them in the cache): every variant of `variants`
     (default: this architecture's), the dispatcher, linked into one shared object; with
     OpenMP when the compiler has it. `extra` adds flags to named variants (tests)."""
-    cc = cc or _compiler()
+    cc = cc or compiler()
     variants = tuple(variants or variants_for())
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    out_dir = _cache_dir()
+    out_dir = cache_dir()
     errors = []
     for openmp in (["-fopenmp"], []):
         flags = BASE_FLAGS + openmp
