@@ -1,5 +1,9 @@
-"""Model families. Adding one is a new file (ModelArgs, build, sanitize) plus an entry
-in FAMILIES."""
+"""Model families and the blocks they are built from (attention.py, mla.py, recurrent.py,
+mamba.py, rope.py, norms.py, routers.py, moe.py, rows.py). Adding a family is a new file
+(ModelArgs, build, sanitize) plus an entry in FAMILIES.
+
+Model code does no I/O: MoE blocks get their experts from a provider (moe.py), and
+nothing here imports runtime/, store/, quant/ or cli/ (tests/test_imports.py)."""
 
 from __future__ import annotations
 
