@@ -39,9 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    from ..hub import resolve_model
-    from ..store.convert import convert
+    from pathlib import Path
 
+    from ..hub import is_hub_id, resolve_model
+    from ..store.convert import check_out_dir, convert
+
+    if is_hub_id(args.hf_dir) and not Path(args.hf_dir).exists():
+        check_out_dir(Path(args.out_dir), args.force)  # before a download that may take hours
     source = resolve_model(args.hf_dir)  # a local path, or a hub id (ORG/NAME) fetched into the hub cache
     result = convert(source, args.out_dir, bits=args.bits, fmt=args.fmt, plan=args.plan, dtype=args.dtype,
                      resident=args.resident, force=args.force, progress=not args.quiet and not args.json and sys.stderr.isatty())

@@ -333,6 +333,23 @@ def _encode(fmt, info: FormatInfo, got: dict[str, torch.Tensor], dtype: torch.dt
     return {p.name: parts[p.name].contiguous() for p in info.parts}
 
 
+def check_out_dir(out: Path, force: bool) -> list[str]:
+    """Fail now if `out` cannot receive a conversion (it exists without `force`, or is not
+    a directory, or its parent cannot be made), after finishing any interrupted swap there;
+    returns notes on what was recovered. The CLI calls it before a hub download too."""
+    out = Path(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise EdgeMoEError(f"{out.parent}: cannot create the output's parent directory: {e.strerror or e}") from None
+    recovered = recover(out)
+    if os.path.lexists(out) and not force:
+        raise EdgeMoEError(f"{out}: already exists (pass --force to replace it)" + "".join(f"; {n}" for n in recovered))
+    if os.path.lexists(out) and not out.is_dir():
+        raise EdgeMoEError(f"{out}: exists and is not a directory; remove it first")
+    return recovered
+
+
 def convert(src: str | Path, out: str | Path, *, bits: int | None = None, fmt: str | None = None,
             plan: ExpertPlan | str | Path | None = None, dtype: str | torch.dtype | None = None,
             resident: str | None = None, force: bool = False, progress: bool = False) -> ConvertResult:
@@ -358,15 +375,7 @@ def convert(src: str | Path, out: str | Path, *, bits: int | None = None, fmt: s
         raise EdgeMoEError(f"resident weights format must be one of {', '.join(RESIDENT_FORMATS)}, got {resident!r}")
     if out.resolve() == src.resolve():
         raise EdgeMoEError(f"{out}: the output directory must differ from the input")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise EdgeMoEError(f"{out.parent}: cannot create the output's parent directory: {e.strerror or e}") from None
-    recovered = recover(out)
-    if os.path.lexists(out) and not force:
-        raise EdgeMoEError(f"{out}: already exists (pass --force to replace it)" + "".join(f"; {n}" for n in recovered))
-    if os.path.lexists(out) and not out.is_dir():
-        raise EdgeMoEError(f"{out}: exists and is not a directory; remove it first")
+    recovered = check_out_dir(out, force)
 
     H, I = args.hidden_size, args.expert_dim
     want_parts = getattr(ckpt, "expert_parts", FLOAT_PARTS)  # what makes an expert complete

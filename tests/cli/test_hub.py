@@ -119,3 +119,18 @@ def test_convert_from_a_hub_id(hub_cache, tmp_path):
     proc = run_offline(cache, "convert", "edgemoe-test/absent", tmp_path / "out2", "-q")
     assert_clean_error(proc, "edgemoe-test/absent", "offline mode is on")
     assert not (tmp_path / "out2").exists()
+
+
+def test_convert_checks_the_output_before_downloading(tmp_path):
+    """An OUT_DIR that cannot be used is refused before the hub is asked for anything: here
+    the id is not cached and the hub is offline, so a download attempt would fail first."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep").write_text("x")
+    proc = run_offline(tmp_path / "empty-cache", "convert", "edgemoe-test/not-cached", out, "-q")
+    assert_clean_error(proc, str(out), "already exists (pass --force to replace it)")
+    assert "offline" not in proc.stderr and (out / "keep").read_text() == "x"
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    proc = run_offline(tmp_path / "empty-cache", "convert", "edgemoe-test/not-cached", blocker / "sub", "-q")
+    assert_clean_error(proc, "cannot create the output's parent directory")
