@@ -60,8 +60,11 @@ def main(argv: list[str]) -> int:
     if args.plot:
         check_output_path(args.plot, "--plot")
     texts = args.text or [str(assets.CALIB_TEXT)]
-    engine = load(args.model, dtype=args.dtype, memory=args.memory,
-                  **({"prefetch": False} if engine_is_converted(args.model) else {}))
+    from ..hub import resolve_model
+
+    model_path = resolve_model(args.model) if args.model is not None else None  # a hub id: its local copy
+    engine = load(model_path, dtype=args.dtype, memory=args.memory,
+                  **({"prefetch": False} if engine_is_converted(model_path) else {}))
     t0 = time.perf_counter()
     with engine:
         model = engine.model
