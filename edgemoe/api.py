@@ -397,18 +397,6 @@ def check_threads(threads, name: str = "threads") -> int | None:
     return threads
 
 
-def check_ctx_size(ctx_size, max_positions: int, source: str) -> int:
-    """The context size to use: `ctx_size` checked against the model, or its maximum positions."""
-    if ctx_size is None:
-        return max_positions
-    if isinstance(ctx_size, bool) or not isinstance(ctx_size, int) or ctx_size < 1:
-        raise InvalidArgument(f"ctx_size must be a positive integer, got {ctx_size!r}")
-    if ctx_size > max_positions:
-        raise InvalidArgument(f"ctx_size {ctx_size} is more than the {max_positions} positions {source} was "
-                              "trained for (max_position_embeddings)")
-    return ctx_size
-
-
 def set_threads(threads: int | None, model: Transformer) -> int:
     """Apply a thread count (None: one thread for small models, torch's default otherwise)."""
     threads = check_threads(threads)
@@ -485,6 +473,7 @@ def load(
                 f"{path}: memory budgets and runtime options need a converted model; run 'edgemoe convert {path} OUT_DIR' first"
             )
         from .checkpoint import load_hf
+        from .runtime.engine import check_ctx_size
 
         model, ckpt = load_hf(path, dtype)
         info = {"kind": "hf", "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}

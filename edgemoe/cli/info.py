@@ -53,7 +53,8 @@ def model_info(model=None, *, memory=None, ctx_size=None, dtype=None, onednn: bo
     """A JSON-ready description of a model directory (see the module docstring)."""
     from pathlib import Path
 
-    from ..api import check_ctx_size, default_model_dir
+    from ..api import default_model_dir
+    from ..runtime.engine import check_ctx_size
     from ..store.format import is_converted
     from ..errors import InvalidArgument
     from ..hub import resolve_model

@@ -165,6 +165,18 @@ def _warm_up_torch(dtype: torch.dtype) -> None:
         torch.nn.Linear(8, 8)
 
 
+def check_ctx_size(ctx_size, max_positions: int, source: str) -> int:
+    """The context size to use: `ctx_size` checked against the model, or its maximum positions."""
+    if ctx_size is None:
+        return max_positions
+    if isinstance(ctx_size, bool) or not isinstance(ctx_size, int) or ctx_size < 1:
+        raise InvalidArgument(f"ctx_size must be a positive integer, got {ctx_size!r}")
+    if ctx_size > max_positions:
+        raise InvalidArgument(f"ctx_size {ctx_size} is more than the {max_positions} positions {source} was "
+                              "trained for (max_position_embeddings)")
+    return ctx_size
+
+
 def load_converted(
     path: str | Path,
     memory: str | int | None = None,
@@ -235,8 +247,6 @@ def load_converted(
     dt = stored if dtype in (None, "auto") else parse_dtype(dtype, manifest.config)
 
     # Budget arithmetic, before reading any weights.
-    from ..api import check_ctx_size
-
     max_pos = args.max_position_embeddings
     explicit_ctx = ctx_size is not None
     ctx_size = check_ctx_size(ctx_size, max_pos, str(manifest.path))
