@@ -40,8 +40,10 @@ from . import rowmm
 from .cpu import native_matmuls
 from .errors import EdgeMoEError, InvalidArgument
 from .generate import PromptCache, PromptLogitsHook, prefill, provider_of
+from .models.attention import Attention
 from .models.base import Transformer
-from .models.rows import row_caches, supports_rows
+from .models.mla import MLAttention
+from .models.rows import row_caches
 from .sample import LogitsProcessor, Sampler
 
 log = logging.getLogger("edgemoe.batching")
@@ -52,6 +54,13 @@ POLL_S = 0.2  # how often a consumer waiting for a token runs its `abort` check
 # hold the running ones back for long.
 PREFILL_BUDGET = 512
 MAX_PARALLEL = 64  # slots at most (each holds a KV cache of the context size)
+
+
+def supports_rows(model) -> bool:
+    """Whether every layer of `model` takes RowCaches: its attention is edgemoe's Attention
+    or MLAttention as such (a subclass with its own forward, or a recurrent mixer, does not)."""
+    ok = (Attention.forward, MLAttention.forward)
+    return all(getattr(type(layer.attn), "forward", None) in ok for layer in model.layers)
 
 
 def check_parallel(parallel, name: str = "parallel") -> int:

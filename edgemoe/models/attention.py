@@ -18,6 +18,7 @@ from ..cpu import Linear
 from ..errors import ContextLengthError
 from .norms import RMSNorm
 from .rope import RoPE
+from .rope import temperature_scales  # noqa: F401 (also imported from here)
 from .rows import RowCaches
 
 
@@ -205,13 +206,6 @@ def l2_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
     """Weightless RMS norm over the last dimension, in fp32 (Llama 4's q/k norm)."""
     xf = x.float()
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-
-
-def temperature_scales(offset: int, T: int, floor_scale: float, attn_scale: float) -> torch.Tensor:
-    """Query scales (T,) for positions offset..offset+T-1: long contexts sharpen the
-    attention of layers without RoPE (Llama 4, arXiv 2501.19399)."""
-    pos = torch.arange(offset, offset + T, dtype=torch.float32, device="cpu")  # (T,)
-    return torch.log1p(torch.floor((pos + 1.0) / floor_scale)) * attn_scale + 1.0
 
 
 def add_sink(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool,

@@ -137,3 +137,10 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos + rotated * sin
+
+
+def temperature_scales(offset: int, T: int, floor_scale: float, attn_scale: float) -> torch.Tensor:
+    """Query scales (T,) for positions offset..offset+T-1: long contexts sharpen the
+    attention of layers without RoPE (Llama 4, arXiv 2501.19399)."""
+    pos = torch.arange(offset, offset + T, dtype=torch.float32, device="cpu")  # (T,)
+    return torch.log1p(torch.floor((pos + 1.0) / floor_scale)) * attn_scale + 1.0

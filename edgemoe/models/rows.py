@@ -23,7 +23,7 @@ from typing import Sequence
 
 import torch
 
-from .rope import RoPE
+from .rope import RoPE, temperature_scales
 
 
 class RowCaches:
@@ -65,8 +65,6 @@ class RowCaches:
 
     def temperature(self, T: int, temperature: tuple[float, float]) -> torch.Tensor:
         """(B, 1, T, 1) fp32 query scales of attention temperature tuning (Llama 4)."""
-        from .attention import temperature_scales
-
         scales = torch.stack([temperature_scales(start, T, *temperature) for start in self.starts])  # (B, T)
         return scales[:, None, :, None]
 
@@ -75,13 +73,3 @@ def row_caches(caches: Sequence[Sequence]) -> list[RowCaches]:
     """Per-layer RowCaches for a batch: caches[b] is sequence b's list of layer caches."""
     memo: dict = {}
     return [RowCaches(layer, memo) for layer in zip(*caches)]
-
-
-def supports_rows(model) -> bool:
-    """Whether every layer of `model` takes RowCaches: its attention is edgemoe's Attention
-    or MLAttention as such (a subclass with its own forward, or a recurrent mixer, does not)."""
-    from .attention import Attention
-    from .mla import MLAttention
-
-    ok = (Attention.forward, MLAttention.forward)
-    return all(getattr(type(layer.attn), "forward", None) in ok for layer in model.layers)

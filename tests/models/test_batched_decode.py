@@ -21,7 +21,8 @@ from edgemoe.batching import decode_rows
 from edgemoe.checkpoint import load_hf
 from edgemoe.generate import PromptCache
 from edgemoe.models.mla import MLAttention
-from edgemoe.models.rows import row_caches, supports_rows
+from edgemoe.batching import supports_rows
+from edgemoe.models.rows import row_caches
 
 from models import parity
 from models.families import (test_afmoe, test_cohere2_moe, test_deepseek_v3, test_exaone_moe, test_gemma4,
