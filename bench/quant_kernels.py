@@ -22,7 +22,9 @@ held-out perplexity, logits against the int16 kernel and greedy tokens.
 All timings are medians over rounds that interleave the variants, so contention from
 other work on a shared machine hits every variant alike; compare ratios within one run.
 
-    python bench/quant_kernels.py --out bench/results/quant_kernels.md
+    python -P bench/quant_kernels.py --out bench/results/quant_kernels.md
+
+(-P: bench/concurrent.py would otherwise shadow the standard library's `concurrent`.)
 """
 
 from __future__ import annotations
@@ -216,17 +218,17 @@ def disk_vs_compute(hidden, inter, formats, workdir: Path, rounds: int) -> dict:
 
 
 # Dispatch limits that force one path:
-# (PACKED_MAX_BATCH, PACKED_MAX_BATCH_BF16_CPU, INT8_NATIVE_MAX_BATCH, INT8PACK_MAX_BATCH,
-#  INT8PACK_PREFERRED, C kernel on, activations)
+# (PACKED_MAX_BATCH, PACKED_MAX_BATCH_BF16_CPU, PACKED_MAX_BATCH_BF16_CPU_INT16,
+#  INT8_NATIVE_MAX_BATCH, INT8PACK_MAX_BATCH, INT8PACK_PREFERRED, C kernel on, activations)
 BIG = 1 << 30
 PATHS = {
-    "packed C int8": (BIG, BIG, BIG, 0, False, True, "int8"),
-    "packed C int16": (BIG, BIG, BIG, 0, False, True, "int16"),
-    "torch int8pack": (0, 0, 0, BIG, True, True, None),
-    "dequant+matmul": (0, 0, 0, 0, False, True, None),
+    "packed C int8": (BIG, BIG, BIG, BIG, 0, False, True, "int8"),
+    "packed C int16": (BIG, BIG, BIG, BIG, 0, False, True, "int16"),
+    "torch int8pack": (0, 0, 0, 0, BIG, True, True, None),
+    "dequant+matmul": (0, 0, 0, 0, 0, False, True, None),
 }
-LIMITS = ("PACKED_MAX_BATCH", "PACKED_MAX_BATCH_BF16_CPU", "INT8_NATIVE_MAX_BATCH", "INT8PACK_MAX_BATCH",
-          "INT8PACK_PREFERRED")
+LIMITS = ("PACKED_MAX_BATCH", "PACKED_MAX_BATCH_BF16_CPU", "PACKED_MAX_BATCH_BF16_CPU_INT16", "INT8_NATIVE_MAX_BATCH",
+          "INT8PACK_MAX_BATCH", "INT8PACK_PREFERRED")
 
 
 @contextlib.contextmanager
@@ -237,11 +239,11 @@ def forced(path: str, isa: str | None = None):
     saved = [getattr(K, n) for n in LIMITS]
     for n, v in zip(LIMITS, spec):
         setattr(K, n, v)
-    K.use_native(spec[5])
+    K.use_native(spec[6])
     prev, prev_mx = K.ACTIVATIONS, MX.ACTIVATIONS
-    if spec[6]:
-        K.set_activations(spec[6])
-        MX.set_activations("int8" if spec[6] == "int8" else "fp32")
+    if spec[7]:
+        K.set_activations(spec[7])
+        MX.set_activations("int8" if spec[7] == "int8" else "fp32")
     if isa:
         N.set_isa(isa)
     try:
@@ -298,16 +300,16 @@ class ReadBuffer:
         return self.buf.numel() / statistics.median(self.times) / 1e9, self.buf.numel() / min(self.times) / 1e9
 
 
-def isa_combos(name: str) -> list[tuple[str, str]]:
-    acts = ("int8", "int16")
-    return [(isa, act) for isa in N.supported_isas() for act in acts]
+def isa_combos() -> list[tuple[str, str]]:
+    """(variant, activations) for every variant this CPU runs ("int16" is MXFP4's fp32)."""
+    return [(isa, act) for isa in N.supported_isas() for act in ("int8", "int16")]
 
 
 def time_isa_paths(variants: dict, batch: int, rounds: int, threads: int, reader: ReadBuffer,
                    skip_generic: bool) -> dict:
     """(format, isa, act) -> (median, best) seconds per expert call on the packed kernels,
     rounds interleaved across every combination; one DRAM read per round in between."""
-    combos = [(name, isa, act) for name in ISA_FORMATS if name in variants for isa, act in isa_combos(name)
+    combos = [(name, isa, act) for name in ISA_FORMATS if name in variants for isa, act in isa_combos()
               if not (skip_generic and isa == "generic")]
     times = {c: [] for c in combos}
     for _ in range(rounds):
@@ -344,7 +346,7 @@ def isa_table(variants: dict, hidden: int, inter: int, args, emit) -> None:
         if name not in variants:
             continue
         nbytes = variants[name][1]
-        for isa, act in isa_combos(name):
+        for isa, act in isa_combos():
             m1, b1 = t1[(name, isa, act)]
             r1 = t1[(name, isa, "int16")][0] / m1
             cell32 = "- | - | -"

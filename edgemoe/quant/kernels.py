@@ -6,7 +6,7 @@ Paths, picked per call by batch size (rows of x):
   the packed codes; above packed_max_batch() rows the weights are instead dequantized, a
   chunk of rows at a time, into a reused buffer for an MKL / oneDNN matmul.
 * int8 per-channel (`Int8Matrix`, also behind `Int8Linear` for non-expert weights), stored
-  in the layout torch's `_weight_int8pack_mm` reads: the same C kernel (6-20x faster than
+  in the layout torch's `_weight_int8pack_mm` reads: the same C kernel (8-20x faster than
   `_weight_int8pack_mm` on a Zen 5 EPYC) up to INT8_NATIVE_MAX_BATCH rows, then
   dequantize + matmul; `_weight_int8pack_mm` only when the C kernel is missing, K is a
   multiple of 64, and the batch tiny (its cost grows linearly with the batch).
@@ -106,7 +106,7 @@ PACKED_MAX_BATCH_BF16_CPU = 32  # int8 activations
 PACKED_MAX_BATCH_BF16_CPU_INT16 = 16  # int16 activations (and MXFP4's fp32 ones)
 # torch's _weight_int8pack_mm, only for K a multiple of 64 (bf16 with K = 72 and batch >= 4
 # segfaults in torch 2.11 on an AMX Xeon). It used to be preferred on AVX-512 CPUs up to
-# batch 64 (it beat the int16 kernel on a Xeon); on a Zen 5 EPYC it is 6-20x slower than
+# batch 64 (it beat the int16 kernel on a Xeon); on a Zen 5 EPYC it is 8-20x slower than
 # the C kernel at batch 1-64 (bench/results/quant_kernels.md), so now it serves only when
 # the C kernel is missing, for tiny batches (its cost grows linearly with the batch).
 INT8PACK_MAX_BATCH = 4

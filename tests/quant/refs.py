@@ -23,6 +23,17 @@ def act8(x: torch.Tensor, block: int = 64) -> torch.Tensor:
     return (q * (amax / torch.tensor(127.0))).view(m, kp)[:, :k]
 
 
+def act8_step(x: torch.Tensor, block: int = 64) -> torch.Tensor:
+    """The int8 step of every activation of x (M, K) as act8 quantizes it: absmax / 127 of
+    its block (zero padded)."""
+    m, k = x.shape
+    kp = -(-k // block) * block
+    xp = torch.zeros(m, kp)
+    xp[:, :k] = x.float()
+    amax = xp.view(m, kp // block, block).abs().amax(-1)  # (M, Kp / block)
+    return (amax / 127).repeat_interleave(block, dim=1)[:, :k]
+
+
 def rel_err(y: torch.Tensor, x: torch.Tensor, wd: torch.Tensor) -> float:
     """Largest |y - x @ wd^T| relative to |x| @ |wd|^T (the scale of each sum)."""
     ref = x.double() @ wd.double().t()

@@ -13,7 +13,7 @@ from edgemoe.quant.experts import GroupwiseFormat, Int8Format
 from edgemoe.quant.formats import FORMATS, get_format
 from edgemoe.quant.quantize import QuantSpec, dequantize, unpack
 
-from .refs import RTOL_INT8_EXACT, act8, assert_matches
+from .refs import RTOL_INT8_EXACT, act8, act8_step, assert_matches
 
 QUANT = ["int8", "int4", "int4-asym", "int3", "int3-asym", "int2", "int2-asym"]
 SHAPES = [(64, 96), (128, 256), (192, 384)]  # (hidden, inter): odd, and tiny-model sizes
@@ -76,7 +76,18 @@ def check_int8_stages(expert, fmt, parts, hidden, inter, x):
     assert_matches(h, xr, dense.w13, rtol)
     a = expert.glu(*h.chunk(2, dim=-1))  # (m, I)
     ar, rtol = staged(a, inter)
-    assert_matches(expert(x), ar, dense.w2, rtol)
+    y = expert(x)
+    if expert._fused is not None and K.fused_ok(x.shape[0], expert.w13):
+        # One C call (em_expert8): its activation function (expf) may differ from torch's by
+        # an ulp, which moves a value on an int8 rounding boundary by one int8 step. Allow
+        # up to two such steps per row on top of the exact tolerance.
+        step = act8_step(a).double()  # (m, I)
+        flip = (step.unsqueeze(1) * dense.w2.double().abs().unsqueeze(0)).amax(-1)  # (m, H) largest one-step change
+        ref = ar.double() @ dense.w2.double().t()
+        bound = ar.double().abs() @ dense.w2.double().abs().t()
+        assert bool(((y.double() - ref).abs() <= rtol * bound + 2 * flip + 1e-6).all())
+    else:
+        assert_matches(y, ar, dense.w2, rtol)
 
 
 def int8_path(name: str, m: int) -> bool:
@@ -126,9 +137,9 @@ def test_expert_from_views_matches_dequantized_reference(name, shape):
         assert got.shape == (m, hidden) and got.dtype == torch.float32
         err = float((got - want).abs().max() / want.abs().max())
         # CPUs with bf16 matrix units run large batches as dequantize + bf16 matmul
-        bf16_path = K.MATMUL_DTYPE == torch.bfloat16 and m > K.packed_max_batch()
         act8_path = int8_path(name, m)
-        assert err < (2e-2 if bf16_path else INT8_EXPERT_TOL if act8_path else 2e-3), (m, err)
+        bf16_path = K.MATMUL_DTYPE == torch.bfloat16 and m > K.packed_max_batch() and not act8_path
+        assert err < (INT8_EXPERT_TOL if act8_path else 2e-2 if bf16_path else 2e-3), (m, err)
         if act8_path:
             check_int8_stages(expert, fmt, parts, hidden, inter, x)
         got16 = expert(x.bfloat16())
