@@ -15,25 +15,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .attention import Attention, AttentionSpec
-from .base import BaseModelArgs, PostNormDecoderLayer, Transformer, make_sanitizer
-from .moe import MoEBlock
-from .rope import RoPE
-from .routers import Router
+from ..errors import ModelLoadError
+from . import olmoe
+from .base import PostNormDecoderLayer, Transformer, make_sanitizer
 
 DEFAULT_THETA = 500000.0  # FlexOlmoConfig.default_theta, used when the config names none
 
 
 @dataclass
-class ModelArgs(BaseModelArgs):
+class ModelArgs(olmoe.ModelArgs):
+    """OLMoE's fields with FlexOlmo's defaults; clip_qkv is not part of FlexOlmo."""
+
     intermediate_size: int = 11008  # one routed expert
     num_experts: int = 7
     num_experts_per_tok: int = 5
-    norm_topk_prob: bool = False
-    attention_bias: bool = False
-
-    # `num_local_experts` is transformers' attribute alias of num_experts.
-    ALIASES = {"num_experts": "num_local_experts"}
 
     @classmethod
     def from_dict(cls, config: dict, source: str = "config.json") -> "ModelArgs":
@@ -42,45 +37,15 @@ class ModelArgs(BaseModelArgs):
             config = {**config, "rope_theta": DEFAULT_THETA}
         return super().from_dict(config, source)
 
-    @property
-    def experts_per_layer(self) -> int:
-        return self.num_experts
-
-    @property
-    def top_k(self) -> int:
-        return self.num_experts_per_tok
-
-    @property
-    def expert_dim(self) -> int:
-        return self.intermediate_size
-
-    def moe_layers(self) -> list[int]:
-        return list(range(self.num_hidden_layers))
+    def validate(self, source: str) -> None:
+        super().validate(source)
+        if self.clip_qkv is not None:
+            raise ModelLoadError(f"{source}: clip_qkv is not supported for FlexOlmo (transformers does not clip)")
 
 
 def build(args: ModelArgs) -> Transformer:
-    """The decoder stack for `args`; routed experts come from a provider attached later."""
-    rope = RoPE(args.head_dim, args.rope_theta, args.rope_scaling)
-    spec = AttentionSpec(
-        hidden=args.hidden_size,
-        heads=args.num_attention_heads,
-        kv_heads=args.num_key_value_heads,
-        head_dim=args.head_dim,
-        qkv_bias=args.attention_bias,
-        o_bias=args.attention_bias,
-        qk_norm="full",
-        norm_eps=args.rms_norm_eps,
-    )
-    layers = [
-        PostNormDecoderLayer(
-            Attention(spec, rope),
-            MoEBlock(i, Router(args.hidden_size, args.num_experts, args.num_experts_per_tok, args.norm_topk_prob)),
-            args.hidden_size,
-            args.rms_norm_eps,
-        )
-        for i in range(args.num_hidden_layers)
-    ]
-    return Transformer(args, layers)
+    """OLMoE's decoder stack with OLMo2's post-norm blocks."""
+    return olmoe.build(args, PostNormDecoderLayer)
 
 
 # The two post-norms: norm1 follows attention, norm2 the MoE block (PostNormDecoderLayer).

@@ -49,8 +49,9 @@ class ModelArgs(BaseModelArgs):
         return list(range(self.num_hidden_layers))
 
 
-def build(args: ModelArgs) -> Transformer:
-    """The decoder stack for `args`; routed experts come from a provider attached later."""
+def build(args: ModelArgs, layer: type[DecoderLayer] = DecoderLayer) -> Transformer:
+    """The decoder stack for `args`; routed experts come from a provider attached later.
+    `layer` is the block kind (FlexOlmo: the OLMo2 post-norm block)."""
     rope = RoPE(args.head_dim, args.rope_theta, args.rope_scaling)
     spec = AttentionSpec(
         hidden=args.hidden_size,
@@ -64,7 +65,7 @@ def build(args: ModelArgs) -> Transformer:
         clip_qkv=args.clip_qkv,
     )
     layers = [
-        DecoderLayer(
+        layer(
             Attention(spec, rope),
             MoEBlock(i, Router(args.hidden_size, args.num_experts, args.num_experts_per_tok, args.norm_topk_prob)),
             args.hidden_size,

@@ -81,3 +81,5 @@ def test_unsupported_options_refused(pair):
         flex_olmo.ModelArgs.from_dict(dict(config, rope_parameters={"rope_type": "dynamic", "factor": 2.0}))
     with pytest.raises(ModelLoadError, match=r"config.json: num_experts_per_tok \(5\) must be between 1"):
         flex_olmo.ModelArgs.from_dict(dict(config, num_experts_per_tok=5, num_experts=4))
+    with pytest.raises(ModelLoadError, match="config.json: clip_qkv is not supported for FlexOlmo"):
+        flex_olmo.ModelArgs.from_dict(dict(config, clip_qkv=8.0))
