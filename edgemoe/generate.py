@@ -123,6 +123,25 @@ def generate_step(
     context = list(prompt)
     provider = provider_of(model)
     logits = prefill(model, context, cache, prefill_chunk, onednn, prompt_logits)
+
+    def step(token: int) -> torch.Tensor:
+        if provider is not None:
+            provider.begin_forward(1)
+        with native_matmuls():
+            out = model(torch.tensor([[token]]), cache.layers)  # (1, 1, V)
+        cache.tokens.append(token)
+        return out
+
+    yield from decode_loop(logits, context, step, sampler, logits_processors, max_tokens, logprobs)
+
+
+def decode_loop(logits: torch.Tensor, context: list[int], step: Callable[[int], torch.Tensor], sampler: Sampler,
+                logits_processors: Sequence[LogitsProcessor], max_tokens: int, logprobs: bool = False):
+    """Sample up to `max_tokens` tokens from `logits` (1, T, V) on: each token is yielded
+    (with the step's log-probabilities when `logprobs`), appended to `context` (what the
+    logits processors read) and fed to `step` (token -> the next logits (1, 1, V)), which
+    runs only when the caller asks for the next token. Decoder-only and encoder-decoder
+    generation share it."""
     for n in range(max_tokens):
         raw = logits[0, -1].float()  # (V,)
         scores = raw
@@ -133,11 +152,7 @@ def generate_step(
         if n == max_tokens - 1:
             break
         context.append(token)
-        if provider is not None:
-            provider.begin_forward(1)
-        with native_matmuls():
-            logits = model(torch.tensor([[token]]), cache.layers)  # (1, 1, V)
-        cache.tokens.append(token)
+        logits = step(token)
 
 
 @dataclass

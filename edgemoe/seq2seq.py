@@ -24,7 +24,7 @@ import torch
 
 from .cpu import native_matmuls
 from .errors import ContextLengthError, InvalidArgument
-from .generate import provider_of
+from .generate import decode_loop, provider_of
 from .models.seq2seq_blocks import Seq2SeqCache, Seq2SeqModel
 from .runtime.trace import TraceRecorder
 from .sample import LogitsProcessor, Sampler, make_sampler
@@ -95,20 +95,14 @@ def generate_step(
         provider.begin_forward(len(target))
     with native_matmuls(len(target) == 1 or not onednn):
         logits = model.decode(torch.tensor([target]), cache, last_only=True)  # (1, 1, V)
-    for n in range(max_tokens):
-        raw = logits[0, -1].float()  # (V,)
-        scores = raw
-        for proc in logits_processors:
-            scores = proc(target, scores)
-        token = sampler(scores)
-        yield (token, torch.log_softmax(raw, -1)) if logprobs else token
-        if n == max_tokens - 1:
-            break
-        target.append(token)
+
+    def step(token: int) -> torch.Tensor:
         if provider is not None:
             provider.begin_forward(1)
         with native_matmuls():
-            logits = model.decode(torch.tensor([[token]]), cache)  # (1, 1, V)
+            return model.decode(torch.tensor([[token]]), cache)  # (1, 1, V)
+
+    yield from decode_loop(logits, target, step, sampler, logits_processors, max_tokens, logprobs)
 
 
 def generate(model: Seq2SeqModel, source: Sequence[int], max_tokens: int = 256, ignore_eos: bool = False,
