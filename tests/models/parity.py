@@ -116,3 +116,34 @@ def routed_layers(model, ids: torch.Tensor) -> dict[int, tuple[torch.Tensor, tor
         for b in blocks:
             b.hook = None
     return seen
+
+
+def hf_routing(hf, routers: list, ids: torch.Tensor) -> list:
+    """What each of transformers' router modules returns on one forward of `ids`."""
+    out = [None] * len(routers)
+    handles = [r.register_forward_hook(lambda m, a, o, i=i: out.__setitem__(i, o)) for i, r in enumerate(routers)]
+    try:
+        with torch.no_grad():
+            hf(ids)
+    finally:
+        for h in handles:
+            h.remove()
+    return out
+
+
+def check_routing(hf, model, routers: list) -> list:
+    """Our router logits, chosen experts (as sets) and their weights equal transformers'
+    on every MoE layer, for routers returning (logits, top-k weights, top-k ids); returns
+    transformers' outputs per MoE layer."""
+    ids = prompt_ids(model.args.vocab_size, seed=2)
+    ours = routed_layers(model, ids)
+    theirs = hf_routing(hf, routers, ids)
+    assert sorted(ours) == model.args.moe_layers()
+    for layer, (want_logits, want_w, want_ids) in zip(sorted(ours), theirs, strict=True):
+        got_ids, got_w, got_logits = ours[layer]
+        torch.testing.assert_close(got_logits.float(), want_logits.float(), atol=1e-5, rtol=0)
+        got_ids, order = got_ids.sort(dim=-1)
+        want_ids, want_order = want_ids.sort(dim=-1)
+        assert torch.equal(got_ids, want_ids), layer
+        torch.testing.assert_close(got_w.gather(1, order), want_w.gather(1, want_order), atol=1e-5, rtol=0)
+    return theirs

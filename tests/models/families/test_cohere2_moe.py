@@ -19,7 +19,8 @@ from edgemoe.models.moe import MoEBlock
 from edgemoe.models.norms import LayerNormNoBias, RMSNorm
 
 from models import parity
-from models.families.test_ernie4_5_moe import check_routing, identity_router, perturb
+from models.families.test_ernie4_5_moe import identity_router, perturb
+from models.parity import check_routing
 
 BASE = dict(vocab_size=384, bos_token_id=0, eos_token_id=1, max_position_embeddings=512)
 

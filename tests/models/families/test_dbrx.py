@@ -18,7 +18,8 @@ from edgemoe.models.moe import MoEBlock
 from edgemoe.models.norms import LayerNormNoBias
 
 from models import parity
-from models.families.test_ernie4_5_moe import hf_routing, identity_router, perturb
+from models.families.test_ernie4_5_moe import identity_router, perturb
+from models.parity import hf_routing
 
 BASE = dict(vocab_size=384, bos_token_id=0, eos_token_id=1, max_seq_len=512)
 

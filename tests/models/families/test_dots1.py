@@ -17,7 +17,8 @@ from edgemoe.models import dots1
 from edgemoe.models.moe import MoEBlock
 
 from models import parity
-from models.families.test_glm4_moe import check_routing, gate_bias, identity_router, set_correction_bias
+from models.families.test_glm4_moe import gate_bias, identity_router, set_correction_bias
+from models.parity import check_routing
 
 BASE = dict(vocab_size=384, bos_token_id=0, eos_token_id=1, max_position_embeddings=512)
 WINDOW = 6  # shorter than parity.SEQ

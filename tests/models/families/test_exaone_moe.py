@@ -24,6 +24,7 @@ from edgemoe.models.moe import MoEBlock
 from edgemoe.models.routers import GroupedRouter
 
 from models import parity
+from models.parity import hf_routing
 
 BASE = dict(vocab_size=384, bos_token_id=0, eos_token_id=1, pad_token_id=None, max_position_embeddings=512)
 
@@ -77,19 +78,6 @@ def pair_with_biased_routers(config, out: Path, router_params) -> tuple:
     hf.save_pretrained(out)
     model, _ = load_hf(out)
     return hf, model, out
-
-
-def hf_routing(hf, routers: list[torch.nn.Module], ids: torch.Tensor) -> list[tuple]:
-    """What each of transformers' routers returns on one forward: (logits, weights, ids)."""
-    out = [None] * len(routers)
-    handles = [r.register_forward_hook(lambda m, a, o, i=i: out.__setitem__(i, o)) for i, r in enumerate(routers)]
-    try:
-        with torch.no_grad():
-            hf(ids)
-    finally:
-        for h in handles:
-            h.remove()
-    return out
 
 
 def check_routing(hf, model, routers: list[torch.nn.Module]) -> None:

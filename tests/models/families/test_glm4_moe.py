@@ -20,6 +20,7 @@ from edgemoe.models.base import MLP
 from edgemoe.models.moe import MoEBlock
 
 from models import parity
+from models.parity import check_routing
 
 pytestmark = pytest.mark.filterwarnings("ignore:Initializing zero-element tensors:UserWarning")
 
@@ -61,35 +62,6 @@ def set_correction_bias(hf, biases: Callable[[torch.nn.Module], torch.Tensor | N
             if b is not None:
                 b.copy_(-1.0 + 0.3 * torch.randn(b.shape, generator=g))
     hf.save_pretrained(out)
-
-
-def hf_routing(hf, routers: list[torch.nn.Module], ids: torch.Tensor) -> list:
-    """What each of transformers' routers returns on one forward."""
-    out = [None] * len(routers)
-    handles = [r.register_forward_hook(lambda m, a, o, i=i: out.__setitem__(i, o)) for i, r in enumerate(routers)]
-    try:
-        with torch.no_grad():
-            hf(ids)
-    finally:
-        for h in handles:
-            h.remove()
-    return out
-
-
-def check_routing(hf, model, routers: list[torch.nn.Module]) -> None:
-    """Our router logits, chosen experts (as sets) and their weights equal transformers'
-    on every MoE layer; its routers return (logits, top-k weights, top-k ids)."""
-    ids = parity.prompt_ids(model.args.vocab_size, seed=2)
-    ours = parity.routed_layers(model, ids)
-    theirs = hf_routing(hf, routers, ids)
-    assert sorted(ours) == model.args.moe_layers()
-    for layer, (want_logits, want_w, want_ids) in zip(sorted(ours), theirs, strict=True):
-        got_ids, got_w, got_logits = ours[layer]
-        torch.testing.assert_close(got_logits.float(), want_logits.float(), atol=1e-5, rtol=0)
-        got_ids, order = got_ids.sort(dim=-1)
-        want_ids, want_order = want_ids.sort(dim=-1)
-        assert torch.equal(got_ids, want_ids), layer
-        torch.testing.assert_close(got_w.gather(1, order), want_w.gather(1, want_order), atol=1e-5, rtol=0)
 
 
 def gate_bias(layer):

@@ -17,6 +17,7 @@ from edgemoe.models.moe import MoEBlock
 from edgemoe.models.routers import Router
 
 from models import parity
+from models.parity import check_routing
 
 BASE = dict(vocab_size=384, bos_token_id=0, eos_token_id=1, pad_token_id=None, max_position_embeddings=512)
 
@@ -37,35 +38,6 @@ CONFIGS = {
         rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
     ),
 }
-
-
-def hf_routing(hf, routers: list[torch.nn.Module], ids: torch.Tensor) -> list[tuple]:
-    """(logits, weights, ids) each of transformers' routers returns on one forward."""
-    out = [None] * len(routers)
-    handles = [r.register_forward_hook(lambda m, a, o, i=i: out.__setitem__(i, o)) for i, r in enumerate(routers)]
-    try:
-        with torch.no_grad():
-            hf(ids)
-    finally:
-        for h in handles:
-            h.remove()
-    return out
-
-
-def check_routing(hf, model, routers: list[torch.nn.Module]) -> None:
-    """Our router logits, chosen experts (as sets) and weights equal transformers' on
-    every MoE layer. transformers' routers return (logits, top-k weights, top-k ids)."""
-    ids = parity.prompt_ids(model.args.vocab_size, seed=2)
-    ours = parity.routed_layers(model, ids)
-    theirs = hf_routing(hf, routers, ids)
-    assert sorted(ours) == model.args.moe_layers()
-    for layer, (want_logits, want_w, want_ids) in zip(sorted(ours), theirs):
-        got_ids, got_w, got_logits = ours[layer]
-        torch.testing.assert_close(got_logits.float(), want_logits.float(), atol=1e-5, rtol=0)
-        got_ids, order = got_ids.sort(dim=-1)
-        want_ids, want_order = want_ids.sort(dim=-1)
-        assert torch.equal(got_ids, want_ids)
-        torch.testing.assert_close(got_w.gather(1, order), want_w.gather(1, want_order), atol=1e-5, rtol=0)
 
 
 @pytest.fixture(scope="module", params=sorted(CONFIGS))

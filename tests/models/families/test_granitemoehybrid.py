@@ -25,7 +25,7 @@ from edgemoe.models.moe import MoEBlock
 from edgemoe.models.recurrent import StateCache
 
 from models import parity
-from models.families.test_ernie4_5_moe import check_routing
+from models.parity import check_routing
 from models.families.test_qwen3_next import make_pair
 
 BASE = dict(vocab_size=384, bos_token_id=0, eos_token_id=1, pad_token_id=None, max_position_embeddings=512,

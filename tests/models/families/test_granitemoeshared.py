@@ -16,7 +16,7 @@ from edgemoe.models.base import MLP
 from edgemoe.models.moe import MoEBlock
 
 from models import parity
-from models.families.test_granitemoe import check_routing
+from models.parity import check_routing
 
 BASE = dict(vocab_size=384, bos_token_id=0, eos_token_id=1, pad_token_id=None, max_position_embeddings=512)
 

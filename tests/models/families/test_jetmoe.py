@@ -18,7 +18,8 @@ from edgemoe.models.attention import Attention, AttentionSpec
 from edgemoe.models.rope import RoPE
 
 from models import parity
-from models.families.test_ernie4_5_moe import hf_routing, perturb
+from models.families.test_ernie4_5_moe import perturb
+from models.parity import hf_routing
 
 BASE = dict(vocab_size=384, bos_token_id=0, eos_token_id=1, max_position_embeddings=512)
 

@@ -16,7 +16,8 @@ from edgemoe.errors import ModelLoadError
 from edgemoe.models import minimax_m2
 
 from models import parity
-from models.families.test_glm4_moe import check_routing, set_correction_bias
+from models.families.test_glm4_moe import set_correction_bias
+from models.parity import check_routing
 
 BASE = dict(vocab_size=384, bos_token_id=0, eos_token_id=1, max_position_embeddings=512)
 

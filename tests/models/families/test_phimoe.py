@@ -19,7 +19,8 @@ from edgemoe.models.norms import LayerNorm
 from edgemoe.models.rope import LongRoPE
 
 from models import parity
-from models.families.test_ernie4_5_moe import check_routing, identity_router, perturb
+from models.families.test_ernie4_5_moe import identity_router, perturb
+from models.parity import check_routing
 
 BASE = dict(vocab_size=384, bos_token_id=0, eos_token_id=1, max_position_embeddings=512)
 HALF = 8  # head_dim 16 / 2: entries of each longrope factor list

@@ -20,7 +20,7 @@ from edgemoe.models.moe import MoEBlock
 from edgemoe.models.recurrent import GatedDeltaNet
 
 from models import parity
-from models.families.test_ernie4_5_moe import check_routing
+from models.parity import check_routing
 from models.families.test_qwen3_next import make_pair, perturb
 from store.helpers import PROMPTS, make_converted, min_budget, run_prompts
 

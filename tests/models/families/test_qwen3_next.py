@@ -28,7 +28,7 @@ from edgemoe.models.recurrent import (GatedDeltaNet, StateCache, StateTrimError,
                                       l2norm)
 
 from models import parity
-from models.families.test_ernie4_5_moe import check_routing
+from models.parity import check_routing
 
 BASE = dict(vocab_size=384, bos_token_id=0, eos_token_id=1, pad_token_id=None, max_position_embeddings=512)
 LINEAR = dict(linear_conv_kernel_dim=4, linear_key_head_dim=8, linear_value_head_dim=8)
