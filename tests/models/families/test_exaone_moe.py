@@ -24,7 +24,6 @@ from edgemoe.models.moe import MoEBlock
 from edgemoe.models.routers import GroupedRouter
 
 from models import parity
-from models.parity import hf_routing
 
 BASE = dict(vocab_size=384, bos_token_id=0, eos_token_id=1, pad_token_id=None, max_position_embeddings=512)
 
@@ -83,20 +82,11 @@ def pair_with_biased_routers(config, out: Path, router_params) -> tuple:
 def check_routing(hf, model, routers: list[torch.nn.Module]) -> None:
     """Our router logits, chosen experts (as sets) and weights equal transformers' on
     every MoE layer, and some tokens pick an expert its uncorrected score would not."""
-    ids = parity.prompt_ids(model.args.vocab_size, seed=2)
-    ours = parity.routed_layers(model, ids)
-    theirs = hf_routing(hf, routers, ids)
-    assert sorted(ours) == model.args.moe_layers() and len(theirs) == len(ours)
+    theirs = parity.check_routing(hf, model, routers)
     bias_mattered = False
-    for layer, (want_logits, want_w, want_ids) in zip(sorted(ours), theirs):
-        got_ids, got_w, got_logits = ours[layer]
-        torch.testing.assert_close(got_logits.float(), want_logits.float(), atol=1e-5, rtol=0)
-        got_ids, order = got_ids.sort(dim=-1)
-        want_ids, want_order = want_ids.sort(dim=-1)
-        assert torch.equal(got_ids, want_ids)
-        torch.testing.assert_close(got_w.gather(1, order), want_w.gather(1, want_order), atol=1e-5, rtol=0)
+    for want_logits, _, want_ids in theirs:
         plain = want_logits.topk(want_ids.shape[1], dim=-1).indices.sort(dim=-1).values
-        bias_mattered |= not torch.equal(plain, want_ids)
+        bias_mattered |= not torch.equal(plain, want_ids.sort(dim=-1).values)
     assert bias_mattered
 
 
