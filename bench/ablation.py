@@ -151,7 +151,7 @@ def seq2seq_run(argv: list[str]) -> None:
     import torch
 
     from edgemoe import seq2seq
-    from edgemoe.runtime.engine import load_converted
+    from edgemoe.runtime.loading import load_converted
     from edgemoe.sample import make_sampler
 
     ap = argparse.ArgumentParser()

@@ -46,7 +46,7 @@ from edgemoe.bitwidth.plots import plan_bitmap, profile_heatmap  # noqa: E402
 from edgemoe.bitwidth.profile import run_profile, write_profile  # noqa: E402
 from edgemoe.evaluate import eval_tokens, perplexity, read_text  # noqa: E402
 from edgemoe.store.convert import convert  # noqa: E402
-from edgemoe.store.format import read_manifest  # noqa: E402
+from edgemoe.store.manifest import read_manifest  # noqa: E402
 from edgemoe.utils import format_bytes  # noqa: E402
 
 UNIFORM = ["int8", "int4-asym", "int4", "int3-asym", "int3", "int2-asym", "int2"]
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         path.write_text(json.dumps(plans[name], indent=1))
     p2 = plans["max-loss 2%"]
     from edgemoe.bitwidth.apply import assignment
-    from edgemoe.store.format import ExpertPlan
+    from edgemoe.store.manifest import ExpertPlan
 
     fmts = assignment(ExpertPlan.from_dict(p2, "plan"), shape["moe_layers"], shape["experts_per_layer"])
     m2 = p2["meta"]

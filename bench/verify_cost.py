@@ -268,7 +268,7 @@ def main() -> None:
         return write(saved["report"], argparse.Namespace(**saved["opts"]))
 
     from edgemoe.bench.machine import disk_read_bandwidth, drop_caches, wait_quiet
-    from edgemoe.store.format import read_manifest
+    from edgemoe.store.manifest import read_manifest
 
     env = f"PYTHONPATH={os.environ['PYTHONPATH']} " if os.environ.get("PYTHONPATH") else ""
     command = env + "python bench/verify_cost.py " + " ".join(sys.argv[1:])

@@ -23,7 +23,7 @@ from .generate import GenerationResponse, GenerationStats, PromptCache, PromptSc
 from .models.base import Transformer
 from .models.moe import set_adaptive_gating
 from .sample import make_logits_processors, make_sampler
-from .store.format import MANIFEST_NAME, is_converted
+from .store.manifest import MANIFEST_NAME, is_converted
 from .tokenizer import Tokenizer
 
 
@@ -37,7 +37,7 @@ def default_model_dir() -> Path:
 
 
 @dataclass
-class GenerationResult:
+class Completion:
     text: str
     token_ids: list[int]
     finish_reason: str
@@ -221,11 +221,11 @@ class Engine:
             return self._submit(call, abort)
         return self._run_alone(call)
 
-    def generate_batch(self, prompts: Sequence[str | Sequence[int]], **options) -> list["GenerationResult"]:
+    def generate_batch(self, prompts: Sequence[str | Sequence[int]], **options) -> list["Completion"]:
         """Generate for several prompts together: up to `parallel` of them (edgemoe.load's
         option; with 1 they run one after another) share every decode step, the others wait
         for a free slot. Same options as `stream`, applied to each prompt (no cache); every
-        prompt is checked before any runs. Returns one GenerationResult per prompt, in order.
+        prompt is checked before any runs. Returns one Completion per prompt, in order.
 
         Each prompt gets the tokens it gets run alone through the scheduler: exactly for
         bf16 models (their decode steps use edgemoe.rowmm's kernel, which computes each row
@@ -323,16 +323,16 @@ class Engine:
         return SequenceStream(responses, seq)
 
     @staticmethod
-    def _collect(responses: Iterator[GenerationResponse]) -> "GenerationResult":
+    def _collect(responses: Iterator[GenerationResponse]) -> "Completion":
         parts, ids, last = [], [], None
         for r in responses:
             parts.append(r.text)
             if r.token is not None:
                 ids.append(r.token)
             last = r
-        return GenerationResult("".join(parts), ids, last.finish_reason, last.stats)
+        return Completion("".join(parts), ids, last.finish_reason, last.stats)
 
-    def generate(self, prompt: str | Sequence[int], **kwargs) -> GenerationResult:
+    def generate(self, prompt: str | Sequence[int], **kwargs) -> Completion:
         """Generate to completion; same options as `stream`. `token_ids` holds the
         generated ids, without the EOS token that ended generation."""
         return self._collect(self.stream(prompt, **kwargs))
@@ -340,7 +340,7 @@ class Engine:
     def chat_prompt(self, messages: list[dict]) -> list[int]:
         return self.tokenizer.encode_chat(messages, add_generation_prompt=True)
 
-    def chat(self, messages: list[dict], **kwargs) -> GenerationResult:
+    def chat(self, messages: list[dict], **kwargs) -> Completion:
         """Generate an assistant reply to a list of {"role", "content"} messages."""
         return self.generate(self.chat_prompt(messages), **kwargs)
 
@@ -397,11 +397,16 @@ def check_threads(threads, name: str = "threads") -> int | None:
     return threads
 
 
-def set_threads(threads: int | None, model: Transformer) -> int:
-    """Apply a thread count (None: one thread for small models, torch's default otherwise)."""
-    threads = check_threads(threads)
+def set_threads(threads: int | None, model: Transformer | None = None, name: str = "threads") -> int:
+    """Apply a thread count to torch's intra-op pool and return the count in effect.
+
+    None keeps torch's default, except for a small model given as `model` (under
+    SMALL_MODEL_BYTES read per token), which gets one thread: more only adds contention.
+    `name` is what an error calls the option (e.g. "--threads")."""
+    threads = check_threads(threads, name)
     if threads is None:
-        torch.set_num_threads(1 if decode_bytes_per_token(model) < SMALL_MODEL_BYTES else _DEFAULT_THREADS)
+        small = model is not None and decode_bytes_per_token(model) < SMALL_MODEL_BYTES
+        torch.set_num_threads(1 if small else _DEFAULT_THREADS)
     else:
         torch.set_num_threads(threads)
     return torch.get_num_threads()
@@ -462,7 +467,7 @@ def load(
             raise ModelLoadError(f"{path}: missing: a conversion to it was killed while replacing it, and the previous "
                                  f"model is in {hidden}; the next 'edgemoe convert ... {path}' puts it back")
     if is_converted(path):
-        from .runtime.engine import load_converted
+        from .runtime.loading import load_converted
 
         model, info = load_converted(path, memory=memory, dtype=dtype, ctx_size=ctx_size, onednn=onednn,
                                      parallel=parallel, **runtime)
@@ -473,7 +478,7 @@ def load(
                 f"{path}: memory budgets and runtime options need a converted model; run 'edgemoe convert {path} OUT_DIR' first"
             )
         from .checkpoint import load_hf
-        from .runtime.engine import check_ctx_size
+        from .runtime.loading import check_ctx_size
 
         model, ckpt = load_hf(path, dtype)
         info = {"kind": "hf", "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}

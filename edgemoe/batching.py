@@ -7,7 +7,7 @@ reads or by per-call overhead rather than by arithmetic, B rows cost little more
 one (bench/results/concurrent.md measures it).
 
 `BatchScheduler` keeps `slots` KV caches (each of the context size, all counted in the
-memory budget: runtime/engine.py memory_plan). Sequences are submitted to a queue; free
+memory budget: runtime/loading.py memory_plan). Sequences are submitted to a queue; free
 slots admit the oldest ones and prefill each prompt alone (in a slot whose cache already
 holds the longest prefix of it, so a chat's next turn reuses its KV). Then every
 admitted sequence takes part in each decode step: one forward over a batch whose row b

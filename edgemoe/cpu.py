@@ -14,7 +14,7 @@ So: decode steps run with oneDNN switched off (`native_matmuls`), and every floa
 of more than one row goes through `linear`, which pads the rows up to a power of two when
 oneDNN will run it. oneDNN then sees at most ~10 row counts per weight shape, and what it
 keeps stays below `ONEDNN_RESERVE`, which the offloaded runtime reserves inside the budget
-(runtime/engine.py). The padding costs at most 2x the rows, far less than the 4-23x the
+(runtime/loading.py). The padding costs at most 2x the rows, far less than the 4-23x the
 native kernel would cost. Small models (`prefill_onednn`) prefill on native kernels too:
 the reserve would be larger than what oneDNN saves them. The choice depends on the model
 alone, never on the budget, so an offloaded run computes exactly what the in-RAM run does.

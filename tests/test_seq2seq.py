@@ -15,7 +15,7 @@ from edgemoe.checkpoint import load_hf
 from edgemoe.errors import ContextLengthError, EdgeMoEError, InvalidArgument
 from edgemoe.experts import UngatedDenseExpert
 from edgemoe.quant.formats import UngatedFormat, get_format
-from edgemoe.runtime.engine import load_converted
+from edgemoe.runtime.loading import load_converted
 from edgemoe.runtime.trace import RoutingTrace
 from edgemoe.store.convert import convert
 

@@ -59,7 +59,7 @@ CONFIGS: list[Config] = [
 
 def runtime_supports(option: str) -> bool:
     """Whether edgemoe's offloaded runtime takes a load option of this name."""
-    from ..runtime.engine import load_converted
+    from ..runtime.loading import load_converted
 
     return option in inspect.signature(load_converted).parameters
 

@@ -35,7 +35,7 @@ from ..errors import EdgeMoEError
 from ..experts import DenseExpert, Expert
 from ..models.moe import InRAMProvider
 from ..quant.formats import BIAS_PARTS, FloatFormat, get_format
-from ..store.format import ExpertBiases, ExpertPlan, FormatInfo, round_up
+from ..store.manifest import ExpertBiases, ExpertPlan, FormatInfo, round_up
 
 Key = tuple[int, int]  # (layer, expert)
 

@@ -475,7 +475,7 @@ def read_profile(path: str | Path) -> dict:
 
 def load_for_profiling(model_dir: str | Path, dtype: str = "float32"):
     """A Hugging Face model in RAM for profiling or planning, and its tokenizer."""
-    from ..store.format import is_converted
+    from ..store.manifest import is_converted
     from ..checkpoint import load_hf
     from ..tokenizer import Tokenizer
 

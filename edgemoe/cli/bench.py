@@ -291,7 +291,7 @@ class Bench:
         # Peers.
         gguf = None
         peer_info = {}
-        if LLAMA_ON(cfgs):
+        if llama_included(cfgs):
             try:
                 info = peers.check_llama(self.peers_python)
                 gguf = self.gguf_source or self.ensure_gguf(hf, info)  # a given GGUF runs as it is
@@ -460,7 +460,7 @@ class Bench:
         return report.make_row(c.engine, c.name, fraction, limit, rep, out, memory_arg)
 
 
-def LLAMA_ON(cfgs) -> bool:
+def llama_included(cfgs) -> bool:
     return any(c.engine == "llama.cpp" for c in cfgs)
 
 

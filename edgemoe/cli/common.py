@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from ..api import Engine
     from ..generate import GenerationStats
 
-# Copies of runtime.engine.MODES / DEFAULT_POLICY and runtime.predict.METHODS: importing
+# Copies of runtime.loading.MODES / DEFAULT_POLICY and runtime.predict.METHODS: importing
 # those modules imports torch (1-3 s), which would make '--help' and argument errors slow.
 # tests/cli/test_startup.py checks that the copies match.
 MODES = ("io-exp", "io-free")
@@ -310,18 +310,6 @@ def _fmt(key: str, value) -> str:
     if isinstance(value, int) and key.endswith("bytes"):
         return format_bytes(value)
     return str(value)
-
-
-def set_compute_threads(threads: int | None) -> None:
-    """--threads for commands that compute without an Engine (profile, plan): torch's
-    intra-op threads, or torch's default when None."""
-    from ..api import check_threads
-
-    if check_threads(threads, "--threads") is None:
-        return
-    import torch
-
-    torch.set_num_threads(threads)
 
 
 def eprint(*a, **k) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .common import check_output_dir, set_compute_threads
+from .common import check_output_dir
 
 
 def add_common(p: argparse.ArgumentParser) -> None:
@@ -36,7 +36,9 @@ def prepare(args: argparse.Namespace) -> None:
     if out.is_dir() and any(out.iterdir()):
         raise InvalidArgument(f"OUT_DIR {out}: exists and is not empty")
     check_output_dir(out, "OUT_DIR")
-    set_compute_threads(args.threads)
+    from ..api import set_threads
+
+    set_threads(args.threads, name="--threads")
 
 
 def show(report: dict, as_json: bool, lines: list[str]) -> None:

@@ -99,7 +99,7 @@ def main(argv: list[str]) -> int:
 def _load(args):
     """The engine for MODEL, with its experts' stored bytes in info['expert_bytes']."""
     from ..api import Engine, default_model_dir
-    from ..store.format import is_converted
+    from ..store.manifest import is_converted
 
     from ..hub import resolve_model
 

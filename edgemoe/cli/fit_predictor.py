@@ -36,10 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def model_shape(path: Path) -> tuple[list[int], int, int]:
     """(MoE layers, experts per layer, top-k) of a converted or Hugging Face directory."""
-    from ..store.format import is_converted
+    from ..store.manifest import is_converted
     from ..checkpoint import read_config
     from ..models import get_family
-    from ..store.format import read_manifest
+    from ..store.manifest import read_manifest
     from ..store.reader import check_manifest
 
     if is_converted(path):

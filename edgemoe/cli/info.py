@@ -3,7 +3,7 @@
 For a Hugging Face directory or one written by 'edgemoe convert' (or a hub id): the
 family, parameter counts, resident and expert bytes, each expert's storage format (a
 histogram of bits), the minimum memory budget and the default context size (as
-'edgemoe generate --memory' would work them out: runtime.engine.memory_plan), and
+'edgemoe generate --memory' would work them out: runtime.loading.memory_plan), and
 whether an expert predictor is fitted. Only headers and manifests are read, never the
 weights.
 """
@@ -54,8 +54,8 @@ def model_info(model=None, *, memory=None, ctx_size=None, dtype=None, onednn: bo
     from pathlib import Path
 
     from ..api import default_model_dir
-    from ..runtime.engine import check_ctx_size
-    from ..store.format import is_converted
+    from ..runtime.loading import check_ctx_size
+    from ..store.manifest import is_converted
     from ..errors import InvalidArgument
     from ..hub import resolve_model
     from ..utils import parse_size
@@ -91,7 +91,7 @@ def model_info(model=None, *, memory=None, ctx_size=None, dtype=None, onednn: bo
 
 
 def _plan(facts: dict, args, dt, path, budget, ctx, explicit_ctx, kv_per_token, onednn):
-    from ..runtime.engine import memory_plan
+    from ..runtime.loading import memory_plan
 
     # The same arithmetic as load_converted: a recurrent state joins what the budget holds besides the KV cache.
     return memory_plan(args, dt, path, budget, ctx, explicit_ctx, facts["resident_bytes"] + facts["state_bytes"],
@@ -142,8 +142,8 @@ def _histogram(formats: dict) -> list[dict]:
 def _converted(path, dtype) -> dict:
     from ..checkpoint import parse_dtype
     from ..models import get_family
-    from ..runtime.engine import min_cache_bytes, resident_nbytes
-    from ..store.format import read_manifest
+    from ..runtime.loading import min_cache_bytes, resident_nbytes
+    from ..store.manifest import read_manifest
     from ..store.reader import check_manifest, manifest_dtype
 
     manifest = read_manifest(path)
@@ -183,7 +183,7 @@ def _converted(path, dtype) -> dict:
 def _hf(path, dtype) -> dict:
     from ..checkpoint import HFCheckpoint, parse_dtype
     from ..quant.formats import get_format
-    from ..store.format import FormatInfo, round_up
+    from ..store.manifest import FormatInfo, round_up
 
     ckpt = HFCheckpoint(path)  # config and safetensors headers only
     args = ckpt.args

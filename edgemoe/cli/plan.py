@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..errors import InvalidArgument
 from ..utils import format_bytes
-from .common import check_output_path, eprint, set_compute_threads
+from .common import check_output_path, eprint
 
 # Copies of bitwidth.plan.DEFAULT_MAX_EVALS and DEFAULT_HOLDBACK: that module imports torch (1-3 s), which would
 # make '--help' and argument errors slow. tests/cli/test_startup.py checks that it matches.
@@ -78,7 +78,9 @@ def main(argv: list[str]) -> int:
     check_output_path(out, "-o")
     if args.png:
         check_output_path(args.png, "--png")
-    set_compute_threads(args.threads)
+    from ..api import set_threads
+
+    set_threads(args.threads, name="--threads")
     profile = read_profile(args.profile)
     log = None if args.quiet else eprint
     plan = make_plan(profile, max_loss=max_loss, target_size=target, candidates=formats, top=args.top,
@@ -113,7 +115,7 @@ def main(argv: list[str]) -> int:
     eprint(f"wrote {out}; convert with: edgemoe convert {m.get('model') or 'HF_DIR'} OUT_DIR --plan {out}")
     if not args.no_plot:
         from ..bitwidth.apply import assignment
-        from ..store.format import ExpertPlan
+        from ..store.manifest import ExpertPlan
 
         shape = profile["shape"]
         fmts = assignment(ExpertPlan.from_dict(plan, str(out)), shape["moe_layers"], shape["experts_per_layer"])

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from ..errors import InvalidArgument
-from .common import check_output_path, eprint, set_compute_threads
+from .common import check_output_path, eprint
 
 
 # Copies of bitwidth.profile's defaults: that module imports torch (1-3 s), which would make
@@ -80,7 +80,9 @@ def main(argv: list[str]) -> int:
     check_output_path(out, "-o")
     if args.png:
         check_output_path(args.png, "--png")
-    set_compute_threads(args.threads)
+    from ..api import set_threads
+
+    set_threads(args.threads, name="--threads")
     model = args.model
     if model is not None:
         from ..hub import resolve_model

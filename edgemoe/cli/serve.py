@@ -67,7 +67,7 @@ def main(argv: list[str]) -> int:
     logger.propagate = False
 
     if args.verify is None and args.model is not None:
-        from ..store.format import is_converted
+        from ..store.manifest import is_converted
 
         if is_converted(args.model):
             args.verify = "always"  # a server runs for days: re-check every expert read from storage

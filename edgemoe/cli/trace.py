@@ -111,6 +111,6 @@ def main(argv: list[str]) -> int:
 
 
 def engine_is_converted(model) -> bool:
-    from ..store.format import is_converted
+    from ..store.manifest import is_converted
 
     return model is not None and is_converted(model)

@@ -7,7 +7,7 @@ bytes on storage.
   pacing; predict.py: online predictors (fit.py, predictor_stats.py: offline fitting and
   the statistics file); policies.py: eviction policies.
 - trace.py: routing traces and the one routing recorder; simulate.py: trace replay.
-- engine.py: `load_converted` and the memory plan (what the budget holds).
+- loading.py: `load_converted` and the memory plan (what the budget holds).
 
 Owns no model code and parses no checkpoint: it reads the store through store/ and builds
 experts through quant/'s formats.

@@ -65,7 +65,7 @@ import torch
 
 from ..errors import BudgetError, EdgeMoEError
 from ..experts import Expert
-from ..store.format import ALIGN, ExpertEntry
+from ..store.manifest import ALIGN, ExpertEntry
 from ..store.reader import ExpertStore, ReadAborted
 from .loader import DEMAND, PREFETCH, Loader, LoadFuture
 from .policies import Key, Policy

@@ -19,7 +19,7 @@ import mmap
 
 import torch
 
-from ..store.format import ALIGN
+from ..store.manifest import ALIGN
 
 
 class Slab:

@@ -1,6 +1,6 @@
 """Model files on disk: what `edgemoe convert` writes and everything that reads checkpoints.
 
-- format.py: the converted layout (manifest v1-v4 with checksums, blob layouts, plans);
+- manifest.py: the converted layout (manifest v1-v4 with checksums, blob layouts, plans);
   names.py: what a path is (a converted directory, a GGUF file).
 - convert.py: the streaming converter (Hugging Face directory or GGUF in, resident weights
   + expert store + manifest out, atomically); reader.py: opening a converted directory and

@@ -48,7 +48,7 @@ from ..quant.resident import RESIDENT_FORMATS, quantize_resident
 from ..utils import peak_rss_bytes, pid_alive, return_large_frees_to_os, rss_bytes
 from .gguf import GGUFCheckpoint
 from .names import is_gguf
-from .format import (
+from .manifest import (
     ALIGN,
     MANIFEST_NAME,
     RESIDENT_NAME,

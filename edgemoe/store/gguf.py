@@ -606,7 +606,7 @@ class GGUFCheckpoint:
     def default_plan(self, dtype: torch.dtype):
         """The expert plan that keeps at least the GGUF's precision (see the module docstring)."""
         from .convert import FLOAT_FORMAT
-        from .format import ExpertPlan
+        from .manifest import ExpertPlan
 
         if self._mxfp4:
             return ExpertPlan("mxfp4")  # the codes as they are

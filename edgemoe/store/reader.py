@@ -22,7 +22,7 @@ import torch
 from ..errors import EdgeMoEError, StoreError
 from ..experts import Expert
 from ..quant.formats import for_experts, get_format
-from .format import (
+from .manifest import (
     ALIGN,
     HEADER_BYTES,
     ExpertEntry,

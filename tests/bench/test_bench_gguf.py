@@ -13,7 +13,7 @@ from conftest import save_checkpoint, tiny_config
 
 from edgemoe.bench import peers, runner
 from edgemoe.cli import main
-from edgemoe.store.format import read_manifest
+from edgemoe.store.manifest import read_manifest
 
 from store.gguf_helpers import write_gguf
 

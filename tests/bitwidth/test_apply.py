@@ -14,7 +14,7 @@ from edgemoe.bitwidth.apply import ExpertVariants, assignment, load_planned, pla
 from edgemoe.checkpoint import load_hf
 from edgemoe.errors import EdgeMoEError
 from edgemoe.experts import DenseExpert
-from edgemoe.store.format import ExpertPlan, read_manifest
+from edgemoe.store.manifest import ExpertPlan, read_manifest
 from edgemoe.tokenizer import Tokenizer
 
 from bitwidth.helpers import SHAPE, make_hf

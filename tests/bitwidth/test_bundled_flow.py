@@ -14,7 +14,7 @@ from edgemoe.bitwidth.apply import load_planned
 from edgemoe.bitwidth.plan import make_plan
 from edgemoe.bitwidth.profile import run_profile
 from edgemoe.store.convert import convert
-from edgemoe.store.format import read_manifest
+from edgemoe.store.manifest import read_manifest
 from edgemoe.tokenizer import Tokenizer
 
 from cli.helpers import run_cli

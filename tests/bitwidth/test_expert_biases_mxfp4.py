@@ -17,7 +17,7 @@ from edgemoe.bitwidth.profile import run_profile
 from edgemoe.checkpoint import load_hf
 from edgemoe.evaluate import eval_tokens, perplexity
 from edgemoe.store.convert import convert
-from edgemoe.store.format import read_manifest
+from edgemoe.store.manifest import read_manifest
 from edgemoe.tokenizer import Tokenizer
 
 from bitwidth.helpers import write_calib

@@ -16,7 +16,7 @@ from edgemoe.checkpoint import load_hf
 from edgemoe.errors import EdgeMoEError, InvalidArgument
 from edgemoe.evaluate import eval_tokens, perplexity, relative_loss
 from edgemoe.store.convert import convert
-from edgemoe.store.format import read_manifest
+from edgemoe.store.manifest import read_manifest
 from edgemoe.tokenizer import Tokenizer
 
 from bitwidth.helpers import CONTEXT, make_hf, write_calib

@@ -74,9 +74,9 @@ def test_copied_option_lists_match_the_runtime():
     from edgemoe.bitwidth import plan as bw_plan
     from edgemoe.bitwidth import profile as bw_profile
     from edgemoe.cli import common, plan, profile
-    from edgemoe.runtime import engine, predict
+    from edgemoe.runtime import loading, predict
 
-    assert common.MODES == engine.MODES and common.DEFAULT_POLICY == engine.DEFAULT_POLICY
+    assert common.MODES == loading.MODES and common.DEFAULT_POLICY == loading.DEFAULT_POLICY
     assert common.PREDICTORS == predict.METHODS
     assert (profile.DEFAULT_FORMATS, profile.DEFAULT_CALIB_TOKENS, profile.DEFAULT_VALIDATE) == (
         bw_profile.DEFAULT_FORMATS, bw_profile.DEFAULT_CALIB_TOKENS, bw_profile.DEFAULT_VALIDATE)

@@ -181,7 +181,7 @@ def test_merge_then_profile_plan_convert(models, tmp_path):
     conv = tmp_path / "c"
     proc = run_cli("convert", str(merged), str(conv), "--plan", str(plan))
     assert proc.returncode == 0, proc.stderr
-    from edgemoe.store.format import read_manifest
+    from edgemoe.store.manifest import read_manifest
 
     m = read_manifest(conv)
     # Members of a group share a blob when the plan gives them the same format.

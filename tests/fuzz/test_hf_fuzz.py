@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 import edgemoe
 from edgemoe.errors import ModelLoadError, StoreError
 from edgemoe.models import get_family
-from edgemoe.store.format import MANIFEST_NAME, _checksum
+from edgemoe.store.manifest import MANIFEST_NAME, _checksum
 
 SEED = 20261124
 FAMILIES = ("qwen2_moe", "mixtral", "qwen3_moe", "olmoe")

@@ -39,8 +39,8 @@ from edgemoe.errors import EdgeMoEError
 from edgemoe.runtime.fit import fit
 from edgemoe.runtime.predict import PREDICTOR_FILE
 from edgemoe.runtime.trace import RoutingTrace, TraceRecorder
-from edgemoe.store import format as store_format
-from edgemoe.store.format import read_manifest
+from edgemoe.store import manifest as store_format
+from edgemoe.store.manifest import read_manifest
 
 from cli.helpers import assert_clean_error
 from store.helpers import deadline, make_checkpoint, make_converted

@@ -346,7 +346,7 @@ def converted(good, tmp_path_factory) -> Path:
 def edit_manifest(path: Path, fn) -> Path:
     """Edit manifest.json and re-sign it as the converter does, so that only the edit
     itself can be refused."""
-    from edgemoe.store.format import _checksum
+    from edgemoe.store.manifest import _checksum
 
     file = path / "manifest.json"
     data = json.loads(file.read_text())

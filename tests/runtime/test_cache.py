@@ -17,7 +17,7 @@ from edgemoe.errors import BudgetError
 from edgemoe.runtime.cache import DEMAND, PREFETCH, READY, CacheFull, ExpertCache
 from edgemoe.runtime.policies import PolicyContext, make_policy
 from edgemoe.runtime.slab import SlabAllocator
-from edgemoe.store.format import ALIGN, ExpertPlan
+from edgemoe.store.manifest import ALIGN, ExpertPlan
 from edgemoe.store.reader import ExpertStore
 
 from store.helpers import make_checkpoint, make_converted, run_prompts

@@ -14,8 +14,8 @@ import pytest
 
 import edgemoe
 from edgemoe.errors import StoreError
-from edgemoe.store import format as store_format
-from edgemoe.store.format import HEADER_BYTES, read_manifest
+from edgemoe.store import manifest as store_format
+from edgemoe.store.manifest import HEADER_BYTES, read_manifest
 
 from cli.helpers import assert_clean_error, run_cli
 from store.helpers import deadline, make_checkpoint, make_converted, reference

@@ -11,7 +11,7 @@ import torch
 import edgemoe
 from edgemoe.errors import EdgeMoEError
 from edgemoe.runtime.policies import POLICIES
-from edgemoe.store.format import ExpertPlan
+from edgemoe.store.manifest import ExpertPlan
 
 from store.helpers import PROMPTS, make_checkpoint, make_converted, min_budget, reference, run_prompts
 

@@ -19,7 +19,7 @@ from edgemoe.errors import EdgeMoEError, ModelLoadError
 from edgemoe.models.base import EXPERT_KEY
 from edgemoe.quant.formats import get_format
 from edgemoe.store.convert import BITS_TO_FORMAT, convert
-from edgemoe.store.format import ALIGN, HEADER_BYTES, ExpertPlan, read_manifest
+from edgemoe.store.manifest import ALIGN, HEADER_BYTES, ExpertPlan, read_manifest
 
 from cli.helpers import assert_clean_error, run_cli
 from store.helpers import make_checkpoint

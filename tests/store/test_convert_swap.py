@@ -18,7 +18,7 @@ import edgemoe
 from edgemoe.errors import EdgeMoEError
 from edgemoe.store import convert as conv
 from edgemoe.store.convert import convert, interrupted, recover
-from edgemoe.store.format import read_manifest
+from edgemoe.store.manifest import read_manifest
 
 from cli.helpers import run_cli
 from store.helpers import make_checkpoint

@@ -25,7 +25,7 @@ from conftest import CHAT_TEMPLATE, CORPUS, save_checkpoint, tiny_config
 import edgemoe
 from edgemoe.errors import ModelLoadError
 from edgemoe.store.convert import convert
-from edgemoe.store.format import read_manifest
+from edgemoe.store.manifest import read_manifest
 from edgemoe.store.gguf import GGUFCheckpoint, build_tokenizer_files, permute_qk, unpermute_qk
 from edgemoe.tokenizer import Tokenizer
 

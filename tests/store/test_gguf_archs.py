@@ -25,7 +25,7 @@ from conftest import save_checkpoint
 import edgemoe
 from edgemoe.errors import ModelLoadError
 from edgemoe.store.convert import convert
-from edgemoe.store.format import read_manifest
+from edgemoe.store.manifest import read_manifest
 from edgemoe.store.gguf import GGUFCheckpoint
 from edgemoe.store.gguf_archs import _llama3_factors, llama3_from_factors
 

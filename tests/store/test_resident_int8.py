@@ -11,7 +11,7 @@ import torch
 import edgemoe
 from edgemoe.errors import EdgeMoEError, StoreError
 from edgemoe.quant.linear import Int8Linear
-from edgemoe.store.format import _checksum, read_manifest
+from edgemoe.store.manifest import _checksum, read_manifest
 
 from store.helpers import PROMPTS, make_checkpoint, make_converted, min_budget, run_prompts
 

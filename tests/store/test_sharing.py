@@ -14,8 +14,8 @@ import edgemoe
 from edgemoe.checkpoint import HFCheckpoint
 from edgemoe.compress.rewrite import rewrite
 from edgemoe.errors import StoreError
-from edgemoe.store import format as store_format
-from edgemoe.store.format import read_manifest
+from edgemoe.store import manifest as store_format
+from edgemoe.store.manifest import read_manifest
 
 from cli.helpers import run_cli
 from store.helpers import PROMPTS, make_checkpoint, make_converted, min_budget, run_prompts

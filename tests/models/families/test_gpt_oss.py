@@ -270,7 +270,7 @@ def test_released_gpt_oss_20b_config():
     swiglu_alpha, extra keys): the shape we build and the bf16 compute its MXFP4 weights get."""
     from edgemoe.checkpoint import config_dtype
     from edgemoe.quant.formats import get_format
-    from edgemoe.store.format import FormatInfo
+    from edgemoe.store.manifest import FormatInfo
 
     config = {
         "architectures": ["GptOssForCausalLM"], "attention_bias": True, "attention_dropout": 0.0,

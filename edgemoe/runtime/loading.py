@@ -25,7 +25,7 @@ from ..errors import BudgetError, EdgeMoEError, InvalidArgument, StoreError
 from ..models import get_family
 from ..models.moe import check_cache_aware_routing, set_cache_aware_routing
 from ..quant.resident import swap_int8_
-from ..store.format import ALIGN, Manifest, read_manifest
+from ..store.manifest import ALIGN, Manifest, read_manifest
 from ..store.reader import ExpertStore, check_manifest, manifest_dtype, read_resident
 from ..store.tensorfile import TensorFileError, element_size, read_header
 from ..store.throttle import parse_rate
