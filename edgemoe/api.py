@@ -16,14 +16,19 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .batching import BatchScheduler, SequenceStream, check_parallel
+from .batching import BatchScheduler, SequenceStream
 from .cpu import prefill_onednn
 from .errors import ContextLengthError, InvalidArgument, ModelLoadError
-from .generate import GenerationResponse, GenerationStats, PromptCache, PromptScorer, provider_of, stream_generate
+from .generate import (GenerationResponse, GenerationStats, PromptCache, PromptScorer, one_at_a_time, provider_of,
+                       stream_generate)
 from .models.base import Transformer
 from .models.moe import set_adaptive_gating
+from .options import GenerateOptions
 from .sample import make_logits_processors, make_sampler
+from .runtime.config import RuntimeConfig, check_parallel, check_threads, load_doc, options_doc
+from .seq2seq import is_seq2seq
 from .store.manifest import MANIFEST_NAME, is_converted
+from .text2text import Text2Text, refuse_languages, refuse_parallel
 from .tokenizer import Tokenizer
 
 
@@ -55,19 +60,6 @@ class Completion:
 DEFAULT_MAX_TOKENS = 256
 
 
-def _one_at_a_time(responses: Iterator, lock) -> Iterator:
-    """The responses, each computed while holding `lock` (the batch scheduler's model lock)."""
-    try:
-        while True:
-            with lock:
-                r = next(responses, None)
-            if r is None:
-                return
-            yield r
-    finally:
-        responses.close()
-
-
 @dataclass
 class _Call:
     """One checked call of Engine.stream: what running it needs."""
@@ -81,6 +73,9 @@ class _Call:
     cache: PromptCache | None
     logprobs: int | None
     prompt_logprobs: bool
+    decoder_prompt: list[int] | None = None  # an encoder-decoder's: decoder start (+ target language)
+
+
 MAX_TOP_LOGPROBS = 20  # top alternatives per token (OpenAI's chat limit)
 
 
@@ -108,6 +103,8 @@ class Engine:
         self.parallel = check_parallel(parallel)
         self._cache = PromptCache(model, self.ctx_size)  # used when a call brings none
         self._scheduler: BatchScheduler | None = None
+        # An encoder-decoder model runs text-to-text: the prompt is the source (edgemoe.text2text).
+        self.text2text = Text2Text(self) if is_seq2seq(model) else None
 
     @property
     def provider(self):
@@ -123,6 +120,8 @@ class Engine:
         """The batch scheduler (edgemoe.batching) of `parallel` slots, made on first use; the
         engine's own KV cache is its first slot. Once it exists, every call without an
         explicit cache goes through it."""
+        if self.text2text is not None:
+            raise InvalidArgument("an encoder-decoder model has no batch scheduler: it decodes one sequence at a time")
         if self._scheduler is None:
             caches = [self._cache] + [PromptCache(self.model, self.ctx_size) for _ in range(self.parallel - 1)]
             self._scheduler = BatchScheduler(self.model, caches, self.onednn)
@@ -131,7 +130,11 @@ class Engine:
     def start_batching(self) -> None:
         """Run the batch scheduler on a background thread: from now on calls without an
         explicit cache, from any thread, queue for one of the `parallel` slots and share
-        decode steps with the others (the server does this). Idempotent; close() stops it."""
+        decode steps with the others (the server does this). Idempotent; close() stops it.
+        An encoder-decoder model has no scheduler: calls from any thread take turns, one
+        whole sequence at a time (edgemoe.text2text)."""
+        if self.text2text is not None:
+            return
         self.scheduler.start()
 
     def new_cache(self) -> PromptCache:
@@ -156,7 +159,10 @@ class Engine:
         return ids
 
     def check_context(self, prompt_tokens: int, max_tokens: int) -> None:
-        """Raise ContextLengthError unless prompt + max_tokens fit the context size."""
+        """Raise ContextLengthError unless prompt + max_tokens fit the context size (an
+        encoder-decoder model: the source and the target each fit it)."""
+        if self.text2text is not None:
+            return self.text2text.check_context(prompt_tokens, max_tokens)
         if prompt_tokens + max_tokens > self.ctx_size:
             raise ContextLengthError(
                 f"the prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) is more than the context "
@@ -165,58 +171,27 @@ class Engine:
 
     def room(self, prompt_tokens: int) -> int:
         """Default max_tokens for a prompt: DEFAULT_MAX_TOKENS, or fewer if the context is short."""
+        if self.text2text is not None:
+            return self.text2text.room(prompt_tokens, DEFAULT_MAX_TOKENS)
         return min(DEFAULT_MAX_TOKENS, self.ctx_size - prompt_tokens)
 
-    def stream(
-        self,
-        prompt: str | Sequence[int],
-        *,
-        max_tokens: int | None = None,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        min_p: float = 0.0,
-        repetition_penalty: float = 1.0,
-        seed: int | None = None,
-        stop: Sequence[str] = (),
-        ignore_eos: bool = False,
-        cache: PromptCache | None = None,
-        presence_penalty: float = 0.0,
-        frequency_penalty: float = 0.0,
-        logit_bias: dict[int, float] | None = None,
-        logprobs: int | None = None,
-        prompt_logprobs: bool = False,
-        logits_processors: Sequence = (),
-        abort=None,
-    ) -> Iterator[GenerationResponse]:
+    def stream(self, prompt: str | Sequence[int], *, abort=None, **options) -> Iterator[GenerationResponse]:
         """Return an iterator of responses with text deltas; the last one has finish_reason
-        and stats. Every option is checked here, before anything runs: bad values raise
-        InvalidArgument, and a prompt plus max_tokens beyond the context size raises
-        ContextLengthError. max_tokens None means 256, or fewer if the context is short.
-
-        presence_penalty, frequency_penalty: OpenAI's penalties (-2 to 2) over generated tokens.
-        logit_bias: {token id: bias from -100 to 100} added to the logits.
-        logprobs: None, or how many top alternatives (0 to 20) to report with each token's
-        log-probability (GenerationResponse.logprobs; the model's distribution, before
-        penalties and sampling settings).
-        prompt_logprobs: also score the prompt (the first response's prompt_logprobs); then
-        max_tokens may be 0, which only scores.
-        logits_processors: extra callables (context ids, logits) -> logits, applied last
-        (constrained decoding, ...); each is used for this one call.
-        cache: a PromptCache (new_cache) whose prefix shared with the prompt is reused; the
-        call then runs alone, outside the batch scheduler.
+        and stats. Every option (below; edgemoe.options.GenerateOptions) is checked here,
+        before anything runs: bad values raise InvalidArgument, and a prompt plus max_tokens
+        beyond the context size raises ContextLengthError.
 
         Once the batch scheduler exists (start_batching, generate_batch), a call without a
         cache is queued for a slot and decoded together with the others; `abort`, if given,
         is called about every 0.2 s while it waits for a slot or a token and may raise to
         give up (the server stops a request whose client left). Closing the iterator frees
         the slot.
+
+        Options (keywords):
         """
-        call = self._prepare(prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                             min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, stop=stop,
-                             ignore_eos=ignore_eos, cache=cache, presence_penalty=presence_penalty,
-                             frequency_penalty=frequency_penalty, logit_bias=logit_bias, logprobs=logprobs,
-                             prompt_logprobs=prompt_logprobs, logits_processors=logits_processors)
+        call = self._prepare(prompt, GenerateOptions.of("Engine.stream", options))
+        if self.text2text is not None:
+            return self.text2text.stream(call, abort)
         if call.cache is None and self._scheduler is not None:
             return self._submit(call, abort)
         return self._run_alone(call)
@@ -234,9 +209,12 @@ class Engine:
         bf16 differently, so a near-tie can go the other way there."""
         if isinstance(prompts, str) or not isinstance(prompts, Sequence):
             raise InvalidArgument("generate_batch takes a list of prompts (strings or lists of token ids)")
-        if options.get("cache") is not None:
+        o = GenerateOptions.of("Engine.generate_batch", options)
+        if o.cache is not None:
             raise InvalidArgument("generate_batch runs its prompts in the engine's slots; it takes no cache")
-        calls = [self._prepare(p, **options) for p in prompts]
+        calls = [self._prepare(p, o) for p in prompts]
+        if self.text2text is not None:  # one after another
+            return [self._collect(self.text2text.stream(call)) for call in calls]
         streams = []
         try:
             streams = [self._submit(call, None) for call in calls]
@@ -245,56 +223,47 @@ class Engine:
             for s in streams:
                 s.close()
 
-    def _prepare(
-        self,
-        prompt: str | Sequence[int],
-        *,
-        max_tokens: int | None = None,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        min_p: float = 0.0,
-        repetition_penalty: float = 1.0,
-        seed: int | None = None,
-        stop: Sequence[str] = (),
-        ignore_eos: bool = False,
-        cache: PromptCache | None = None,
-        presence_penalty: float = 0.0,
-        frequency_penalty: float = 0.0,
-        logit_bias: dict[int, float] | None = None,
-        logprobs: int | None = None,
-        prompt_logprobs: bool = False,
-        logits_processors: Sequence = (),
-    ) -> "_Call":
+    def _prepare(self, prompt: str | Sequence[int], o: GenerateOptions) -> "_Call":
         """Check every option of a call (see `stream`) and build what running it needs."""
-        ids = self.tokenize(prompt)
+        t2t, decoder = self.text2text, None
+        if t2t is None:
+            refuse_languages(o, self.model.args.model_type)
+            ids = self.tokenize(prompt)
+        else:  # the prompt is the source
+            decoder = t2t.decoder_prompt(o.target_lang)
+            ids = t2t.source(prompt, o.source_lang)
+        max_tokens, logprobs, prompt_logprobs, cache = o.max_tokens, o.logprobs, o.prompt_logprobs, o.cache
         if not isinstance(prompt_logprobs, bool):
             raise InvalidArgument(f"prompt_logprobs must be True or False, got {prompt_logprobs!r}")
+        if t2t is not None:
+            t2t.check_options(cache, prompt_logprobs)
         if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int)
                                      or not 0 <= logprobs <= MAX_TOP_LOGPROBS):
             raise InvalidArgument(f"logprobs must be None or an integer from 0 to {MAX_TOP_LOGPROBS}, got {logprobs!r}")
         min_tokens = 0 if prompt_logprobs else 1
-        if max_tokens is None:
-            max_tokens = self.room(len(ids))
-            if max_tokens < 1:
-                self.check_context(len(ids), 1)
+        if max_tokens is None:  # an encoder-decoder's decoder prompt takes its room in the target's context
+            max_tokens = self.room(len(ids)) if t2t is None else t2t.room(len(ids), DEFAULT_MAX_TOKENS, len(decoder))
+            max_tokens = max(max_tokens, 1)  # no room: the check below says why
         elif isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < min_tokens:
             raise InvalidArgument(f"max_tokens must be an integer >= {min_tokens}, got {max_tokens!r}")
-        self.check_context(len(ids), max_tokens)
-        sampler = make_sampler(temperature, top_p, top_k, min_p, seed)
-        procs = make_logits_processors(repetition_penalty, presence_penalty=presence_penalty,
-                                       frequency_penalty=frequency_penalty, logit_bias=logit_bias,
+        if t2t is None:
+            self.check_context(len(ids), max_tokens)
+        else:
+            t2t.check_context(len(ids), max_tokens, len(decoder))
+        sampler = make_sampler(o.temperature, o.top_p, o.top_k, o.min_p, o.seed)
+        procs = make_logits_processors(o.repetition_penalty, presence_penalty=o.presence_penalty,
+                                       frequency_penalty=o.frequency_penalty, logit_bias=o.logit_bias,
                                        vocab_size=self.vocab_limit)
-        if not all(callable(p) for p in logits_processors):
+        if not all(callable(p) for p in o.logits_processors):
             raise InvalidArgument("logits_processors must be callables (context ids, logits) -> logits")
-        procs += list(logits_processors)
-        stop = [stop] if isinstance(stop, str) else list(stop)
+        procs += list(o.logits_processors)
+        stop = [o.stop] if isinstance(o.stop, str) else list(o.stop)
         if not all(isinstance(s, str) for s in stop):
             raise InvalidArgument("stop must be a string or a list of strings")
         if cache is not None and cache.capacity is not None and cache.capacity < len(ids) + max_tokens:
             raise ContextLengthError(f"the prompt ({len(ids)} tokens) plus max_tokens ({max_tokens}) does not fit "
                                      f"the given cache of {cache.capacity} positions")
-        return _Call(ids, max_tokens, sampler, procs, stop, ignore_eos, cache, logprobs, prompt_logprobs)
+        return _Call(ids, max_tokens, sampler, procs, stop, o.ignore_eos, cache, logprobs, prompt_logprobs, decoder)
 
     def _run_alone(self, call: "_Call") -> Iterator[GenerationResponse]:
         cache = call.cache
@@ -307,7 +276,7 @@ class Engine:
                                     call.stop, call.ignore_eos, cache, onednn=self.onednn, logprobs=call.logprobs,
                                     prompt_logprobs=call.prompt_logprobs)
         if self._scheduler is not None:  # its thread may be computing: take turns with it, token by token
-            return _one_at_a_time(responses, self._scheduler.model_lock)
+            return one_at_a_time(responses, self._scheduler.model_lock)
         return responses
 
     def _submit(self, call: "_Call", abort) -> SequenceStream:
@@ -347,6 +316,8 @@ class Engine:
     def close(self) -> None:
         if self._scheduler is not None:
             self._scheduler.close()  # running sequences end; nothing computes after this
+        if self.text2text is not None:
+            self.text2text.close()  # the same for an encoder-decoder's one sequence
         callbacks, self.on_close = self.on_close, []
         for fn in callbacks:
             fn()
@@ -375,26 +346,9 @@ def decode_bytes_per_token(model: Transformer) -> int:
     if not args.tie_word_embeddings:
         params -= model.embed.weight.nbytes
     elem = model.embed.weight.element_size()
-    expert = 3 * args.hidden_size * args.expert_dim * elem
+    matrices = 3 if getattr(args, "expert_gated", True) else 2  # ungated experts: w1 and down only
+    expert = matrices * args.hidden_size * args.expert_dim * elem
     return params + len(args.moe_layers()) * args.top_k * expert
-
-
-# More threads than this many times the cores only adds contention (and a huge count
-# makes OpenMP spend minutes creating threads).
-MAX_THREADS_PER_CORE = 4
-
-
-def check_threads(threads, name: str = "threads") -> int | None:
-    """Validate a thread count: None, or an integer from 1 to 4x the cores."""
-    if threads is None:
-        return None
-    import os
-
-    limit = MAX_THREADS_PER_CORE * (os.cpu_count() or 1)
-    if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= limit:
-        raise InvalidArgument(f"{name} must be at least 1 and at most {limit} (4x the {os.cpu_count()} cores), "
-                              f"got {threads!r}")
-    return threads
 
 
 def set_threads(threads: int | None, model: Transformer | None = None, name: str = "threads") -> int:
@@ -412,53 +366,20 @@ def set_threads(threads: int | None, model: Transformer | None = None, name: str
     return torch.get_num_threads()
 
 
-def load(
-    path: str | Path | None = None,
-    *,
-    dtype: str | None = None,
-    memory: str | int | None = None,
-    threads: int | None = None,
-    adaptive_gating: float | None = None,
-    ctx_size: int | None = None,
-    onednn: bool = True,
-    parallel: int = 1,
-    **runtime,
-) -> Engine:
-    """Load a model for generation.
-
-    path: a Hugging Face model directory (everything in RAM) or a directory written by
-    `edgemoe convert` (experts offloaded to an expert store). None means the bundled model.
-    A string of the form "ORG/NAME" that is not an existing path is a Hugging Face hub id:
-    its safetensors weights, config and tokenizer are downloaded into the hub cache (see
-    edgemoe.hub).
-    memory: for converted models, the byte budget for resident weights plus the expert
-    cache ("800MB", "1.5GB" or an int); None means unlimited.
-    threads: compute threads for this process (torch's setting is process-wide); None picks
-    one thread for small models and torch's default (all cores) otherwise.
-    adaptive_gating: adaptive top-k gating (Edge-MoE survey): each token keeps its top
-    experts only until this share of routing probability (e.g. 0.8), at least one and at
-    most top-k; fewer experts computed and read. None keeps plain top-k.
-    ctx_size: the most tokens (prompt + generated) a sequence may hold; the KV cache is
-    allocated for it inside the memory budget. None: the model's maximum positions, capped
-    so that the KV cache takes at most half of what the budget leaves after the resident
-    weights and one layer's experts.
-    onednn: False keeps every matmul off oneDNN (by default prefill uses it where the CPU
-    has AVX-512-BF16/AMX and the model has 240 MB of weights or more, and the budget
-    reserves what it needs; see edgemoe.cpu).
-    parallel: sequences that can be decoded together (Engine.generate_batch, the server's
-    slots): one KV cache of ctx_size each, all counted in the memory budget.
-    runtime: options for the offloaded runtime (cache_policy, prefetch, ...).
-    """
+def load(path: str | Path | None = None, *, config: RuntimeConfig | None = None, **options) -> Engine:
+    if config is None:
+        config = RuntimeConfig.from_options(**options)
+    elif not isinstance(config, RuntimeConfig):
+        raise InvalidArgument(f"config must be an edgemoe.runtime.config.RuntimeConfig, got {config!r}")
+    elif options:
+        raise InvalidArgument(f"give edgemoe.load either config= or options ({', '.join(sorted(options))}), not both")
     if path is None:
         path = default_model_dir()
     else:
         from .hub import resolve_model
 
         path = resolve_model(path)  # an existing path, or a hub id ("ORG/NAME") downloaded into the hub cache
-    if not isinstance(onednn, bool):
-        raise InvalidArgument(f"onednn must be True or False, got {onednn!r}")
-    threads = check_threads(threads)
-    parallel = check_parallel(parallel)
+    parallel = config.parallel
     if not path.exists():
         from .store.convert import interrupted
 
@@ -469,36 +390,59 @@ def load(
     if is_converted(path):
         from .runtime.loading import load_converted
 
-        model, info = load_converted(path, memory=memory, dtype=dtype, ctx_size=ctx_size, onednn=onednn,
-                                     parallel=parallel, **runtime)
-        ctx_size, onednn = info["ctx_size"], info["onednn"]
+        model, info = load_converted(path, config)
     else:
-        if memory is not None or runtime:
-            raise ModelLoadError(
-                f"{path}: memory budgets and runtime options need a converted model; run 'edgemoe convert {path} OUT_DIR' first"
-            )
-        from .checkpoint import load_hf
-        from .runtime.loading import check_ctx_size
-
-        model, ckpt = load_hf(path, dtype)
-        info = {"kind": "hf", "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
-        ctx_size = check_ctx_size(ctx_size, model.args.max_position_embeddings, str(path))
-        weight_bytes = sum(p.nbytes for p in model.parameters()) + provider_of(model).expert_bytes()
-        onednn = prefill_onednn(onednn, next(model.parameters()).dtype, weight_bytes)
-        info["onednn"] = onednn
-        info["ctx_size"] = ctx_size
-        info["kv_bytes"] = parallel * ctx_size * model.kv_bytes_per_token()  # one KV cache per slot
-        info["parallel"] = parallel
+        model, info = _load_in_ram(path, config)
     try:
         tokenizer = Tokenizer(path, eos_token_ids=model.args.eos_ids)
         tokenizer.check_vocab(model.args.vocab_size, str(path / (MANIFEST_NAME if info["kind"] == "converted" else "config.json")))
-        info["threads"] = set_threads(threads, model)
-        if adaptive_gating is not None:
-            set_adaptive_gating(model, adaptive_gating)
-            info["adaptive_gating"] = adaptive_gating
+        if is_seq2seq(model):
+            refuse_parallel(parallel)
+        info["threads"] = set_threads(config.threads, model)
+        if config.adaptive_gating is not None:
+            set_adaptive_gating(model, config.adaptive_gating)
+            info["adaptive_gating"] = config.adaptive_gating
     except BaseException:
         provider = provider_of(model)
         if provider is not None:
             provider.close()  # stop loader threads and close the store before giving up
         raise
-    return Engine(model, tokenizer, path, info, ctx_size=ctx_size, onednn=onednn, parallel=parallel)
+    return Engine(model, tokenizer, path, info, ctx_size=info["ctx_size"], onednn=info["onednn"], parallel=parallel)
+
+
+load.__doc__ = load_doc()
+Engine.stream.__doc__ = Engine.stream.__doc__.rstrip(" ") + options_doc(GenerateOptions, " " * 8) + "\n"
+
+
+def _load_in_ram(path: Path, config: RuntimeConfig) -> tuple[Transformer, dict]:
+    """A Hugging Face directory loaded into RAM (with config.plan: every expert quantized
+    to its planned format), and the facts of the load."""
+    if config.offload_options():
+        raise ModelLoadError(
+            f"{path}: memory budgets and runtime options need a converted model; run 'edgemoe convert {path} OUT_DIR' first"
+        )
+    from .runtime.loading import check_ctx_size
+
+    info: dict = {"kind": "hf"}
+    if config.plan is not None:
+        from .bitwidth.apply import load_planned, planned_bytes
+
+        model, ckpt, formats = load_planned(path, config.plan, config.dtype)
+        counts: dict[str, int] = {}
+        for f in formats.values():
+            counts[f] = counts.get(f, 0) + 1
+        info = {"kind": "hf+plan", "plan": str(config.plan), "formats": counts,
+                "expert_bytes": planned_bytes(model, ckpt, formats)}
+    else:
+        from .checkpoint import load_hf
+
+        model, _ = load_hf(path, config.dtype)
+    dtype = next(model.parameters()).dtype
+    info["dtype"] = str(dtype).removeprefix("torch.")
+    ctx_size = check_ctx_size(config.ctx_size, model.args.max_position_embeddings, str(path))
+    weight_bytes = sum(p.nbytes for p in model.parameters()) + provider_of(model).expert_bytes()
+    info["onednn"] = prefill_onednn(config.onednn, dtype, weight_bytes)
+    info["ctx_size"] = ctx_size
+    info["kv_bytes"] = config.parallel * ctx_size * model.kv_bytes_per_token()  # one KV cache per slot
+    info["parallel"] = config.parallel
+    return model, info

@@ -4,7 +4,7 @@ A decode step of one sequence reads every resident weight and its top-k experts 
 compute one row; a step of B sequences reads the same resident weights once for B rows,
 and each expert once for all the rows routed to it. Where the step is bound by memory
 reads or by per-call overhead rather than by arithmetic, B rows cost little more than
-one (bench/results/concurrent.md measures it).
+one (edgemoe_lab/results/concurrent.md measures it).
 
 `BatchScheduler` keeps `slots` KV caches (each of the context size, all counted in the
 memory budget: runtime/loading.py memory_plan). Sequences are submitted to a queue; free
@@ -38,12 +38,13 @@ import torch
 
 from . import rowmm
 from .cpu import native_matmuls
-from .errors import EdgeMoEError, InvalidArgument
+from .errors import EdgeMoEError
 from .generate import PromptCache, PromptLogitsHook, prefill, provider_of
 from .models.attention import Attention
 from .models.base import Transformer
 from .models.mla import MLAttention
 from .models.rows import row_caches
+from .runtime.config import MAX_PARALLEL  # noqa: F401 (checked with the other options: runtime/config.py)
 from .sample import LogitsProcessor, Sampler
 
 log = logging.getLogger("edgemoe.batching")
@@ -53,7 +54,6 @@ POLL_S = 0.2  # how often a consumer waiting for a token runs its `abort` check
 # sequences arriving together start in the same step, and a burst of long prompts does not
 # hold the running ones back for long.
 PREFILL_BUDGET = 512
-MAX_PARALLEL = 64  # slots at most (each holds a KV cache of the context size)
 
 
 def supports_rows(model) -> bool:
@@ -61,12 +61,6 @@ def supports_rows(model) -> bool:
     or MLAttention as such (a subclass with its own forward, or a recurrent mixer, does not)."""
     ok = (Attention.forward, MLAttention.forward)
     return all(getattr(type(layer.attn), "forward", None) in ok for layer in model.layers)
-
-
-def check_parallel(parallel, name: str = "parallel") -> int:
-    if isinstance(parallel, bool) or not isinstance(parallel, int) or not 1 <= parallel <= MAX_PARALLEL:
-        raise InvalidArgument(f"{name} must be an integer from 1 to {MAX_PARALLEL}, got {parallel!r}")
-    return parallel
 
 
 @torch.inference_mode()

@@ -8,7 +8,6 @@ messages. Pickle checkpoints (*.bin, *.pt) are refused: we never unpickle files.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -18,6 +17,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .errors import ModelLoadError
+from .jsonfile import read_json
 from .models import get_family, sanitizer
 from .store.names import check_not_gguf
 from .models.base import EXPERT_KEY, BaseModelArgs, Transformer, short_repr
@@ -68,15 +68,7 @@ def read_config(path: Path) -> dict:
         raise ModelLoadError(f"{cfg_file}: not a regular file")
     if not cfg_file.exists():
         raise ModelLoadError(f"{cfg_file}: missing (not a Hugging Face model directory?)")
-    try:
-        config = json.loads(cfg_file.read_bytes().decode("utf-8"))
-    except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, a 5000-digit number, deep nesting
-        raise ModelLoadError(f"{cfg_file}: invalid JSON: {e}") from None
-    except OSError as e:
-        raise ModelLoadError(f"{cfg_file}: cannot read: {e.strerror or e}") from None
-    if not isinstance(config, dict):
-        raise ModelLoadError(f"{cfg_file}: expected a JSON object")
-    return config
+    return read_json(cfg_file, ModelLoadError)
 
 
 def config_dtype(config: dict) -> torch.dtype:
@@ -105,12 +97,7 @@ def read_index(index: Path) -> list[str]:
     """The shard file names listed by `model.safetensors.index.json`."""
     if not index.is_file():
         raise ModelLoadError(f"{index}: not a regular file")
-    try:
-        data = json.loads(index.read_bytes().decode("utf-8"))
-    except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, a 5000-digit number, deep nesting
-        raise ModelLoadError(f"{index}: not a valid safetensors index (invalid JSON: {e})") from None
-    except OSError as e:
-        raise ModelLoadError(f"{index}: cannot read: {e.strerror or e}") from None
+    data = read_json(index, ModelLoadError, "not a valid safetensors index (invalid JSON: {e})", None)
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise ModelLoadError(
@@ -277,9 +264,14 @@ def build_on_meta(family: ModuleType, args: BaseModelArgs) -> Transformer:
     torch.nn.init.normal_ = lambda tensor, *args, **kwargs: tensor
     try:
         with torch.device("meta"):
-            return family.build(args)
+            model = family.build(args)
     finally:
         torch.nn.init.normal_ = real
+    routable = args.routable_experts()  # per-layer pruned: padding slots are never routed to
+    if routable is not None:
+        for block in model.moe_blocks():
+            block.router.limit(routable[block.layer])
+    return model
 
 
 def expected_expert_shape(args: BaseModelArgs, part: str) -> tuple[int, ...]:

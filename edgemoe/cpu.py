@@ -1,7 +1,7 @@
 """Which CPU kernels torch's float matmuls take, and how to keep them inside a memory budget.
 
 On CPUs with AVX-512 (BF16) or AMX, torch sends bf16/fp16 matmuls to oneDNN. Measured on
-such a Xeon (bench/results/onednn_paths.md, 1024 x 5632 bf16 weight):
+such a Xeon (edgemoe_lab/results/onednn_paths.md, 1024 x 5632 bf16 weight):
 
 - at 1 row (a decode step) torch's native kernel takes 0.59-1.10x oneDNN's time, and a whole
   decode step of the benchmark model ran 1.47x faster on it (all experts in RAM);
@@ -35,7 +35,7 @@ from torch import nn
 
 # What oneDNN keeps after running every power-of-two row count from 2 to 512 on a model's
 # weight shapes, plus one weight's reorder buffer in flight: measured 6-14 MB on a
-# 2-core AVX-512-BF16 Xeon (bench/results/onednn_paths.md), rounded up.
+# 2-core AVX-512-BF16 Xeon (edgemoe_lab/results/onednn_paths.md), rounded up.
 ONEDNN_RESERVE = 24 * 1000**2
 # Below this many weight bytes a model prefills on native kernels (the bundled 14.7 MB model
 # kept 20.5 MB in oneDNN over prompts of every length, more than its own weights).

@@ -1,5 +1,5 @@
 """Perplexity of a model on a text: the measurement behind `edgemoe eval`, the
-bundled-model report (edgemoe/tools/model_report.py) and bitwidth planning.
+bundled-model report (edgemoe_lab/model_report.py) and bitwidth planning.
 
 The text is tokenized as a whole (`Tokenizer.encode`, so the bundled texts' document
 separators become the EOS token) and cut into non-overlapping windows of the model's
@@ -42,7 +42,17 @@ def perplexity(model, ids: list[int], context: int, batch: int = 8, recorder=Non
     "tokens"} (and "window_nll", each window's mean NLL, with `per_window`: paired
     comparisons of two models need it); `recorder` (with `start(x)` and `finish()`, called
     around each batch: model_report.RoutingCounts) sees every window; `progress` draws a
-    bar on stderr."""
+    bar on stderr.
+
+    An encoder-decoder model (Switch Transformers, NLLB-MoE) scores a target given a
+    source: each window is split in half, source then target, and the result is the mean
+    NLL per target token (edgemoe.seq2seq.text_pairs and pair_loss; "tokens" counts
+    target tokens). Bitwidth planning measures these models with it."""
+    if getattr(model, "is_encoder_decoder", False):
+        from .seq2seq import pair_loss, text_pairs
+
+        sources, targets = text_pairs(ids, context)
+        return pair_loss(model, sources, targets, batch, progress, recorder, desc, per_window)
     inputs, targets = windows(ids, context)
     total, count = 0.0, 0
     window_nll: list[float] = []
@@ -117,16 +127,19 @@ def eval_tokens(tokenizer, text: str, context: int, max_tokens: int | None = Non
 
 def checkpoint_expert_bytes(ckpt) -> int:
     """Bytes the routed experts take in a Hugging Face checkpoint as stored (their
-    safetensors payload), from the file headers alone."""
+    safetensors payload), from the file headers alone; the padding slots of a per-layer
+    pruned model (copies never routed to, config edgemoe_experts_per_layer) not counted."""
     from .models.base import EXPERT_KEY
     from .store.tensorfile import read_header
 
+    routable = ckpt.args.routable_experts() or {}
     total = 0
     for file in sorted({r.file for r in ckpt.refs}):
         infos, _ = read_header(file)
         for name, info in infos.items():
             meta = torch.empty(info.shape, dtype=info.dtype, device="meta")
             for key, t in ckpt.sanitize(name, meta):
-                if EXPERT_KEY.match(key):
+                m = EXPERT_KEY.match(key)
+                if m and int(m.group(2)) < routable.get(int(m.group(1)), math.inf):
                     total += t.numel() * t.element_size()
     return total

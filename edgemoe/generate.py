@@ -252,6 +252,24 @@ def _hold_back(text: str, stops: Sequence[str]) -> int:
     return hold
 
 
+def one_at_a_time(responses: Iterator, lock, check: Callable[[], None] | None = None) -> Iterator:
+    """The responses, each computed while holding `lock` (so that callers from several
+    threads take turns with the model, token by token); `check`, if given, runs under
+    the lock before each and may raise to end the sequence. Closing the iterator closes
+    `responses`."""
+    try:
+        while True:
+            with lock:
+                if check is not None:
+                    check()
+                r = next(responses, None)
+            if r is None:
+                return
+            yield r
+    finally:
+        responses.close()
+
+
 def stream_generate(
     model: Transformer,
     tokenizer: Tokenizer,

@@ -1,8 +1,8 @@
 """Constrained decoding with llguidance: JSON (OpenAI's `response_format`) and tool-call
 grammars, applied as a logits processor.
 
-llguidance was chosen by measurement (bench/grammar_overhead.py,
-bench/results/grammar_overhead.md): it reads the tokenizer straight from tokenizer.json
+llguidance was chosen by measurement (edgemoe_lab/experiments/grammar_overhead.py,
+edgemoe_lab/results/grammar_overhead.md): it reads the tokenizer straight from tokenizer.json
 (byte-level BPE and byte-fallback vocabularies alike, no transformers needed at run time)
 and adds the least time per token on the CPU.
 

@@ -8,7 +8,7 @@ CPUs torch's native bf16 kernel instead costs about B times its one-row time (it
 bound by converting and multiplying, not by reading), and oneDNN reorders W into its
 own layout on every call of a different weight, which costs about a copy of W. Measured
 on a 2-core AVX512-BF16 EPYC, one thread, 2816 x 1024 bf16 weights taken in turn
-(bench/results/concurrent.md has the table): native 226 / 431 / 837 us for 1 / 2 / 4
+(edgemoe_lab/results/concurrent.md has the table): native 226 / 431 / 837 us for 1 / 2 / 4
 rows, this kernel 230 / 236 / 349 us.
 
 The kernel streams each row of W once and accumulates every row of x against it in

@@ -10,13 +10,15 @@ processors. Every forward (the encoder's, each decoder step) tells the expert pr
 that it begins, so offloading, the expert cache, prediction and preloading serve both
 stacks; the decoder's MoE layers have ids after the encoder's.
 
-`score` gives the teacher-forced log-likelihood of a target (a seq2seq loss), and
+`score` gives the teacher-forced log-likelihood of a target (a seq2seq loss; `text_pairs`
+and `pair_loss` compute it over a text cut into source/target windows: `edgemoe eval`), and
 `Seq2SeqTraceRecorder` records routing traces of runs in which each forward covers one
 stack.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -75,12 +77,15 @@ def generate_step(
     decoder_prompt: Sequence[int] | None = None,
     onednn: bool = True,
     logprobs: bool = False,
+    forced: Sequence[int] = (),
 ) -> Iterator[int] | Iterator[tuple[int, torch.Tensor]]:
     """Yield up to `max_tokens` sampled target token ids for `source`.
 
-    The target starts with `decoder_prompt` (default: the config's decoder start token;
-    NLLB translation passes [decoder start, target language code]); logits processors see
-    the target so far as their context. As in generate.generate_step, the next forward
+    The target starts with `decoder_prompt` (default: the config's decoder start token),
+    read in one forward, then the `forced` tokens, each read in a forward of its own as
+    transformers' generate reads its forced_bos_token_id (NLLB translation forces the
+    target language code; expert capacity counts each forward's tokens, so the two are
+    not the same); logits processors see the target so far as their context. As in generate.generate_step, the next forward
     runs only when the next token is asked for; decode steps use torch's native matmuls,
     the encoder oneDNN where available unless `onednn` is False. logprobs: yield (token,
     log-probabilities (V,)) pairs, the model's distribution before processors and sampling.
@@ -89,6 +94,7 @@ def generate_step(
     cache = cache if cache is not None else model.make_cache()
     start = model.args.decoder_start_token_id
     target = _check_ids(model, [start] if decoder_prompt is None else decoder_prompt, "decoder prompt")
+    forced = _check_ids(model, forced, "forced target") if forced else []
     encode(model, source, cache, onednn)
     provider = provider_of(model)
     if provider is not None:
@@ -102,6 +108,9 @@ def generate_step(
         with native_matmuls():
             return model.decode(torch.tensor([[token]]), cache)  # (1, 1, V)
 
+    for token in forced:
+        logits = step(token)  # (1, 1, V)
+        target.append(token)
     yield from decode_loop(logits, target, step, sampler, logits_processors, max_tokens, logprobs)
 
 
@@ -136,12 +145,71 @@ def score(model: Seq2SeqModel, source: Sequence[int], target: Sequence[int], one
     return float(nll), len(target)
 
 
+def text_pairs(ids: Sequence[int], context: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A token stream as (source, target) pairs for a seq2seq loss: consecutive
+    non-overlapping windows of `context` tokens, each split in half: the first
+    context // 2 tokens are the source, the remaining ones the target. Returns sources
+    (N, context // 2) and targets (N, context - context // 2)."""
+    if context < 2:
+        raise InvalidArgument(f"a source/target window needs at least 2 tokens, got a context of {context}")
+    n = len(ids) // context
+    if n < 1:
+        raise InvalidArgument(f"need at least {context} tokens for one source/target window, got {len(ids)}")
+    w = torch.tensor(list(ids[: n * context]), dtype=torch.long).view(n, context)  # (N, C)
+    return w[:, : context // 2], w[:, context // 2 :]  # (N, S), (N, T)
+
+
+@torch.inference_mode()
+def pair_loss(model: Seq2SeqModel, sources: torch.Tensor, targets: torch.Tensor, batch: int = 8,
+              progress: bool = False, recorder=None, desc: str = "seq2seq loss", per_window: bool = False) -> dict:
+    """Teacher-forced seq2seq loss of each target given its source (as `score`, `batch`
+    pairs per forward: expert capacity counts each sequence alone): {"nll" (mean per
+    target token), "ppl", "tokens"} (and "window_nll", each pair's mean, with
+    `per_window`), what evaluate.perplexity returns. `recorder` (start(x), finish()) sees
+    each batch."""
+    from tqdm import tqdm
+
+    provider = provider_of(model)
+    start = model.args.decoder_start_token_id
+    total, count, window_nll = 0.0, 0, []
+    bar = tqdm(total=targets.numel(), unit="tok", desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
+    for i in range(0, sources.shape[0], batch):
+        src, tgt = sources[i : i + batch], targets[i : i + batch]  # (B, S), (B, T)
+        inputs = torch.cat([torch.full_like(tgt[:, :1], start), tgt[:, :-1]], dim=1)  # (B, T): shifted right
+        if recorder is not None:
+            recorder.start(src)
+        if provider is not None:
+            provider.begin_forward(src.numel())
+        memory = model.encode(src)  # (B, S, H)
+        if provider is not None:
+            provider.begin_forward(inputs.numel())
+        logits = model.decode(inputs, memory=memory).float()  # (B, T, V)
+        if recorder is not None:
+            recorder.finish()
+        nll = -torch.log_softmax(logits, -1).gather(2, tgt[..., None])  # (B, T, 1)
+        total += float(nll.sum())
+        if per_window:
+            window_nll += nll[..., 0].mean(dim=1).tolist()
+        count += tgt.numel()
+        bar.update(tgt.numel())
+    bar.close()
+    mean = total / count
+    out = {"nll": mean, "ppl": math.exp(mean), "tokens": count}
+    if per_window:
+        out["window_nll"] = window_nll
+    return out
+
+
 class Seq2SeqTraceRecorder(TraceRecorder):
     """A routing trace of an encoder-decoder run (runtime/trace.py's format). Each forward
     covers one stack: the encoder's MoE positions, or the decoder's. A trace row still
     holds every MoE position, so the rows of an encoder forward hold -1 (no expert, as a
     dropped slot) at the decoder's positions and those of a decoder forward -1 at the
-    encoder's; slots over an expert's capacity are -1 too."""
+    encoder's; slots over an expert's capacity are -1 too. Gate look-ahead logits
+    (`lookahead`) are recorded within a stack only (zeros past its last MoE layer and in
+    the skipped rows). The header's "encoder_moe_layers" is the number of encoder MoE
+    positions: fitting and evaluating predictors (runtime/fit.py) count only the rows in
+    which a position routed."""
 
     def __init__(self, model: Seq2SeqModel, lookahead: int = 0):
         super().__init__(model, lookahead)
@@ -152,14 +220,24 @@ class Seq2SeqTraceRecorder(TraceRecorder):
         none = torch.full((n, self.top_k), -1, dtype=torch.long)
         for j in positions:
             super().on_route(j, none, torch.zeros(n, self.top_k), None)
+            if self.depth:
+                self.look[j][-1][:] = 0  # (n, D, E): this stack did not run
 
     def on_route(self, i: int, ids: torch.Tensor, weights: torch.Tensor, logits: torch.Tensor) -> None:
         n, L = ids.shape[0], len(self.layers)
         if i == self.split and i > 0:  # a decoder forward begins: its rows skipped the encoder
             self._skip(range(0, self.split), n)
         super().on_route(i, ids, weights, logits)
+        if self.depth and i < self.split:  # an encoder position looks ahead within the encoder only
+            self.look[i][-1][:, max(0, self.split - i - 1):] = 0  # (n, D, E)
         if i == self.split - 1:  # an encoder forward ends: its rows skip the decoder
             self._skip(range(self.split, L), n)
+
+
+    def trace(self):
+        t = super().trace()
+        t.header["encoder_moe_layers"] = self.split
+        return t
 
 
 def trace_rows(trace, stack: str, split: int) -> np.ndarray:

@@ -15,6 +15,7 @@ from datetime import datetime
 from pathlib import Path
 
 from .errors import InvalidArgument, ModelLoadError
+from .jsonfile import read_json
 
 SPECIAL_KEYS = ("bos_token", "eos_token")
 
@@ -61,15 +62,7 @@ def _read_json(path: Path) -> dict:
     if not path.exists():
         return {}
     check_regular(path)
-    try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
-    except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, a 5000-digit number, deep nesting
-        raise ModelLoadError(f"{path}: invalid JSON: {e}") from None
-    except OSError as e:
-        raise ModelLoadError(f"{path}: cannot read: {e.strerror or e}") from None
-    if not isinstance(data, dict):
-        raise ModelLoadError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
+    return read_json(path, ModelLoadError, object_expected="expected a JSON object, got {type}")
 
 
 def _chat_template(value, source: Path) -> str | None:

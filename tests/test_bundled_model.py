@@ -12,8 +12,8 @@ import torch
 
 from edgemoe import assets
 from edgemoe.checkpoint import load_hf
-from edgemoe.tools.model_report import RoutingCounts, mutual_information, perplexity, usage_entropy
-from edgemoe.tools.train_tiny import EOS, part_of, render_chat
+from edgemoe_lab.model_report import RoutingCounts, mutual_information, perplexity, usage_entropy
+from edgemoe_lab.train_tiny import EOS, part_of, render_chat
 
 CONTEXT = 256
 # Held-out slice used by the perplexity test: the first 32 windows of 256 tokens of

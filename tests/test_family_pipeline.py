@@ -17,8 +17,9 @@ command line (in process, `edgemoe.cli.run`), on each family's first tiny config
 
 Every family in edgemoe.models.FAMILIES must have a tiny config: the first entry of
 CONFIGS in tests/models/families/test_<family>.py (conftest.tiny_config for the first four).
-Encoder-decoder families (SEQ2SEQ_CONFIGS there) score a target given a source, which a
-plain text is not: profile, eval and trace refuse them with a one-line error.
+Encoder-decoder families (SEQ2SEQ_CONFIGS there) score a target given a source: profile,
+plan, eval and trace cut the text into source/target pairs, and their pipeline is tested
+in tests/test_seq2seq_tools.py (serve and generate: tests/test_seq2seq_engine.py).
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def _family_module(family: str):
 
 
 ALL_FAMILIES = sorted({module.rsplit(".", 1)[1] for module in FAMILIES.values()})
-# Encoder-decoder families (their tests define SEQ2SEQ_CONFIGS): the text tools refuse them.
+# Encoder-decoder families (their tests define SEQ2SEQ_CONFIGS): tests/test_seq2seq_tools.py.
 SEQ2SEQ_NAMES = [f for f in ALL_FAMILIES if f not in ORIGINAL and hasattr(_family_module(f), "SEQ2SEQ_CONFIGS")]
 FAMILY_NAMES = [f for f in ALL_FAMILIES if f not in SEQ2SEQ_NAMES]
 
@@ -447,22 +448,3 @@ def test_refuses_an_unimplemented_option(family, tmp_path):
         load_hf(d)
     code, _, err = cli_status("generate", d, "--prompt", PROMPT, "-n", 1)
     assert code == 1 and "Traceback" not in err and fragment in err
-
-
-@pytest.mark.parametrize("name", SEQ2SEQ_NAMES)
-def test_encoder_decoder_refused_by_text_tools(name, tmp_path, tokenizer_dir, calib):
-    import shutil
-
-    from models import seq2seq_parity
-
-    hf = tmp_path / "hf"
-    seq2seq_parity.save(next(iter(_family_module(name).SEQ2SEQ_CONFIGS.values()))(), hf)
-    for f in tokenizer_dir.iterdir():
-        shutil.copy(f, hf / f.name)
-    cli("convert", hf, tmp_path / "conv", "--quiet")
-    for argv in (("profile", hf, "-o", tmp_path / "p.json", "--calib", calib, "--context", CONTEXT),
-                 ("eval", hf, "--text", calib, "--context", CONTEXT),
-                 ("trace", tmp_path / "conv", "--text", calib, "-o", tmp_path / "t.npz")):
-        code, _, err = cli_status(*argv)
-        assert code == 1 and "Traceback" not in err, err
-        assert "is an encoder-decoder model" in err and err.startswith("edgemoe: error:"), err

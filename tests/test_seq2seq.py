@@ -68,6 +68,11 @@ def test_greedy_matches_transformers_generate(case):
         tokens = sp.check_greedy(hf, model)
         if model.args.model_type == "nllb-moe":  # a translation-style prompt: [start, target language]
             sp.check_greedy(hf, model, prompt=[model.args.decoder_start_token_id, 17])
+            # The language forced as transformers' forced_bos_token_id: a forward of its own.
+            src = sp.ids(model.args.vocab_size, 9, 5)
+            want = hf.generate(src, do_sample=False, max_new_tokens=17, min_new_tokens=17, forced_bos_token_id=17,
+                               decoder_start_token_id=model.args.decoder_start_token_id)[0, 2:].tolist()
+            assert list(seq2seq.generate_step(model, src[0].tolist(), max_tokens=16, forced=[17])) == want
     assert len(tokens) == 32
 
 

@@ -15,8 +15,9 @@ checkpoint is the original expert itself.
 Experts with biases (gpt-oss) keep them, unquantized, in every format, as the store
 does. Originals held as MXFP4 codes (a gpt-oss release) are encoded into other formats
 from their exact dequantized weights, and are themselves the "mxfp4" variant. Ungated
-experts (Switch Transformers, NLLB-MoE: encoder-decoder models the calibration tools do
-not run) are refused.
+experts (Switch Transformers, NLLB-MoE: one input matrix w1 and down) take each format's
+one-matrix layout (quant.formats.UngatedFormat), as the converter stores them: 2*H*I
+weights per expert where gated ones have 3*H*I.
 
 `stored_bytes` is the size of one expert in the store: its format's blob payload
 (`FormatInfo.of`, the converter's layout, bias tensors included) padded to the store's
@@ -32,25 +33,26 @@ from typing import Mapping
 import torch
 
 from ..errors import EdgeMoEError
-from ..experts import DenseExpert, Expert
+from ..experts import DenseExpert, Expert, UngatedDenseExpert
 from ..models.moe import InRAMProvider
-from ..quant.formats import BIAS_PARTS, FloatFormat, get_format
+from ..quant.formats import BIAS_PARTS, FloatFormat, for_experts, get_format
 from ..store.manifest import ExpertBiases, ExpertPlan, FormatInfo, round_up
 
 Key = tuple[int, int]  # (layer, expert)
 
 
 @lru_cache(maxsize=None)
-def stored_bytes(fmt: str, hidden: int, inter: int, biases: ExpertBiases | None = None) -> int:
+def stored_bytes(fmt: str, hidden: int, inter: int, biases: ExpertBiases | None = None, gated: bool = True) -> int:
     """Bytes one expert of this shape takes in the expert store in format `fmt`, with the
     bias tensors `biases` describes (payload padded to the blob alignment, as
-    `ExpertEntry.length`)."""
-    return round_up(FormatInfo.of(get_format(fmt), hidden, inter, biases).size)
+    `ExpertEntry.length`); `gated` False: an ungated expert's one-matrix layout."""
+    return round_up(FormatInfo.of(for_experts(get_format(fmt), gated), hidden, inter, biases).size)
 
 
-def plan_bytes(formats: Mapping[Key, str], hidden: int, inter: int, biases: ExpertBiases | None = None) -> int:
+def plan_bytes(formats: Mapping[Key, str], hidden: int, inter: int, biases: ExpertBiases | None = None,
+               gated: bool = True) -> int:
     """Stored bytes of all experts under a per-expert format assignment."""
-    return sum(stored_bytes(f, hidden, inter, biases) for f in formats.values())
+    return sum(stored_bytes(f, hidden, inter, biases, gated) for f in formats.values())
 
 
 def _mxfp4_weights(expert) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
@@ -96,18 +98,16 @@ class ExpertVariants:
             raise EdgeMoEError("bitwidth adaptation needs a model with its experts in RAM (a Hugging Face directory)")
         self.model = model
         self.args = model.args
-        if not getattr(self.args, "expert_gated", True):
-            raise EdgeMoEError(f"bitwidth adaptation of {self.args.model_type}'s ungated experts (one input matrix) "
-                               "is not supported")
+        self.gated = getattr(self.args, "expert_gated", True)
         self.originals: dict[Key, Expert] = dict(provider.table)
         first = next(iter(self.originals.values()))
         # MXFP4 originals compute in the model's dtype; float ones in their weights' type.
         self.mxfp4 = _mxfp4_weights(first) is not None
-        self.dtype = model.embed.weight.dtype if self.mxfp4 else first.w13.dtype
+        self.dtype = model.embed.weight.dtype if self.mxfp4 else (first.w13 if self.gated else first.w1).dtype
         self.act = self.args.expert_act
         self.hidden, self.inter = self.args.hidden_size, self.args.expert_dim
-        # Bias tensors every expert carries (gpt-oss), kept as they are in any format.
-        self.bias_parts = tuple(n for n in BIAS_PARTS if getattr(first, n, None) is not None)
+        # Bias tensors every expert carries (gpt-oss, NLLB-MoE), kept as they are in any format.
+        self.bias_parts = tuple(n for n in BIAS_PARTS if self._bias(first, n) is not None)
         self.keys = sorted(self.originals)
         self._cache: dict[tuple[Key, str], Expert] | None = {} if cache else None
 
@@ -116,9 +116,19 @@ class ExpertVariants:
         (None: the experts have none), for `stored_bytes`."""
         return ExpertBiases(dtype, self.bias_parts) if self.bias_parts else None
 
-    def weights(self, key: Key) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The original gate (I, H), up (I, H) and down (H, I)."""
+    @staticmethod
+    def _bias(expert, name: str) -> torch.Tensor | None:
+        """The stored bias `name` (b13, b2) of an original expert (an ungated one holds b13 as b1)."""
+        if isinstance(expert, UngatedDenseExpert) and name == "b13":
+            return expert.b1
+        return getattr(expert, name, None)
+
+    def weights(self, key: Key) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """The original gate (I, H), up (I, H) and down (H, I); an ungated expert: w1
+        (I, H), None and down."""
         d = self.originals[key]
+        if not self.gated:
+            return d.w1, None, d.w2
         if self.mxfp4:
             return _mxfp4_weights(d)
         g, u = d.w13.chunk(2, dim=0)
@@ -127,7 +137,7 @@ class ExpertVariants:
     def biases(self, key: Key) -> dict[str, torch.Tensor]:
         """The original expert's bias tensors by stored name (b13, b2); empty without."""
         d = self.originals[key]
-        return {n: getattr(d, n) for n in self.bias_parts}
+        return {n: self._bias(d, n) for n in self.bias_parts}
 
     def expert(self, key: Key, fmt: str) -> Expert:
         """Expert `key` stored in format `fmt`."""
@@ -136,7 +146,9 @@ class ExpertVariants:
         f = get_format(fmt)
         gate, up, down = self.weights(key)
         biases = self.biases(key)
-        if self.mxfp4 and f.name == "mxfp4":
+        if not self.gated:
+            ex = self._ungated(key, f, gate, down, biases)
+        elif self.mxfp4 and f.name == "mxfp4":
             ex = self.originals[key]  # the released codes themselves
         elif isinstance(f, FloatFormat) and f.dtype != self.dtype:
             if not self.mxfp4 and (f.dtype == torch.float32 or all(_exact(w, f.dtype) for w in (gate, up, down))):
@@ -149,6 +161,17 @@ class ExpertVariants:
         if self._cache is not None:
             self._cache[(key, fmt)] = ex
         return ex
+
+    def _ungated(self, key: Key, f, w1: torch.Tensor, down: torch.Tensor, biases: dict) -> Expert:
+        """An ungated expert in format `f`: as gated ones, float formats round the weights
+        (the original when exact), others encode the one-matrix layout and compute from it."""
+        if isinstance(f, FloatFormat) and f.dtype != self.dtype:
+            if f.dtype == torch.float32 or all(_exact(w, f.dtype) for w in (w1, down)):
+                return self.originals[key]
+            return UngatedDenseExpert(w1.to(f.dtype).to(self.dtype), down.to(f.dtype).to(self.dtype), self.act,
+                                      biases.get("b13"), biases.get("b2"))
+        u = for_experts(f, False)  # refuses a format without a one-matrix layout (mxfp4) by name
+        return u.expert({**u.encode(w1, None, down), **biases}, self.act, self.dtype)
 
     def table(self, formats: Mapping[Key, str]) -> dict[Key, Expert]:
         return {k: self.expert(k, formats[k]) if k in formats else self.originals[k] for k in self.keys}
@@ -165,10 +188,32 @@ class ExpertVariants:
         """Serve the original experts again."""
         self.attach({})
 
+    def shared(self) -> dict[Key, Key]:
+        """Experts whose weights (and biases) equal an earlier expert's -> that expert (the
+        first of the group, in key order): the experts `edgemoe convert` stores as one blob
+        when they get the same format (a merged group; the padding of a per-layer prune)."""
+        import hashlib
+
+        first: dict[bytes, list[Key]] = {}
+        out: dict[Key, Key] = {}
+        for k in self.keys:
+            tensors = [t for t in (*self.weights(k), *self.biases(k).values()) if t is not None]  # ungated: no up
+            h = hashlib.blake2b(digest_size=16)
+            for t in tensors:
+                h.update(t.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+            owners = first.setdefault(h.digest(), [])
+            owner = next((o for o in owners if all(torch.equal(a, b) for a, b in zip(
+                [t for t in (*self.weights(o), *self.biases(o).values()) if t is not None], tensors))), None)
+            if owner is None:
+                owners.append(k)
+            else:
+                out[k] = owner
+        return out
+
     def bytes(self, formats: Mapping[Key, str], dtype: torch.dtype | None = None) -> int:
         """Stored bytes of the experts in these formats, biases in `dtype` (default the
         compute dtype)."""
-        return plan_bytes(formats, self.hidden, self.inter, self.store_biases(dtype or self.dtype))
+        return plan_bytes(formats, self.hidden, self.inter, self.store_biases(dtype or self.dtype), self.gated)
 
 
 def _exact(w: torch.Tensor, dtype: torch.dtype) -> bool:
@@ -200,4 +245,5 @@ def planned_bytes(model, ckpt, formats: Mapping[Key, str]) -> int:
 
     parts = bias_names(ckpt.expert_parts)  # the bias tensors convert stores with every blob
     biases = ExpertBiases(config_dtype(ckpt.config), parts) if parts else None
-    return plan_bytes(formats, model.args.hidden_size, model.args.expert_dim, biases)
+    return plan_bytes(formats, model.args.hidden_size, model.args.expert_dim, biases,
+                      getattr(model.args, "expert_gated", True))

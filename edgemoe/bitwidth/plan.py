@@ -22,6 +22,13 @@ tolerance. With several bitwidths the same idea becomes a path of single-expert 
    bisects along the path on measured losses (at most --max-evals evaluations) to the
    furthest position measured within P. The returned plan's measured calibration loss is
    <= P (position 0, all experts at the top format, is taken as the reference).
+5. --bytes-per-token B with --cache-size C: the first path position whose expected
+   expert bytes read per decoded token (edgemoe.bitwidth.traffic: a cache of C bytes
+   holding the most frequently routed blobs) are <= B.
+
+Experts that share one blob (the profile's `shares`: a merged group, per-layer pruning's
+padding) are one unit throughout: one format, their bytes once, their sensitivities
+summed, so `convert --plan` keeps them shared and stores exactly the planned bytes.
 
 Loss is the relative perplexity increase over the original model on the calibration
 text (edgemoe.evaluate.relative_loss); the profile's sensitivities are increases in mean
@@ -43,10 +50,17 @@ from .._version import __version__
 from ..errors import EdgeMoEError, InvalidArgument
 from ..utils import format_bytes, parse_size
 from .apply import Key, canonical, to_plan
+from .measure import calibration_measurer
+from .traffic import Traffic, first_within, traffic, unit_frequencies
 
 DEFAULT_MAX_EVALS = 10
 # Share of calibration windows the --max-loss search holds back to check its choice on.
 DEFAULT_HOLDBACK = 0.25
+# Share of a --max-loss tolerance kept in reserve: the search holds the calibration loss to
+# (1 - margin) x the tolerance, because text the plan was not chosen on loses more. On the
+# bundled model the held-out text lost 1.2-1.6x the calibration loss along the plan path, 1.2-1.3x
+# near 2% (edgemoe_lab/results/plan_margin.md); 0.35 covers up to 1.54x: a 2% plan lost 1.68% there.
+DEFAULT_MARGIN = 0.35
 ESTIMATES = ("sensitivity", "taylor")
 
 
@@ -125,14 +139,22 @@ class Planner:
         taylor = self.estimate == "taylor"
         if self.scale is None:
             self.scale = pooled_slope(p.get("validation", []), taylor)
-        self.sens: dict[Key, dict[str, float]] = {
+        # Experts sharing one blob (profile `shares`: a merged group) are one unit: one
+        # format, their bytes once, their sensitivities summed; keyed by the unit's owner.
+        self.members: dict[Key, list[Key]] = {}
+        for x in p["experts"]:
+            k = (x["layer"], x["expert"])
+            self.members.setdefault(tuple(x["shares"]) if x.get("shares") else k, []).append(k)
+        per_expert = {
             (x["layer"], x["expert"]): {
                 canonical(f): self.scale * (v + (x["first_order"][f] if taylor else 0.0))
                 for f, v in x["sensitivity"].items()
             }
             for x in p["experts"]
         }
-        self.keys = sorted(self.sens)
+        self.sens: dict[Key, dict[str, float]] = {
+            u: {f: sum(per_expert[k][f] for k in ks) for f in per_expert[u]} for u, ks in self.members.items()}
+        self.keys = sorted(self.sens)  # the units
         moves = []
         for k in self.keys:
             moves += self._hull(k)
@@ -171,18 +193,23 @@ class Planner:
     # --- plans
 
     def formats_at(self, k: int) -> dict[Key, str]:
-        """The plan after the first k moves of the path."""
+        """The plan (every expert's format) after the first k moves of the path."""
         out = dict(self.start)
         for m in self.path[:k]:
             out[m.key] = m.dst
-        return out
+        return self.expand(out)
+
+    def expand(self, units: dict[Key, str]) -> dict[Key, str]:
+        """Every expert's format from its unit's."""
+        return {k: units[u] for u, ks in self.members.items() for k in ks}
 
     def bytes(self, formats: dict[Key, str]) -> int:
-        return sum(self.sizes[f] for f in formats.values())
+        """Stored bytes of a plan: each unit's blob once."""
+        return sum(self.sizes[formats[u]] for u in self.keys)
 
     def predicted(self, formats: dict[Key, str]) -> float:
         """Predicted relative perplexity increase of a plan."""
-        return math.expm1(sum(self.sens[k][f] for k, f in formats.items()))
+        return math.expm1(sum(self.sens[u][formats[u]] for u in self.keys))
 
     @property
     def smallest(self) -> int:
@@ -207,7 +234,7 @@ class Planner:
                 f"{format_bytes(self.smallest)} ({self.smallest} bytes) with every expert in its smallest format "
                 f"({', '.join(f'{f} x{n}' for f, n in counts.items())})")
         k = next(i for i, b in enumerate(self.cum_bytes) if b <= target)
-        plan = self.formats_at(k)
+        plan = {u: f for u, f in self.formats_at(k).items() if u in self.sens}
         slack = target - self.bytes(plan)
         while True:  # spend the leftover bytes on the best upgrades that still fit
             best = None
@@ -218,7 +245,7 @@ class Planner:
                     if 0 < cost <= slack and gain > 0 and (best is None or gain / cost > best[0]):
                         best = (gain / cost, key, f, cost)
             if best is None:
-                return plan
+                return self.expand(plan)
             _, key, f, cost = best
             plan[key] = f
             slack -= cost
@@ -331,39 +358,56 @@ def search_loss(planner: Planner, max_loss: float, measure: Callable[[dict[Key, 
 
 
 def plan_summary(planner: Planner, formats: dict[Key, str], hidden: int, inter: int) -> dict:
-    n = len(formats)
+    """Sizes count each stored blob once (a merged group is one blob)."""
+    n = len(planner.keys)
     b = planner.bytes(formats)
     top = planner.sizes[planner.top] * n
     return {
         "expert_bytes": b,
         "top_bytes": top,
         "ratio": top / b if b else None,
-        "bits_per_weight": sum(planner.bits[f] for f in formats.values()) / n if n else None,
+        "bits_per_weight": sum(planner.bits[formats[u]] for u in planner.keys) / n if n else None,
         "counts": _counts(formats),
+        "blobs": n,
     }
 
 
 def make_plan(profile: dict, *, max_loss: float | None = None, target_size: int | None = None,
+              bytes_per_token: float | None = None, cache_size: int | None = None,
               candidates: list[str] | None = None, top: str | None = None, estimate: str = "sensitivity",
               verify: bool = True,
               max_evals: int = DEFAULT_MAX_EVALS, model_dir: str | Path | None = None, calib: str | Path | None = None,
-              holdback: float = DEFAULT_HOLDBACK, heldout: str | Path | None = None,
+              holdback: float = DEFAULT_HOLDBACK, margin: float = DEFAULT_MARGIN, heldout: str | Path | None = None,
               progress: bool = False, log: Callable[[str], None] | None = None) -> dict:
-    """Plan for exactly one of max_loss (a fraction: 0.02 is 2%) or target_size (bytes).
+    """Plan for exactly one of max_loss (a fraction: 0.02 is 2%), target_size (bytes) or
+    bytes_per_token (expected expert bytes read per decoded token with an expert cache of
+    cache_size bytes, edgemoe.bitwidth.traffic: the first plan along the path, in the
+    order of least predicted loss, that reads no more). With cache_size, the plan's
+    expected bytes per token are reported ('traffic') whatever the objective.
     Returns the plan as a JSON-ready dict ('meta' holds the numbers).
 
     holdback: the share of the calibration windows the --max-loss search does not fit
     on: a position is within the tolerance only if both parts are, so that the plan
-    holds beyond the text it was chosen on (0: search on all of it). heldout: a text
-    the plan is only measured on, afterwards, and reported (`heldout_loss`)."""
-    if (max_loss is None) == (target_size is None):
-        raise InvalidArgument("give exactly one of --max-loss and --target-size")
+    holds beyond the text it was chosen on (0: search on all of it). margin: the share
+    of max_loss held in reserve for other text: the search keeps the measured
+    calibration loss <= (1 - margin) * max_loss (0: up to max_loss itself). heldout: a
+    text the plan is only measured on, afterwards, and reported (`heldout_loss`)."""
+    if sum(x is not None for x in (max_loss, target_size, bytes_per_token)) != 1:
+        raise InvalidArgument("give exactly one of --max-loss, --target-size and --bytes-per-token")
+    if bytes_per_token is not None and cache_size is None:
+        raise InvalidArgument("--bytes-per-token needs --cache-size: the expert cache the bytes are read past")
+    if bytes_per_token is not None and not (math.isfinite(bytes_per_token) and bytes_per_token >= 0):
+        raise InvalidArgument(f"--bytes-per-token must be a non-negative size, got {bytes_per_token}")
+    if cache_size is not None and cache_size < 0:
+        raise InvalidArgument(f"--cache-size must be >= 0, got {cache_size}")
     if max_loss is not None and max_loss < 0:
         raise InvalidArgument(f"--max-loss must be >= 0, got {max_loss}")
     if max_evals < 1:
         raise InvalidArgument(f"--max-evals must be at least 1, got {max_evals}")
     if not 0 <= holdback < 1:
         raise InvalidArgument(f"--holdback must be in [0, 1), got {holdback}")
+    if not (math.isfinite(margin) and 0 <= margin < 1):
+        raise InvalidArgument(f"--margin must be in [0, 1), got {margin}")
     if heldout is not None and not verify:
         raise InvalidArgument("--heldout measures the plan: it cannot be combined with --no-verify")
     t0 = time.perf_counter()
@@ -372,14 +416,30 @@ def make_plan(profile: dict, *, max_loss: float | None = None, target_size: int 
     H, I = shape["hidden_size"], shape["expert_dim"]
     if target_size is not None:
         formats = planner.for_size(target_size)  # checks the target before anything is loaded
-    measure, calib_info, measure_text = (_measurer(profile, model_dir, calib, progress, holdback) if verify
+    freq = unit_frequencies(profile, planner.members)
+
+    def traffic_of(formats: dict[Key, str]) -> Traffic:
+        return traffic({u: planner.sizes[formats[u]] for u in planner.keys}, freq, cache_size)
+
+    if bytes_per_token is not None:
+        k = first_within(len(planner.path), lambda i: traffic_of(planner.formats_at(i)).bytes_per_token,
+                         bytes_per_token)
+        if k is None:
+            least = traffic_of(planner.formats_at(len(planner.path)))
+            raise InvalidArgument(
+                f"--bytes-per-token {format_bytes(int(bytes_per_token))}: even every expert in its smallest format "
+                f"reads {format_bytes(int(least.bytes_per_token))} per token with a {format_bytes(cache_size)} "
+                f"expert cache (hit rate {100 * least.hit_rate:.1f}%)")
+        formats = planner.formats_at(k)
+    measure, calib_info, measure_text = (calibration_measurer(profile, model_dir, calib, progress, holdback) if verify
                                          else (None, None, None))
     evaluations: list[Evaluation] = []
+    aim = None if max_loss is None else max_loss * (1 - margin)  # what the calibration loss is held to
     if max_loss is not None:
         if measure is None:
-            formats = planner.formats_at(planner.position_for_loss(max_loss))
+            formats = planner.formats_at(planner.position_for_loss(aim))
         else:
-            formats, evaluations = search_loss(planner, max_loss, measure, max_evals, log)
+            formats, evaluations = search_loss(planner, aim, measure, max_evals, log)
     measured, parts, heldout_info = None, None, None
     if measure is not None:
         known = next((e for e in evaluations if planner.formats_at(e.position) == formats), None)
@@ -395,7 +455,12 @@ def make_plan(profile: dict, *, max_loss: float | None = None, target_size: int 
         "created_by": f"edgemoe {__version__}",
         "profile": profile.get("path"),
         "model": str(model_dir) if model_dir else profile.get("model"),
-        "objective": {"max_loss": max_loss} if max_loss is not None else {"target_size": target_size},
+        "margin": None if max_loss is None else {"share": margin, "calibration_tolerance": aim},
+        "objective": ({"max_loss": max_loss} if max_loss is not None else {"target_size": target_size}
+                      if target_size is not None else {"bytes_per_token": bytes_per_token, "cache_size": cache_size}),
+        "traffic": None if cache_size is None else {"cache_size": cache_size, **traffic_of(formats).to_dict(),
+                                                     "model": "static cache of the most frequently routed blobs "
+                                                              "(profile frequencies); misses read per token"},
         "loss": "relative perplexity increase over the original model on the calibration text",
         "top_format": planner.top,
         "candidates": planner.candidates,
@@ -413,67 +478,3 @@ def make_plan(profile: dict, *, max_loss: float | None = None, target_size: int 
     counts = _counts(formats)
     default = next(iter(counts))
     return to_plan(formats, default, meta)
-
-
-def _measurer(profile: dict, model_dir, calib, progress: bool, holdback: float = DEFAULT_HOLDBACK):
-    """A function plan -> measured relative calibration loss (with a held-back split:
-    {"search": loss, "held_back": loss}), what it measures on, and a function measuring a
-    plan on another text."""
-    import hashlib
-
-    from ..evaluate import eval_tokens, perplexity, relative_loss
-    from .apply import ExpertVariants
-    from .profile import load_for_profiling, read_calibration
-
-    model_dir = model_dir or profile.get("model")
-    if not model_dir:
-        raise EdgeMoEError(f"{profile.get('path')}: the profile does not name its model; pass --model DIR")
-    c = profile["calibration"]
-    text, calib_path = read_calibration(calib or c.get("text"))
-    if calib is None and c.get("sha256") and hashlib.sha256(text.encode("utf-8")).hexdigest() != c["sha256"]:
-        raise EdgeMoEError(f"{calib_path}: the calibration text changed since the profile was made; "
-                           "re-run 'edgemoe profile' or pass --calib")
-    model, ckpt, tok = load_for_profiling(model_dir)
-    shape = profile["shape"]
-    args = model.args
-    if (args.hidden_size, args.expert_dim, list(args.moe_layers()), args.experts_per_layer) != (
-            shape["hidden_size"], shape["expert_dim"], shape["moe_layers"], shape["experts_per_layer"]):
-        raise EdgeMoEError(f"{model_dir}: the model's shape does not match the profile {profile.get('path')}")
-    context = c["context"]
-    ids = eval_tokens(tok, text, context, c["tokens"], calib_path)
-    variants = ExpertVariants(model)
-    # Split whole windows: the search fits on the first part, the held-back part guards it.
-    n_windows = (len(ids) - 1) // context
-    back = int(round(holdback * n_windows)) if n_windows >= 2 else 0
-    back = min(back, n_windows - 1)
-    cut = (n_windows - back) * context
-    parts = {"search": ids[: cut + 1]} if not back else {"search": ids[: cut + 1], "held_back": ids[cut:]}
-    refs = {k: perplexity(model, v, context, progress=progress, desc=f"reference ({k})") for k, v in parts.items()}
-
-    def measure(formats: dict[Key, str]):
-        variants.attach(formats)
-        try:
-            losses = {k: relative_loss(perplexity(model, v, context, progress=progress,
-                                                  desc="evaluating plan")["ppl"], refs[k]["ppl"])
-                      for k, v in parts.items()}
-        finally:
-            variants.restore()
-        return losses if back else losses["search"]
-
-    def measure_text(formats: dict[Key, str], path) -> dict:
-        """The plan's loss on another text (not used to choose it)."""
-        other, other_path = read_calibration(path)
-        oid = eval_tokens(tok, other, context, None, other_path)
-        ref = perplexity(model, oid, context, progress=progress, desc="held-out reference")
-        variants.attach(formats)
-        try:
-            got = perplexity(model, oid, context, progress=progress, desc="held-out plan")
-        finally:
-            variants.restore()
-        return {"text": other_path, "tokens": ref["tokens"], "reference_ppl": ref["ppl"], "ppl": got["ppl"],
-                "loss": relative_loss(got["ppl"], ref["ppl"])}
-
-    info = {"text": calib_path, "tokens": sum(r["tokens"] for r in refs.values()), "context": context,
-            "reference_ppl": refs["search"]["ppl"], "held_back_windows": back,
-            "search_tokens": refs["search"]["tokens"]}
-    return measure, info, measure_text

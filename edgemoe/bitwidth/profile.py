@@ -39,6 +39,12 @@ correlations between each estimate and these measurements.
 
 Loss units: sensitivities are increases in mean NLL; the relative perplexity increase
 of a change dNLL is exp(dNLL) - 1 (edgemoe.evaluate.relative_loss).
+
+Encoder-decoder models (Switch Transformers, NLLB-MoE) are profiled on the seq2seq loss
+`edgemoe eval` and the planner measure: each calibration window split into a source
+half and a target half, the NLL of the target tokens given the source. The gradient then
+reaches both stacks' experts (the encoder's through cross-attention), and validation
+reruns the whole model rather than the layers from the expert's on.
 """
 
 from __future__ import annotations
@@ -56,8 +62,8 @@ from tqdm import tqdm
 
 from .._version import __version__
 from ..errors import EdgeMoEError, InvalidArgument
-from ..evaluate import check_decoder_only, eval_tokens, read_text, windows
-from ..quant.formats import get_format
+from ..evaluate import eval_tokens, read_text, windows
+from ..quant.formats import for_experts, get_format
 from .apply import ExpertVariants, canonical, stored_bytes
 
 PROFILE_FORMAT = "edgemoe-expert-profile"
@@ -138,6 +144,16 @@ def _tail(model, h: torch.Tensor, start: int) -> torch.Tensor:
     return model.head(h)  # (B, T, V)
 
 
+def _forward(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Logits (B, T, V) predicting targets y (B, T): the model on windows x, or, for an
+    encoder-decoder, on sources x with y shifted right after the decoder start as the
+    decoder's input (teacher forcing, as transformers computes a loss from labels)."""
+    if not getattr(model, "is_encoder_decoder", False):
+        return model(x)
+    start = torch.full_like(y[:, :1], model.args.decoder_start_token_id)  # (B, 1)
+    return model(x, torch.cat([start, y[:, :-1]], dim=1))
+
+
 def _wide(logits: torch.Tensor) -> torch.Tensor:
     """Logits in float32 at least (float64 stays float64: exact checks run in it)."""
     return logits.to(torch.promote_types(logits.dtype, torch.float32))
@@ -190,9 +206,14 @@ class _Capture:
         self._prev = [b.expert_hook for b in self.blocks]
         for b, prev in zip(self.blocks, self._prev):
             b.expert_hook = self._expert_hook(prev)
-        self.handles = [layer.register_forward_pre_hook(self._layer(i)) for i, layer in enumerate(model.layers)]
-        # The weights do not require gradients: make the embeddings' output the leaf.
-        self.handles.append(model.embed.register_forward_hook(lambda m, a, out: out.detach().requires_grad_(True)))
+        # Decoder layers' inputs (validation reruns from them); an encoder-decoder is rerun whole.
+        self.handles = [layer.register_forward_pre_hook(self._layer(i))
+                        for i, layer in enumerate(getattr(model, "layers", ()))]
+        # The weights do not require gradients: make the embeddings' output the leaf (an
+        # encoder-decoder with untied tables has the decoder's own too).
+        for table in (model.embed, getattr(model, "dec_embed", None)):
+            if table is not None:
+                self.handles.append(table.register_forward_hook(lambda m, a, out: out.detach().requires_grad_(True)))
 
     def _expert_hook(self, prev):
         def hook(layer, x, weights, ids, out):
@@ -256,7 +277,8 @@ def profile_model(
     H, I = args.hidden_size, args.expert_dim
     variants = ExpertVariants(model)
     biases = variants.store_biases(store_dtype or variants.dtype)
-    sizes = {f: stored_bytes(f, H, I, biases) for f in all_formats}
+    # Ungated experts (Switch, NLLB-MoE) take each format's one-matrix layout.
+    sizes = {f: stored_bytes(f, H, I, biases, variants.gated) for f in all_formats}
     lowest = min(formats or [top], key=lambda f: (sizes[f], f))
     vformats = parse_formats(validate_formats) if validate_formats else [lowest]
     unknown = [f for f in vformats if f not in all_formats]
@@ -270,7 +292,13 @@ def profile_model(
     if context < 2:
         raise InvalidArgument(f"--context must be at least 2, got {context}")
     ids = eval_tokens(tokenizer, calib_text, context, calib_tokens, source)
-    inputs, targets = windows(ids, context)
+    seq2seq = getattr(model, "is_encoder_decoder", False)
+    if seq2seq:  # sources (W, S) and targets (W, T): each window split in half, as evaluate.perplexity does
+        from ..seq2seq import text_pairs
+
+        inputs, targets = text_pairs(ids, context)
+    else:
+        inputs, targets = windows(ids, context)
     N = targets.numel()
 
     keys = variants.keys
@@ -285,6 +313,16 @@ def profile_model(
     provider = variants.attach({})  # originals, in a table we can swap single experts in
     cap = _Capture(model)
     on_input = {b.layer: b.router.scales_input for b in cap.blocks}
+    out_scale = {b.layer: getattr(b, "out_scale", 1.0) for b in cap.blocks}  # NLLB-MoE scales expert outputs
+
+    def rerun(k, x, y):
+        """Logits of the batch as the expert table is now: from expert k's layer on (None:
+        from the first layer), or the whole model for an encoder-decoder."""
+        if seq2seq:
+            return _forward(model, x, y)
+        start = 0 if k is None else k[0]
+        return _tail(model, cap.layer_in[start], start)
+
     bar = tqdm(total=N, unit="tok", desc="profiling", disable=not progress, leave=False, dynamic_ncols=True)
     t_pass = time.perf_counter()
     t_valid = 0.0
@@ -293,7 +331,7 @@ def profile_model(
             x, y = inputs[i : i + batch], targets[i : i + batch]  # (B, T) x2
             cap.clear()
             with torch.enable_grad():
-                logits = model(x)  # (B, T, V)
+                logits = _forward(model, x, y)  # (B, T, V)
                 loss = F.cross_entropy(_wide(logits).flatten(0, 1), y.flatten(), reduction="sum")
                 loss.backward()
             del logits, loss
@@ -315,6 +353,8 @@ def profile_model(
                         # The block weights either the expert's input (then sums the outputs)
                         # or its output; the same product, so the reference is bit-exact.
                         xe, out_w = (xe * w, 1.0) if on_input[l] else (xe, w)
+                        if out_scale[l] != 1.0:
+                            out_w = out_w * out_scale[l]
                         ref = variants.originals[(l, e)](xe)  # (m, H)
                         a = acc[(l, e)]
                         a["tokens"] += rows.numel()
@@ -333,12 +373,12 @@ def profile_model(
                 if checks:
                     t0 = time.perf_counter()
                     cap.active = False  # the reruns below must not overwrite the captured states
-                    base = _nll_sum(_tail(model, cap.layer_in[0], 0), y)
+                    base = _nll_sum(rerun(None, x, y), y)
                     ref_total += base
                     for (k, f) in checks:
                         provider.table[k] = variants.expert(k, f)
                         try:
-                            measured[(k, f)] += _nll_sum(_tail(model, cap.layer_in[k[0]], k[0]), y) - base
+                            measured[(k, f)] += _nll_sum(rerun(k, x, y), y) - base
                         finally:
                             provider.table[k] = variants.originals[k]
                     cap.active = True
@@ -364,6 +404,8 @@ def profile_model(
             "first_order": {f: a[f]["first"] / N for f in all_formats},
             "output_error": {f: math.sqrt(a[f]["err_sq"] / a["ref_sq"]) if a["ref_sq"] > 0 else 0.0 for f in all_formats},
         })
+    for k, owner in variants.shared().items():  # one blob in the store: planned as one unit
+        experts[keys.index(k)]["shares"] = list(owner)
     by_key = {(x["layer"], x["expert"]): x for x in experts}
     validation = []
     for f in vformats:
@@ -389,6 +431,8 @@ def profile_model(
                   "top_k": args.top_k},
         "calibration": {
             "tokens": N,
+            # An encoder-decoder's N counts target tokens only: the text tokens its windows took.
+            **({"text_tokens": int(inputs.numel() + targets.numel())} if seq2seq else {}),
             "context": context,
             "windows": int(inputs.shape[0]),
             "sha256": hashlib.sha256(calib_text.encode("utf-8")).hexdigest(),
@@ -396,7 +440,9 @@ def profile_model(
             "reference_nll": ref_nll,
         },
         "top_format": top,
-        "formats": {f: {"bytes": sizes[f], "bits": round(get_format(f).bits_per_weight(H, I), 4)} for f in all_formats},
+        "formats": {f: {"bytes": sizes[f],
+                        "bits": round(for_experts(get_format(f), variants.gated).bits_per_weight(H, I), 4)}
+                    for f in all_formats},
         "proxy": {
             "name": PROXY,
             "unit": "increase in mean calibration NLL (nats/token); relative perplexity increase = exp(x) - 1",
@@ -462,6 +508,15 @@ def read_profile(path: str | Path) -> dict:
                     v = x[what][f]
                     if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
                         raise ValueError(f"layer {k[0]} expert {k[1]}: {what} for {f} is {v!r}")
+        by_key = {(int(x["layer"]), int(x["expert"])): x for x in data["experts"]}
+        for x in data["experts"]:
+            owner = x.get("shares")
+            if owner is None:
+                continue
+            if not (isinstance(owner, list) and len(owner) == 2 and tuple(owner) in by_key
+                    and "shares" not in by_key[tuple(owner)] and tuple(owner) != (x["layer"], x["expert"])):
+                raise ValueError(f"layer {x['layer']} expert {x['expert']}: shares {owner!r} is not an expert "
+                                 "with its own weights")
         want = {(l, e) for l in shape["moe_layers"] for e in range(shape["experts_per_layer"])}
         if seen != want:
             raise ValueError(f"experts do not match the model shape ({len(seen)} listed, {len(want)} expected)")
@@ -484,7 +539,6 @@ def load_for_profiling(model_dir: str | Path, dtype: str = "float32"):
         raise EdgeMoEError(f"{path}: a converted model; profiling and planning need the Hugging Face directory "
                            "it was converted from (the original weights)")
     model, ckpt = load_hf(path, dtype)
-    check_decoder_only(model, "profiling and planning", path)
     if not list(model.moe_blocks()):
         raise EdgeMoEError(f"{path}: the model has no routed experts to profile")
     tokenizer = Tokenizer(path, eos_token_ids=model.args.eos_ids)

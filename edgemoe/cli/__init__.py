@@ -12,7 +12,7 @@ from ..errors import EdgeMoEError
 COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("edgemoe.cli.generate", "generate text from a prompt"),
     "chat": ("edgemoe.cli.chat", "interactive chat with the chat template"),
-    "train-tiny": ("edgemoe.tools.train_tiny", "train the bundled tiny MoE from the Python stdlib"),
+    "train-tiny": ("edgemoe_lab.train_tiny", "train the bundled tiny MoE from the Python stdlib"),
     "serve": ("edgemoe.cli.serve", "OpenAI-compatible HTTP server"),
     "convert": ("edgemoe.cli.convert", "convert a Hugging Face checkpoint into resident weights + expert store"),
     "info": ("edgemoe.cli.info", "describe a model: parameters, expert formats, minimum memory budget, context"),
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def exit_now(code: int) -> None:
     """End the process, skipping the interpreter's finalization: with torch loaded, tearing
-    its modules down takes 0.4-0.6 s after the work is done (bench/results/startup.md).
+    its modules down takes 0.4-0.6 s after the work is done (edgemoe_lab/results/startup.md).
     Exit handlers still run and the output streams are flushed."""
     import atexit
     import os

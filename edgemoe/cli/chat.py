@@ -365,6 +365,10 @@ def main(argv: list[str]) -> int:
     interactive = sys.stdin.isatty()
     reader = LineReader(interactive, args.history)
     engine = load_engine(args)
+    if engine.text2text is not None:  # each turn would re-encode the whole conversation as a new source
+        engine.close()
+        raise InvalidArgument(f"{engine.path}: edgemoe chat continues one conversation in a prompt cache, which an "
+                              "encoder-decoder model cannot reuse; run it text-to-text with 'edgemoe generate -p'")
     chat = Chat(engine, kwargs, args.system, args.stats)
     if interactive:
         eprint(f"edgemoe chat: {engine.path} (context {engine.ctx_size} tokens)\n"

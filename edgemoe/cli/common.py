@@ -7,19 +7,17 @@ import sys
 from typing import TYPE_CHECKING
 
 from ..errors import InvalidArgument
+from ..runtime.config import DEFAULT_POLICY, MODES, PREDICTORS, RuntimeConfig
 from ..runtime.policies import POLICIES
+from ..runtime.stats import OffloadStats, PrefetchStats
 from ..utils import format_bytes
 
 if TYPE_CHECKING:
     from ..api import Engine
     from ..generate import GenerationStats
 
-# Copies of runtime.loading.MODES / DEFAULT_POLICY and runtime.predict.METHODS: importing
-# those modules imports torch (1-3 s), which would make '--help' and argument errors slow.
-# tests/cli/test_startup.py checks that the copies match.
-MODES = ("io-exp", "io-free")
-DEFAULT_POLICY = "edgemoe"
-PREDICTORS = ("freq", "table", "gate", "combined")
+# runtime.config (MODES, DEFAULT_POLICY, PREDICTORS, RuntimeConfig) imports no torch, which
+# would make '--help' and argument errors slow (1-3 s): tests/cli/test_startup.py.
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -53,7 +51,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="check each expert's checksum on the first read of it in this process (default for generate "
                         "and chat) or on every read from storage (default for serve: a long-running server must not "
                         "serve bytes changed on disk; costs 4-10%% of decode speed when experts are re-read, "
-                        "bench/results/verify_cost.md)")
+                        "edgemoe_lab/results/verify_cost.md)")
     g.add_argument("--no-direct-io", action="store_true",
                    help="read experts through the page cache instead of with O_DIRECT")
     g.add_argument("--read-throttle", default=None, metavar="RATE",
@@ -81,6 +79,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="lossy: when a token's chosen expert is not in memory, use an expert that is, if its routing "
                         "probability is within MARGIN of the chosen one's (0 to 1, e.g. 0.1; fewer reads, slightly "
                         "different output; default off)")
+    g.add_argument("--fallback-below", type=float, default=None, metavar="W",
+                   help="lossy: on a miss of an expert whose share of the token's routing weight is below W (0 to "
+                        "1, e.g. 0.3), read its small copy instead of the full one (models converted with "
+                        "--fallback-bits; fewer bytes read, slightly different output; default off)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser, temperature: float = 0.0) -> None:
@@ -161,26 +163,35 @@ def sampling_kwargs(args: argparse.Namespace) -> dict:
     )
 
 
-def runtime_kwargs(args: argparse.Namespace) -> dict:
-    """Options for the offloaded runtime that were given on the command line (only those:
-    a Hugging Face directory accepts none)."""
-    kw = {
-        "cache_policy": getattr(args, "cache_policy", None),
-        "mode": getattr(args, "mode", None),
-        "trace": getattr(args, "trace", None),
-        "verify": getattr(args, "verify", None),
-        "direct_io": False if getattr(args, "no_direct_io", False) else None,
-        "read_throttle": getattr(args, "read_throttle", None),
-        "prefetch": False if getattr(args, "no_prefetch", False) else None,
-        "predictor": getattr(args, "predictor", None),
-        "prefetch_experts": getattr(args, "prefetch_experts", None),
-        "prefetch_layers": getattr(args, "prefetch_layers", None),
-        "prefetch_threads": getattr(args, "prefetch_threads", None),
-        "prefetch_threshold": getattr(args, "prefetch_threshold", None),
-        "prefetch_pacing": False if getattr(args, "no_prefetch_pacing", False) else None,
-        "cache_aware_routing": getattr(args, "cache_aware_routing", None),
-    }
-    return {k: v for k, v in kw.items() if v is not None}
+def runtime_config(args: argparse.Namespace, **options) -> RuntimeConfig:
+    """The RuntimeConfig the command-line flags ask for (edgemoe.load's options; a flag not
+    given leaves its option None, "not given"), checked before torch is imported. `options`
+    are more of them that a command sets itself (serve: parallel)."""
+    return RuntimeConfig(
+        dtype=args.dtype,
+        memory=args.memory,
+        threads=args.threads,
+        adaptive_gating=getattr(args, "adaptive_gating", None),
+        ctx_size=getattr(args, "ctx_size", None),
+        onednn=not getattr(args, "no_onednn", False),
+        plan=getattr(args, "plan", None),
+        cache_policy=getattr(args, "cache_policy", None),
+        mode=getattr(args, "mode", None),
+        trace=getattr(args, "trace", None),
+        verify=getattr(args, "verify", None),
+        direct_io=False if getattr(args, "no_direct_io", False) else None,
+        read_throttle=getattr(args, "read_throttle", None),
+        prefetch=False if getattr(args, "no_prefetch", False) else None,
+        predictor=getattr(args, "predictor", None),
+        prefetch_experts=getattr(args, "prefetch_experts", None),
+        prefetch_layers=getattr(args, "prefetch_layers", None),
+        prefetch_threads=getattr(args, "prefetch_threads", None),
+        prefetch_threshold=getattr(args, "prefetch_threshold", None),
+        prefetch_pacing=False if getattr(args, "no_prefetch_pacing", False) else None,
+        cache_aware_routing=getattr(args, "cache_aware_routing", None),
+        fallback_below=getattr(args, "fallback_below", None),
+        **options,
+    )
 
 
 def check_output_path(path, flag: str) -> None:
@@ -201,16 +212,15 @@ def check_output_path(path, flag: str) -> None:
 
 def load_engine(args: argparse.Namespace, **load_kwargs) -> "Engine":
     """The engine the options ask for; load_kwargs are more edgemoe.load options (serve: parallel)."""
-    from ..api import load
-
     path = getattr(args, "record_trace", None)
     if path:
         check_output_path(path, "--record-trace")
     template_file = getattr(args, "chat_template", None)
     template = read_chat_template(template_file) if template_file is not None else None
-    engine = load(args.model, dtype=args.dtype, memory=args.memory, threads=args.threads,
-                  adaptive_gating=getattr(args, "adaptive_gating", None), ctx_size=getattr(args, "ctx_size", None),
-                  onednn=not getattr(args, "no_onednn", False), **runtime_kwargs(args), **load_kwargs)
+    config = runtime_config(args, **load_kwargs)
+    from ..api import load
+
+    engine = load(args.model, config=config)
     if template is not None:
         from pathlib import Path
 
@@ -218,8 +228,10 @@ def load_engine(args: argparse.Namespace, **load_kwargs) -> "Engine":
         engine.tokenizer.chat_template_source = Path(template_file)
     if path:
         from ..runtime.trace import TraceRecorder
+        from ..seq2seq import Seq2SeqTraceRecorder, is_seq2seq
 
-        recorder = TraceRecorder(engine.model)
+        # An encoder-decoder's forwards cover one stack each: the other's positions are -1.
+        recorder = (Seq2SeqTraceRecorder if is_seq2seq(engine.model) else TraceRecorder)(engine.model)
 
         def save() -> None:
             trace = recorder.save(path)
@@ -236,72 +248,59 @@ def format_stats(stats: "GenerationStats") -> str:
         f"decode: {stats.generated_tokens} tokens, {stats.decode_tps:.1f} tok/s | "
         f"peak RSS: {format_bytes(stats.peak_rss_bytes)}"
     ]
-    extra = dict(stats.extra)
-    if "hit_rate" in extra:  # the offloaded runtime's statistics
+    extra = stats.extra
+    if isinstance(extra, OffloadStats):  # the offloaded runtime's statistics
         lines += _offload_lines(extra)
+        extra = extra.tail()  # the rest, printed as "key: value"
     if extra:
         lines.append(" | ".join(f"{k}: {_fmt(k, v)}" for k, v in extra.items() if not isinstance(v, (dict, list))))
     return "\n".join(lines)
 
 
-def _offload_lines(x: dict) -> list[str]:
-    """Three readable lines (experts, memory, prefetch) from the offloaded provider's stats;
-    the keys used are removed from `x` so that anything else is still printed generically."""
-    g = x.pop
-    mode, policy, io = g("mode", "?"), g("cache_policy", "?"), g("io", "?")
-    verify = g("verify", "first")
-    hits, misses, rate = g("hits", 0), g("misses", 0), g("hit_rate", 0.0)
-    read, per_tok = g("bytes_read", 0), g("bytes_read_per_token", 0)
-    read_s, stall_s, verify_s = g("read_s", 0.0), g("stall_s", 0.0), g("verify_s", 0.0)
-    budget, resident = g("budget_bytes", None), g("resident_bytes", 0)
-    used, cache = g("budget_used_bytes", 0), g("cache_bytes", 0)
-    baseline, over = g("baseline_rss_bytes", 0), g("rss_over_baseline_bytes", 0)
-    d_rate, d_read = g("decode_hit_rate", 0.0), g("decode_bytes_read_per_token", 0)
-    throttle = g("read_throttle_bps", None)
-    for k in ("evictions", "compactions", "forward_tokens", "min_budget_bytes", "cache_peak_bytes", "decode_stall_s",
-              "stall_s_per_token", "throttle_wait_s", "background_loads"):
-        x.pop(k, None)
-    stall_tok = g("decode_stall_s_per_token", 0.0)
-    if throttle:
-        io += f", throttled to {format_bytes(throttle)}/s"
-    experts = (f"experts: {mode}, {policy} cache | hit rate {100 * rate:.1f}% ({hits} hits, {misses} misses; "
-               f"decode {100 * d_rate:.1f}%) | read {format_bytes(read)} ({format_bytes(per_tok)}/token, decode "
-               f"{format_bytes(d_read)}/token, {io} I/O) in {read_s:.2f} s | checksums ({verify}) {verify_s:.2f} s | "
-               f"stall {stall_s:.2f} s")
-    limit = "unlimited" if budget is None else format_bytes(budget)
-    memory = (f"memory: budget {limit} | used {format_bytes(used)} (resident {format_bytes(resident)} + "
-              f"cache {format_bytes(used - resident)} of {format_bytes(cache)}) | peak RSS {format_bytes(over)} "
-              f"over a baseline of {format_bytes(baseline)}")
-    lines = [experts, memory, _prefetch_line(x, stall_tok)]
-    if x.get("cache_aware_routing") is not None:
-        margin = g("cache_aware_routing")
-        swapped, rate, per_tok = g("rerouted_slots", 0), g("reroute_rate", 0.0), g("rerouted_per_token", 0.0)
-        d_rate, d_tok = g("decode_reroute_rate", 0.0), g("decode_rerouted_per_token", 0.0)
-        g("routed_slots", None)
-        lines.append(f"cache-aware routing: margin {margin:g} | {swapped} routed slots swapped to resident experts "
-                     f"({100 * rate:.1f}%, {per_tok:.2f}/token; decode {100 * d_rate:.1f}%, {d_tok:.2f}/token)")
+def _offload_lines(s: "OffloadStats") -> list[str]:
+    """Readable lines (experts, memory, prefetch, cache-aware routing) from the offloaded
+    provider's statistics."""
+    x, m = s.experts, s.memory
+    io = x.io
+    if s.throttle.rate_bps:
+        io += f", throttled to {format_bytes(s.throttle.rate_bps)}/s"
+    experts = (f"experts: {x.mode}, {x.cache_policy} cache | hit rate {100 * x.hit_rate:.1f}% ({x.hits} hits, "
+               f"{x.misses} misses; decode {100 * x.decode_hit_rate:.1f}%) | read {format_bytes(x.bytes_read)} "
+               f"({format_bytes(x.bytes_read_per_token)}/token, decode {format_bytes(x.decode_bytes_read_per_token)}"
+               f"/token, {io} I/O) in {x.read_s:.2f} s | checksums ({x.verify}) {x.verify_s:.2f} s | "
+               f"stall {x.stall_s:.2f} s")
+    limit = "unlimited" if m.budget_bytes is None else format_bytes(m.budget_bytes)
+    used = m.budget_used_bytes
+    memory = (f"memory: budget {limit} | used {format_bytes(used)} (resident {format_bytes(m.resident_bytes)} + "
+              f"cache {format_bytes(used - m.resident_bytes)} of {format_bytes(m.cache_bytes)}) | peak RSS "
+              f"{format_bytes(m.rss_over_baseline_bytes)} over a baseline of {format_bytes(m.baseline_rss_bytes)}")
+    lines = [experts, memory, _prefetch_line(s.prefetch, x.decode_stall_s_per_token)]
+    r = s.cache_routing
+    if r is not None:
+        lines.append(f"cache-aware routing: margin {r.margin:g} | {r.rerouted_slots} routed slots swapped to resident "
+                     f"experts ({100 * r.reroute_rate:.1f}%, {r.rerouted_per_token:.2f}/token; decode "
+                     f"{100 * r.decode_reroute_rate:.1f}%, {r.decode_rerouted_per_token:.2f}/token)")
+    f = s.fallback
+    if f is not None:
+        lines.append(f"small copies on a miss: below {f.below:g} | {f.uses} served ({f.reads} read, {f.hits} cached; "
+                     f"decode {f.decode_reads_per_token:.2f} reads/token) | read {format_bytes(f.bytes_read)}, saved "
+                     f"{format_bytes(f.bytes_saved)} against full copies | stall {f.stall_s:.2f} s")
     return lines
 
 
-def _prefetch_line(x: dict, stall_tok: float) -> str:
-    """One line on preloading; its keys are removed from `x`."""
-    g = x.pop
-    on, off = g("prefetch", False), g("prefetch_off", "off")
-    keys = [k for k in list(x) if k.startswith(("prefetch_", "decode_prefetch_", "predictor", "decode_predictor"))]
-    v = {k: g(k) for k in keys}
-    if not on:
-        return f"prefetch: {off} | decode stall {1000 * stall_tok:.2f} ms/token"
-    threshold = v.get("prefetch_threshold")
+def _prefetch_line(p: "PrefetchStats", stall_tok: float) -> str:
+    """One line on preloading."""
+    a = p.activity
+    if not p.on or a is None:
+        return f"prefetch: {p.off_reason or 'off'} | decode stall {1000 * stall_tok:.2f} ms/token"
+    threshold = a.threshold
     if threshold == "auto":
-        threshold = f"auto (now {v.get('prefetch_threshold_now', 0.0):.2f})"
-    pacing = "paced to the link" if v.get("prefetch_pacing") else "not paced"
-    return (f"prefetch: {v.get('predictor')} predictor, {v.get('prefetch_experts')} experts x "
-            f"{v.get('prefetch_layers')} layer(s) ahead, threshold {threshold}, {pacing} | "
-            f"{v.get('prefetch_hits', 0)} hits "
-            f"({v.get('prefetch_late', 0)} late), wasted {format_bytes(v.get('prefetch_wasted_bytes', 0))} | "
-            f"predictor recall {100 * v.get('predictor_recall', 0.0):.1f}% (decode "
-            f"{100 * v.get('decode_predictor_recall', 0.0):.1f}%), precision "
-            f"{100 * v.get('predictor_precision', 0.0):.1f}% | decode stall {1000 * stall_tok:.2f} ms/token")
+        threshold = f"auto (now {a.threshold_now:.2f})"
+    pacing = "paced to the link" if a.pacing else "not paced"
+    return (f"prefetch: {a.predictor} predictor, {a.experts} experts x {a.layers} layer(s) ahead, threshold "
+            f"{threshold}, {pacing} | {a.hits} hits ({a.late} late), wasted {format_bytes(a.wasted_bytes)} | "
+            f"predictor recall {100 * a.recall:.1f}% (decode {100 * a.decode_recall:.1f}%), precision "
+            f"{100 * a.precision:.1f}% | decode stall {1000 * stall_tok:.2f} ms/token")
 
 
 def _fmt(key: str, value) -> str:

@@ -30,6 +30,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resident", choices=("float", "int8"), default=None,
                    help="non-expert weights: float (default, in --dtype) or int8 (attention, shared-expert, dense-MLP "
                         "and untied LM-head linears as per-channel int8; embeddings, norms and routers stay float)")
+    fb = p.add_mutually_exclusive_group()
+    fb.add_argument("--fallback-bits", type=int, choices=(2, 3), default=None,
+                    help="also store a small copy of every expert at 2 or 3 bits (int2, int3: 64 weights per "
+                         "scale) in experts.fallback.bin, which 'generate --fallback-below W' reads instead of "
+                         "the full copy on a miss of an expert with a low routing weight")
+    fb.add_argument("--fallback-format", default=None, metavar="FORMAT",
+                    help="the small copies' format by name instead (e.g. int2, int3, int4)")
     p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists (swapped in only once the new one is complete; a "
                         "conversion killed meanwhile leaves the old model, which the next one restores if needed)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
@@ -42,13 +49,16 @@ def main(argv: list[str]) -> int:
     from pathlib import Path
 
     from ..hub import is_hub_id, resolve_model
-    from ..store.convert import check_out_dir, convert
+    from ..store.convert import check_out_dir, convert, resolve_fallback
 
+    resolve_fallback(args.fallback_bits, args.fallback_format)  # a bad format name fails before any download
     if is_hub_id(args.hf_dir) and not Path(args.hf_dir).exists():
         check_out_dir(Path(args.out_dir), args.force)  # before a download that may take hours
     source = resolve_model(args.hf_dir)  # a local path, or a hub id (ORG/NAME) fetched into the hub cache
     result = convert(source, args.out_dir, bits=args.bits, fmt=args.fmt, plan=args.plan, dtype=args.dtype,
-                     resident=args.resident, force=args.force, progress=not args.quiet and not args.json and sys.stderr.isatty())
+                     resident=args.resident, force=args.force, fallback_bits=args.fallback_bits,
+                     fallback_format=args.fallback_format,
+                     progress=not args.quiet and not args.json and sys.stderr.isatty())
     if args.json:
         print(json.dumps(result.to_dict()))
         return 0
@@ -60,6 +70,10 @@ def main(argv: list[str]) -> int:
     int8 = f" ({len(result.resident_int8)} linear layers int8)" if result.resident_int8 else ""
     eprint(f"  resident weights  {format_bytes(result.resident_bytes):>10}  resident.safetensors{int8}")
     eprint(f"  expert store      {format_bytes(result.store_bytes):>10}  experts.bin: {result.experts} experts ({formats})")
+    if result.fallback_format is not None:
+        total += result.fallback_bytes
+        eprint(f"  fallback copies   {format_bytes(result.fallback_bytes):>10}  experts.fallback.bin: "
+               f"{result.fallback_format}")
     eprint(f"  total             {format_bytes(total):>10}  (source checkpoint {format_bytes(result.source_bytes)})")
     eprint(f"  peak RSS          {format_bytes(result.peak_rss_bytes):>10}  "
            f"({format_bytes(result.peak_rss_bytes - result.baseline_rss_bytes)} over the baseline)")

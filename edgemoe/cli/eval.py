@@ -1,5 +1,11 @@
 """`edgemoe eval`: perplexity of a model on held-out text (the bundled held-out text by
-default), for a Hugging Face directory or a converted one under any runtime options."""
+default), for a Hugging Face directory or a converted one under any runtime options.
+
+An encoder-decoder model (Switch Transformers, NLLB-MoE) gets a seq2seq loss instead: the
+text, tokenized as a whole, is cut into non-overlapping windows of --context tokens, and
+each window into a source (its first half, context // 2 tokens) and a target (the rest);
+the loss is the teacher-forced NLL per target token given the source (edgemoe.seq2seq
+text_pairs and pair_loss), and "tokens" counts target tokens."""
 
 from __future__ import annotations
 
@@ -10,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..errors import InvalidArgument, ModelLoadError
+from ..errors import InvalidArgument
 from ..utils import format_bytes
 from .common import add_model_args, eprint, load_engine
 
@@ -20,7 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="edgemoe eval",
         description="Perplexity on a text, in non-overlapping windows of the model's context (every token but the "
                     "first of each window is predicted once), computed in float32 unless --dtype says otherwise. "
-                    "Compare models by their relative perplexity increase.",
+                    "Compare models by their relative perplexity increase. Encoder-decoder models (Switch "
+                    "Transformers, NLLB-MoE): each window's first half is the source, the rest the target, and the "
+                    "perplexity is the target tokens' given the source.",
     )
     add_model_args(p)
     p.add_argument("--text", default=None, metavar="FILE", help="text to evaluate on (default: the bundled held-out text)")
@@ -40,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     from .. import assets
-    from ..evaluate import check_decoder_only, eval_tokens, perplexity, read_text
+    from ..evaluate import eval_tokens, perplexity, read_text
+    from ..seq2seq import is_seq2seq, pair_loss, text_pairs
 
     for flag, v in (("--batch", args.batch), ("--context", args.context)):
         if v is not None and v < 1:
@@ -53,21 +62,29 @@ def main(argv: list[str]) -> int:
     engine = _load(args)
     with engine:
         model = engine.model
-        check_decoder_only(model, "eval", engine.path)
         context = args.context or model.args.max_position_embeddings
         ids = eval_tokens(engine.tokenizer, text, context, args.max_tokens, str(text_path))
         if engine.provider is not None:
             engine.provider.reset_stats()
         t1 = time.perf_counter()
-        r = perplexity(model, ids, context, batch=args.batch, progress=not args.quiet and sys.stderr.isatty())
+        progress = not args.quiet and sys.stderr.isatty()
+        if is_seq2seq(model):  # a target given a source: the windows split in half
+            sources, targets = text_pairs(ids, context)
+            r = pair_loss(model, sources, targets, batch=args.batch, progress=progress)
+            windows = sources.shape[0]
+            predicted = "".join(engine.tokenizer.decode(t, skip_special_tokens=False) for t in targets.tolist())
+        else:
+            r = perplexity(model, ids, context, batch=args.batch, progress=progress)
+            windows = r["tokens"] // context
+            predicted = engine.tokenizer.decode(ids[1 : r["tokens"] + 1], skip_special_tokens=False)
         secs = time.perf_counter() - t1
         n = r["tokens"]
-        predicted = engine.tokenizer.decode(ids[1 : n + 1], skip_special_tokens=False).encode("utf-8")
+        predicted = predicted.encode("utf-8")
         result = {
             "ppl": r["ppl"],
             "nll": r["nll"],
             "tokens": n,
-            "windows": n // context,
+            "windows": windows,
             "context": context,
             "bits_per_byte": r["nll"] * n / math.log(2) / max(len(predicted), 1),
             "expert_bytes": engine.info["expert_bytes"],
@@ -79,16 +96,22 @@ def main(argv: list[str]) -> int:
             "load_seconds": round(t1 - t0, 3),
             "tokens_per_s": round(n / secs, 1) if secs > 0 else None,
         }
+        if is_seq2seq(model):
+            result["loss"] = "seq2seq"  # per target token; windows split into source and target halves
+            result["source_tokens"] = context // 2
         for key in ("formats", "resident_bytes", "resident_int8", "plan"):
             if key in engine.info:
                 result[key] = engine.info[key]
-        if engine.provider is not None and engine.provider.stats():
-            result["runtime"] = engine.provider.stats()
+        stats = engine.provider.stats() if engine.provider is not None else {}
+        if stats:
+            result["runtime"] = dict(stats)  # the JSON content of the typed statistics
     if args.json:
         print(json.dumps(result))
         return 0
-    eprint(f"perplexity {result['ppl']:.4f} ({result['bits_per_byte']:.4f} bits/byte) on {n:,} tokens of "
-           f"{text_path.name} ({result['windows']} windows of {context}, {result['dtype']})")
+    what = (f"{result['windows']} windows of {context}: {context // 2}-token sources, targets scored"
+            if "loss" in result else f"{result['windows']} windows of {context}")
+    eprint(f"perplexity {result['ppl']:.4f} ({result['bits_per_byte']:.4f} bits/byte) on {n:,} "
+           f"{'target ' if 'loss' in result else ''}tokens of {text_path.name} ({what}, {result['dtype']})")
     formats = result.get("formats")
     fmt = f" ({', '.join(f'{f} x{c}' for f, c in sorted(formats.items()))})" if formats else ""
     eprint(f"experts stored: {format_bytes(result['expert_bytes'])} ({result['expert_bytes']} bytes){fmt}")
@@ -97,39 +120,12 @@ def main(argv: list[str]) -> int:
 
 
 def _load(args):
-    """The engine for MODEL, with its experts' stored bytes in info['expert_bytes']."""
-    from ..api import Engine, default_model_dir
-    from ..store.manifest import is_converted
-
-    from ..hub import resolve_model
-
-    path = resolve_model(args.model) if args.model else default_model_dir()
-    converted = is_converted(path)
-    if args.plan is not None:
-        if converted:
-            raise InvalidArgument(f"{path}: --plan applies to Hugging Face directories; a converted model already "
-                                  "has its formats")
-        if args.memory is not None or any(getattr(args, k, None) for k in ("mode", "cache_policy", "trace", "verify")):
-            raise ModelLoadError(f"{path}: memory budgets and runtime options need a converted model")
-        from ..api import set_threads
-        from ..bitwidth.apply import load_planned, planned_bytes
-        from ..tokenizer import Tokenizer
-
-        model, ckpt, formats = load_planned(path, args.plan, args.dtype)
-        set_threads(getattr(args, "threads", None), model)
-        counts: dict[str, int] = {}
-        for f in formats.values():
-            counts[f] = counts.get(f, 0) + 1
-        info = {"kind": "hf+plan", "dtype": args.dtype, "plan": str(args.plan), "formats": counts,
-                "expert_bytes": planned_bytes(model, ckpt, formats)}
-        tokenizer = Tokenizer(path, eos_token_ids=model.args.eos_ids)
-        tokenizer.check_vocab(model.args.vocab_size, str(path / "config.json"))
-        return Engine(model, tokenizer, path, info)
-    args.model = str(path)
+    """The engine for MODEL (with --plan, its experts quantized in RAM as planned), with
+    its experts' stored bytes in info['expert_bytes']."""
     engine = load_engine(args)
     if "expert_bytes" not in engine.info:
         from ..checkpoint import HFCheckpoint
         from ..evaluate import checkpoint_expert_bytes
 
-        engine.info["expert_bytes"] = checkpoint_expert_bytes(HFCheckpoint(path))
+        engine.info["expert_bytes"] = checkpoint_expert_bytes(HFCheckpoint(engine.path))
     return engine

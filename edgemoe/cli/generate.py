@@ -23,6 +23,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_chat_template_arg(p)
     p.add_argument("--json", action="store_true", help="print one JSON object (text, token_ids, stats) instead of streaming")
     add_sampling_args(p)
+    g = p.add_argument_group("translation models (NLLB-MoE)")
+    g.add_argument("--target-lang", default=None, metavar="CODE",
+                   help="language to translate into, a language code of the tokenizer (e.g. deu_Latn): the "
+                        "target starts with it")
+    g.add_argument("--source-lang", default=None, metavar="CODE",
+                   help="language of the prompt (e.g. fra_Latn), in place of the one the tokenizer was saved with")
     return p
 
 
@@ -58,6 +64,7 @@ def main(argv: list[str]) -> int:
                 raise InvalidArgument(f"{flag} is used only with --chat (it formats the prompt as a chat)")
     prompt = read_prompt(args)
     kwargs = sampling_kwargs(args)
+    kwargs.update(target_lang=args.target_lang, source_lang=args.source_lang)
     engine = load_engine(args)
     with engine:
         if args.chat:

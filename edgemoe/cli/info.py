@@ -101,11 +101,16 @@ def _plan(facts: dict, args, dt, path, budget, ctx, explicit_ctx, kv_per_token, 
 def _shape(family_name: str, args, resident_params: int) -> dict:
     """Architecture and parameter counts from the config and the meta-device model."""
     moe = args.moe_layers()
-    per_expert = 3 * args.hidden_size * args.expert_dim
+    matrices = 3 if getattr(args, "expert_gated", True) else 2  # gate, up, down; ungated experts: w1, down
+    per_expert = matrices * args.hidden_size * args.expert_dim
     experts = len(moe) * args.experts_per_layer * per_expert
+    # An encoder-decoder's num_hidden_layers counts its encoder (Switch: num_decoder_layers, NLLB: decoder_layers).
+    decoder = (getattr(args, "num_decoder_layers", None) or getattr(args, "decoder_layers", None)
+               if getattr(args, "is_encoder_decoder", False) else None)
     return {
         "family": family_name,
         "layers": args.num_hidden_layers,
+        **({"decoder_layers": decoder} if decoder else {}),
         "moe_layers": len(moe),
         "experts_per_layer": args.experts_per_layer,
         "top_k": args.top_k,
@@ -156,7 +161,9 @@ def _converted(path, dtype) -> dict:
         counts[e.format] = counts.get(e.format, 0) + 1
     formats = {name: {"bits": f.bits, "experts": counts.get(name, 0), "bytes": f.size}
                for name, f in manifest.formats.items() if counts.get(name)}
-    files = {name: (path / name).stat().st_size for name in (manifest.resident_file, manifest.store_file)
+    fb = manifest.fallback  # small copies (convert --fallback-bits)
+    files = {name: (path / name).stat().st_size
+             for name in (manifest.resident_file, manifest.store_file, *([fb.file] if fb else []))
              if (path / name).exists()}
     return {
         "kind": "converted",
@@ -169,6 +176,8 @@ def _converted(path, dtype) -> dict:
         "expert_bytes": sum(e.size for e in manifest.experts if e.shares is None),  # a shared blob once
         "shared_experts": sum(1 for e in manifest.experts if e.shares is not None),
         "expert_cache_bytes": manifest.expert_bytes,
+        "fallback": ({"format": fb.experts[0].format if fb.experts else None, "bytes": fb.bytes, "file": fb.file}
+                     if fb else None),
         "min_cache_bytes": min_cache_bytes(manifest, args.top_k),
         "formats": formats,
         "bits_histogram": _histogram(formats),
@@ -181,9 +190,9 @@ def _converted(path, dtype) -> dict:
 
 
 def _hf(path, dtype) -> dict:
-    from ..checkpoint import HFCheckpoint, parse_dtype
-    from ..quant.formats import get_format
-    from ..store.manifest import FormatInfo, round_up
+    from ..checkpoint import HFCheckpoint, bias_names, parse_dtype
+    from ..quant.formats import for_experts, get_format
+    from ..store.manifest import ExpertBiases, FormatInfo, round_up
 
     ckpt = HFCheckpoint(path)  # config and safetensors headers only
     args = ckpt.args
@@ -195,7 +204,10 @@ def _hf(path, dtype) -> dict:
     # What 'edgemoe convert' stores without --bits or --plan: bf16 experts for half-precision
     # checkpoints, fp32 for fp32 ones; each blob padded to the 4 KiB alignment.
     name = "fp32" if str(dt) == "torch.float32" else "bf16"
-    fmt = FormatInfo.of(get_format(name), args.hidden_size, args.expert_dim)
+    # Ungated experts (Switch, NLLB-MoE) take the one-matrix layout; biases (gpt-oss, NLLB-MoE) go with each blob.
+    parts = bias_names(ckpt.expert_parts)
+    biases = ExpertBiases(dt, parts) if parts else None
+    fmt = FormatInfo.of(for_experts(get_format(name), args.expert_gated), args.hidden_size, args.expert_dim, biases)
     n_experts = shape["moe_layers"] * args.experts_per_layer
     formats = {name: {"bits": fmt.bits, "experts": n_experts, "bytes": fmt.size}}
     return {
@@ -256,7 +268,9 @@ def format_info(i: dict) -> str:
             if i["kind"] == "converted" else "Hugging Face checkpoint")
     rows = [
         ("model", f"{i['path']}  ({kind})"),
-        ("family", f"{i['family']}: {i['layers']} layers ({i['moe_layers']} MoE), {i['experts_per_layer']} experts "
+        ("family", f"{i['family']}: {i['layers']} "
+                   + (f"encoder + {i['decoder_layers']} decoder " if i.get("decoder_layers") else "")
+                   + f"layers ({i['moe_layers']} MoE), {i['experts_per_layer']} experts "
                    f"per layer, top-{i['top_k']}; hidden {i['hidden_size']}, expert dim {i['expert_dim']}"),
         ("parameters", f"{_params(p['total'])} total, {_params(p['active'])} active per token "
                        f"(resident {_params(p['resident'])}, experts {_params(p['experts'])})"),
@@ -278,6 +292,10 @@ def format_info(i: dict) -> str:
         rows.append(("bits" if j == 0 else "", f"{b['bits']:.4g} bits ({', '.join(b['formats'])}): {b['experts']} "
                                                f"expert{'s' if b['experts'] != 1 else ''} "
                                                f"{_bar(b['experts'], n_experts)}"))
+    if i.get("fallback"):
+        f = i["fallback"]
+        rows.append(("small copies", f"{f['format']}, {format_bytes(f['bytes'])} in {f['file']}: read instead of the "
+                                     "full copy on a miss of a low-weight expert with --fallback-below W"))
     rows.append(("on disk", f"{format_bytes(i['disk_bytes'])} in " + ", ".join(i["files"])))
     minimum = (f"{format_bytes(m['min_budget_bytes'])} (--memory {m['min_budget_bytes']}): resident weights, "
                f"KV cache, workspace and one layer's top-{i['top_k']} experts")

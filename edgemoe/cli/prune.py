@@ -19,6 +19,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of each layer's experts to remove, e.g. 0.25")
     g.add_argument("--target-size", default=None, metavar="SIZE",
                    help="largest total of expert bytes after pruning, e.g. 300MB")
+    p.add_argument("--per-layer", action="store_true",
+                   help="rank experts over all layers, so that layers keep different numbers of them (default: the "
+                        "same share of every layer). The output pads the smaller layers with unroutable slots; "
+                        "edgemoe runs it exactly, transformers only for routers with a gate or correction bias")
     return p
 
 
@@ -34,11 +38,13 @@ def main(argv: list[str]) -> int:
     from ..compress.prune import prune
 
     r = prune(args.model, args.output, drop=args.drop, target_bytes=target, calib=args.calib,
-              calib_tokens=args.calib_tokens, context=args.context)
+              calib_tokens=args.calib_tokens, context=args.context, per_layer=args.per_layer)
     n = r["experts_per_layer"]
     b = r["expert_bytes"]
+    after = (n["after"] if isinstance(n["after"], int)
+             else "(" + ", ".join(f"layer {k}: {v}" for k, v in n["after"].items()) + ")")
     show(r, args.json, [
-        f"kept {n['after']} of {n['before']} experts per layer: expert bytes {format_bytes(b['before'])} -> "
+        f"kept {after} of {n['before']} experts per layer: expert bytes {format_bytes(b['before'])} -> "
         f"{format_bytes(b['after'])}",
         "share of importance removed per layer: " + ", ".join(f"{k}: {v:.1%}" for k, v in
                                                                 r["importance_removed"].items()),

@@ -8,15 +8,15 @@ import math
 import sys
 
 from ..errors import InvalidArgument
+from ..runtime.config import MAX_PARALLEL
 from .common import add_chat_template_arg, add_model_args, eprint, load_engine
 
 DEFAULT_TIMEOUT = 30.0  # same defaults as edgemoe.server (not imported here: it loads torch)
 DEFAULT_MAX_CONNECTIONS = 64
 # Slots decoded together (edgemoe.batching). A few: each keeps a KV cache of --ctx-size tokens
 # inside --memory, and with 8-expert top-2 models the gain per added stream falls quickly
-# (bench/results/concurrent.md: 1.2-1.3x at 2 streams, 1.6-1.9x at 4).
+# (edgemoe_lab/results/concurrent.md: 1.2-1.3x at 2 streams, 1.6-1.9x at 4).
 DEFAULT_PARALLEL = 4
-MAX_PARALLEL = 64  # edgemoe.batching.MAX_PARALLEL
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,7 +71,16 @@ def main(argv: list[str]) -> int:
 
         if is_converted(args.model):
             args.verify = "always"  # a server runs for days: re-check every expert read from storage
-    engine = load_engine(args, parallel=args.parallel)
+    parallel = args.parallel
+    if parallel > 1 and args.model is not None:
+        from ..hub import resolve_model
+        from ..text2text import is_seq2seq_dir
+
+        if is_seq2seq_dir(resolve_model(args.model)):  # its batched decode steps would continue decoder-only rows
+            eprint(f"edgemoe serve: {args.model} is an encoder-decoder model: requests run one at a time, each "
+                   f"sequence whole (--parallel {parallel} applies to decoder-only models)", flush=True)
+            parallel = 1
+    engine = load_engine(args, parallel=parallel)
     try:
         server = make_server(engine, args.host, args.port, model_name=args.model_name,
                              default_max_tokens=args.max_tokens, verbose=args.verbose,

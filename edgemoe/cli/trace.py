@@ -6,6 +6,12 @@ window is recorded: for each MoE layer its top-k experts and their routing weigh
 the gate look-ahead logits of the next --lookahead MoE layers. The result is a routing
 trace (.npz, edgemoe.runtime.trace) that `edgemoe fit-predictor` fits expert predictors
 on, and that the belady cache policy and plots can read.
+
+An encoder-decoder model (Switch Transformers, NLLB-MoE) runs the text as `edgemoe eval`
+scores it: each window split into a source (its first half) and a target, one encoder
+forward over the sources of a batch, then one teacher-forced decoder forward over their
+targets. Both stacks' MoE layers are recorded (edgemoe.seq2seq.Seq2SeqTraceRecorder: a
+forward's rows hold -1 at the other stack's positions).
 """
 
 from __future__ import annotations
@@ -47,8 +53,9 @@ def main(argv: list[str]) -> int:
     from .. import assets
     from ..api import load
     from ..errors import InvalidArgument
-    from ..evaluate import check_decoder_only, read_text, windows
+    from ..evaluate import read_text, windows
     from ..runtime.trace import TraceRecorder
+    from ..seq2seq import Seq2SeqTraceRecorder, is_seq2seq, pair_loss, text_pairs
 
     if args.window is not None and args.window < 1:
         raise InvalidArgument("--window must be at least 1")
@@ -68,9 +75,9 @@ def main(argv: list[str]) -> int:
     t0 = time.perf_counter()
     with engine:
         model = engine.model
-        check_decoder_only(model, "trace", engine.path)
         window = args.window or min(int(getattr(model.args, "max_position_embeddings", 256) or 256), 256)
-        recorder = TraceRecorder(model, lookahead=args.lookahead)
+        seq2seq = is_seq2seq(model)
+        recorder = (Seq2SeqTraceRecorder if seq2seq else TraceRecorder)(model, lookahead=args.lookahead)
         provider = engine.provider
         tokens = 0
         with torch.inference_mode():
@@ -78,6 +85,16 @@ def main(argv: list[str]) -> int:
                 ids = engine.tokenizer.encode(read_text(path))
                 if args.max_tokens is not None:
                     ids = ids[: max(args.max_tokens - tokens, 0) + 1]
+                if seq2seq:  # source/target pairs: windows of `window` tokens split in half
+                    if len(ids) < window:
+                        raise InvalidArgument(f"{path}: {len(ids)} tokens, fewer than one source/target window of "
+                                              f"{window} (--window)")
+                    sources, targets = text_pairs(ids, window)
+                    pair_loss(model, sources, targets, batch=args.batch)  # an encoder, then a decoder forward
+                    tokens += sources.numel() + targets.numel()
+                    if args.max_tokens is not None and tokens >= args.max_tokens:
+                        break
+                    continue
                 if len(ids) <= window:
                     window_ids = torch.tensor([ids[:-1] or ids])  # one short window
                 else:

@@ -57,11 +57,16 @@ def rewrite(src: str | Path, out: str | Path, keep: dict[int, list[int]] | None 
             config_updates: dict | None = None) -> Path:
     """Copy the checkpoint at `src` to `out`, keeping for each MoE layer only the experts
     listed in `keep` (renumbered 0.. in that order, router rows with them) and replacing
-    the canonical gate/up/down of the (layer, expert) ids in `replace` (original ids)."""
+    the canonical gate/up/down of the (layer, expert) ids in `replace` (original ids).
+
+    Layers may keep different numbers of experts: the model then has as many slots as
+    the largest count, and a layer with fewer fills its last slots with padding (see
+    `padded_slots`), recorded in config.json as `edgemoe_experts_per_layer`."""
     ckpt = HFCheckpoint(src)
     args, sanitize = ckpt.args, ckpt.sanitize
     E = args.experts_per_layer
-    keep = keep or {}
+    counts = {l: len(v) for l, v in (keep or {}).items()}
+    keep = padded_slots(keep or {})
     replace = replace or {}
     out = Path(out)
     if out.exists() and any(out.iterdir()):
@@ -77,7 +82,8 @@ def rewrite(src: str | Path, out: str | Path, keep: dict[int, list[int]] | None 
             if experts:
                 tensors.update(_rewrite_experts(sanitize, name, t, experts, keep, replace, E))
             elif routers and int(_ROUTER.match(routers[0]).group(1)) in keep and t.shape[:1] == (E,):
-                tensors[name] = t[keep[int(_ROUTER.match(routers[0]).group(1))]].contiguous()
+                layer = int(_ROUTER.match(routers[0]).group(1))
+                tensors[name] = _router_rows(t, keep[layer], counts[layer], routers[0])
             else:
                 tensors[name] = t
     from safetensors.torch import save_file
@@ -85,10 +91,12 @@ def rewrite(src: str | Path, out: str | Path, keep: dict[int, list[int]] | None 
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     config = dict(ckpt.config)
     if keep:
-        counts = {len(v) for v in keep.values()}
-        if len(counts) != 1:
-            raise EdgeMoEError("every MoE layer must keep the same number of experts")
-        _set_expert_count(config, E, counts.pop())
+        slots = max(counts.values())
+        _set_expert_count(config, E, slots)
+        if len(set(counts.values())) > 1:  # per-layer counts: edgemoe's loader masks the padding
+            config["edgemoe_experts_per_layer"] = {str(l): n for l, n in sorted(counts.items())}
+        else:
+            config.pop("edgemoe_experts_per_layer", None)
     config.update(config_updates or {})
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     for name in AUX:
@@ -119,7 +127,35 @@ def _rewrite_experts(sanitize, name, t, experts, keep, replace, E) -> dict[str, 
     (e,) = ids
     if e not in kept:
         return {}
-    return {_renamed(sanitize, name, t, e, kept.index(e)): t}
+    # A padding slot holds a copy of the layer's first kept expert (so the store keeps one blob).
+    first = kept.index(e)
+    return {_renamed(sanitize, name, t, e, i): t if i == first else t.clone() for i, x in enumerate(kept) if x == e}
+
+
+def padded_slots(keep: dict[int, list[int]]) -> dict[int, list[int]]:
+    """Per MoE layer, the original expert each slot of the rewritten layer holds: the kept
+    experts, then, up to the largest kept count of any layer, padding slots holding a copy
+    of the layer's first kept expert. Padding is never routed to (its router row is zero,
+    its gate and correction biases -inf, and edgemoe masks it by config), and its copy is
+    stored once by `edgemoe convert` (identical blobs are shared), so it costs no bytes."""
+    if not keep:
+        return {}
+    slots = max(len(v) for v in keep.values())
+    return {l: list(v) + [v[0]] * (slots - len(v)) for l, v in keep.items()}
+
+
+def _router_rows(t: torch.Tensor, slots: list[int], n: int, canonical: str) -> torch.Tensor:
+    """A router tensor (E, ...) cut to the kept slots, padding rows made unroutable: a zero
+    gate row, a -inf gate or correction bias (what transformers reads: with one of the
+    biases it never routes to the padding either), other per-expert values copied."""
+    rows = t[slots].clone()
+    if len(slots) > n:
+        part = canonical.rsplit(".", 1)[-1]
+        if part in ("bias", "e_score_correction_bias"):
+            rows[n:] = float("-inf")
+        elif part == "weight":
+            rows[n:] = 0
+    return rows.contiguous()
 
 
 def _renamed(sanitize, name: str, t: torch.Tensor, old: int, new: int) -> str:

@@ -53,6 +53,10 @@ class BaseModelArgs:
     rope_scaling: dict | None = None  # normalised rope parameters, or None for plain RoPE
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
+    # edgemoe's own key, written by `edgemoe prune --per-layer`: {"<MoE layer>": n} gives
+    # each MoE layer's routable experts, slots 0..n-1 (the others are padding no token is
+    # routed to; see `routable_experts`). Absent: every slot of every layer is routable.
+    edgemoe_experts_per_layer: dict | None = None
 
     # Numeric fields that may be 0 (token ids; families add sizes that may be absent).
     ZERO_OK = frozenset({"bos_token_id", "eos_token_id"})
@@ -120,11 +124,39 @@ class BaseModelArgs:
                 f"{source}: num_experts_per_tok ({self.top_k}) must be between 1 and the number of experts "
                 f"({self.experts_per_layer})"
             )
+        self.routable_experts(source)
         if self.hidden_act not in ACTIVATIONS:
             raise ModelLoadError(
                 f"{source}: hidden_act {self.hidden_act!r} is not supported "
                 f"(supported: {', '.join(sorted(ACTIVATIONS))})"
             )
+
+    def routable_experts(self, source: str = "config.json") -> dict[int, int] | None:
+        """MoE layer -> how many of its expert slots (the first ones) tokens may be routed
+        to, from `edgemoe_experts_per_layer`; None when every slot is. Each count is
+        between top_k and the expert count, every MoE layer is listed and at least one
+        layer uses every slot (else the expert count itself would be smaller)."""
+        table = self.edgemoe_experts_per_layer
+        if table is None:
+            return None
+        key = "edgemoe_experts_per_layer"
+        layers = self.moe_layers()
+        out = {}
+        for k, n in table.items():
+            if not (isinstance(k, str) and k.isdigit() and int(k) in layers):
+                raise ModelLoadError(f"{source}: {key} must be an object mapping each MoE layer ({layers}) to its "
+                                     f"expert count; {k!r} is not an MoE layer")
+            if isinstance(n, bool) or not isinstance(n, int) or not self.top_k <= n <= self.experts_per_layer:
+                raise ModelLoadError(f"{source}: {key}[{k!r}] must be an integer between num_experts_per_tok "
+                                     f"({self.top_k}) and the number of experts ({self.experts_per_layer}), "
+                                     f"got {short_repr(n)}")
+            out[int(k)] = n
+        missing = [l for l in layers if l not in out]
+        if missing:
+            raise ModelLoadError(f"{source}: {key} does not list MoE layer(s) {missing}")
+        if max(out.values()) != self.experts_per_layer:
+            raise ModelLoadError(f"{source}: {key}: no layer uses all {self.experts_per_layer} experts")
+        return dict(sorted(out.items()))
 
     @property
     def eos_ids(self) -> list[int]:

@@ -40,7 +40,7 @@ class _FP32Router(Router):
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         b = None if self.bias is None else self.bias.float()
-        return linear(x.float(), self.weight.float(), b)  # (..., E) fp32
+        return self.mask(linear(x.float(), self.weight.float(), b))  # (..., E) fp32
 
 
 class Top1CapacityRouter(_FP32Router):
@@ -138,6 +138,7 @@ class CapacityMoEBlock(MoEBlock):
         E = self.num_experts
         flat = ids.reshape(-1)  # (N*k,); -1: over capacity
         slots = x.new_zeros(N * k, x.shape[-1])  # (N*k, H): a dropped slot adds nothing
+        self.provider.note_weights(self.layer, weights)
         if N == 1:
             slot = {e: i for i, e in enumerate(flat.tolist()) if e >= 0}
             if slot:

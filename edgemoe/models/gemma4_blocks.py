@@ -95,7 +95,7 @@ class Gemma4Router(Router):
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         h = rms(x, self.eps) * self.scale * self.root  # (N, H)
-        return linear(h, self.weight)  # (N, E)
+        return self.mask(linear(h, self.weight))  # (N, E)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         weights, ids, logits = super().forward(x)  # (N, k) renormalised, (N, k), (N, E)

@@ -45,6 +45,11 @@ class ExpertProvider:
         """Cache-aware routing at `layer` considered `slots` routed slots and swapped
         `swapped` of them to resident experts (for the statistics)."""
 
+    def note_weights(self, layer: int, weights: torch.Tensor) -> None:
+        """The routing weights (N, k) of the `experts` request for `layer` that follows,
+        slot for slot with its `rows`; a provider may serve an expert that carries little
+        weight from a cheaper copy (runtime/fallback.py)."""
+
     def stats(self) -> dict:
         """Counters since the last reset (hits, misses, bytes read, ...), JSON-ready."""
         return {}
@@ -201,6 +206,7 @@ class MoEBlock(nn.Module):
         # One output row per (token, slot); filled expert by expert, summed at the end in a
         # fixed order so the result does not depend on the order experts arrive in.
         slots = x.new_zeros(N * k, x.shape[-1]) if adaptive else x.new_empty(N * k, x.shape[-1])  # (N*k, H)
+        self.provider.note_weights(self.layer, weights)
         if N == 1:
             picked = flat.tolist()
             slot = {e: i for i, e in enumerate(picked) if e >= 0}  # top-k ids are distinct

@@ -56,9 +56,30 @@ class Router(nn.Module):
         self.top_k = top_k
         self.norm_topk = norm_topk
         self.adaptive: float | None = None
+        # Slots from this index on are padding (a layer pruned to fewer experts than the
+        # model's count, config key edgemoe_experts_per_layer): their logits are -inf, so
+        # every kind of router gives them zero probability and never picks them.
+        self.routable: int | None = None
+
+    def limit(self, n: int) -> None:
+        """Let tokens be routed to slots 0..n-1 only."""
+        if getattr(self, "n_group", 1) > 1:
+            from ..errors import ModelLoadError
+
+            raise ModelLoadError(f"edgemoe_experts_per_layer: a router that picks experts in {self.n_group} groups "
+                                 "cannot have padding slots (not supported)")
+        self.routable = None if n >= self.num_experts else n
+
+    def mask(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits (N, E) with the padding slots at -inf (unchanged without padding)."""
+        if self.routable is None:
+            return logits
+        return torch.cat([logits[..., : self.routable],
+                          logits.new_full((*logits.shape[:-1], self.num_experts - self.routable), float("-inf"))],
+                         dim=-1)  # (N, E)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)  # (N, E)
+        return self.mask(linear(x, self.weight, self.bias))  # (N, E)
 
     def lookahead_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Float logits whose softmax ranks experts as this router would, for x (N, H)
@@ -152,7 +173,7 @@ class GroupedRouter(Router):
         if not self.float_logits:
             return super().logits(x)
         b = None if self.bias is None else self.bias.float()
-        return linear(x.float(), self.weight.float(), b)  # (N, E) fp32
+        return self.mask(linear(x.float(), self.weight.float(), b))  # (N, E) fp32
 
     def scores(self, logits: torch.Tensor) -> torch.Tensor:
         z = logits.float()
@@ -178,7 +199,7 @@ class GroupedRouter(Router):
 
     def choice(self, scores: torch.Tensor) -> torch.Tensor:
         """Scores the top-k is taken over: corrected, and `masked_score` outside the chosen groups."""
-        c = self.corrected(scores)
+        c = self.mask(self.corrected(scores))  # padding slots: never chosen, whatever their bias
         mask = self.group_mask(c)
         return c if mask is None else c.masked_fill(~mask, self.masked_score)
 

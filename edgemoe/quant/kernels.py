@@ -16,7 +16,7 @@ csrc/qmm8.c: u8 x s8 integer dot products, vpmaddubsw / vpdpbusd / sdot) or to i
 (one scale per weight group; csrc/qmm.c: vpmaddwd / vpdpwssd). int8 is the default for
 expert weights (`ACTIVATIONS`): about 2x faster at batch 1 and 32 where the CPU has AVX2
 or better, for a held-out perplexity change within +-0.1% on the bundled model
-(bench/results/quant_kernels.md). EDGEMOE_QMM_ACT=int16 or `set_activations("int16")`
+(edgemoe_lab/results/quant_kernels.md). EDGEMOE_QMM_ACT=int16 or `set_activations("int16")`
 selects the int16 path, whose results are bit for bit those of the kernels before the
 int8 path existed. Resident int8 layers keep int16 (`RESIDENT_ACTIVATIONS`, linear.py),
 MXFP4 experts fp32 (mxfp4.ACTIVATIONS). A gated expert can run as one C call
@@ -46,7 +46,7 @@ from .native import DTYPES as _DTYPES
 from .native import native_available, native_error, use_native  # noqa: F401 - re-exported
 from .quantize import QuantSpec, unpack
 
-# bench/quant_kernels.py reports the SIMD level through `K._native.get()`.
+# edgemoe_lab/experiments/quant_kernels.py reports the SIMD level through `K._native.get()`.
 _native = native.library
 
 # ----------------------------------------------------------------------------- activations
@@ -96,7 +96,7 @@ def _act8(act: str | None) -> bool:
     return (act or ACTIVATIONS) == "int8"
 
 # Batch sizes above these use dequantize + matmul instead of the packed kernels (crossovers
-# measured in bench/results/quant_kernels.md). CPUs with bf16 matrix units (AMX,
+# measured in edgemoe_lab/results/quant_kernels.md). CPUs with bf16 matrix units (AMX,
 # AVX512-BF16) run the dequantized matmul in bf16 several times faster than fp32, so
 # there the crossover comes much earlier; the int8-activation kernels are about twice as
 # fast as the int16 ones, which moves it from 16 to 32 on a Zen 5 EPYC.
@@ -107,7 +107,7 @@ PACKED_MAX_BATCH_BF16_CPU_INT16 = 16  # int16 activations (and MXFP4's fp32 ones
 # torch's _weight_int8pack_mm, only for K a multiple of 64 (bf16 with K = 72 and batch >= 4
 # segfaults in torch 2.11 on an AMX Xeon). It used to be preferred on AVX-512 CPUs up to
 # batch 64 (it beat the int16 kernel on a Xeon); on a Zen 5 EPYC it is 8-20x slower than
-# the C kernel at batch 1-64 (bench/results/quant_kernels.md), so now it serves only when
+# the C kernel at batch 1-64 (edgemoe_lab/results/quant_kernels.md), so now it serves only when
 # the C kernel is missing, for tiny batches (its cost grows linearly with the batch).
 INT8PACK_MAX_BATCH = 4
 INT8PACK_MAX_BATCH_AVX512 = 64

@@ -8,7 +8,7 @@ ones (prefill); see kernels.int8_mm. The C kernel runs these layers with int16
 activations (kernels.RESIDENT_ACTIVATIONS, EDGEMOE_RESIDENT_ACT): int8 activations here
 are untested for accuracy (issue 15 section 4), and on a random tiny MoE they move the
 logits by up to half their range through routing flips (the experts' int8 path is
-measured in bench/results/quant_kernels.md).
+measured in edgemoe_lab/results/quant_kernels.md).
 """
 
 from __future__ import annotations

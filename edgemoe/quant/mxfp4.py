@@ -30,7 +30,7 @@ The C kernel can instead quantize the activations to int8, one scale per 32-bloc
 sum integer products (csrc/qmm8.c, em_mxfp4_mm8: vpdpbusd / vpmaddubsw / sdot): opt in
 with EDGEMOE_MXFP4_ACT=int8 or `set_activations("int8")`. The default stays "fp32": the
 float products keep gpt-oss's outputs those of transformers on the dequantized weights
-(tests/models/families/test_gpt_oss.py); bench/results/quant_kernels.md measures both.
+(tests/models/families/test_gpt_oss.py); edgemoe_lab/results/quant_kernels.md measures both.
 """
 
 from __future__ import annotations

@@ -8,6 +8,8 @@ bytes on storage.
   the statistics file); policies.py: eviction policies.
 - trace.py: routing traces and the one routing recorder; simulate.py: trace replay.
 - loading.py: `load_converted` and the memory plan (what the budget holds).
+- config.py: `RuntimeConfig`, every option of edgemoe.load checked in one place;
+  stats.py: the typed statistics of the cache and the provider (JSON via to_dict).
 
 Owns no model code and parses no checkpoint: it reads the store through store/ and builds
 experts through quant/'s formats.

@@ -70,6 +70,7 @@ from ..store.reader import ExpertStore, ReadAborted
 from .loader import DEMAND, PREFETCH, Loader, LoadFuture
 from .policies import Key, Policy
 from .slab import Slab, SlabAllocator, views_only
+from .stats import CacheStats, Throttle
 
 __all__ = ["CacheCounters", "CacheFull", "DEMAND", "Entry", "ExpertCache", "LOADING", "LoadFuture", "PREFETCH",
            "READY"]
@@ -207,44 +208,43 @@ class ExpertCache:
             n = self._n
             return CacheCounters(n.hits, n.misses, s.bytes_read, n.stall_s, s.read_s, n.background_bytes, n.miss_s)
 
-    def stats(self) -> dict:
-        """Every counter and the slab's occupancy, JSON-ready."""
+    def stats(self) -> CacheStats:
+        """Every counter and the slab's occupancy (its to_dict() is JSON-ready)."""
         with self._cond:
             c = self._n
             n = c.hits + c.misses
-            return {
-                "hits": c.hits,
-                "misses": c.misses,
-                "hit_rate": round(c.hits / n, 4) if n else 0.0,
-                "bytes_read": self._store.bytes_read,
-                "read_s": round(self._store.read_s, 6),
-                "verify_s": round(c.verify_s, 6),
-                "verifications": c.verifications,
-                "verify_bytes": c.verify_bytes,
-                "stall_s": round(c.stall_s, 6),
-                "evictions": c.evictions,
-                "compactions": c.compactions,
-                "compact_bytes": c.compact_bytes,
-                "background_loads": c.background_loads,
-                "background_bytes": c.background_bytes,
-                "waits": c.waits,
-                "background_paused": c.paused,
-                "background_paused_s": round(c.paused_s, 6),
-                "read_bandwidth_bps": int(self._bw) if self._bw else None,
-                "cache_bytes": self.capacity,
-                "cache_used_bytes": self.used,
-                "cache_peak_bytes": c.peak_used,
-                "cache_touched_bytes": self._touched,
-                "cached_experts": len(self._entries),
-            }
+            return CacheStats(
+                hits=c.hits,
+                misses=c.misses,
+                hit_rate=round(c.hits / n, 4) if n else 0.0,
+                bytes_read=self._store.bytes_read,
+                read_s=round(self._store.read_s, 6),
+                verify_s=round(c.verify_s, 6),
+                verifications=c.verifications,
+                verify_bytes=c.verify_bytes,
+                stall_s=round(c.stall_s, 6),
+                evictions=c.evictions,
+                compactions=c.compactions,
+                compact_bytes=c.compact_bytes,
+                background_loads=c.background_loads,
+                background_bytes=c.background_bytes,
+                waits=c.waits,
+                background_paused=c.paused,
+                background_paused_s=round(c.paused_s, 6),
+                read_bandwidth_bps=int(self._bw) if self._bw else None,
+                cache_bytes=self.capacity,
+                cache_used_bytes=self.used,
+                cache_peak_bytes=c.peak_used,
+                cache_touched_bytes=self._touched,
+                cached_experts=len(self._entries),
+            )
 
-    def throttle_stats(self) -> dict:
+    def throttle_stats(self) -> Throttle:
         """The read throttle's rate (None without one) and, with one, its waiting time."""
         throttle = self._store.throttle
-        out = {"read_throttle_bps": int(throttle.rate) if throttle is not None else None}
-        if throttle is not None:
-            out["throttle_wait_s"] = round(throttle.wait_s, 6)
-        return out
+        if throttle is None:
+            return Throttle(None, None)
+        return Throttle(int(throttle.rate), round(throttle.wait_s, 6))
 
     def eviction_stats(self) -> dict:
         """What the eviction policy reports about itself (Belady: its place in the trace)."""

@@ -11,6 +11,11 @@ tables for every (distance, target); the combined predictor's alpha and the gate
 are chosen per target and distance on held-back forwards (see `fit`). Evaluation scores
 every token of a trace as the predictor would at run time, with the expert ids and gate
 look-ahead logits the trace recorded (`trace_scores`).
+
+Traces of encoder-decoder models (seq2seq.Seq2SeqTraceRecorder: header
+"encoder_moe_layers") hold -1 at the positions of the stack a forward did not run, and
+where expert capacity dropped a token: each (distance, target) pair counts and scores
+only the rows in which both positions routed.
 """
 
 from __future__ import annotations
@@ -32,10 +37,23 @@ TAUS = (0.5, 1.0, 2.0)
 
 
 def _onehot(ids: np.ndarray, E: int) -> np.ndarray:
-    """(T, k) ids -> (T, E) float32 inclusion."""
+    """(T, k) ids -> (T, E) float32 inclusion (-1: no expert)."""
     out = np.zeros((len(ids), E), np.float32)
-    np.put_along_axis(out, ids.astype(np.int64), 1.0, axis=1)
+    for s in range(ids.shape[1]):
+        rows = np.nonzero(ids[:, s] >= 0)[0]
+        out[rows, ids[rows, s].astype(np.int64)] = 1.0
     return out
+
+
+def _routed(ids: np.ndarray, *positions: int) -> np.ndarray:
+    """(T,) rows whose every listed position routed (a seq2seq trace's other stack and
+    capacity drops are -1); all rows of a plain trace."""
+    return np.all([(ids[:, p] >= 0).all(axis=1) for p in positions], axis=0)
+
+
+def _partial(traces) -> bool:
+    """Whether -1 ids are expected: traces of an encoder-decoder model."""
+    return any("encoder_moe_layers" in t.header for t in traces)
 
 
 def _count_tables(ids: np.ndarray, E: int, D: int) -> tuple[dict, dict]:
@@ -44,11 +62,14 @@ def _count_tables(ids: np.ndarray, E: int, D: int) -> tuple[dict, dict]:
     t1, t2 = {}, {}
     for d in range(1, D + 1):
         for j in range(d, L):
-            y = _onehot(ids[:, j], E)
-            src = sorted_rows(ids[:, j - d])
-            t1[(d, j)] = PathTable.count(src, y)
-            if j - d >= 1:
-                t2[(d, j)] = PathTable.count(np.concatenate([sorted_rows(ids[:, j - d - 1]), src], axis=1), y)
+            rows = ids[_routed(ids, j, j - d)]
+            if len(rows):
+                t1[(d, j)] = PathTable.count(sorted_rows(rows[:, j - d]), _onehot(rows[:, j], E))
+            rows = ids[_routed(ids, j, j - d, j - d - 1)] if j - d >= 1 else ids[:0]
+            if len(rows):
+                t2[(d, j)] = PathTable.count(np.concatenate([sorted_rows(rows[:, j - d - 1]),
+                                                            sorted_rows(rows[:, j - d])], axis=1),
+                                             _onehot(rows[:, j], E))
     return t1, t2
 
 
@@ -65,7 +86,7 @@ def fit(traces: Sequence, max_distance: int = 2, beta: float = DEFAULT_BETA, hol
     L, E, k = len(h["moe_layers"]), int(h["num_experts"]), int(h["top_k"])
     D = max(1, min(max_distance, L - 1))
     ids = np.concatenate([t.ids for t in traces]).astype(np.int16)  # (T, L, k)
-    if (ids < 0).any():
+    if (ids < 0).any() and not _partial(traces):
         raise PredictorError("the routing traces were recorded with adaptive gating (dropped slots); "
                              "record them with plain top-k routing to fit a predictor")
     if len(ids) < 2:
@@ -80,7 +101,8 @@ def fit(traces: Sequence, max_distance: int = 2, beta: float = DEFAULT_BETA, hol
     cut = cut if 0 < cut < len(ids) else max(1, int((1 - holdout) * len(ids)))
 
     def stats_for(rows: np.ndarray, alpha=None, tau=None) -> PredictorStats:
-        freq = np.stack([_onehot(rows[:, j], E).mean(0) for j in range(L)]).astype(np.float32)
+        freq = np.stack([_onehot(rows[_routed(rows, j), j], E).mean(0) if _routed(rows, j).any()
+                         else np.zeros(E, np.float32) for j in range(L)]).astype(np.float32)
         t1, t2 = _count_tables(rows, E, D)
         header = {"format": PREDICTOR_FORMAT, "version": PREDICTOR_VERSION, "model_type": h.get("model_type", ""),
                   "moe_layers": list(h["moe_layers"]), "num_experts": E, "top_k": k, "max_distance": D,
@@ -95,11 +117,15 @@ def fit(traces: Sequence, max_distance: int = 2, beta: float = DEFAULT_BETA, hol
         held, held_look = ids[cut:], look[cut:]
         for d in range(1, gate_depth + 1):
             for j in range(d, L):
-                truth = _onehot(held[:, j], E)
-                table = part.table_probs(j, d, held[:, j - d], held[:, j - d - 1] if j - d >= 1 else None)
+                m = _routed(held, j, j - d)
+                if not m.any():
+                    continue
+                rows, rows_look = held[m], held_look[m]
+                truth = _onehot(rows[:, j], E)
+                table = part.table_probs(j, d, rows[:, j - d], rows[:, j - d - 1] if j - d >= 1 else None)
                 best = None
                 for t in TAUS:
-                    gate = gate_probs(held_look[:, j - d, d - 1], k, t)
+                    gate = gate_probs(rows_look[:, j - d, d - 1], k, t)
                     for a in ALPHAS:
                         s = a * table + (1 - a) * gate
                         # Recall at k and k+1 first; the Brier score breaks ties.
@@ -157,7 +183,7 @@ def evaluate(predictor: Predictor, trace, ns: Sequence[int], distance: int = 1) 
     {"recall": {n: r}, "precision": {n: p}, "per_layer": {target: {n: recall}}, "tokens": T}."""
     L, k = trace.ids.shape[1], trace.ids.shape[2]
     E = int(trace.header["num_experts"])
-    if (trace.ids < 0).any():
+    if (trace.ids < 0).any() and not _partial([trace]):
         raise PredictorError(f"{trace.source}: recorded with adaptive gating (dropped slots); "
                              "evaluate on a trace with plain top-k routing")
     hits = {n: 0.0 for n in ns}
@@ -165,8 +191,11 @@ def evaluate(predictor: Predictor, trace, ns: Sequence[int], distance: int = 1) 
     rows = 0
     per_layer = {}
     for j in range(distance, L):
-        truth = _onehot(trace.ids[:, j], E)
-        scores = np.asarray(trace_scores(predictor, trace, j, distance), dtype=np.float32)
+        m = _routed(trace.ids, j, j - distance)
+        if not m.any():
+            continue
+        truth = _onehot(trace.ids[m, j], E)
+        scores = np.asarray(trace_scores(predictor, trace, j, distance), dtype=np.float32)[m]
         per_layer[j] = {}
         for n in ns:
             r = recall_at(scores, truth, n)

@@ -28,16 +28,15 @@ from ..quant.resident import swap_int8_
 from ..store.manifest import ALIGN, Manifest, read_manifest
 from ..store.reader import ExpertStore, check_manifest, manifest_dtype, read_resident
 from ..store.tensorfile import TensorFileError, element_size, read_header
-from ..store.throttle import parse_rate
-from ..utils import format_bytes, parse_size, return_large_frees_to_os, rss_bytes
+from ..utils import format_bytes, return_large_frees_to_os, rss_bytes
 from .cache import ExpertCache
+from .fallback import capacity as fallback_capacity, smallest_cache
 from .offload import OffloadedProvider
-from .policies import POLICIES, PolicyContext, make_policy
-from .prefetch import DEFAULT_THREADS, check_prefetch_options, prefetch_config
+from .policies import PolicyContext, make_policy
+from .config import DEFAULT_POLICY, MODES, RuntimeConfig  # noqa: F401 (MODES, DEFAULT_POLICY re-exported)
+from .prefetch import DEFAULT_THREADS, prefetch_config
 from .trace import RoutingTrace
 
-MODES = ("io-exp", "io-free")
-DEFAULT_POLICY = "edgemoe"
 PREFILL_CHUNK = 512  # tokens per prefill forward (generate.generate_step's default)
 MIN_CTX = 256  # a budget must hold at least this much context (or the model's maximum, if less)
 KV_SHARE = 0.5  # the default context may take at most this share of what the budget leaves for KV and cache
@@ -94,13 +93,14 @@ class MemoryPlan:
 
 def memory_plan(args, dt: torch.dtype, path, budget: int | None, ctx_size: int, explicit_ctx: bool, resident: int,
                 kv_per_token: int, one_layer: int, experts_total: int, onednn: bool, mode: str,
-                parallel: int = 1) -> MemoryPlan:
+                parallel: int = 1, fallback: int = 0) -> MemoryPlan:
     """The budget arithmetic of load_converted, also used by 'edgemoe info'. ctx_size is the
     checked context size (the model's maximum unless explicit_ctx); resident (resident_nbytes),
     one_layer (min_cache_bytes) and experts_total (Manifest.expert_bytes) are bytes. A budget
     below the minimum, or an io-free budget below every expert, is a BudgetError naming path.
     parallel: slots whose sequences are decoded together (edgemoe.batching): each keeps its
-    own KV cache for ctx_size, so every KV figure below counts `parallel` of them."""
+    own KV cache for ctx_size, so every KV figure below counts `parallel` of them. fallback:
+    the least cache of small copies (--fallback-below, runtime/fallback.py), held besides."""
     max_pos = args.max_position_embeddings
     min_ctx = ctx_size if explicit_ctx else min(max_pos, MIN_CTX)
     onednn = prefill_onednn(onednn, dt, resident + experts_total)
@@ -108,7 +108,7 @@ def memory_plan(args, dt: torch.dtype, path, budget: int | None, ctx_size: int, 
     slots = f" x {parallel} slots (--parallel)" if parallel > 1 else ""
 
     def fixed(ctx: int) -> int:  # what a budget must hold besides the KV cache, at this context size
-        return resident + workspace_bytes(args, dt, ctx, onednn) + one_layer
+        return resident + workspace_bytes(args, dt, ctx, onednn) + one_layer + fallback
 
     min_budget = fixed(min_ctx) + min_ctx * kv_per_token
     if budget is not None and budget < min_budget and mode != "io-free":  # io-free: its own check below
@@ -117,7 +117,9 @@ def memory_plan(args, dt: torch.dtype, path, budget: int | None, ctx_size: int, 
             f"memory budget {format_bytes(budget)} ({budget} bytes) is too small for {path}: the resident weights "
             f"take {format_bytes(resident)}, the KV cache for {min_ctx} tokens{slots} {format_bytes(min_ctx * kv_per_token)}, "
             f"the compute workspace {format_bytes(ws)} and one layer's top-{args.top_k} experts "
-            f"{format_bytes(one_layer)}; the minimum is {format_bytes(min_budget)} (--memory {min_budget})"
+            f"{format_bytes(one_layer)}"
+            + (f", and one small copy for --fallback-below {format_bytes(fallback)}" if fallback else "")
+            + f"; the minimum is {format_bytes(min_budget)} (--memory {min_budget})"
             + (f", or run fewer --parallel slots (the KV cache of one takes {format_bytes(min_ctx * kv_per_token // parallel)})"
                if parallel > 1 else "")
         )
@@ -144,7 +146,7 @@ def memory_plan(args, dt: torch.dtype, path, budget: int | None, ctx_size: int, 
     elif budget is None:
         capacity = experts_total
     else:
-        capacity = min((budget - resident - kv_bytes - workspace) // ALIGN * ALIGN, experts_total)
+        capacity = min((budget - resident - kv_bytes - workspace - fallback) // ALIGN * ALIGN, experts_total)
     return MemoryPlan(min_budget, ctx_size, kv_bytes, workspace, capacity, onednn, parallel)
 
 
@@ -177,68 +179,35 @@ def check_ctx_size(ctx_size, max_positions: int, source: str) -> int:
     return ctx_size
 
 
-def load_converted(
-    path: str | Path,
-    memory: str | int | None = None,
-    dtype: str | torch.dtype | None = None,
-    cache_policy: str | None = None,
-    mode: str | None = None,
-    trace: str | Path | None = None,
-    verify: str | None = None,
-    direct_io: bool | None = None,
-    prefetch: bool | None = None,
-    predictor: str | None = None,
-    prefetch_experts: int | None = None,
-    prefetch_layers: int | None = None,
-    prefetch_threads: int | None = None,
-    read_throttle: str | int | None = None,
-    ctx_size: int | None = None,
-    onednn: bool = True,
-    parallel: int = 1,
-    prefetch_threshold: float | None = None,
-    prefetch_pacing: bool | None = None,
-    cache_aware_routing: float | None = None,
-) -> tuple[torch.nn.Module, dict]:
-    """Load a converted model with its experts offloaded.
+def load_converted(path: str | Path, config: RuntimeConfig | None = None, **options) -> tuple[torch.nn.Module, dict]:
+    """Load a converted model with its experts offloaded, as `config` (a RuntimeConfig,
+    runtime/config.py, which documents every option) asks; or, without one, as the
+    RuntimeConfig made of `options` (edgemoe.load's keywords).
 
-    memory: budget for resident weights + expert cache ("800MB", "1.5GB", bytes); None
-    means unlimited (the cache can hold every expert). cache_policy: lru, lfu, edgemoe or
-    belady (with trace=FILE). mode: io-exp (default) or io-free. verify: "first" (check
-    each expert's checksum the first time it is read; default) or "always". direct_io:
-    False forces buffered reads. prefetch (default on in io-exp), predictor, prefetch_experts,
-    prefetch_layers, prefetch_threads: expert preloading, see runtime/prefetch.py
-    (`prefetch_config`). read_throttle: cap expert reads at this rate ("90MB/s").
-    ctx_size: context size in tokens, its KV cache counted in the budget (None: the
-    model's maximum positions, capped so the KV cache takes at most half of what the
-    budget leaves). onednn: whether prefill may use oneDNN; it does where `cpu.prefill_onednn`
-    says so (the CPU and the model's size, never the budget), and its reserve is then counted
-    in the budget (info["onednn"] says which). parallel: sequences decoded together (serve
-    --parallel); the budget holds one KV cache of ctx_size per slot. prefetch_threshold,
-    prefetch_pacing: which predicted experts are worth preloading (runtime/prefetch.py).
-    cache_aware_routing: MARGIN, a routing-probability difference in (0, 1]: a chosen
-    expert that is not in memory is swapped for one that is and scored within MARGIN of
-    it (models/routers.py, `cache_route`); lossy, off (None) by default; io-exp only.
+    The budget (config.memory) covers resident weights, the KV cache for the context size
+    (one per parallel slot), the compute workspace and the expert cache (memory_plan).
+    Prefill uses oneDNN where `cpu.prefill_onednn` says so (the CPU and the model's size,
+    never the budget), and its reserve is then counted in the budget (info["onednn"] says
+    which). Preloading: runtime/prefetch.py (`prefetch_config`). Cache-aware routing is
+    lossy and io-exp only (models/routers.py, `cache_route`).
     """
+    if config is None:
+        config = RuntimeConfig.from_options(**options)
+    elif options:
+        raise InvalidArgument(f"give load_converted either a config or options ({', '.join(sorted(options))}), "
+                              "not both")
+    path = Path(path)
+    if config.plan is not None:
+        raise InvalidArgument(f"{path}: --plan applies to Hugging Face directories; a converted model already "
+                              "has its formats")
     return_large_frees_to_os()  # large temporaries leave RSS when freed, not at exit
+    dtype = config.dtype
     _warm_up_torch(parse_dtype(dtype, {}) if dtype not in (None, "auto") else torch.bfloat16)
     baseline = rss_bytes()
     t0 = time.perf_counter()
-    path = Path(path)
-    mode = mode or "io-exp"
-    if mode not in MODES:
-        raise InvalidArgument(f"unknown mode {mode!r} (choose from {', '.join(MODES)})")
-    policy_name = cache_policy or DEFAULT_POLICY
-    if policy_name not in POLICIES:
-        raise InvalidArgument(f"unknown cache policy {policy_name!r} (choose from {', '.join(POLICIES)})")
-    if trace is not None and policy_name != "belady":
-        raise InvalidArgument("a routing trace (--trace) is only used by --cache-policy belady")
-    budget = parse_size(memory) if memory is not None else None
-    throttle = parse_rate(read_throttle) if read_throttle is not None else None
-    check_prefetch_options(predictor, prefetch_experts, prefetch_layers, prefetch_threads, prefetch_threshold,
-                           prefetch_pacing, prefetch)
-    if cache_aware_routing is not None and mode == "io-free":
-        raise InvalidArgument("cache-aware routing prefers experts already in memory; with --mode io-free every "
-                              "expert is, so it would change nothing: use --mode io-exp or drop it")
+    mode, policy_name, budget, throttle = config.run_mode, config.policy, config.memory, config.read_throttle
+    ctx_size, onednn, parallel = config.ctx_size, config.onednn, config.parallel
+    cache_aware_routing = config.cache_aware_routing
 
     manifest = read_manifest(path)
     args = check_manifest(manifest)
@@ -261,14 +230,24 @@ def load_converted(
     resident += state
     experts_total = manifest.expert_bytes
     one_layer = min_cache_bytes(manifest, args.top_k)
+    fb_least = smallest_cache(manifest) if config.fallback_below is not None else 0  # runtime/fallback.py
     plan = memory_plan(args, dt, path, budget, ctx_size, explicit_ctx, resident, kv_per_token, one_layer,
-                       experts_total, onednn, mode, parallel)
+                       experts_total, onednn, mode, parallel, fb_least)
     min_budget, ctx_size, kv_bytes, workspace = plan.min_budget, plan.ctx_size, plan.kv_bytes, plan.workspace
     capacity, onednn = plan.capacity, plan.onednn
 
-    store = ExpertStore(path, direct_io=direct_io is not False, manifest=manifest, throttle=throttle)
+    store = ExpertStore(path, direct_io=config.direct_io is not False, manifest=manifest, throttle=throttle)
+    fb_cache = None
     try:
-        trace_obj = RoutingTrace.load(trace) if trace is not None else None
+        if config.fallback_below is not None:  # the small copies' cache: its least, plus its share of the rest
+            fb_store = ExpertStore(path, direct_io=config.direct_io is not False, manifest=manifest,
+                                   throttle=store.throttle, fallback=True)
+            extra = fallback_capacity(manifest, capacity) - fb_least if budget is not None else 0
+            extra = max(min(extra, capacity - one_layer), 0)
+            capacity -= extra
+            fb_cache = ExpertCache(fb_store, fb_least + extra, make_policy("lru", PolicyContext(
+                args.moe_layers(), args.experts_per_layer, args.top_k)), args.expert_act, dt, config.verify_mode)
+        trace_obj = RoutingTrace.load(config.trace) if config.trace is not None else None
         ctx = PolicyContext(args.moe_layers(), args.experts_per_layer, args.top_k, trace_obj)
         policy = make_policy(policy_name, ctx)
         tensors = read_resident(path, manifest, dt, model.fp32_names())
@@ -279,19 +258,20 @@ def load_converted(
         except EdgeMoEError as e:
             raise StoreError(f"{e}; re-run 'edgemoe convert'") from None
         del tensors
-        cache = ExpertCache(store, capacity, policy, args.expert_act, dt, verify or "first",
-                            loader_threads=prefetch_threads or DEFAULT_THREADS)
-        pf = prefetch_config(path, model, args, mode, capacity, one_layer, prefetch, predictor,
-                             prefetch_experts, prefetch_layers, prefetch_threshold, prefetch_pacing)
+        cache = ExpertCache(store, capacity, policy, args.expert_act, dt, config.verify_mode,
+                            loader_threads=config.prefetch_threads or DEFAULT_THREADS)
+        pf = prefetch_config(path, model, args, config, capacity, one_layer)
     except BaseException:
         store.close()
+        if fb_cache is not None:
+            fb_cache.close()
         raise
     info = {
         "kind": "converted",
         "dtype": str(dt).removeprefix("torch."),
         "mode": mode,
         "cache_policy": policy_name,
-        "verify": verify or "first",
+        "verify": config.verify_mode,
         "budget_bytes": budget,
         "min_budget_bytes": min_budget,
         "min_cache_bytes": one_layer,  # one layer's largest top-k experts: the least cache that runs a token
@@ -312,6 +292,10 @@ def load_converted(
         "cache_aware_routing": cache_aware_routing,
     }
     provider = OffloadedProvider(cache, info, args.moe_layers(), pf)
+    if fb_cache is not None:
+        provider.use_fallback(fb_cache, config.fallback_below)
+        info["fallback_below"] = config.fallback_below
+        info["fallback_cache_bytes"] = fb_cache.capacity
     try:
         if mode == "io-free":
             cache.load_all()

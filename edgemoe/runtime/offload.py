@@ -89,11 +89,13 @@ from ..models.moe import Expert, ExpertProvider
 from ..store.reader import ReadAborted
 from ..utils import peak_rss_bytes
 from .cache import PREFETCH, CacheFull, ExpertCache, LoadFuture
+from .fallback import largest_shares
 from .prefetch import AUTO_FLOOR, AUTO_START, PrefetchConfig
+from .stats import CacheRouting, ExpertReads, FallbackReads, MemoryUse, OffloadStats, PrefetchActivity, PrefetchStats
 
 # Counters kept per phase (prefill / decode).
 _COUNTERS = ("hits", "misses", "bytes", "stall_s", "pf_hits", "pf_late", "pf_wasted_bytes", "pf_bytes",
-             "pred_hits", "pred_needed", "pred_predicted", "cr_slots", "cr_swapped")
+             "pred_hits", "pred_needed", "pred_predicted", "cr_slots", "cr_swapped", "fb_reads")
 LAYER_TIME_WEIGHT = 0.2  # weight of the newest sample in the per-layer compute time's running average
 COST_WEIGHT = 0.03  # the same for the break-even estimates (noisier samples, slower averages)
 COST_DECAY = 0.98  # per layer that read nothing because of the threshold: the read cost estimate shrinks
@@ -138,6 +140,9 @@ class OffloadedProvider(ExpertProvider):
         self._read_cost: float | None = None  # compute seconds one background read costs
         self._miss_s: float | None = None  # stall seconds of one demand read
         self._blob_min = 0  # the smallest expert blob: a window smaller than this admits nothing
+        self._fb: ExpertCache | None = None  # the small copies' cache (use_fallback)
+        self._fb_below = 0.0
+        self._weights: tuple[int, torch.Tensor] | None = None  # (layer, (N, k) routing weights) of the next request
         self.reset_stats()
 
     # ----------------------------------------------------------------- forwards
@@ -161,12 +166,21 @@ class OffloadedProvider(ExpertProvider):
     def _account(self) -> None:
         """Add the cache counters' growth since the last forward began to the phase
         (prefill or decode) that forward belonged to."""
-        c = self.cache.counters()
+        c = self._counters()
         now = (c.hits, c.misses, c.bytes_read, c.stall_s)
         acc = self._phases[self._phase]
         for name, a, b in zip(_COUNTERS[:4], now, self._mark):
             acc[name] += a - b
         self._mark = now
+
+    def _counters(self):
+        """The cache's counters, with the small copies' bytes and stall added (their reads
+        stall the compute thread too)."""
+        c = self.cache.counters()
+        if self._fb is not None:
+            f = self._fb.counters()
+            c = c._replace(bytes_read=c.bytes_read + f.bytes_read, stall_s=c.stall_s + f.stall_s)
+        return c
 
     # ----------------------------------------------------------------- serving a layer
 
@@ -187,6 +201,8 @@ class OffloadedProvider(ExpertProvider):
             raise
         pinned = cache.request(layer, keys, self._base + pos)  # the cached ones, pinned
         present = set(pinned)
+        # Misses of experts with a small routing weight: read their small copies (fallback.py).
+        low = self._low(layer, blob, present, rows) if self._fb is not None and len(present) < len(keys) else ()
         # Demand first: a decode layer with misses keeps background reads off the link
         # until its last miss is read (in prefill, expert compute between misses is long
         # enough to be worth the link; there each miss pauses them only while it reads).
@@ -210,7 +226,13 @@ class OffloadedProvider(ExpertProvider):
         ok = False
         try:
             for n, key in enumerate(order):
-                entry, _ = cache.acquire(key)
+                src = self._fb if key in low else cache
+                entry, hit = src.acquire(key)
+                if key in low:
+                    self.fb_uses += 1
+                    if not hit:
+                        self.fb_saved += cache.blob_bytes(key) - entry.length
+                        self._phases[self._phase]["fb_reads"] += 1
                 if hold and n == len(order) - 1:  # every miss is in: the link is free for prefetches
                     hold = False
                     cache.release_background()
@@ -218,11 +240,11 @@ class OffloadedProvider(ExpertProvider):
                     cache.unpin([key])
                     present.discard(key)
                 try:
-                    expert = cache.expert(entry)
+                    expert = src.expert(entry)
                     for e in users[key]:
                         yield e, expert
                 finally:
-                    cache.release(entry)
+                    src.release(entry)
             ok = True
         finally:
             if hold:
@@ -231,6 +253,30 @@ class OffloadedProvider(ExpertProvider):
                 cache.unpin(list(present))
             if not ok:  # this forward is over: its prefetches are of no use, their errors moot
                 self._drop_all(discard=True)
+
+    def use_fallback(self, cache: ExpertCache, below: float) -> None:
+        """Serve misses of experts whose share of each token's routing weight is below
+        `below` from their small copies, held in `cache` (runtime/fallback.py)."""
+        self._fb, self._fb_below = cache, below
+        self.reset_stats()
+
+    def note_weights(self, layer: int, weights: torch.Tensor) -> None:
+        if self._fb is not None:
+            self._weights = (layer, weights)
+
+    def _low(self, layer: int, blob: dict, present: set, rows: torch.Tensor | None) -> set:
+        """The missed blob keys of this request to serve from their small copies: every
+        expert using the blob has a share below the threshold for every token, and the
+        small copy is smaller (an expert a plan stores at 2 bits gains nothing from it)."""
+        w, self._weights = self._weights, None
+        if w is None or w[0] != layer or rows is None:  # no weights for this request: full copies
+            return set()
+        shares = largest_shares(rows, w[1], self.num_experts)
+        low: dict = {}
+        for e, k in blob.items():
+            if k not in present:
+                low[k] = low.get(k, True) and shares[e] < self._fb_below
+        return {k for k, v in low.items() if v and self._fb.blob_bytes(k) < self.cache.blob_bytes(k)}
 
     def resident(self, layer: int) -> set[int]:
         """The experts of `layer` cached or being read (cache-aware routing)."""
@@ -245,7 +291,7 @@ class OffloadedProvider(ExpertProvider):
         """Layer request `pos` of this forward begins: the time since the previous one,
         less the stall in between, is one sample of the phase's per-layer compute time
         (and, in decode, of the break-even estimates)."""
-        now, c = time.perf_counter(), self.cache.counters()
+        now, c = time.perf_counter(), self._counters()
         last = self._clock
         if last is not None and last[0] == pos - 1:
             _, t, b = last
@@ -456,115 +502,89 @@ class OffloadedProvider(ExpertProvider):
 
     # ----------------------------------------------------------------- statistics
 
-    def stats(self) -> dict:
+    def stats(self) -> OffloadStats:
+        """The statistics since the last reset (its to_dict() is the JSON; runtime/stats.py)."""
         self._account()
         c = self.cache.stats()
+        fc = self._fb.stats() if self._fb is not None else None  # the small copies' cache
+        read, read_s, stall = c.bytes_read, c.read_s, c.stall_s  # every read from storage
+        if fc is not None:
+            read, read_s, stall = read + fc.bytes_read, round(read_s + fc.read_s, 6), round(stall + fc.stall_s, 6)
         dec, pre = self._phases["decode"], self._phases["prefill"]
         tot = {k: dec[k] + pre[k] for k in _COUNTERS}
         dh, dm = dec["hits"], dec["misses"]
-        info = self.info
+        info, tokens, decoded = self.info, self.tokens, self.decode_forwards
         resident = info["resident_bytes"]
         baseline = info["baseline_rss_bytes"]
-        out = {
-            "mode": info["mode"],
-            "cache_policy": info["cache_policy"],
-            "io": self.cache.io_mode,
-            "hits": c["hits"],
-            "misses": c["misses"],
-            "hit_rate": c["hit_rate"],
-            "bytes_read": c["bytes_read"],
-            "bytes_read_per_token": round(c["bytes_read"] / self.tokens) if self.tokens else 0,
-            "read_s": c["read_s"],
-            "verify": info["verify"],
-            "verify_s": c["verify_s"],
-            "stall_s": c["stall_s"],
-            "stall_s_per_token": round(c["stall_s"] / self.tokens, 6) if self.tokens else 0.0,
-            "evictions": c["evictions"],
-            "compactions": c["compactions"],
-            "forward_tokens": self.tokens,
-            "decode_hit_rate": round(dh / (dh + dm), 4) if dh + dm else 0.0,
-            "decode_bytes_read_per_token": round(dec["bytes"] / self.decode_forwards) if self.decode_forwards else 0,
-            "decode_stall_s": round(dec["stall_s"], 6),
-            "decode_stall_s_per_token": round(dec["stall_s"] / self.decode_forwards, 6) if self.decode_forwards else 0.0,
-            "budget_bytes": info["budget_bytes"],
-            "min_budget_bytes": info["min_budget_bytes"],
-            "resident_bytes": resident,
-            "kv_bytes": info["kv_bytes"],
-            "workspace_bytes": info["workspace_bytes"],
-            "cache_bytes": c["cache_bytes"],
-            "cache_peak_bytes": c["cache_peak_bytes"],
+
+        def ratio(a, b):
+            return round(a / b, 4) if b else 0.0
+
+        experts = ExpertReads(
+            mode=info["mode"], cache_policy=info["cache_policy"], io=self.cache.io_mode,
+            hits=c.hits, misses=c.misses, hit_rate=c.hit_rate, bytes_read=read,
+            bytes_read_per_token=round(read / tokens) if tokens else 0,
+            read_s=read_s, verify=info["verify"], verify_s=c.verify_s, stall_s=stall,
+            stall_s_per_token=round(stall / tokens, 6) if tokens else 0.0,
+            evictions=c.evictions, compactions=c.compactions, forward_tokens=tokens,
+            decode_hit_rate=round(dh / (dh + dm), 4) if dh + dm else 0.0,
+            decode_bytes_read_per_token=round(dec["bytes"] / decoded) if decoded else 0,
+            decode_stall_s=round(dec["stall_s"], 6),
+            decode_stall_s_per_token=round(dec["stall_s"] / decoded, 6) if decoded else 0.0,
+        )
+        memory = MemoryUse(
+            budget_bytes=info["budget_bytes"], min_budget_bytes=info["min_budget_bytes"], resident_bytes=resident,
+            kv_bytes=info["kv_bytes"], workspace_bytes=info["workspace_bytes"], cache_bytes=c.cache_bytes,
+            cache_peak_bytes=c.cache_peak_bytes,
             # Memory this model holds or reserves: resident weights, the KV cache for the
             # context, the compute workspace, and every slab page ever written.
-            "budget_used_bytes": resident + info["kv_bytes"] + info["workspace_bytes"] + c["cache_touched_bytes"],
-            "baseline_rss_bytes": baseline,
-            "rss_over_baseline_bytes": max(peak_rss_bytes() - baseline, 0),
-        }
-        out.update(self.cache.throttle_stats())
+            budget_used_bytes=resident + info["kv_bytes"] + info["workspace_bytes"] + c.cache_touched_bytes
+            + (fc.cache_touched_bytes if fc is not None else 0),
+            baseline_rss_bytes=baseline, rss_over_baseline_bytes=max(peak_rss_bytes() - baseline, 0),
+        )
         cfg = self.prefetch
-        out["prefetch"] = cfg.active
+        activity = None
         if cfg.active:
-            def ratio(a, b):
-                return round(a / b, 4) if b else 0.0
-
-            out.update({
-                "predictor": cfg.predictor.name,
-                "prefetch_layers": cfg.layers,
-                "prefetch_experts": self.n_prefetch,
-                "prefetch_reads": self.pf_reads,
-                "prefetch_bytes": tot["pf_bytes"],
-                "prefetch_hits": tot["pf_hits"],
-                "prefetch_late": tot["pf_late"],
-                "prefetch_wasted_bytes": tot["pf_wasted_bytes"],
-                "prefetch_cancelled": self.pf_cancelled,
-                "prefetch_not_started": self.pf_not_started,
-                "prefetch_aborted": self.pf_aborted,
-                "prefetch_no_room": self.pf_no_room,
-                "prefetch_threshold": "auto" if cfg.threshold is None else cfg.threshold,
-                "prefetch_threshold_now": round(self.threshold(), 4),
-                "prefetch_read_cost_ms": round(1000 * self._read_cost, 4) if self._read_cost is not None else None,
-                "demand_read_ms": round(1000 * self._miss_s, 4) if self._miss_s is not None else None,
-                "prefetch_pacing": cfg.pacing,
-                "prefetch_revoked": self.pf_revoked,
-                "prefetch_skipped_late": self.pf_late_skipped,
-                "prefetch_no_window": self.pf_no_window,
-                "prefetch_unmeasured": self.pf_unmeasured,
-                "prefetch_submitted": self.pf_submitted,
-                "prefetch_mean_distance": ratio(self.pf_distance, self.pf_submitted),  # MoE layers ahead
-                "decode_layer_ms": round(1000 * self._layer_s["decode"], 4) if "decode" in self._layer_s else None,
-                "read_bandwidth_bps": c["read_bandwidth_bps"],
-                "background_paused": c["background_paused"],
-                "decode_prefetch_hits": dec["pf_hits"],
-                "decode_prefetch_late": dec["pf_late"],
-                "decode_prefetch_wasted_bytes": dec["pf_wasted_bytes"],
-                "decode_prefetch_wasted_bytes_per_token": (round(dec["pf_wasted_bytes"] / self.decode_forwards)
-                                                           if self.decode_forwards else 0),
-                "predictor_recall": ratio(tot["pred_hits"], tot["pred_needed"]),
-                "predictor_precision": ratio(tot["pred_hits"], tot["pred_predicted"]),
-                "decode_predictor_recall": ratio(dec["pred_hits"], dec["pred_needed"]),
-                "decode_predictor_precision": ratio(dec["pred_hits"], dec["pred_predicted"]),
-            })
-        elif cfg.reason:
-            out["prefetch_off"] = cfg.reason
+            activity = PrefetchActivity(
+                predictor=cfg.predictor.name, layers=cfg.layers, experts=self.n_prefetch, reads=self.pf_reads,
+                bytes=tot["pf_bytes"], hits=tot["pf_hits"], late=tot["pf_late"],
+                wasted_bytes=tot["pf_wasted_bytes"], cancelled=self.pf_cancelled,
+                not_started=self.pf_not_started, aborted=self.pf_aborted, no_room=self.pf_no_room,
+                threshold="auto" if cfg.threshold is None else cfg.threshold,
+                threshold_now=round(self.threshold(), 4),
+                read_cost_ms=round(1000 * self._read_cost, 4) if self._read_cost is not None else None,
+                demand_read_ms=round(1000 * self._miss_s, 4) if self._miss_s is not None else None,
+                pacing=cfg.pacing, revoked=self.pf_revoked, skipped_late=self.pf_late_skipped,
+                no_window=self.pf_no_window, unmeasured=self.pf_unmeasured, submitted=self.pf_submitted,
+                mean_distance=ratio(self.pf_distance, self.pf_submitted),
+                decode_layer_ms=round(1000 * self._layer_s["decode"], 4) if "decode" in self._layer_s else None,
+                read_bandwidth_bps=c.read_bandwidth_bps, background_paused=c.background_paused,
+                decode_hits=dec["pf_hits"], decode_late=dec["pf_late"], decode_wasted_bytes=dec["pf_wasted_bytes"],
+                decode_wasted_bytes_per_token=round(dec["pf_wasted_bytes"] / decoded) if decoded else 0,
+                recall=ratio(tot["pred_hits"], tot["pred_needed"]),
+                precision=ratio(tot["pred_hits"], tot["pred_predicted"]),
+                decode_recall=ratio(dec["pred_hits"], dec["pred_needed"]),
+                decode_precision=ratio(dec["pred_hits"], dec["pred_predicted"]),
+            )
+        prefetch = PrefetchStats(cfg.active, activity, None if cfg.active or not cfg.reason else cfg.reason)
         margin = info.get("cache_aware_routing")
+        routing = None
         if margin is not None:
-            def per(a, b):
-                return round(a / b, 4) if b else 0.0
-
-            out.update({
-                "cache_aware_routing": margin,
-                "routed_slots": tot["cr_slots"],
-                "rerouted_slots": tot["cr_swapped"],
-                "reroute_rate": per(tot["cr_swapped"], tot["cr_slots"]),
-                "rerouted_per_token": per(tot["cr_swapped"], self.tokens),
-                "decode_reroute_rate": per(dec["cr_swapped"], dec["cr_slots"]),
-                "decode_rerouted_per_token": per(dec["cr_swapped"], self.decode_forwards),
-            })
-        if c["compact_bytes"]:
-            out["compact_bytes"] = c["compact_bytes"]
-        if c["background_loads"]:
-            out["background_loads"] = c["background_loads"]
-        out.update(self.cache.eviction_stats())
-        return out
+            routing = CacheRouting(
+                margin=margin, routed_slots=tot["cr_slots"], rerouted_slots=tot["cr_swapped"],
+                reroute_rate=ratio(tot["cr_swapped"], tot["cr_slots"]),
+                rerouted_per_token=ratio(tot["cr_swapped"], tokens),
+                decode_reroute_rate=ratio(dec["cr_swapped"], dec["cr_slots"]),
+                decode_rerouted_per_token=ratio(dec["cr_swapped"], decoded),
+            )
+        fallback = None
+        if fc is not None:
+            fallback = FallbackReads(
+                below=self._fb_below, uses=self.fb_uses, reads=fc.misses, hits=fc.hits, bytes_read=fc.bytes_read,
+                bytes_saved=self.fb_saved, stall_s=fc.stall_s, decode_reads=dec["fb_reads"],
+                decode_reads_per_token=ratio(dec["fb_reads"], decoded), cache_bytes=fc.cache_bytes)
+        return OffloadStats(experts, memory, self.cache.throttle_stats(), prefetch, routing, c.compact_bytes,
+                            c.background_loads, self.cache.eviction_stats(), fallback)
 
     def reset_stats(self) -> None:
         for r in self._retired:  # loads of an earlier request: their errors are moot
@@ -575,6 +595,9 @@ class OffloadedProvider(ExpertProvider):
         self.pf_reads = self.pf_cancelled = self.pf_not_started = self.pf_aborted = self.pf_no_room = 0
         self.pf_revoked = self.pf_late_skipped = self.pf_no_window = self.pf_unmeasured = self.pf_distance = 0
         self.pf_submitted = 0
+        self.fb_uses = self.fb_saved = 0  # experts served from small copies; bytes their reads saved
+        if self._fb is not None:
+            self._fb.reset_stats()
         self._phase = "prefill"
         self._phases = {p: {k: 0 for k in _COUNTERS} for p in ("prefill", "decode")}
         self._mark = (0, 0, 0, 0.0)
@@ -582,3 +605,5 @@ class OffloadedProvider(ExpertProvider):
     def close(self) -> None:
         self._drop_all(discard=True)
         self.cache.close()
+        if self._fb is not None:
+            self._fb.close()

@@ -1,6 +1,7 @@
-"""How expert preloading is configured: `PrefetchConfig`, the checks of the user's
-options and `prefetch_config`, which turns them (and the converted directory's fitted
-predictor, if any) into a configuration for the offloaded provider (offload.py).
+"""How expert preloading is configured: `PrefetchConfig` and `prefetch_config`, which
+turns the user's options (a RuntimeConfig, checked in config.py) and the converted
+directory's fitted predictor, if any, into a configuration for the offloaded provider
+(offload.py).
 
 Two knobs decide what is worth reading ahead (the provider's notes say how):
 - `threshold`: an expert is preloaded only if its predicted probability of being used
@@ -20,8 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import InvalidArgument
-from .predict import FITTED, METHODS, PREDICTOR_FILE, GateLookahead, Predictor, PredictorStats, make_predictor
+from .config import RuntimeConfig
+from .predict import FITTED, PREDICTOR_FILE, GateLookahead, Predictor, PredictorStats, make_predictor
 
 DEFAULT_LAYERS = 1  # how many MoE layers ahead to preload without pacing
 DEFAULT_PACED_LAYERS = 3  # the furthest a paced prefetch looks ahead (it goes that far only when layers are short)
@@ -58,44 +59,22 @@ class PrefetchConfig:
                 "prefetch_pacing": self.pacing}
 
 
-def check_prefetch_options(predictor: str | None, experts: int | None, layers: int | None,
-                           threads: int | None, threshold: float | None = None, pacing: bool | None = None,
-                           prefetch: bool | None = None) -> None:
-    """Refuse an unknown predictor name, counts below 1, a threshold outside [0, 1], and
-    preloading settings given together with prefetch=False (they would be ignored)."""
-    if predictor is not None and predictor not in ("auto", *METHODS):
-        raise InvalidArgument(f"unknown predictor {predictor!r} (choose from auto, {', '.join(METHODS)})")
-    for name, v in (("prefetch experts", experts), ("prefetch layers", layers), ("prefetch threads", threads)):
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-            raise InvalidArgument(f"{name} must be an integer of at least 1, got {v!r}")
-    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
-                                  or not 0 <= threshold <= 1):
-        raise InvalidArgument(f"prefetch threshold must be a probability from 0 to 1, got {threshold!r}")
-    if pacing is not None and not isinstance(pacing, bool):
-        raise InvalidArgument(f"prefetch pacing must be True or False, got {pacing!r}")
-    if prefetch is False:
-        given = [n for n, v in (("predictor", predictor), ("prefetch experts", experts), ("prefetch layers", layers),
-                                ("prefetch threshold", threshold), ("prefetch pacing", pacing)) if v is not None]
-        if given:
-            raise InvalidArgument(f"{', '.join(given)} set with preloading off (--no-prefetch / prefetch=False): "
-                                  "drop one or the other")
-
-
-def prefetch_config(path, model, args, mode: str, capacity: int, min_cache: int, prefetch: bool | None,
-                    predictor: str | None, experts: int | None, layers: int | None,
-                    threshold: float | None = None, pacing: bool | None = None) -> PrefetchConfig:
-    """Preloading as asked for, with its defaults: on in io-exp mode; the predictor is
-    `combined` when the converted directory holds a fitted predictor.npz, else the gate
+def prefetch_config(path, model, args, config: RuntimeConfig, capacity: int, min_cache: int) -> PrefetchConfig:
+    """Preloading as `config` asks for (runtime/config.py: prefetch, predictor,
+    prefetch_experts, prefetch_layers, prefetch_threshold, prefetch_pacing; checked there),
+    for a cache of `capacity` bytes that needs `min_cache` for one layer, with its
+    defaults: on in io-exp mode; the predictor is `combined` when the converted directory holds a fitted predictor.npz, else the gate
     look-ahead (which needs no fitting); at most top_k + 1 experts per layer, each with a
     predicted probability of at least the automatic threshold, paced to the link, up to
     DEFAULT_PACED_LAYERS MoE layers ahead (one without pacing). It is off when the cache
     cannot hold two layers' experts (it could only evict what is needed)."""
-    pacing = True if pacing is None else pacing
-    threshold = None if threshold is None else float(threshold)
-    layers = layers or (DEFAULT_PACED_LAYERS if pacing else DEFAULT_LAYERS)
-    if prefetch is False:
+    pacing = config.prefetch_pacing is not False
+    threshold = None if config.prefetch_threshold is None else float(config.prefetch_threshold)
+    layers = config.prefetch_layers or (DEFAULT_PACED_LAYERS if pacing else DEFAULT_LAYERS)
+    experts, predictor = config.prefetch_experts, config.predictor
+    if config.prefetch is False:
         return PrefetchConfig(enabled=False, reason="off (--no-prefetch)")
-    if mode == "io-free":
+    if config.run_mode == "io-free":
         return PrefetchConfig(enabled=False, reason="off (io-free: every expert is in RAM)")
     moe = args.moe_layers()
     if len(moe) < 2:

@@ -157,7 +157,9 @@ def from_trace(trace: RoutingTrace) -> Workload:
         for li, layer in enumerate(layers):
             # A decode step asks in routing order (the top-k slots), a prefill chunk in id order.
             ids = block[0, li] if n == 1 else np.unique(block[:, li])
-            reqs.append((layer, tuple(int(e) for e in ids if e >= 0)))
+            ids = tuple(int(e) for e in ids if e >= 0)
+            if ids or "encoder_moe_layers" not in h:  # encoder-decoder: one stack per forward (RoutingTrace.requests)
+                reqs.append((layer, ids))
         forwards.append(Forward("decode" if n == 1 else "prefill", n, reqs))
         row += n
     return Workload(str(trace.source), layers, int(h["num_experts"]), int(h["top_k"]), forwards, trace)
@@ -345,7 +347,7 @@ def predictor_report(work: Workload, fit_fraction: float, ns: list[int]) -> dict
     from .predict import PredictorError, make_predictor
 
     t = work.trace
-    if t is None or (t.ids < 0).any():
+    if t is None or ((t.ids < 0).any() and "encoder_moe_layers" not in t.header):  # seq2seq -1s: fit.py skips them
         return {"skipped": "needs per-token plain top-k routing (a .npz trace without adaptive gating, or a CSV "
                            "with decode steps of exactly top-k experts per layer)"}
     if len(work.moe_layers) < 2:

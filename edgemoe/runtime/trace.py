@@ -8,7 +8,10 @@ teacher-forced over a text by `edgemoe trace`, and saved as a compressed `.npz` 
                             "model_type", "moe_layers": [...], "num_experts", "top_k",
                             "tokens", "forwards", "lookahead_depth", "created_by", ...}
     ids             int16   (T, L, k)  expert ids per token, MoE layer (in layer order) and slot
-                            (-1: a slot that adaptive gating dropped)
+                            (-1: a slot that adaptive gating or expert capacity dropped;
+                            with "encoder_moe_layers" in the header, an encoder-decoder's
+                            trace (seq2seq.Seq2SeqTraceRecorder), also every position of
+                            the stack a forward did not run)
     weights         float16 (T, L, k)  their routing weights
     forward_tokens  int32   (F,)       tokens processed by each model forward, in order
     lookahead       float16 (T, L, D, E)  optional (D = lookahead_depth > 0): the router
@@ -66,13 +69,18 @@ class RoutingTrace:
         return list(self.header["moe_layers"])
 
     def requests(self) -> list[tuple[int, frozenset[int]]]:
-        """(layer, distinct expert ids) for every MoE layer call, in execution order."""
+        """(layer, distinct expert ids) for every MoE layer call, in execution order. In a
+        trace of an encoder-decoder (header "encoder_moe_layers": each forward runs one
+        stack) a layer whose rows all hold -1 asked for nothing and is left out."""
+        partial = "encoder_moe_layers" in self.header
         out, row = [], 0
         for n in self.forward_tokens.tolist():
             block = self.ids[row : row + n]  # (n, L, k)
             for li, layer in enumerate(self.moe_layers):
                 ids = np.unique(block[:, li])
-                out.append((layer, frozenset(ids[ids >= 0].tolist())))  # -1: a slot adaptive gating dropped
+                ids = ids[ids >= 0]  # -1: a slot adaptive gating or expert capacity dropped
+                if len(ids) or not partial:
+                    out.append((layer, frozenset(ids.tolist())))
             row += n
         return out
 

@@ -55,7 +55,9 @@ from .manifest import (
     STORE_NAME,
     ExpertBiases,
     ExpertEntry,
+    FALLBACK_NAME,
     ExpertPlan,
+    FallbackStore,
     FormatInfo,
     Manifest,
     dtype_name,
@@ -66,6 +68,9 @@ from .manifest import (
 from .tensorfile import crc32_of, read_header, tensor_bytes, write_tensors
 
 BITS_TO_FORMAT = {16: "bf16", 8: "int8", 4: "int4"}
+# --fallback-bits: the small copies' format (symmetric: on the bundled model's experts as
+# close to the floats as the asymmetric ones at 2 bits, and smaller)
+FALLBACK_BITS = {2: "int2", 3: "int3"}
 FLOAT_FORMAT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 # Files copied next to the converted weights (tokenizer, chat template, generation defaults).
@@ -92,6 +97,8 @@ class ConvertResult:
     resident_int8: list[str] = field(default_factory=list)  # resident linear layers stored as int8
     recovered: list[str] = field(default_factory=list)  # what `recover` did before converting
     added_error: dict = field(default_factory=dict)  # GGUF source: error re-quantizing added, per type -> format
+    fallback_format: str | None = None  # the small copies' format (--fallback-bits), None without them
+    fallback_bytes: int = 0  # their store file
 
     def to_dict(self) -> dict:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
@@ -113,6 +120,20 @@ def resolve_plan(bits: int | None, fmt: str | None, plan: ExpertPlan | str | Pat
             raise EdgeMoEError(f"--bits must be one of {', '.join(map(str, BITS_TO_FORMAT))}, got {bits}")
         return ExpertPlan(BITS_TO_FORMAT[bits])
     return ExpertPlan(fmt or FLOAT_FORMAT[dtype])
+
+
+def resolve_fallback(bits: int | None, fmt: str | None) -> str | None:
+    """The format of the small fallback copies from --fallback-bits / --fallback-format
+    (mutually exclusive; None: no fallback copies)."""
+    if bits is not None and fmt is not None:
+        raise EdgeMoEError("give at most one of --fallback-bits and --fallback-format")
+    if bits is not None:
+        if isinstance(bits, bool) or bits not in FALLBACK_BITS:
+            raise EdgeMoEError(f"--fallback-bits must be one of {', '.join(map(str, FALLBACK_BITS))}, got {bits!r}")
+        return FALLBACK_BITS[bits]
+    if fmt is not None:
+        get_format(fmt)  # an unknown name is refused here, before the checkpoint is read
+    return fmt
 
 
 def _crash_point(step: str) -> None:
@@ -268,24 +289,24 @@ def _fsync_dir(path: Path) -> None:
 class _StoreWriter:
     """Appends expert blobs to experts.bin at ALIGN boundaries, tracking checksums."""
 
-    def __init__(self, path: Path, store_id: str):
+    def __init__(self, path: Path, store_id: str, dedup: bool = True):
         self.f = open(path, "wb")
         self.f.write(store_header(store_id))
         self.pos = self.f.tell()
         self.entries: list[ExpertEntry] = []
         self._blobs: dict[tuple, ExpertEntry] = {}  # (format, digest) -> the entry that owns the blob
+        self.dedup = dedup  # off for fallback copies: they are shared exactly where the full copies are
 
     def write(self, layer: int, expert: int, info: FormatInfo, parts: dict[str, torch.Tensor]) -> ExpertEntry:
         """Append one expert's blob, or point at an identical one already written (merged
         experts, or any that happen to be equal) so that it is stored and cached once."""
         h = hashlib.blake2b(digest_size=16)
-        for p in info.parts:
-            h.update(tensor_bytes(parts[p.name]))
-        owner = self._blobs.get((info.name, h.digest()))
+        if self.dedup:
+            for p in info.parts:
+                h.update(tensor_bytes(parts[p.name]))
+        owner = self._blobs.get((info.name, h.digest())) if self.dedup else None
         if owner is not None:
-            entry = ExpertEntry(layer, expert, info.name, owner.offset, owner.size, owner.crc32, owner.key)
-            self.entries.append(entry)
-            return entry
+            return self.share(layer, expert, owner)
         start, crc, pos = self.pos, 0, 0
         for p in info.parts:
             view = tensor_bytes(parts[p.name])
@@ -303,6 +324,12 @@ class _StoreWriter:
         entry = ExpertEntry(layer, expert, info.name, start, pos, crc)
         self.entries.append(entry)
         self._blobs[(info.name, h.digest())] = entry
+        return entry
+
+    def share(self, layer: int, expert: int, owner: ExpertEntry) -> ExpertEntry:
+        """Record that this expert uses `owner`'s blob (written before)."""
+        entry = ExpertEntry(layer, expert, owner.format, owner.offset, owner.size, owner.crc32, owner.key)
+        self.entries.append(entry)
         return entry
 
     def close(self) -> int:
@@ -352,10 +379,13 @@ def check_out_dir(out: Path, force: bool) -> list[str]:
 
 def convert(src: str | Path, out: str | Path, *, bits: int | None = None, fmt: str | None = None,
             plan: ExpertPlan | str | Path | None = None, dtype: str | torch.dtype | None = None,
-            resident: str | None = None, force: bool = False, progress: bool = False) -> ConvertResult:
+            resident: str | None = None, force: bool = False, progress: bool = False,
+            fallback_bits: int | None = None, fallback_format: str | None = None) -> ConvertResult:
     """Convert the Hugging Face checkpoint at `src` into an offloadable model at `out`.
     resident: "float" (default: the resident weights in the compute dtype) or "int8"
-    (resident linear layers as int8, see quant/resident.py)."""
+    (resident linear layers as int8, see quant/resident.py). fallback_bits (2 or 3) or
+    fallback_format (a format name): also store a small copy of every expert in that
+    format, which the runtime may read instead on a miss (manifest version 5)."""
     t0 = time.perf_counter()
     return_large_frees_to_os()  # freed tensors leave RSS at once (we free one per expert)
     baseline = rss_bytes()
@@ -371,6 +401,7 @@ def convert(src: str | Path, out: str | Path, *, bits: int | None = None, fmt: s
         plan = ExpertPlan("mxfp4")  # keep the released codes as they are
     plan = resolve_plan(bits, fmt, plan, dt)
     plan.check(args.moe_layers(), args.experts_per_layer, "plan")
+    fb_name = resolve_fallback(fallback_bits, fallback_format)
     if resident not in (None, *RESIDENT_FORMATS):
         raise EdgeMoEError(f"resident weights format must be one of {', '.join(RESIDENT_FORMATS)}, got {resident!r}")
     if out.resolve() == src.resolve():
@@ -384,6 +415,9 @@ def convert(src: str | Path, out: str | Path, *, bits: int | None = None, fmt: s
     # plan spelling -> format (for ungated experts, its one-matrix layout: quant/formats.UngatedFormat)
     formats = {name: for_experts(get_format(name), args.expert_gated) for name in sorted(plan.names())}
     infos = {f.name: FormatInfo.of(f, H, I, biases) for f in formats.values()}  # canonical name -> layout
+    fb_fmt = for_experts(get_format(fb_name), args.expert_gated) if fb_name is not None else None
+    if fb_fmt is not None:
+        infos.setdefault(fb_fmt.name, FormatInfo.of(fb_fmt, H, I, biases))
     wanted = {(l, e) for l in args.moe_layers() for e in range(args.experts_per_layer)}
     source_bytes = gguf_src.source_bytes if gguf_src is not None else \
         sum(i.nbytes for f in {r.file for r in ckpt.refs} for i in read_header(f)[0].values())
@@ -395,9 +429,12 @@ def convert(src: str | Path, out: str | Path, *, bits: int | None = None, fmt: s
     except OSError as e:
         raise EdgeMoEError(f"{tmp}: cannot create the output directory: {e.strerror or e}") from None
     store_id = uuid.uuid4().hex
-    writer = None
+    writer = fb_writer = None
     try:
         writer = _StoreWriter(tmp / STORE_NAME, store_id)
+        if fb_fmt is not None:
+            fb_writer = _StoreWriter(tmp / FALLBACK_NAME, store_id, dedup=False)
+            fb_entries: dict[tuple[int, int], ExpertEntry] = {}
         tensors: dict[str, torch.Tensor] = {}  # resident
         pending: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
         bar = tqdm(total=gguf_src.stream_bytes if gguf_src is not None else source_bytes, unit="B", unit_scale=True, desc="converting", disable=not progress,
@@ -419,11 +456,21 @@ def convert(src: str | Path, out: str | Path, *, bits: int | None = None, fmt: s
                 parts = _encode(fmt, infos[fmt.name], got, dt, H, I, where)
                 if gguf_src is not None:
                     gguf_src.observe_expert(layer, expert, fmt, got, parts)
-                writer.write(layer, expert, infos[fmt.name], parts)
-                del pending[(layer, expert)], parts
+                entry = writer.write(layer, expert, infos[fmt.name], parts)
+                del parts
+                if fb_writer is not None:  # the small copy, shared exactly where the full one is
+                    fb_entries[entry.key] = (fb_writer.share(layer, expert, fb_entries[entry.shares])
+                                             if entry.shares is not None else
+                                             fb_writer.write(layer, expert, infos[fb_fmt.name],
+                                                             _encode(fb_fmt, infos[fb_fmt.name], got, dt, H, I, where)))
+                del pending[(layer, expert)]
                 wanted.discard((layer, expert))
         bar.close()
         store_bytes = writer.close()
+        fallback = None
+        if fb_writer is not None:
+            fb_sorted = tuple(sorted(fb_writer.entries, key=lambda e: e.key))
+            fallback = FallbackStore(FALLBACK_NAME, fb_writer.close(), fb_sorted)
         if wanted:
             l, e = min(wanted)
             lacking = lacking_parts(want_parts, pending.get((l, e), {}))
@@ -451,17 +498,19 @@ def convert(src: str | Path, out: str | Path, *, bits: int | None = None, fmt: s
             store_id=store_id, model_type=args.model_type, dtype=dtype_name(dt), config=ckpt.config,
             resident_file=RESIDENT_NAME, resident_bytes=resident_bytes, resident_tensors=crcs,
             store_file=STORE_NAME, store_bytes=store_bytes,
-            formats={n: infos[n] for n in sorted({e.format for e in entries})},
+            formats={n: infos[n] for n in sorted({e.format for e in entries} | ({fb_fmt.name} if fb_fmt else set()))},
             experts=entries, created_by=f"edgemoe {__version__}", resident_int8=int8, expert_biases=biases,
-            version=manifest_version(int8, biases, any(e.shares is not None for e in entries)),
+            version=manifest_version(int8, biases, any(e.shares is not None for e in entries), fallback is not None),
+            fallback=fallback,
         )
         manifest.write(tmp / MANIFEST_NAME)
         _fsync_dir(tmp)
         _crash_point("complete")
         _install(tmp, out)
     except BaseException as e:
-        if writer is not None and not writer.f.closed:
-            writer.f.close()
+        for w in (writer, fb_writer):
+            if w is not None and not w.f.closed:
+                w.f.close()
         _remove(tmp)
         if isinstance(e, OSError):  # disk full, permissions, ...: one line naming the file
             raise EdgeMoEError(f"{e.filename or tmp}: {e.strerror or e}; the conversion to {out} was abandoned") from None
@@ -472,4 +521,6 @@ def convert(src: str | Path, out: str | Path, *, bits: int | None = None, fmt: s
         seconds=time.perf_counter() - t0, baseline_rss_bytes=baseline, peak_rss_bytes=peak_rss_bytes(),
         source_bytes=source_bytes, copied=copied, resident_int8=int8, recovered=recovered,
         added_error=gguf_src.added_error() if gguf_src is not None else {},
+        fallback_format=fb_fmt.name if fb_fmt is not None else None,
+        fallback_bytes=fallback.bytes if fallback is not None else 0,
     )

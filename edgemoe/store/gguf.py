@@ -6,7 +6,7 @@ Hugging Face directory would carry (config.json, tokenizer.json, tokenizer_confi
 built from the metadata, a default expert plan that keeps the file's precision, and a
 report of the error that re-quantizing adds. Its tensors come out under edgemoe's own
 names; what each llama.cpp architecture means (family, config keys, tensor names) is in
-gguf_archs.py.
+gguf_archs.py, its RoPE settings in gguf_rope.py.
 
 The file is parsed by the `gguf` package (maintained with llama.cpp); tensor data is read
 with pread, one expert at a time, and dequantized by `gguf.quants`. Nothing in a GGUF is
@@ -14,7 +14,7 @@ code: the chat template is Jinja, rendered in a sandbox by edgemoe/tokenizer.py.
 
 What is kept of the source's quantization: relative RMS error added on top of the GGUF's
 own dequantized weights, measured on Gaussian weights with 1 % outlier columns (the worse
-case: bench/results/gguf_kquants.md for Q4_K and Q6_K); every conversion reports the
+case: edgemoe_lab/results/gguf_kquants.md for Q4_K and Q6_K); every conversion reports the
 value it measured on the real weights:
 
     GGUF expert type               edgemoe format   bits/weight     added error
@@ -54,9 +54,10 @@ from ..errors import ModelLoadError
 from ..models import get_family
 from ..models.base import BaseModelArgs, Transformer
 from .names import GGUF_MAGIC
-from .gguf_archs import ARCHITECTURES, BLOCK, NOT_MAPPED, Arch, Ctx, Meta, canonical_name, rope_parameters
+from .gguf_archs import ARCHITECTURES, BLOCK, NOT_MAPPED, Arch, Ctx, Meta, canonical_name
 from .gguf_archs import LEGACY_EXPERT as _LEGACY_EXPERT
 from .gguf_archs import STACKED_EXPERTS as _STACKED_EXPERTS
+from .gguf_rope import rope_parameters
 
 SPLIT_NAME = re.compile(r"^(?P<prefix>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 # A metadata array longer than this is corruption (vocabularies and merge lists are < 1M).
@@ -347,7 +348,8 @@ class GGUFCheckpoint:
     def _config(self) -> dict:
         shapes = {n: t.shape for n, t in self.tensor_map.items()}
         m = Meta(self.meta, self.path, self.arch_name)
-        c = Ctx(self.path, self.arch_name, m, shapes)
+        c = Ctx(self.path, self.arch_name, m, shapes,
+                read=lambda name: self._read(self.tensor_map[name]).float().numpy())
         blocks = m.need("block_count", int)
         nextn = m.get("nextn_predict_layers", int, 0) if self.arch.nextn else 0
         c.n_layers = self._n_layers = blocks - nextn
@@ -357,7 +359,16 @@ class GGUFCheckpoint:
         heads = m.one("attention.head_count")
         if heads is None:
             raise ModelLoadError(f"{self.path}: metadata {self.arch_name}.attention.head_count is missing")
-        kv_heads = m.one("attention.head_count_kv", int, heads)
+        if self.arch.kv_per_layer and isinstance(m.get("attention.head_count_kv", (int, list)), list):
+            # Hybrids write 0 KV heads for their non-attention layers.
+            c.kv_per_layer = m.get("attention.head_count_kv", list)
+            if len(c.kv_per_layer) < c.n_layers or not all(isinstance(k, int) and k >= 0 for k in c.kv_per_layer) \
+                    or len({k for k in c.kv_per_layer if k}) > 1:
+                raise ModelLoadError(f"{self.path}: metadata {self.arch_name}.attention.head_count_kv "
+                                     f"{str(c.kv_per_layer)[:60]} should give each layer 0 or one shared count")
+            kv_heads = max(c.kv_per_layer) or heads
+        else:
+            kv_heads = m.one("attention.head_count_kv", int, heads)
         hidden = m.need("embedding_length", int)
         emb = self.tensor_map.get("token_embd.weight")
         if emb is None or len(emb.shape) != 2:
@@ -489,6 +500,15 @@ class GGUFCheckpoint:
         if key.endswith("shared_gate.weight") and w.dim() == 1:
             w = w.unsqueeze(0)  # stored as (H,), a Linear(H, 1) is (1, H)
         if key.endswith("attn.sinks") and w.dim() != 1:
+            w = w.reshape(-1)
+        if key.endswith("attn.conv_weight") and w.dim() == 2:
+            w = w.unsqueeze(1)  # depthwise kernel: the converter drops the middle axis of (C, 1, L)
+        if key.endswith(".A_log") and re.search(r"\.ssm_a(\.weight)?$", name):
+            # The converter stores Mamba's A = -exp(A_log); the family reads A_log.
+            if not bool((w < 0).all()):
+                raise ModelLoadError(f"{t.file}: tensor {name!r} should hold Mamba's negative A = -exp(A_log)")
+            w = torch.log(-w.float())
+        if any(re.fullmatch(p, name) for p in self.arch.flat):
             w = w.reshape(-1)
         return key, w
 

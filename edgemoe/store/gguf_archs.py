@@ -6,15 +6,20 @@ down to the keys llama.cpp's C++ reads (`{arch}.expert_count`, ...), with llama.
 defaults and fixed values for what it does not store (Llama 4's chunk size, gpt-oss's
 alternating windows, ...). So the config built here is what llama.cpp runs on the file;
 where that differs from the source checkpoint's transformers config, the difference is
-said next to the architecture's builder below. Tensor names are llama.cpp's
+said next to the architecture's builder below (one exception: Phi-3.5-MoE keeps its own
+SparseMixer routing, which llama.cpp approximates). Tensor names are llama.cpp's
 (gguf.constants.TENSOR_NAMES) and map straight to edgemoe's own parameter names
 (`_COMMON_RULES` plus each architecture's `rules`); routed experts are read by
-gguf.py one expert at a time under the store's `experts.L.E.part` names.
+gguf.py one expert at a time under the store's `experts.L.E.part` names. RoPE settings
+are read by gguf_rope.py.
+
+The file is one table of ~20 architectures (a builder of 10-40 lines each and its entry
+in ARCHITECTURES), longer than the usual module so that every llama.cpp architecture's
+mapping reads in one place next to the shared Meta / Ctx helpers.
 """
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,10 +115,12 @@ class Ctx:
     shapes: dict[str, tuple[int, ...]]
     n_layers: int = 0
     head_dim: int = 0
+    kv_per_layer: list[int] | None = None  # attention.head_count_kv per layer (hybrids: 0 = no attention)
     experts: int = 0
     used: int = 0
     expert_dim: int = 0
     moe_layers: list[int] = field(default_factory=list)
+    read: Callable[[str], np.ndarray] | None = None  # a small tensor's values (rope factors), by name
 
     def has(self, name: str) -> bool:
         return name in self.shapes
@@ -178,6 +185,8 @@ class Arch:
     ignore: tuple = ()  # regexes of tensors the family does not use
     permuted_qk: bool = False  # LlamaModel.permute applied to q/k (RoPE pairs interleaved)
     nextn: bool = False  # block_count counts multi-token-prediction layers, dropped
+    kv_per_layer: bool = False  # attention.head_count_kv may be a per-layer list, 0 for non-attention layers
+    flat: tuple = ()  # regexes of tensors the converter gave extra axes (Mamba-2's (H, 1) A and D) to drop
 
 
 # ----------------------------------------------------------------------------- builders
@@ -412,6 +421,197 @@ def ernie4_5_moe(c: Ctx, cfg: dict) -> None:
                moe_layer_interval=step, use_bias=c.has("blk.0.attn_q.bias"), head_dim=c.head_dim)
 
 
+def dbrx(c: Ctx, cfg: dict) -> None:
+    """DBRX: LayerNorms without bias (eps fixed at 1e-5 by the converter and by edgemoe's
+    family), one fused qkv projection clamped to +-attention.clamp_kqv, softmax routing
+    whose top-k weights llama.cpp always renormalises (moe_normalize_expert_weights 1;
+    a checkpoint with another p-norm is run by llama.cpp, and so here, with p = 1)."""
+    c.gating(SOFTMAX, (SOFTMAX,))
+    _require_moe(c, list(range(c.n_layers)), "dbrx (every layer MoE)")
+    eps = c.m.get("attention.layer_norm_epsilon", float, 1e-5)
+    if abs(eps - 1e-5) > 1e-9:
+        raise c.fail(f"metadata {c.arch}.attention.layer_norm_epsilon {eps} is not supported (DBRX's LayerNorms use "
+                     "1e-5)")
+    clip = c.m.get("attention.clamp_kqv", float)
+    # DBRX's own spelling (the family reads its nested blocks, not transformers' top-level copies).
+    for ours, theirs in (("hidden_size", "d_model"), ("num_attention_heads", "n_heads"),
+                         ("num_hidden_layers", "n_layers"), ("max_position_embeddings", "max_seq_len")):
+        cfg[theirs] = cfg.pop(ours)
+    cfg.update(model_type="dbrx",
+               attn_config={"kv_n_heads": cfg.pop("num_key_value_heads"), "clip_qkv": clip or None,
+                            "rope_theta": cfg["rope_parameters"]["rope_theta"]},
+               ffn_config={"ffn_hidden_size": c.expert_dim, "moe_num_experts": c.experts, "moe_top_k": c.used,
+                           "moe_normalize_expert_weights": 1.0})
+
+
+# Phi-3.5-MoE's SparseMixer threshold: llama.cpp routes Phi-MoE with a plain softmax over
+# the top two and stores no jitter; edgemoe runs the model's own routing with the released value.
+PHIMOE_JITTER = 0.01
+
+
+def phimoe(c: Ctx, cfg: dict) -> None:
+    """Phi-3.5-MoE: LayerNorms with bias (eps in layer_norm_rms_epsilon, as the converter
+    writes it), biases on the attention and the LM head, SparseMixer routing (two experts,
+    router_jitter_noise 0.01 as released: the file stores none, and llama.cpp approximates
+    the routing by a softmax over the top two). LongRoPE from the rope_factors_short/long
+    tensors with rope.scaling.attn_factor as the cos/sin scale at every length (llama.cpp
+    switches to the long factors when its context exceeds the original one; transformers,
+    and edgemoe, keep the short ones)."""
+    _require_moe(c, list(range(c.n_layers)), "phimoe (every layer MoE)")
+    window = c.m.get("attention.sliding_window", int) or None
+    cfg.update(model_type="phimoe", intermediate_size=c.expert_dim, num_local_experts=c.experts,
+               num_experts_per_tok=c.used, attention_bias=c.has("blk.0.attn_q.bias"), lm_head_bias=c.has("output.bias"),
+               router_jitter_noise=PHIMOE_JITTER, sliding_window=window, head_dim=c.head_dim)
+    short, long = c.has("rope_factors_short.weight"), c.has("rope_factors_long.weight")
+    if short != long:
+        raise c.fail("rope_factors_short.weight and rope_factors_long.weight must come together (LongRoPE)")
+    if short:
+        mscale = c.m.get("rope.scaling.attn_factor", float, 1.0)
+        orig = c.m.get("rope.scaling.original_context_length", int, cfg["max_position_embeddings"])
+        cfg["rope_parameters"] = {
+            "rope_type": "longrope", "rope_theta": cfg["rope_parameters"]["rope_theta"],
+            "short_factor": [float(x) for x in c.read("rope_factors_short.weight")],
+            "long_factor": [float(x) for x in c.read("rope_factors_long.weight")],
+            "short_mscale": mscale, "long_mscale": mscale, "original_max_position_embeddings": orig}
+
+
+def _layer_types(sliding: list[bool]) -> list[str]:
+    return ["sliding_attention" if s else "full_attention" for s in sliding]
+
+
+def exaone_moe(c: Ctx, cfg: dict) -> None:
+    """EXAONE-MoE (K-EXAONE): DeepSeek-V3's sigmoid router with correction bias, shared
+    experts, leading dense layers, q/k norms; attention.sliding_window_pattern says which
+    layers slide, and only those use RoPE (llama.cpp and transformers alike). The
+    multi-token-prediction layers block_count includes are dropped."""
+    c.gating(SIGMOID, (SIGMOID,))
+    lead = c.m.get("leading_dense_block_count", int, 0)
+    _require_moe(c, list(range(lead, c.n_layers)), f"leading_dense_block_count {lead}")
+    pattern = c.m.get("attention.sliding_window_pattern", (list, int))
+    window = c.m.get("attention.sliding_window", int)
+    if not isinstance(pattern, list) or len(pattern) < c.n_layers or window is None:
+        raise c.fail(f"metadata {c.arch}.attention.sliding_window and a per-layer sliding_window_pattern are "
+                     "needed (EXAONE-MoE rotates only its sliding layers)")
+    n_group, topk_group = c.groups()
+    cfg.update(model_type="exaone_moe", intermediate_size=c.dense_width() or c.expert_dim,
+               moe_intermediate_size=c.expert_dim, num_experts=c.experts, num_experts_per_tok=c.used,
+               num_shared_experts=c.shared_count(), norm_topk_prob=_norm(c, False),
+               routed_scaling_factor=c.m.get("expert_weights_scale", float, 1.0), n_group=n_group,
+               topk_group=topk_group, first_k_dense_replace=lead, sliding_window=window,
+               layer_types=_layer_types([bool(p) for p in pattern[:c.n_layers]]), head_dim=c.head_dim)
+
+
+# llama.cpp's fixed AFMoE settings (src/models/afmoe.cpp): not in the file.
+AFMOE_GLOBAL_EVERY = 4  # every 4th layer global (NoPE), the others sliding with RoPE
+
+
+def afmoe(c: Ctx, cfg: dict) -> None:
+    """AFMoE (Trinity): llama.cpp fixes what the file does not store: MuP embedding
+    scaling (sqrt(hidden)) and every fourth layer global without RoPE. Sigmoid routing
+    with the expert bias, always renormalised, times expert_weights_scale; gated
+    attention, q/k norms, norms before and after attention and MLP."""
+    c.gating(SIGMOID, (SIGMOID,))
+    if _norm(c, True) is False:
+        raise c.fail(f"metadata {c.arch}.expert_weights_norm false is not supported (AFMoE renormalises)")
+    lead = c.m.get("leading_dense_block_count", int, 0)
+    _require_moe(c, list(range(lead, c.n_layers)), f"leading_dense_block_count {lead}")
+    sliding = [(i + 1) % AFMOE_GLOBAL_EVERY != 0 for i in range(c.n_layers)]
+    cfg.update(model_type="afmoe", intermediate_size=c.dense_width() or c.expert_dim,
+               moe_intermediate_size=c.expert_dim, num_dense_layers=lead, num_experts=c.experts,
+               num_experts_per_tok=c.used, num_shared_experts=c.shared_count(),
+               route_scale=c.m.get("expert_weights_scale", float, 1.0), global_attn_every_n_layers=AFMOE_GLOBAL_EVERY,
+               sliding_window=c.m.get("attention.sliding_window", int), layer_types=_layer_types(sliding),
+               mup_enabled=True, attention_bias=c.has("blk.0.attn_q.bias"), head_dim=c.head_dim)
+
+
+def lfm2moe(c: Ctx, cfg: dict) -> None:
+    """LFM2-MoE: layers with 0 KV heads are gated short convolutions (shortconv.l_cache
+    taps), the others attention with q/k norms; dense MLPs before leading_dense_block_count;
+    sigmoid routing with the expert bias, renormalised, times expert_weights_scale. The
+    final norm is token_embd_norm (LFM2's embedding_norm, applied after the last layer)."""
+    c.gating(SIGMOID, (SIGMOID,))
+    kv = c.kv_per_layer or [cfg["num_key_value_heads"]] * c.n_layers
+    lead = c.m.get("leading_dense_block_count", int, 0)
+    _require_moe(c, list(range(lead, c.n_layers)), f"leading_dense_block_count {lead}")
+    cfg.update(model_type="lfm2_moe", layer_types=["full_attention" if k else "conv" for k in kv[:c.n_layers]],
+               conv_L_cache=c.m.need("shortconv.l_cache", int), num_dense_layers=lead,
+               intermediate_size=c.dense_width() or c.expert_dim, moe_intermediate_size=c.expert_dim,
+               num_experts=c.experts, num_experts_per_tok=c.used, norm_topk_prob=_norm(c, True),
+               routed_scaling_factor=c.m.get("expert_weights_scale", float, 1.0),
+               use_expert_bias=c.any_layer("exp_probs_b.bias"), conv_bias=False, head_dim=c.head_dim)
+
+
+def _period(c: Ctx, layers: list[int], what: str) -> tuple[int, int]:
+    """(offset, period) with `layers` exactly the i >= offset with (i - offset) % period == 0."""
+    if not layers:
+        raise c.fail(f"no {what} layers in the file")
+    offset = layers[0]
+    period = layers[1] - layers[0] if len(layers) > 1 else max(c.n_layers, offset + 1)
+    if period <= offset or layers != list(range(offset, c.n_layers, period)):
+        raise c.fail(f"the {what} layers {_ranges(layers)} are not every n-th layer from an offset below n, as "
+                     "Jamba's config describes them")
+    return offset, period
+
+
+def jamba(c: Ctx, cfg: dict) -> None:
+    """Jamba: layers with 0 KV heads are Mamba-1 (ssm.* metadata; ssm_a holds -exp(A_log),
+    read back as A_log), the others attention without position encoding; routed experts
+    where the file has routers, dense MLPs of the same width elsewhere; softmax top-k
+    without renormalisation."""
+    c.gating(SOFTMAX, (SOFTMAX,))
+    if _norm(c, False):
+        raise c.fail(f"metadata {c.arch}.expert_weights_norm true is not supported (Jamba keeps the raw weights)")
+    kv = c.kv_per_layer or [cfg["num_key_value_heads"]] * c.n_layers
+    attn_offset, attn_period = _period(c, [i for i in range(c.n_layers) if kv[i]], "attention")
+    moe_offset, moe_period = _period(c, c.moe_layers, "MoE")
+    hidden, inner = cfg["hidden_size"], c.m.need("ssm.inner_size", int)
+    if inner % hidden:
+        raise c.fail(f"metadata {c.arch}.ssm.inner_size {inner} is not a multiple of embedding_length {hidden}")
+    dense = c.dense_width()
+    if dense not in (None, c.expert_dim):
+        raise c.fail(f"dense MLPs of width {dense} next to experts of width {c.expert_dim} are not supported (Jamba's "
+                     "are equal)")
+    cfg.update(model_type="jamba", intermediate_size=c.expert_dim, num_experts=c.experts, num_experts_per_tok=c.used,
+               expert_layer_offset=moe_offset, expert_layer_period=moe_period, attn_layer_offset=attn_offset,
+               attn_layer_period=attn_period, mamba_d_state=c.m.need("ssm.state_size", int),
+               mamba_d_conv=c.m.need("ssm.conv_kernel", int), mamba_expand=inner // hidden,
+               mamba_dt_rank=c.m.need("ssm.time_step_rank", int), mamba_conv_bias=c.any_layer("ssm_conv1d.bias"),
+               mamba_proj_bias=c.any_layer("ssm_in.bias"))
+
+
+def granitehybrid(c: Ctx, cfg: dict) -> None:
+    """Granite 4.0-H: layers with 0 KV heads are Mamba-2 (ssm.* metadata: time_step_rank
+    is the head count, group_count the B/C groups), the others attention; RoPE only when
+    rope.scaling.finetuned says so (the converter's flag for Bamba-style models); routed
+    experts plus a shared MLP in every layer, and Granite's four multipliers."""
+    # The attention layers are those with attention tensors: a converter that did not
+    # recognise transformers 5's layer_types names writes 0 KV heads for every layer.
+    attn = [c.has(f"blk.{i}.attn_q.weight") for i in range(c.n_layers)]
+    kv = c.kv_per_layer or [cfg["num_key_value_heads"]] * c.n_layers
+    if any(k and not a for k, a in zip(kv, attn)):
+        raise c.fail(f"metadata {c.arch}.attention.head_count_kv gives KV heads to layers without attention tensors")
+    if not any(kv) and any(attn):
+        cfg["num_key_value_heads"] = c.rows(c.first("attn_k.weight")) // c.head_dim
+    hidden, inner = cfg["hidden_size"], c.m.need("ssm.inner_size", int)
+    if inner % hidden:
+        raise c.fail(f"metadata {c.arch}.ssm.inner_size {inner} is not a multiple of embedding_length {hidden}")
+    shared = c.rows(c.first("ffn_gate_shexp.weight") or "") or 0
+    cfg.pop("head_dim", None)  # Granite derives it
+    cfg.update(model_type="granitemoehybrid",
+               layer_types=["full_attention" if a else "linear_attention" for a in attn],
+               position_embedding_type="rope" if c.m.get("rope.scaling.finetuned", bool, False) else "nope",
+               mamba_n_heads=c.m.need("ssm.time_step_rank", int), mamba_n_groups=c.m.get("ssm.group_count", int, 1),
+               mamba_d_state=c.m.need("ssm.state_size", int), mamba_d_conv=c.m.need("ssm.conv_kernel", int),
+               mamba_expand=inner // hidden, mamba_conv_bias=c.any_layer("ssm_conv1d.bias"),
+               mamba_proj_bias=c.any_layer("ssm_in.bias"), intermediate_size=c.expert_dim,
+               num_local_experts=c.experts, num_experts_per_tok=c.used, shared_intermediate_size=shared,
+               attention_bias=c.any_layer("attn_q.bias"),
+               embedding_multiplier=c.m.get("embedding_scale", float, 1.0),
+               residual_multiplier=c.m.get("residual_scale", float, 1.0),
+               attention_multiplier=c.m.get("attention.scale", float, c.head_dim ** -0.5),
+               logits_scaling=c.m.get("logit_scale", float, 1.0))
+
+
 ARCHITECTURES: dict[str, Arch] = {
     "llama": Arch("Mixtral (llama with experts)", llama, permuted_qk=True),
     "qwen2moe": Arch("Qwen2-MoE", qwen2moe),
@@ -428,15 +628,40 @@ ARCHITECTURES: dict[str, Arch] = {
     "hunyuan-moe": Arch("Hunyuan-A13B", hunyuan_moe),
     "granitemoe": Arch("Granite MoE", granitemoe, permuted_qk=True),
     "ernie4_5-moe": Arch("ERNIE-4.5-MoE", ernie4_5_moe),
+    "dbrx": Arch("DBRX", dbrx, rules=((r"blk\.(\d+)\.attn_qkv\.weight", r"layers.\1.attn.qkv.weight"),
+                                      (r"blk\.(\d+)\.attn_output_norm\.weight", r"layers.\1.norm2.weight"))),
+    "phimoe": Arch("Phi-3.5-MoE", phimoe, ignore=(r"rope_factors_(short|long)\.weight",)),
+    "exaone-moe": Arch("EXAONE-MoE", exaone_moe, nextn=True),
+    "afmoe": Arch("AFMoE", afmoe, rules=(
+        (r"blk\.(\d+)\.attn_gate\.weight", r"layers.\1.attn.gate.weight"),
+        (r"blk\.(\d+)\.post_attention_norm\.weight", r"layers.\1.post_attn_norm.weight"),
+        (r"blk\.(\d+)\.post_ffw_norm\.weight", r"layers.\1.post_mlp_norm.weight"))),
+    "lfm2moe": Arch("LFM2-MoE", lfm2moe, kv_per_layer=True, rules=(
+        (r"token_embd_norm\.weight", "norm.weight"),
+        (r"blk\.(\d+)\.shortconv\.conv\.weight", r"layers.\1.attn.conv_weight"),
+        (r"blk\.(\d+)\.shortconv\.(in_proj|out_proj)\.weight", r"layers.\1.attn.\2.weight"))),
+    "jamba": Arch("Jamba", jamba, kv_per_layer=True, rules=(
+        (r"blk\.(\d+)\.ssm_(in|x|out)\.(weight|bias)", r"layers.\1.attn.\2_proj.\3"),
+        (r"blk\.(\d+)\.ssm_dt\.(weight|bias)", r"layers.\1.attn.dt_proj.\2"),
+        (r"blk\.(\d+)\.ssm_conv1d\.(weight|bias)", r"layers.\1.attn.conv_\2"),
+        (r"blk\.(\d+)\.ssm_a(?:\.weight)?", r"layers.\1.attn.A_log"),  # -exp(A_log): see gguf.py
+        (r"blk\.(\d+)\.ssm_d(?:\.weight)?", r"layers.\1.attn.D"),
+        (r"blk\.(\d+)\.ssm_(dt|b|c)_norm\.weight", r"layers.\1.attn.\2_norm.weight"))),
+    "granitehybrid": Arch("Granite 4.0-H", granitehybrid, permuted_qk=True, kv_per_layer=True, rules=(
+        (r"blk\.(\d+)\.ssm_(in|out)\.(weight|bias)", r"layers.\1.attn.\2_proj.\3"),
+        (r"blk\.(\d+)\.ssm_conv1d\.(weight|bias)", r"layers.\1.attn.conv_\2"),
+        (r"blk\.(\d+)\.ssm_dt\.bias", r"layers.\1.attn.dt_bias"),
+        (r"blk\.(\d+)\.ssm_a(?:\.weight)?", r"layers.\1.attn.A_log"),  # -exp(A_log): see gguf.py
+        (r"blk\.(\d+)\.ssm_d(?:\.weight)?", r"layers.\1.attn.D"),
+        (r"blk\.(\d+)\.ssm_norm\.weight", r"layers.\1.attn.norm.weight")),
+        flat=(r"blk\.\d+\.ssm_(a|d|norm)(\.weight)?",)),
 }
 
 
 # llama.cpp architectures of families edgemoe runs from Hugging Face checkpoints, whose
 # GGUF layout is not mapped (yet): refused with a pointer to the checkpoint.
 NOT_MAPPED = {
-    "phimoe": "Phi-3.5-MoE", "afmoe": "AFMoE", "exaone-moe": "EXAONE-MoE",
-    "gemma4": "Gemma 4", "dbrx": "DBRX", "jamba": "Jamba", "lfm2moe": "LFM2-MoE", "qwen3next": "Qwen3-Next",
-    "qwen35moe": "Qwen3.5-MoE", "granitehybrid": "Granite 4.0 hybrid",
+    "gemma4": "Gemma 4", "qwen3next": "Qwen3-Next", "qwen35moe": "Qwen3.5-MoE",
 }
 
 
@@ -450,107 +675,3 @@ def canonical_name(arch: Arch, name: str) -> str | None:
         if re.fullmatch(pattern, name):
             return re.sub(pattern, repl, name)
     raise KeyError(name)
-
-
-# ----------------------------------------------------------------------------- rope
-
-
-def rope_parameters(c: Ctx, theta: float, freqs: np.ndarray | None) -> dict:
-    """transformers-5 rope_parameters from the rope.scaling.* metadata, or from llama.cpp's
-    rope_freqs tensor (llama3-style frequency factors baked in by the converter)."""
-    out: dict = {"rope_type": "default", "rope_theta": theta}
-    m = c.m
-    kind = m.get("rope.scaling.type", str)
-    factor = m.get("rope.scaling.factor", float)
-    linear = m.get("rope.scale_linear", float)  # older files
-    if freqs is not None:
-        if kind not in (None, "none"):
-            raise c.fail(f"both rope_freqs.weight and rope.scaling.type {kind!r}: not supported")
-        scaling = llama3_from_factors(freqs, theta, c.head_dim, m.get("rope.scaling.original_context_length", int),
-                                      c.path)
-        return {**out, **scaling} if scaling else out
-    if kind in (None, "none"):
-        if linear is not None and linear != 1.0:
-            out.update(rope_type="linear", factor=linear)
-        return out
-    if kind not in ("linear", "yarn"):
-        raise c.fail(f"metadata {c.arch}.rope.scaling.type {kind!r} is not supported (supported: none, linear, yarn)")
-    out.update(rope_type=kind, factor=factor if factor is not None else 1.0)
-    orig = m.get("rope.scaling.original_context_length", int)
-    if orig is not None:
-        out["original_max_position_embeddings"] = orig
-    for key, hf in (("rope.scaling.yarn_beta_fast", "beta_fast"), ("rope.scaling.yarn_beta_slow", "beta_slow"),
-                    ("rope.scaling.attn_factor", "attention_factor")):
-        v = m.get(key, float)
-        if v is not None:
-            out[hf] = v
-    return out
-
-
-def _llama3_factors(inv: np.ndarray, factor: float, low: float, high: float, old: float) -> np.ndarray:
-    """The frequency factors llama.cpp's converter writes for llama3 rope (LlamaModel)."""
-    wavelen = 2 * math.pi / inv
-    out = np.empty_like(inv)
-    for i, w in enumerate(wavelen):
-        if w < old / high:
-            out[i] = 1.0
-        elif w > old / low:
-            out[i] = factor
-        else:
-            smooth = (old / w - low) / (high - low)
-            out[i] = 1 / ((1 - smooth) / factor + smooth)
-    return out
-
-
-def llama3_from_factors(freqs: np.ndarray, theta: float, dim: int, old: int | None, path: Path) -> dict | None:
-    """llama3 rope parameters that reproduce the rope_freqs factors (dim/2,) exactly, or
-    None for all ones. Factors are 1 for short wavelengths, `factor` for long ones and
-    1 / ((1 - s) / factor + s) between, s linear in 1/wavelength; the band's ends come
-    from two points inside it, or sit halfway between its neighbours when it has fewer.
-    The recovered parameters are checked by recomputing the factors."""
-    ff = np.asarray(freqs, dtype=np.float64).reshape(-1)
-    if ff.shape[0] != dim // 2 or not np.all(np.isfinite(ff)) or np.any(ff <= 0):
-        raise ModelLoadError(f"{path}: tensor rope_freqs.weight should hold {dim // 2} positive factors, "
-                             f"got {ff.shape[0]}")
-    if np.allclose(ff, 1.0, rtol=0, atol=1e-7):
-        return None
-    inv = 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))  # rising wavelengths
-    inv_wl = inv / (2 * math.pi)
-    factor = float(ff.max())
-    one = np.isclose(ff, 1.0, rtol=1e-6, atol=0)
-    top = np.isclose(ff, factor, rtol=1e-6, atol=0)
-    if top.all():
-        return {"rope_type": "linear", "factor": factor}
-    band = ~one & ~top
-    old = float(old or 8192)  # the converter's default (it reads original_max_position_embeddings)
-    idx = np.nonzero(band)[0]
-    if len(idx) >= 2:
-        s = (1 / ff[idx] - 1 / factor) / (1 - 1 / factor)  # = a / wavelen - b
-        a, b = np.polyfit(inv_wl[idx], s, 1)
-        a, b = float(a), -float(b)
-        low, high = b * old / a, (b + 1) * old / a
-    else:
-        # Short wavelengths end at k_lo, long ones start at k_hi (ff rises with the index).
-        k_lo = int(np.nonzero(one)[0].max()) if one.any() else -1
-        k_hi = int(np.nonzero(top)[0].min()) if top.any() else len(ff)
-        x = lambda k: old * inv_wl[k] if 0 <= k < len(ff) else (math.inf if k < 0 else 0.0)  # noqa: E731
-        if len(idx) == 0:
-            # A hard cut (Llama 4 ships low = high): the edge halfway between the two.
-            cut = math.sqrt(x(k_lo) * x(k_hi)) if 0 < x(k_hi) < x(k_lo) < math.inf else (x(k_lo) or x(k_hi)) / 2
-            low = high = cut
-        else:
-            k = int(idx[0])
-            s = (1 / ff[k] - 1 / factor) / (1 - 1 / factor)
-            t = 0.5 * min(((x(k_lo) - x(k)) / (1 - s)) if x(k_lo) < math.inf else 1.0,
-                          (x(k) - x(k_hi)) / s if s > 0 else 1.0)
-            low, high = x(k) - s * t, x(k) + (1 - s) * t
-    params = {"rope_type": "llama3", "factor": factor, "low_freq_factor": float(low),
-              "high_freq_factor": float(high), "original_max_position_embeddings": int(old)}
-    if low == high:
-        got = np.where(2 * math.pi / inv < old / high, 1.0, factor)
-    else:
-        got = _llama3_factors(inv, factor, low, high, old)
-    if not np.allclose(got, ff, rtol=1e-5, atol=0):
-        raise ModelLoadError(f"{path}: tensor rope_freqs.weight holds frequency factors that are not llama3 rope "
-                             "scaling; not supported")
-    return params

@@ -46,6 +46,20 @@ in the compute dtype (float formats: in their own type, which their matmuls prod
 It is written only when the experts have biases (older readers refuse the model rather
 than run it without them); stores without the key load as before.
 
+Version 4 adds `shares` to an expert entry: [layer, expert] of the entry whose blob it uses
+(identical experts, e.g. a merged group, are stored and cached once).
+
+Version 5 adds `fallback` (`edgemoe convert --fallback-bits 2|3`): a second, small copy
+of every expert in a second store file (same 4 KiB header and blob layout as experts.bin),
+which the runtime may read instead of the full copy on a miss of an expert with a low
+routing weight (`--fallback-below`, see runtime/fallback.py). Its formats are described
+in "formats" with the others; its entries are like "experts" entries, one per expert, and
+an expert that shares a blob shares its fallback blob with the same owner.
+
+      "fallback": {"file": "experts.fallback.bin", "bytes": N, "header_bytes": 4096,
+                   "experts": [{"layer": 0, "expert": 0, "format": "int2", "offset": 4096,
+                                "size": B, "crc32": C}, ...]}
+
 Plan, version 1 (`edgemoe convert --plan PLAN.json`): which storage format each expert gets.
 
     {"version": 1, "default": "bf16", "layers": {"3": "int8"}, "experts": {"3.5": "int4"}}
@@ -64,11 +78,14 @@ from pathlib import Path
 import torch
 
 from ..errors import EdgeMoEError, StoreError
-from ..quant.formats import BIAS_PARTS, Format, TensorSpec, bias_specs, get_format
+from ..jsonfile import read_json
+from ..quant.formats import BIAS_PARTS, Format, TensorSpec, get_format
 from .names import CONVERTED_NAMES, MANIFEST_NAME, RESIDENT_NAME, STORE_NAME, is_converted  # noqa: F401 (re-exported)
 
+FALLBACK_NAME = "experts.fallback.bin"  # the small copies' store file (version 5)
+
 MANIFEST_FORMAT = "edgemoe-converted-model"
-MANIFEST_VERSION = 4  # the newest version this edgemoe reads; it writes the oldest that describes the model
+MANIFEST_VERSION = 5  # the newest version this edgemoe reads; it writes the oldest that describes the model
 PLAN_VERSION = 1
 ALIGN = 4096  # blob offsets, blob lengths and cache slots: what O_DIRECT needs
 PART_ALIGN = 64  # tensors inside a blob: a cache line, enough for any SIMD kernel
@@ -208,6 +225,23 @@ class ExpertEntry:
         return d
 
 
+@dataclass(frozen=True)
+class FallbackStore:
+    """The small copy of every expert (version 5): a second store file and its entries,
+    whose formats are described in the manifest's "formats" with the others."""
+
+    file: str
+    bytes: int
+    experts: tuple[ExpertEntry, ...]
+
+    def table(self) -> dict[tuple[int, int], ExpertEntry]:
+        return {e.key: e for e in self.experts}
+
+    def to_dict(self) -> dict:
+        return {"file": self.file, "bytes": self.bytes, "header_bytes": HEADER_BYTES,
+                "experts": [e.to_dict() for e in self.experts]}
+
+
 @dataclass
 class Manifest:
     store_id: str
@@ -226,6 +260,7 @@ class Manifest:
     expert_biases: ExpertBiases | None = None  # bias tensors in every expert blob (version 3)
     version: int = 1
     path: Path | None = field(default=None, compare=False)
+    fallback: FallbackStore | None = None  # small copies of the experts (version 5)
 
     # --- derived views
 
@@ -256,6 +291,8 @@ class Manifest:
         }
         if self.expert_biases is not None:
             body["expert_biases"] = self.expert_biases.to_dict()
+        if self.fallback is not None:
+            body["fallback"] = self.fallback.to_dict()
         body["checksum"] = _checksum(body)
         return body
 
@@ -264,9 +301,18 @@ class Manifest:
         d = self.to_dict()
         experts = d.pop("experts")
         checksum = d.pop("checksum")
+        fallback = d.pop("fallback", None)
         text = json.dumps(d, indent=1)[:-2]
-        lines = ",\n".join("  " + json.dumps(e, separators=(", ", ": ")) for e in experts)
-        text += f',\n "experts": [\n{lines}\n ],\n "checksum": {checksum}\n}}\n'
+
+        def rows(entries: list[dict], indent: str) -> str:
+            return ",\n".join(indent + json.dumps(e, separators=(", ", ": ")) for e in entries)
+
+        text += f',\n "experts": [\n{rows(experts, "  ")}\n ]'
+        if fallback is not None:
+            fb = fallback.pop("experts")
+            head = json.dumps(fallback, separators=(", ", ": "))[:-1]
+            text += f',\n "fallback": {head}, "experts": [\n{rows(fb, "   ")}\n ]}}'
+        text += f',\n "checksum": {checksum}\n}}\n'
         with open(path, "w") as f:
             f.write(text)
             f.flush()
@@ -288,14 +334,7 @@ def read_manifest(directory: str | Path) -> Manifest:
         raise StoreError(f"{src}: missing (not a directory written by 'edgemoe convert'?)")
     if not path.is_file():  # a directory or a named pipe (which would block the read forever)
         raise StoreError(f"{src}: not a regular file; re-run 'edgemoe convert'")
-    try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
-    except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, a 5000-digit number, deep nesting
-        raise StoreError(f"{src}: not valid JSON ({e}); the manifest is corrupted, re-run 'edgemoe convert'") from None
-    except OSError as e:
-        raise StoreError(f"{src}: cannot read: {e.strerror or e}") from None
-    if not isinstance(data, dict):
-        raise StoreError(f"{src}: expected a JSON object")
+    data = read_json(path, StoreError, "not valid JSON ({e}); the manifest is corrupted, re-run 'edgemoe convert'")
     if data.get("format") != MANIFEST_FORMAT:
         raise StoreError(f"{src}: not an edgemoe manifest (format {data.get('format')!r})")
     version = data.get("version")
@@ -334,47 +373,8 @@ def _parse(d: dict, path: Path) -> Manifest:
         )
         formats[name] = FormatInfo(name, str(f["tag"]), float(f["bits"]), parts, _int(f["bytes"], "format bytes", src))
     store_bytes = _int(store["bytes"], "store bytes", src)
-    experts = []
-    for e in d["experts"]:
-        shares = e.get("shares") if d["version"] >= 4 else None
-        if shares is not None:
-            if not (isinstance(shares, list) and len(shares) == 2):
-                raise StoreError(f"{src}: layer {e.get('layer')} expert {e.get('expert')}: shares must be "
-                                 f"[layer, expert], got {shares!r}")
-            shares = (_int(shares[0], "shares layer", src), _int(shares[1], "shares expert", src))
-        entry = ExpertEntry(_int(e["layer"], "layer", src), _int(e["expert"], "expert", src), str(e["format"]),
-                            _int(e["offset"], "offset", src), _int(e["size"], "size", src, 1),
-                            _int(e["crc32"], "crc32", src), shares)
-        where = f"{src}: {entry.name}"
-        if entry.format not in formats:
-            raise StoreError(f"{where}: format {entry.format!r} is not described in the manifest")
-        if entry.size != formats[entry.format].size:
-            raise StoreError(f"{where}: size {entry.size} does not match format {entry.format} "
-                             f"({formats[entry.format].size} bytes)")
-        if entry.offset % ALIGN or entry.offset < HEADER_BYTES:
-            raise StoreError(f"{where}: offset {entry.offset} is not a {ALIGN}-byte aligned position after the header")
-        if entry.offset + entry.length > store_bytes:
-            raise StoreError(f"{where}: blob ends past the end of the store ({store_bytes} bytes)")
-        experts.append(entry)
-    seen: dict[tuple[int, int], ExpertEntry] = {}
-    for e in experts:
-        if e.key in seen:
-            raise StoreError(f"{src}: {e.name} is listed twice")
-        seen[e.key] = e
-    for e in experts:
-        if e.shares is None:
-            continue
-        owner = seen.get(e.shares)
-        if owner is None or owner.shares is not None or e.shares == e.key:
-            raise StoreError(f"{src}: {e.name} shares the blob of layer {e.shares[0]} expert {e.shares[1]}, "
-                             "which is not an expert with its own blob")
-        if (owner.format, owner.offset, owner.size, owner.crc32) != (e.format, e.offset, e.size, e.crc32):
-            raise StoreError(f"{src}: {e.name} shares the blob of {owner.name} but lists another format, "
-                             "offset, size or checksum")
-    by_offset = sorted((e for e in experts if e.shares is None), key=lambda e: e.offset)
-    for a, b in zip(by_offset, by_offset[1:]):
-        if a.offset + a.length > b.offset:
-            raise StoreError(f"{src}: {a.name} and {b.name} overlap in the store")
+    experts = _entries(d["experts"], formats, store_bytes, d["version"], src)
+    fallback = _fallback(d["fallback"], formats, experts, src) if d["version"] >= 5 and "fallback" in d else None
     tensors = {k: _int(v["crc32"], f"crc32 of {k}", src) for k, v in res["tensors"].items()}
     int8 = res.get("int8", []) if d["version"] >= 2 else []
     biases = _biases(d.get("expert_biases"), src) if d["version"] >= 3 else None
@@ -393,8 +393,78 @@ def _parse(d: dict, path: Path) -> Manifest:
         resident_file=_filename(res["file"], src), resident_bytes=_int(res["bytes"], "resident bytes", src),
         resident_tensors=tensors, store_file=_filename(store["file"], src), store_bytes=store_bytes,
         formats=formats, experts=experts, created_by=str(d.get("created_by", "")), resident_int8=int8,
-        expert_biases=biases, version=d["version"], path=path,
+        expert_biases=biases, version=d["version"], path=path, fallback=fallback,
     )
+
+
+def _entries(raw, formats: dict[str, FormatInfo], store_bytes: int, version: int, src: str,
+             what: str = "") -> list[ExpertEntry]:
+    """The expert entries of one store file, checked against its formats and size, for
+    duplicates, overlaps and sharing. `what` prefixes per-entry errors ("fallback ")."""
+    experts = []
+    for e in raw:
+        shares = e.get("shares") if version >= 4 else None
+        if shares is not None:
+            if not (isinstance(shares, list) and len(shares) == 2):
+                raise StoreError(f"{src}: layer {e.get('layer')} expert {e.get('expert')}: shares must be "
+                                 f"[layer, expert], got {shares!r}")
+            shares = (_int(shares[0], "shares layer", src), _int(shares[1], "shares expert", src))
+        entry = ExpertEntry(_int(e["layer"], "layer", src), _int(e["expert"], "expert", src), str(e["format"]),
+                            _int(e["offset"], "offset", src), _int(e["size"], "size", src, 1),
+                            _int(e["crc32"], "crc32", src), shares)
+        where = f"{src}: {what}{entry.name}"
+        if entry.format not in formats:
+            raise StoreError(f"{where}: format {entry.format!r} is not described in the manifest")
+        if entry.size != formats[entry.format].size:
+            raise StoreError(f"{where}: size {entry.size} does not match format {entry.format} "
+                             f"({formats[entry.format].size} bytes)")
+        if entry.offset % ALIGN or entry.offset < HEADER_BYTES:
+            raise StoreError(f"{where}: offset {entry.offset} is not a {ALIGN}-byte aligned position after the header")
+        if entry.offset + entry.length > store_bytes:
+            raise StoreError(f"{where}: blob ends past the end of the store ({store_bytes} bytes)")
+        experts.append(entry)
+    seen: dict[tuple[int, int], ExpertEntry] = {}
+    for e in experts:
+        if e.key in seen:
+            raise StoreError(f"{src}: {what}{e.name} is listed twice")
+        seen[e.key] = e
+    for e in experts:
+        if e.shares is None:
+            continue
+        owner = seen.get(e.shares)
+        if owner is None or owner.shares is not None or e.shares == e.key:
+            raise StoreError(f"{src}: {what}{e.name} shares the blob of layer {e.shares[0]} expert {e.shares[1]}, "
+                             "which is not an expert with its own blob")
+        if (owner.format, owner.offset, owner.size, owner.crc32) != (e.format, e.offset, e.size, e.crc32):
+            raise StoreError(f"{src}: {what}{e.name} shares the blob of {owner.name} but lists another format, "
+                             "offset, size or checksum")
+    by_offset = sorted((e for e in experts if e.shares is None), key=lambda e: e.offset)
+    for a, b in zip(by_offset, by_offset[1:]):
+        if a.offset + a.length > b.offset:
+            raise StoreError(f"{src}: {what}{a.name} and {b.name} overlap in the store")
+    return experts
+
+
+def _fallback(value, formats: dict[str, FormatInfo], experts: list[ExpertEntry], src: str) -> FallbackStore:
+    """The fallback store (version 5): one small copy per expert, shared exactly where the
+    full copies are."""
+    if not isinstance(value, dict) or not isinstance(value.get("experts"), list):
+        raise StoreError(f"{src}: fallback must be an object with an 'experts' list")
+    if value.get("header_bytes") != HEADER_BYTES:
+        raise StoreError(f"{src}: fallback store header size {value.get('header_bytes')!r} is not supported")
+    size = _int(value.get("bytes"), "fallback bytes", src)
+    entries = _entries(value["experts"], formats, size, 5, src, "fallback of ")
+    table = {e.key: e for e in entries}
+    for e in experts:
+        fb = table.pop(e.key, None)
+        if fb is None:
+            raise StoreError(f"{src}: {e.name} has no fallback copy; re-run 'edgemoe convert'")
+        if fb.shares != e.shares:
+            raise StoreError(f"{src}: fallback of {e.name} shares {fb.shares}, its full copy {e.shares}: "
+                             "experts that share a blob share their fallback")
+    if table:
+        raise StoreError(f"{src}: fallback of {min(table.values(), key=lambda e: e.key).name} belongs to no expert")
+    return FallbackStore(_filename(value.get("file"), src), size, tuple(entries))
 
 
 def _biases(value, src: str) -> ExpertBiases | None:
@@ -412,10 +482,11 @@ def _biases(value, src: str) -> ExpertBiases | None:
     return ExpertBiases(dtype, tuple(parts))
 
 
-def manifest_version(resident_int8: list[str], biases: ExpertBiases | None, shared: bool = False) -> int:
+def manifest_version(resident_int8: list[str], biases: ExpertBiases | None, shared: bool = False,
+                     fallback: bool = False) -> int:
     """The oldest manifest version that describes a model (so older readers load what
     they can and refuse what they would misread)."""
-    return 4 if shared else 3 if biases is not None else 2 if resident_int8 else 1
+    return 5 if fallback else 4 if shared else 3 if biases is not None else 2 if resident_int8 else 1
 
 
 def _filename(name, src: str) -> str:

@@ -110,14 +110,25 @@ class ExpertStore:
     """An open expert store: the manifest's table plus file descriptors for reading."""
 
     def __init__(self, directory: str | Path, *, direct_io: bool = True, manifest: Manifest | None = None,
-                 throttle: int | None = None):
+                 throttle: int | TokenBucket | None = None, fallback: bool = False):
+        """fallback: open the small copies' store (manifest version 5) instead of the
+        full one; `throttle` may then be the full store's TokenBucket (one disk, one rate)."""
         self.dir = Path(directory)
         # Bytes per second all reads share (--read-throttle), to emulate slower storage.
-        self.throttle = TokenBucket(throttle) if throttle else None
+        self.throttle = throttle if isinstance(throttle, TokenBucket) else TokenBucket(throttle) if throttle else None
         self.manifest = manifest or read_manifest(self.dir)
         self.args = check_manifest(self.manifest)
-        self.path = self.dir / self.manifest.store_file
-        self.entries: dict[tuple[int, int], ExpertEntry] = self.manifest.table()
+        if fallback and self.manifest.fallback is None:
+            raise StoreError(f"{self.manifest.path}: the model has no fallback copies; convert it with "
+                             "'edgemoe convert --fallback-bits 2' (or 3) to use them")
+        if fallback:
+            self.path = self.dir / self.manifest.fallback.file
+            self.entries: dict[tuple[int, int], ExpertEntry] = self.manifest.fallback.table()
+            self._size = self.manifest.fallback.bytes
+        else:
+            self.path = self.dir / self.manifest.store_file
+            self.entries = self.manifest.table()
+            self._size = self.manifest.store_bytes
         self.formats = {name: (for_experts(get_format(name), self.args.expert_gated), info)
                         for name, info in self.manifest.formats.items()}
         # Where each format's tensors lie in a blob, computed once (experts are built per use).
@@ -142,13 +153,13 @@ class ExpertStore:
         except OSError as e:
             raise StoreError(f"{src}: cannot open: {e.strerror or e}") from None
         size = os.fstat(self._fd).st_size
-        if size != self.manifest.store_bytes:
+        if size != self._size:
             # Name the first expert that the file no longer (or not yet) holds in full.
-            cut = sorted((e for e in self.manifest.experts if e.offset + e.length > size), key=lambda e: e.offset)
+            cut = sorted((e for e in self.entries.values() if e.offset + e.length > size), key=lambda e: e.offset)
             what = f"; {cut[0].name} and {len(cut) - 1} more are cut off" if cut else ""
-            kind = "truncated" if size < self.manifest.store_bytes else "larger than expected"
+            kind = "truncated" if size < self._size else "larger than expected"
             self.close()
-            raise StoreError(f"{src}: {kind}: {size} bytes, the manifest says {self.manifest.store_bytes}{what}")
+            raise StoreError(f"{src}: {kind}: {size} bytes, the manifest says {self._size}{what}")
         header = os.pread(self._fd, HEADER_BYTES, 0)
         if parse_store_header(header, src) != self.manifest.store_id:
             self.close()

@@ -11,7 +11,7 @@ import pytest
 
 from edgemoe.cli import COMMANDS
 
-# train-tiny is a standalone tool (edgemoe/tools/train_tiny.py) that imports torch at the top.
+# train-tiny is a standalone tool (edgemoe_lab/train_tiny.py) that imports torch at the top.
 FAST = [name for name in COMMANDS if name != "train-tiny"]
 
 PROBE = """
@@ -82,3 +82,4 @@ def test_copied_option_lists_match_the_runtime():
         bw_profile.DEFAULT_FORMATS, bw_profile.DEFAULT_CALIB_TOKENS, bw_profile.DEFAULT_VALIDATE)
     assert plan.DEFAULT_MAX_EVALS == bw_plan.DEFAULT_MAX_EVALS
     assert plan.DEFAULT_HOLDBACK == bw_plan.DEFAULT_HOLDBACK
+    assert plan.DEFAULT_MARGIN == bw_plan.DEFAULT_MARGIN

@@ -117,6 +117,7 @@ WRONG = {
     bool: ["yes", 1, 0, [True]],
     str: [5, ["silu"], {"name": "silu"}],
     list: ["abc", 5, [[1]], {"0": 1}],
+    dict: ["abc", 5, [1], {"0": "x"}, {"zero": 2}],
 }
 NEGATIVE = [-1, -64]
 # Fields where 0 is meaningful in some family (token ids, "no experts", "no shared

@@ -2,7 +2,9 @@
 convert_hf_to_gguf.py and llama-quantize do, with the `gguf` package's writer, tensor
 name map and quantizers. Only the inverse direction (reading) is edgemoe's code, so a
 mistake in one is not mirrored in the other: names come from gguf.TensorNameMap, the
-q/k permutation is llama.cpp's formula, metadata keys are the writer's own methods."""
+q/k permutation is llama.cpp's formula, metadata keys are the writer's own methods.
+One writer serves every architecture (its metadata branches follow convert_hf_to_gguf.py's
+classes one by one), hence the length of the module."""
 
 from __future__ import annotations
 
@@ -17,8 +19,10 @@ import torch
 ARCH = {"mixtral": "LLAMA", "qwen2_moe": "QWEN2MOE", "qwen3_moe": "QWEN3MOE", "olmoe": "OLMOE",
         "glm4_moe": "GLM4_MOE", "dots1": "DOTS1", "llama4_text": "LLAMA4", "deepseek_v2": "DEEPSEEK2",
         "deepseek_v3": "DEEPSEEK2", "gpt_oss": "GPT_OSS", "minimax_m2": "MINIMAXM2", "hunyuan_v1_moe": "HUNYUAN_MOE",
-        "granitemoe": "GRANITE_MOE", "granitemoeshared": "GRANITE_MOE", "ernie4_5_moe": "ERNIE4_5_MOE"}
-PERMUTED = ("mixtral", "granitemoe", "granitemoeshared")  # LlamaModel subclasses: q/k rows permuted
+        "granitemoe": "GRANITE_MOE", "granitemoeshared": "GRANITE_MOE", "ernie4_5_moe": "ERNIE4_5_MOE",
+        "dbrx": "DBRX", "phimoe": "PHIMOE", "exaone_moe": "EXAONE_MOE", "afmoe": "AFMOE", "lfm2_moe": "LFM2MOE",
+        "jamba": "JAMBA", "granitemoehybrid": "GRANITE_HYBRID"}
+PERMUTED = ("mixtral", "granitemoe", "granitemoeshared", "granitemoehybrid")  # LlamaModel subclasses: q/k rows permuted
 
 
 def llama_cpp_permute(w: np.ndarray, n_head: int, n_head_kv: int | None) -> np.ndarray:
@@ -82,9 +86,16 @@ def _decode(data: np.ndarray, raw) -> np.ndarray:
 INPUT_MAJOR = ("llama4_text", "gpt_oss")
 
 
-def split_experts(family: str, name: str, a: np.ndarray) -> dict[str, np.ndarray] | None:
+DBRX_EXPERTS = re.compile(r"ffn\.experts\.mlp\.(w1|v1|w2)$")  # (E * I, H) each
+
+
+def split_experts(family: str, name: str, a: np.ndarray, experts: int = 0) -> dict[str, np.ndarray] | None:
     """A fused expert tensor of the state dict as llama.cpp's converter stacks it:
-    part -> (E, out, in) weights or (E, out) biases; None for any other tensor."""
+    part -> (E, out, in) weights or (E, out) biases; None for any other tensor. DBRX's
+    w1 / v1 / w2 (E * I, H) are viewed as (E, I, H), w2 transposed (DbrxModel)."""
+    if family == "dbrx" and (m := DBRX_EXPERTS.search(name)):
+        t = a.reshape(experts, -1, a.shape[-1])  # (E, I, H)
+        return {{"w1": "gate", "v1": "up"}.get(m.group(1), "down"): t if m.group(1) != "w2" else t.transpose(0, 2, 1)}
     if name.endswith("experts.gate_up_proj"):
         t = a.transpose(0, 2, 1) if family in INPUT_MAJOR else a  # (E, 2I, H)
         if family == "gpt_oss":
@@ -101,6 +112,10 @@ def split_experts(family: str, name: str, a: np.ndarray) -> dict[str, np.ndarray
 
 def fuse_experts(family: str, name: str, p: dict[str, np.ndarray]) -> np.ndarray:
     """The inverse of `split_experts` (for the GGUF's dequantized weights)."""
+    if family == "dbrx":
+        (part, t), = p.items()
+        t = t.transpose(0, 2, 1) if part == "down" else t  # (E, I, H)
+        return t.reshape(-1, t.shape[-1])
     if name.endswith("gate_up_proj"):
         if family == "gpt_oss":
             t = np.empty((p["gate"].shape[0], 2 * p["gate"].shape[1], p["gate"].shape[2]), np.float32)
@@ -179,6 +194,56 @@ def write_metadata(w, cfg, family: str, n_blocks: int, mla_layout: str) -> None:
     """What convert_hf_to_gguf.py's set_gguf_parameters writes for these families."""
     import gguf
 
+    if family == "dbrx":  # DbrxModel writes only these
+        w.add_block_count(n_blocks)
+        w.add_context_length(cfg.max_seq_len)
+        w.add_embedding_length(cfg.d_model)
+        w.add_feed_forward_length(cfg.ffn_config.ffn_hidden_size)
+        w.add_head_count(cfg.n_heads)
+        w.add_head_count_kv(cfg.attn_config.kv_n_heads)
+        w.add_rope_freq_base(cfg.attn_config.rope_theta)
+        w.add_clamp_kqv(cfg.attn_config.clip_qkv)
+        w.add_expert_count(cfg.ffn_config.moe_num_experts)
+        w.add_expert_used_count(cfg.ffn_config.moe_top_k)
+        w.add_layer_norm_eps(1e-5)
+        w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+        return
+    if family == "jamba":  # JambaModel: KV heads per layer, 0 for the Mamba layers
+        w.add_block_count(n_blocks)
+        w.add_context_length(cfg.max_position_embeddings)
+        w.add_embedding_length(cfg.hidden_size)
+        w.add_feed_forward_length(cfg.intermediate_size)
+        w.add_head_count(cfg.num_attention_heads)
+        w.add_head_count_kv([cfg.num_key_value_heads if i >= cfg.attn_layer_offset
+                             and (i - cfg.attn_layer_offset) % cfg.attn_layer_period == 0 else 0
+                             for i in range(n_blocks)])
+        w.add_ssm_conv_kernel(cfg.mamba_d_conv)
+        w.add_ssm_inner_size(cfg.mamba_expand * cfg.hidden_size)
+        w.add_ssm_state_size(cfg.mamba_d_state)
+        w.add_ssm_time_step_rank(cfg.mamba_dt_rank)
+        w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+        w.add_expert_count(cfg.num_experts)
+        w.add_expert_used_count(cfg.num_experts_per_tok)
+        w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+        return
+    if family == "lfm2_moe":  # TextModel + LFM2MoeModel: KV heads per layer, 0 for the convolutions
+        w.add_block_count(n_blocks)
+        w.add_context_length(cfg.max_position_embeddings)
+        w.add_embedding_length(cfg.hidden_size)
+        w.add_feed_forward_length(cfg.intermediate_size)
+        w.add_head_count(cfg.num_attention_heads)
+        w.add_head_count_kv([cfg.num_key_value_heads if t == "full_attention" else 0 for t in cfg.layer_types])
+        w.add_rope_freq_base(_rope(cfg)[0])
+        w.add_layer_norm_rms_eps(cfg.norm_eps)
+        w.add_expert_count(cfg.num_experts)
+        w.add_expert_used_count(cfg.num_experts_per_tok)
+        w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+        w.add_leading_dense_block_count(cfg.num_dense_layers)
+        w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+        w.add_vocab_size(cfg.vocab_size)
+        w.add_shortconv_l_cache(cfg.conv_L_cache)
+        w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+        return
     w.add_block_count(n_blocks)
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
@@ -284,7 +349,7 @@ def write_metadata(w, cfg, family: str, n_blocks: int, mla_layout: str) -> None:
         w.add_expert_shared_count(1)
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
-    elif family in ("granitemoe", "granitemoeshared"):
+    elif family in ("granitemoe", "granitemoeshared", "granitemoehybrid"):
         w.add_feed_forward_length(cfg.intermediate_size)
         w.add_expert_count(cfg.num_local_experts)
         w.add_rope_dimension_count(cfg.hidden_size // heads)  # GraniteModel drops head_dim
@@ -294,6 +359,15 @@ def write_metadata(w, cfg, family: str, n_blocks: int, mla_layout: str) -> None:
         w.add_logit_scale(cfg.logits_scaling)
         if getattr(cfg, "shared_intermediate_size", 0):
             w.add_expert_shared_feed_forward_length(cfg.shared_intermediate_size)
+        if family == "granitemoehybrid":  # GraniteHybridModel: Mamba-2 and per-layer KV heads
+            w.add_ssm_conv_kernel(cfg.mamba_d_conv)
+            w.add_ssm_state_size(cfg.mamba_d_state)
+            w.add_ssm_group_count(cfg.mamba_n_groups)
+            w.add_ssm_inner_size(cfg.mamba_expand * cfg.hidden_size)
+            w.add_ssm_time_step_rank(cfg.mamba_n_heads)
+            w.add_head_count_kv([kv if t == "full_attention" else 0 for t in cfg.layer_types])
+            w.add_rope_scaling_finetuned(cfg.position_embedding_type == "rope")
+            w.add_context_length(2**20)
     elif family == "ernie4_5_moe":
         common_moe(cfg.moe_num_experts, cfg.moe_intermediate_size, cfg.intermediate_size)
         w.add_interleave_moe_layer_step(cfg.moe_layer_interval)
@@ -301,6 +375,38 @@ def write_metadata(w, cfg, family: str, n_blocks: int, mla_layout: str) -> None:
         w.add_expert_shared_count(cfg.moe_num_shared_experts)
         if cfg.moe_num_shared_experts:  # as Ernie4_5MoeModel writes it
             w.add_expert_shared_feed_forward_length(cfg.intermediate_size // cfg.num_key_value_heads)
+    elif family == "phimoe":  # Phi3MiniModel + PhiMoeModel
+        w.add_feed_forward_length(cfg.intermediate_size)
+        w.add_rope_scaling_orig_ctx_len(phimoe_original_context(cfg))
+        w.add_rope_dimension_count(head_dim)
+        w.add_sliding_window(cfg.sliding_window or 0)
+        w.add_expert_count(cfg.num_local_experts)
+        if rope.get("rope_type") == "longrope":
+            w.add_rope_scaling_attn_factors(phimoe_attn_factor(cfg))
+    elif family == "exaone_moe":  # TextModel + Exaone4Model + ExaoneMoEModel
+        common_moe(cfg.num_experts, cfg.moe_intermediate_size, cfg.intermediate_size)
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+        w.add_expert_group_count(cfg.n_group)
+        w.add_expert_group_used_count(cfg.topk_group)
+        w.add_sliding_window(cfg.sliding_window)
+        w.add_sliding_window_pattern([t == "sliding_attention" for t in cfg.layer_types])
+        w.add_expert_shared_count(cfg.num_shared_experts)
+        w.add_expert_shared_feed_forward_length(cfg.moe_intermediate_size * cfg.num_shared_experts)
+        w.add_expert_weights_scale(cfg.routed_scaling_factor)
+        w.add_expert_weights_norm(cfg.norm_topk_prob)
+        w.add_leading_dense_block_count(cfg.first_k_dense_replace)
+        w.add_nextn_predict_layers(0)
+        w.add_rope_scaling_type(gguf.RopeScalingType.NONE)
+    elif family == "afmoe":  # LlamaModel + AfmoeModel
+        common_moe(cfg.num_experts, cfg.moe_intermediate_size, cfg.intermediate_size)
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+        w.add_rope_dimension_count(head_dim)
+        w.add_expert_shared_count(cfg.num_shared_experts)
+        w.add_leading_dense_block_count(cfg.num_dense_layers)
+        w.add_expert_weights_scale(cfg.route_scale)
+        w.add_sliding_window(cfg.sliding_window)
     elif family == "gpt_oss":
         common_moe(cfg.num_local_experts, cfg.intermediate_size, cfg.intermediate_size)
         w.add_key_length(head_dim)
@@ -309,6 +415,19 @@ def write_metadata(w, cfg, family: str, n_blocks: int, mla_layout: str) -> None:
     else:
         raise ValueError(family)
     w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+
+
+def phimoe_original_context(cfg) -> int:
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    return (getattr(cfg, "original_max_position_embeddings", None) or rope.get("original_max_position_embeddings")
+            or cfg.max_position_embeddings)
+
+
+def phimoe_attn_factor(cfg) -> float:
+    """Phi3MiniModel.generate_extra_tensors' LongRoPE attention factor."""
+    orig = phimoe_original_context(cfg)
+    scale = cfg.max_position_embeddings / orig
+    return math.sqrt(1 + math.log(scale) / math.log(orig)) if scale > 1.0 else 1.0
 
 
 def write_gguf(model, tok_dir: Path | None, out: Path, qtype: str = "F16", expert_qtype: str | None = None,
@@ -358,14 +477,18 @@ def write_gguf(model, tok_dir: Path | None, out: Path, qtype: str = "F16", exper
     freqs = llama3_rope_freqs(cfg, head_dim) if family == "llama4_text" else None
     if freqs is not None:
         add("rope_freqs.weight", freqs)
+    rope = _rope(cfg)[1] if family != "dbrx" else {}
+    if rope.get("rope_type") == "longrope":  # Phi3MiniModel.generate_extra_tensors
+        add("rope_factors_long.weight", np.array(rope["long_factor"], np.float32))
+        add("rope_factors_short.weight", np.array(rope["short_factor"], np.float32))
     deq: dict[str, np.ndarray] = {}
     for name, t in model.state_dict().items():
         if name.endswith("rotary_emb.inv_freq"):
             continue
         a = t.detach().float().numpy()
-        pieces = split_experts(family, name, a)
+        pieces = split_experts(family, name, a, cfg.ffn_config.moe_num_experts if family == "dbrx" else 0)
         if pieces is not None:
-            layer = int(re.search(r"layers\.(\d+)\.", name).group(1))
+            layer = int(re.search(r"(?:layers|blocks)\.(\d+)\.", name).group(1))
             held = {}
             for part, arr in pieces.items():
                 base = f"blk.{layer}.ffn_{part.removesuffix('_bias')}_exps"
@@ -387,6 +510,16 @@ def write_gguf(model, tok_dir: Path | None, out: Path, qtype: str = "F16", exper
             deq[name] = fuse_experts(family, name, held)
             continue
         hf = name.replace("e_score_correction_bias", "e_score_correction.bias")  # the converter's rename
+        hf = re.sub(r"(mlp|feed_forward)\.expert_bias$", r"\1.expert_bias.bias", hf)  # AFMoE's and LFM2's rename
+        if name.endswith(("conv.conv.weight", "mamba.conv1d.weight")):
+            a = a.squeeze(1)  # LFM2, Mamba: the conv op takes (C, L)
+        if name.endswith("mamba.A_log"):
+            a = -np.exp(a)  # JambaModel and Mamba2Model store A itself
+        if family == "granitemoehybrid" and re.search(r"mamba\.(A_log|D)$", name):
+            a = a.reshape(-1, 1)  # Mamba2Model: (H, 1)
+        if family == "granitemoehybrid" and name.endswith("mamba.norm.weight"):
+            a = a.reshape(cfg.mamba_n_groups, -1)  # Mamba2Model: one row per group
+        hf = hf.replace("mamba.dt_bias", "mamba.dt_proj.bias")  # Mamba2Model's rename
         # transformers 5's in-memory names for what the converter reads under its on-disk names
         hf = hf.replace("mlp.gate.moe_statics.", "mlp.moe_statics.")
         if family.startswith("granitemoe"):
@@ -401,16 +534,20 @@ def write_gguf(model, tok_dir: Path | None, out: Path, qtype: str = "F16", exper
             deq[name] = np.concatenate([_decode(*_encode(gate, qtype)), _decode(*_encode(up, qtype))])
             continue
         gname = tmap.get_name(hf, try_suffixes=(".weight", ".bias"))
+        if gname is None and name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue  # not on disk (LFM2's architecture has no output tensor)
         assert gname is not None, name
-        if not gname.endswith((".weight", ".bias")):
-            gname += ".weight"  # gpt-oss's sinks
-        if a.ndim == 1 or "ffn_gate_inp" in gname:
+        if not gname.endswith((".weight", ".bias")) and not re.search(r"ssm_[ad]$", gname):
+            gname += ".weight"  # gpt-oss's sinks (Mamba's ssm_a and ssm_d have no suffix)
+        if a.ndim == 1 or "ffn_gate_inp" in gname or re.search(r"ssm_(a|d|conv1d|norm)\b", gname):  # kept F32
             data, raw = a.astype(np.float32), None
         elif gname.endswith("attn_kv_b.weight"):
             data, raw = a.astype(np.float16), None  # F16 also in quantized files here (see mla_layout)
         else:
             data, raw = _encode(a, qtype)
         deq[name] = _decode(data, raw).reshape(t.shape)
+        if name.endswith("mamba.A_log"):
+            deq[name] = np.log(-deq[name])
         if family in PERMUTED and re.search(r"[qk]_proj\.(weight|bias)$", name):
             kv = cfg.num_key_value_heads if ".k_proj." in name else cfg.num_attention_heads
             data = llama_cpp_permute(data, cfg.num_attention_heads, kv)  # rows: commutes with row-wise blocks
@@ -528,3 +665,30 @@ def write_spm_gguf(tok_file: Path, out: Path) -> Path:
     w.write_tensors_to_file()
     w.close()
     return out
+
+
+def rewrite_metadata(src: Path, dst: Path, changes: dict) -> Path:
+    """A copy of the GGUF `src` with the metadata keys in `changes` set to new values
+    (same types), tensors unchanged."""
+    import gguf
+
+    r = gguf.GGUFReader(src)
+    w = gguf.GGUFWriter(dst, r.fields["general.architecture"].contents())
+    for key, field in r.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        value = changes.get(key, field.contents())
+        if field.types[0] == gguf.GGUFValueType.ARRAY:
+            w.add_key_value(key, value, field.types[0], sub_type=field.types[-1])
+        else:
+            w.add_key_value(key, value, field.types[0])
+    for t in r.tensors:
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        raw = None if t.tensor_type.name in ("F32", "F16") else t.tensor_type
+        data = np.array(t.data)
+        w.add_tensor(t.name, data if raw is not None else data.reshape(shape), raw_dtype=raw)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst

@@ -378,9 +378,9 @@ def test_unknown_architecture_and_dense_models(tmp_path):
     with pytest.raises(ModelLoadError, match="dense llama model"):
         GGUFCheckpoint(path)
     # A family edgemoe has, whose GGUF layout it does not read: pointed to the checkpoint.
-    path = _write(tmp_path, arch="phimoe")
+    path = _write(tmp_path, arch="qwen3next")
     assert_clean_error(run_cli("convert", path, tmp_path / "o"), str(path),
-                       "GGUF architecture 'phimoe' (Phi-3.5-MoE) is not supported yet",
+                       "GGUF architecture 'qwen3next' (Qwen3-Next) is not supported yet",
                        "edgemoe convert HF_DIR OUT_DIR")
 
 

@@ -15,6 +15,7 @@ and run.
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -27,9 +28,9 @@ from edgemoe.errors import ModelLoadError
 from edgemoe.store.convert import convert
 from edgemoe.store.manifest import read_manifest
 from edgemoe.store.gguf import GGUFCheckpoint
-from edgemoe.store.gguf_archs import _llama3_factors, llama3_from_factors
+from edgemoe.store.gguf_rope import _llama3_factors, llama3_from_factors
 
-from store.gguf_helpers import llama3_rope_freqs, mxfp4_repack, reference_model, write_gguf
+from store.gguf_helpers import llama3_rope_freqs, mxfp4_repack, reference_model, rewrite_metadata, write_gguf
 from store.helpers import min_budget, run_prompts
 
 pytestmark = pytest.mark.filterwarnings("ignore:Initializing zero-element tensors:UserWarning")
@@ -37,6 +38,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:Initializing zero-element tensor
 BASE = dict(vocab_size=384, bos_token_id=0, eos_token_id=1, max_position_embeddings=512, tie_word_embeddings=False,
             hidden_size=64, num_attention_heads=4, head_dim=16)
 MLA_BASE = {k: v for k, v in BASE.items() if k != "head_dim"}  # MLA's head sizes are its own
+PHIMOE_MSCALE = math.sqrt(1 + math.log(512 / 128) / math.log(128))  # Phi3MiniModel's attn_factor for 512 / 128
 
 # Tiny configs within what llama.cpp's metadata can say (one expert group for GLM and
 # dots1, whose converters write none; Llama 4's fixed chunk, NoPE and temperature
@@ -100,12 +102,62 @@ CONFIGS = {
     "gpt_oss": lambda: tf.GptOssConfig(
         **BASE, intermediate_size=32, num_hidden_layers=2, num_key_value_heads=2, num_local_experts=4,
         num_experts_per_tok=2, sliding_window=8),
+    # Fused qkv clamped at 0.3, GQA, LayerNorms without bias, every expert in (E * I, H) slabs.
+    "dbrx": lambda: tf.DbrxConfig(
+        vocab_size=384, bos_token_id=0, eos_token_id=1, max_seq_len=512, tie_word_embeddings=False, d_model=64,
+        n_heads=4, n_layers=2, attn_config={"clip_qkv": 0.3, "kv_n_heads": 2, "rope_theta": 5e5},
+        ffn_config={"ffn_hidden_size": 32, "moe_num_experts": 4, "moe_top_k": 2},
+        rope_parameters={"rope_type": "default", "rope_theta": 5e5}),
+    # LongRoPE (factors as tensors, the converter's attention factor as both mscales),
+    # biases on attention and the LM head, LayerNorms with bias, SparseMixer routing.
+    "phimoe": lambda: tf.PhimoeConfig(
+        **BASE, intermediate_size=32, num_hidden_layers=2, num_key_value_heads=2, num_local_experts=4,
+        attention_bias=True, lm_head_bias=True, rope_parameters=dict(
+            rope_type="longrope", rope_theta=1e6, short_factor=[1.0 + 0.1 * i for i in range(8)],
+            long_factor=[2.0 + 0.1 * i for i in range(8)], short_mscale=PHIMOE_MSCALE, long_mscale=PHIMOE_MSCALE,
+            original_max_position_embeddings=128)),
+    # Sliding window 8 with RoPE only on the sliding layers, a dense first layer, a shared
+    # expert, sigmoid routing with correction bias, q/k norms.
+    "exaone_moe": lambda: tf.ExaoneMoeConfig(
+        **BASE, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=4, num_key_value_heads=2,
+        num_experts=8, num_experts_per_tok=2, num_shared_experts=1, first_k_dense_replace=1, sliding_window=8,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "sliding_attention"],
+        routed_scaling_factor=2.5, norm_topk_prob=True, n_group=1, topk_group=1),
+    # MuP embeddings, gated attention, sandwich norms, every fourth layer global (llama.cpp's
+    # fixed settings), a dense first layer, a shared expert, sigmoid routing with bias.
+    "afmoe": lambda: tf.AfmoeConfig(
+        **BASE, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=4, num_key_value_heads=2,
+        num_experts=8, num_experts_per_tok=2, num_shared_experts=1, num_dense_layers=1, route_scale=2.0,
+        sliding_window=8, global_attn_every_n_layers=4, mup_enabled=True),
+    # Short convolutions in layers 0 and 2 (0 KV heads in the file), attention in 1 and 3,
+    # a dense first layer, sigmoid routing with expert bias, tied embeddings.
+    "lfm2_moe": lambda: tf.Lfm2MoeConfig(
+        **{k: v for k, v in BASE.items() if k not in ("head_dim", "tie_word_embeddings")}, intermediate_size=96,
+        moe_intermediate_size=32, num_hidden_layers=4, num_key_value_heads=2, num_experts=8, num_experts_per_tok=2,
+        num_dense_layers=1, layer_types=["conv", "full_attention", "conv", "full_attention"],
+        tie_word_embeddings=True),
+    # Mamba layers 0 and 2 (0 KV heads), attention in 1 and 3, experts in 1 and 3 and a
+    # dense MLP elsewhere, raw top-2 softmax weights.
+    "jamba": lambda: tf.JambaConfig(
+        **{k: v for k, v in BASE.items() if k != "head_dim"}, intermediate_size=32, num_hidden_layers=4,
+        num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, attn_layer_period=2, attn_layer_offset=1,
+        expert_layer_period=2, expert_layer_offset=1, mamba_d_state=8, mamba_dt_rank=8, use_mamba_kernels=False),
+    # Mamba-2 in layers 0 and 2 (two B/C groups, (H, 1) A and D in the file), attention
+    # without RoPE in 1 and 3, experts plus a shared MLP everywhere, the four multipliers.
+    "granitehybrid": lambda: tf.GraniteMoeHybridConfig(
+        **{k: v for k, v in BASE.items() if k != "head_dim"}, intermediate_size=32, shared_intermediate_size=64,
+        num_hidden_layers=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+        layer_types=["mamba", "attention", "mamba", "attention"], mamba_n_heads=8, mamba_n_groups=2,
+        mamba_d_state=8, mamba_d_head=16, mamba_expand=2, mamba_chunk_size=8, embedding_multiplier=6.0,
+        attention_multiplier=0.05, residual_multiplier=0.4, logits_scaling=3.0),
 }
 # Writer options per architecture: GLM-4.5's prediction block; DeepSeek's two MLA layouts.
 OPTIONS = {"glm4moe": dict(nextn=1), "deepseek_v2": dict(mla_layout="legacy")}
 FAMILY = {"glm4moe": "glm4_moe", "dots1": "dots1", "llama4": "llama4_text", "deepseek_v3": "deepseek_v3",
           "deepseek_v2": "deepseek_v2", "gpt_oss": "gpt_oss", "minimax_m2": "minimax_m2",
-          "hunyuan_moe": "hunyuan_v1_moe", "granitemoe": "granitemoeshared", "ernie4_5_moe": "ernie4_5_moe"}
+          "hunyuan_moe": "hunyuan_v1_moe", "granitemoe": "granitemoeshared", "ernie4_5_moe": "ernie4_5_moe",
+          "dbrx": "dbrx", "phimoe": "phimoe", "exaone_moe": "exaone_moe", "afmoe": "afmoe", "lfm2_moe": "lfm2_moe",
+          "jamba": "jamba", "granitehybrid": "granitemoehybrid"}
 
 
 def ids(vocab: int, batch: int = 2, n: int = 20, seed: int = 1) -> torch.Tensor:
@@ -117,8 +169,8 @@ def _correction_biases(hf) -> None:
     changes the chosen experts)."""
     g = torch.Generator().manual_seed(7)
     with torch.no_grad():
-        for name, b in hf.named_buffers():
-            if name.endswith("e_score_correction_bias"):
+        for name, b in [*hf.named_buffers(), *hf.named_parameters()]:  # AFMoE's expert_bias is a parameter
+            if name.endswith(("e_score_correction_bias", "expert_bias")):
                 b.copy_(-1.0 + 0.3 * torch.randn(b.shape, generator=g))
 
 
@@ -170,7 +222,7 @@ def test_f16_matches_transformers(arch, tokenizer_dir):
     m = read_manifest(d / "f16")
     assert m.model_type == FAMILY[name] and result.experts == len(m.experts)
     cfg = json.loads((d / "f16" / "config.json").read_text())
-    assert cfg["num_hidden_layers"] == hf.config.num_hidden_layers  # GLM's prediction block dropped
+    assert cfg.get("num_hidden_layers", cfg.get("n_layers")) == hf.config.num_hidden_layers  # GLM's MTP block dropped
     x = ids(hf.config.vocab_size)
     got = logits(d / "f16", x)
     torch.testing.assert_close(got, hf(x).logits, atol=1e-3, rtol=0)
@@ -194,6 +246,19 @@ def test_q8_0_reads_exactly_and_runs_offloaded(arch, tokenizer_dir):
     result = convert(path, d / "q8", dtype="float32")
     assert set(result.formats) == {"mxfp4" if expert_qtype else "int8"}
     in_ram_and_offloaded(d / "q8")
+
+
+@torch.no_grad()
+def test_granitehybrid_attention_layers_found_by_their_tensors(tmp_path, tokenizer_dir):
+    """llama.cpp's converter, given a transformers 5 config (layer_types "full_attention"
+    rather than the released "attention"), writes 0 KV heads for every layer: the
+    attention layers are then found by their tensors, with the same logits."""
+    hf = fp16_checkpoint("granitehybrid", tmp_path / "hf", tokenizer_dir)
+    (path,), _ = write_gguf(hf, tokenizer_dir, tmp_path / "m.gguf", "F16")
+    zeros = rewrite_metadata(path, tmp_path / "zeros.gguf", {"granitehybrid.attention.head_count_kv": [0] * 4})
+    convert(zeros, tmp_path / "out", dtype="float32")
+    x = ids(hf.config.vocab_size)
+    torch.testing.assert_close(logits(tmp_path / "out", x), hf(x).logits, atol=1e-3, rtol=0)
 
 
 def stored_parts(out, layer: int, expert: int) -> dict[str, torch.Tensor]:

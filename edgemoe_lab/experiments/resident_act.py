@@ -1,0 +1,163 @@
+"""int8 vs int16 activations for the resident int8 layers (issue 15, section 4).
+
+`convert --resident int8` stores attention projections, shared experts, dense MLPs and an
+untied LM head as int8 weights with per-channel scales (quant/resident.py). The C kernel
+runs them with int16 activations today (kernels.RESIDENT_ACTIVATIONS); the experts moved
+to int8 activations (edgemoe_lab/results/quant_kernels.md). This measures both sides of
+the same switch for the resident layers, in one process, the path toggled between runs:
+
+- quality, on the bundled model converted with int4 experts and int8 resident layers:
+  held-out perplexity, logits (relative RMS difference, top-1 agreement, KL) and greedy
+  tokens, int16 vs int8 activations;
+- speed, on a converted model given with --model (e.g. the 2.3 B bench model): decode
+  tokens/s with the two paths alternating, median ratio over the rounds.
+
+    python -m edgemoe_lab.experiments.resident_act --model PATH --rounds 5 -o edgemoe_lab/results/resident_act.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from edgemoe_lab.experiments.decode_profile import cpu_name
+
+BIG = 1 << 30
+
+
+@contextlib.contextmanager
+def packed_everywhere():
+    """The packed C kernels at every batch (what decode runs), so that a perplexity over
+    whole windows measures the decode path; the experts keep their default activations."""
+    from edgemoe.quant import kernels as K
+
+    names = ("PACKED_MAX_BATCH", "PACKED_MAX_BATCH_BF16_CPU", "PACKED_MAX_BATCH_BF16_CPU_INT16",
+             "INT8_NATIVE_MAX_BATCH", "INT8PACK_MAX_BATCH", "INT8PACK_PREFERRED")
+    saved = [getattr(K, n) for n in names]
+    for n, v in zip(names, (BIG, BIG, BIG, BIG, 0, False)):
+        setattr(K, n, v)
+    try:
+        yield
+    finally:
+        for n, v in zip(names, saved):
+            setattr(K, n, v)
+
+
+PROMPTS = ["def fibonacci(n):", "class Stack:", "import os\n\ndef main():", "    for i in range("]
+
+
+def quality(tokens: int | None, emit) -> None:
+    from edgemoe import assets
+    from edgemoe.api import load
+    from edgemoe.evaluate import eval_tokens, perplexity, read_text
+    from edgemoe.quant import kernels as K
+    from edgemoe.store.convert import convert
+
+    text = read_text(assets.HELDOUT_TEXT, "held-out text")
+    with tempfile.TemporaryDirectory(prefix="resident-act-") as tmp:
+        out = Path(tmp, "int4")
+        convert(assets.MODEL_DIR, out, fmt="int4", resident="int8", force=True)
+        res = {}
+        for act in ("int16", "int8"):
+            K.RESIDENT_ACTIVATIONS = act
+            with packed_everywhere(), load(out) as eng:
+                ctx = eng.model.args.max_position_embeddings
+                ids = eval_tokens(eng.tokenizer, text, ctx, tokens, str(assets.HELDOUT_TEXT))
+                ppl = perplexity(eng.model, ids, ctx, batch=8)
+                win = torch.tensor(ids[: 4 * ctx]).view(4, ctx)
+                with torch.inference_mode():
+                    logits = eng.model(win).float()  # (4, ctx, V)
+            with load(out) as eng:  # the default dispatch, only the resident activations switched
+                greedy = [eng.generate(p, max_tokens=64, temperature=0).token_ids for p in PROMPTS]
+            res[act] = (ppl, logits, greedy)
+        K.RESIDENT_ACTIVATIONS = "int16"
+    (p16, l16, g16), (p8, l8, g8) = res["int16"], res["int8"]
+    d = l8 - l16
+    lp16, lp8 = l16.log_softmax(-1), l8.log_softmax(-1)
+    kl = float((lp16.exp() * (lp16 - lp8)).sum(-1).mean())
+    top1 = float((l16.argmax(-1) == l8.argmax(-1)).float().mean())
+    same = sum(a == b for a, b in zip(g16, g8))
+    emit("## Quality (bundled model: int4 experts, int8 resident layers, bf16)")
+    emit()
+    emit(f"Held-out text `{assets.HELDOUT_TEXT.name}`, {p16['tokens']:,} tokens, with the packed C kernels "
+         f"forced at every batch (the path decode takes; experts keep their default int8 activations in both "
+         f"columns). Logits: the first 4 windows. Greedy: {len(PROMPTS)} prompts x 64 tokens with the default "
+         f"dispatch; 'same' counts prompts whose tokens are identical.")
+    emit()
+    emit("| ppl int16 | ppl int8 | change | logits rel. RMS diff | top-1 agree | KL (nats) | greedy same |")
+    emit("|---|---|---|---|---|---|---|")
+    emit(f"| {p16['ppl']:.3f} | {p8['ppl']:.3f} | {100 * (p8['ppl'] / p16['ppl'] - 1):+.2f}% "
+         f"| {float(d.norm() / l16.norm()):.2e} | {100 * top1:.2f}% | {kl:.2e} | {same}/{len(PROMPTS)} |")
+    emit()
+
+
+def speed(model: str, rounds: int, tokens: int, threads: int | None, emit) -> None:
+    from edgemoe.api import load
+    from edgemoe.quant import kernels as K
+
+    times = {"int16": [], "int8": []}
+    ratios = []
+    with load(model, threads=threads) as eng:
+        eng.generate(PROMPTS[0], max_tokens=8, ignore_eos=True)
+        for r in range(rounds):
+            order = ("int16", "int8") if r % 2 == 0 else ("int8", "int16")
+            got = {}
+            for act in order:
+                K.RESIDENT_ACTIVATIONS = act
+                res = eng.generate(PROMPTS[0], max_tokens=tokens, ignore_eos=True)
+                got[act] = res.stats.decode_tps if hasattr(res.stats, "decode_tps") else res.stats["decode_tps"]
+                times[act].append(got[act])
+            ratios.append(got["int8"] / got["int16"])
+        K.RESIDENT_ACTIVATIONS = "int16"
+    emit(f"## Speed ({model})")
+    emit()
+    emit(f"Decode tokens/s, {tokens} tokens per run, {rounds} rounds, the two paths alternating (order rotated); "
+         f"torch threads {torch.get_num_threads()}.")
+    emit()
+    emit("| int16 tok/s (median) | int8 tok/s (median) | int8 / int16 per round: median [min-max] |")
+    emit("|---|---|---|")
+    emit(f"| {statistics.median(times['int16']):.2f} | {statistics.median(times['int8']):.2f} "
+         f"| {statistics.median(ratios):.3f}x [{min(ratios):.3f}-{max(ratios):.3f}] |")
+    emit()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", help="a converted model with int8 resident layers, for the speed rows")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--tokens", type=int, default=32, help="decoded tokens per speed run")
+    ap.add_argument("--threads", type=int, default=None, help="threads for the speed rows (default: torch's)")
+    ap.add_argument("--acc-tokens", type=int, default=None, help="held-out tokens (default: all)")
+    ap.add_argument("-o", "--out", type=Path, required=True)
+    args = ap.parse_args(argv)
+    lines: list[str] = []
+
+    def emit(s: str = "") -> None:
+        lines.append(s)
+        print(s, flush=True)
+
+    from edgemoe.quant.native import isa
+
+    emit("# Resident int8 layers: int8 vs int16 activations")
+    emit()
+    emit(f"Generated by `python -m edgemoe_lab.experiments.resident_act {' '.join(argv or sys.argv[1:])}` on "
+         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Machine: {cpu_name()}, {os.cpu_count()} CPUs, "
+         f"edgemoe kernels: {isa()}; load average {os.getloadavg()[0]:.1f}.")
+    emit()
+    quality(args.acc_tokens, emit)
+    if args.model:
+        speed(args.model, args.rounds, args.tokens, args.threads, emit)
+    args.out.write_text("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
