@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .errors import EdgeMoEError, InvalidArgument
+from .utils import NLLSums
 
 
 def windows(ids: list[int], context: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,8 +55,7 @@ def perplexity(model, ids: list[int], context: int, batch: int = 8, recorder=Non
         sources, targets = text_pairs(ids, context)
         return pair_loss(model, sources, targets, batch, progress, recorder, desc, per_window)
     inputs, targets = windows(ids, context)
-    total, count = 0.0, 0
-    window_nll: list[float] = []
+    sums = NLLSums(per_window)
     bar = tqdm(total=inputs.numel(), unit="tok", desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
     for i in range(0, inputs.shape[0], batch):
         x, y = inputs[i : i + batch], targets[i : i + batch]  # (B, T) x2
@@ -64,18 +64,10 @@ def perplexity(model, ids: list[int], context: int, batch: int = 8, recorder=Non
         logits = model(x).float()  # (B, T, V)
         if recorder is not None:
             recorder.finish()
-        losses = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape)  # (B, T)
-        total += losses.sum().item()
-        if per_window:
-            window_nll += losses.mean(dim=1).tolist()
-        count += y.numel()
+        sums.add(F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape))  # (B, T)
         bar.update(y.numel())
     bar.close()
-    nll = total / count
-    out = {"nll": nll, "ppl": math.exp(nll), "tokens": count}
-    if per_window:
-        out["window_nll"] = window_nll
-    return out
+    return sums.result()
 
 
 def check_decoder_only(model, what: str, source) -> None:

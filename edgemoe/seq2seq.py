@@ -18,7 +18,6 @@ stack.
 
 from __future__ import annotations
 
-import math
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -30,6 +29,7 @@ from .generate import decode_loop, provider_of
 from .models.seq2seq_blocks import Seq2SeqCache, Seq2SeqModel
 from .runtime.trace import TraceRecorder
 from .sample import LogitsProcessor, Sampler, make_sampler
+from .utils import NLLSums
 
 
 def is_seq2seq(model) -> bool:
@@ -171,7 +171,7 @@ def pair_loss(model: Seq2SeqModel, sources: torch.Tensor, targets: torch.Tensor,
 
     provider = provider_of(model)
     start = model.args.decoder_start_token_id
-    total, count, window_nll = 0.0, 0, []
+    sums = NLLSums(per_window)
     bar = tqdm(total=targets.numel(), unit="tok", desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
     for i in range(0, sources.shape[0], batch):
         src, tgt = sources[i : i + batch], targets[i : i + batch]  # (B, S), (B, T)
@@ -186,18 +186,10 @@ def pair_loss(model: Seq2SeqModel, sources: torch.Tensor, targets: torch.Tensor,
         logits = model.decode(inputs, memory=memory).float()  # (B, T, V)
         if recorder is not None:
             recorder.finish()
-        nll = -torch.log_softmax(logits, -1).gather(2, tgt[..., None])  # (B, T, 1)
-        total += float(nll.sum())
-        if per_window:
-            window_nll += nll[..., 0].mean(dim=1).tolist()
-        count += tgt.numel()
+        sums.add(-torch.log_softmax(logits, -1).gather(2, tgt[..., None])[..., 0])  # (B, T)
         bar.update(tgt.numel())
     bar.close()
-    mean = total / count
-    out = {"nll": mean, "ppl": math.exp(mean), "tokens": count}
-    if per_window:
-        out["window_nll"] = window_nll
-    return out
+    return sums.result()
 
 
 class Seq2SeqTraceRecorder(TraceRecorder):

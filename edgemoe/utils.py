@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 from .errors import EdgeMoEError
@@ -106,3 +107,28 @@ def save_npz_atomic(path, arrays: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_bytes(buf.getvalue())
     os.replace(tmp, path)
+
+
+class NLLSums:
+    """Running sums of per-token negative log-likelihoods over batches, as
+    evaluate.perplexity and seq2seq.pair_loss report them."""
+
+    def __init__(self, per_window: bool = False):
+        self.total, self.count = 0.0, 0
+        self.window_nll: list[float] | None = [] if per_window else None
+
+    def add(self, nll) -> None:
+        """nll: (B, T) tensor of one batch's per-token NLLs."""
+        self.total += float(nll.sum())
+        self.count += nll.numel()
+        if self.window_nll is not None:
+            self.window_nll += nll.mean(dim=1).tolist()
+
+    def result(self) -> dict:
+        """{"nll": mean per token, "ppl", "tokens"}, plus "window_nll" (each row's mean)
+        when asked for."""
+        mean = self.total / self.count
+        out = {"nll": mean, "ppl": math.exp(mean), "tokens": self.count}
+        if self.window_nll is not None:
+            out["window_nll"] = self.window_nll
+        return out

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ..errors import InvalidArgument
 from .common import (add_chat_template_arg, add_model_args, add_sampling_args, check_output_path, eprint,
-                     format_stats, load_engine, sampling_kwargs)
+                     format_stats, load_engine, read_file_bytes, sampling_kwargs)
 
 HELP = """commands:
   /help         this list
@@ -95,17 +95,8 @@ def check_messages(messages, source: str) -> list[dict]:
 def read_conversation(path: str) -> list[dict]:
     """Messages from a file written by /save, or a JSON list of messages, or an object with
     "messages" (an OpenAI request body). JSON only: nothing is ever unpickled."""
-    p = Path(path)
-    try:
-        if p.stat().st_size > MAX_CHAT_FILE_BYTES:
-            raise InvalidArgument(f"{path}: larger than {MAX_CHAT_FILE_BYTES // 1024**2} MiB; not a saved conversation")
-        raw = p.read_bytes()
-    except FileNotFoundError:
-        raise InvalidArgument(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise InvalidArgument(f"{path}: is a directory; give a file") from None
-    except OSError as e:
-        raise InvalidArgument(f"{path}: cannot read: {e.strerror or e}") from None
+    raw = read_file_bytes(path, str(path), MAX_CHAT_FILE_BYTES,
+                          f"larger than {MAX_CHAT_FILE_BYTES // 1024**2} MiB; not a saved conversation")
     try:
         data = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as e:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import TYPE_CHECKING
 
@@ -105,19 +106,27 @@ def add_chat_template_arg(p: argparse.ArgumentParser) -> None:
                         "with a \"chat_template\" key as Hugging Face writes chat_template.json)")
 
 
+def read_file_bytes(path, label: str, max_bytes: int | None = None, too_big: str = "") -> bytes:
+    """The bytes of a file a user named; every problem is an InvalidArgument starting with
+    `label` (e.g. "--prompt-file PATH"). Files over `max_bytes` are refused with `too_big`."""
+    try:
+        with open(path, "rb") as f:
+            if max_bytes is not None and os.fstat(f.fileno()).st_size > max_bytes:
+                raise InvalidArgument(f"{label}: {too_big}")
+            return f.read()
+    except FileNotFoundError:
+        raise InvalidArgument(f"{label}: no such file") from None
+    except IsADirectoryError:
+        raise InvalidArgument(f"{label}: is a directory; give a file") from None
+    except OSError as e:
+        raise InvalidArgument(f"{label}: cannot read: {e.strerror or e}") from None
+
+
 def read_text_file(path, flag: str, errors: str = "replace") -> str:
     """The text of a file named by a command-line flag; every problem is an InvalidArgument
     naming the flag and the file. Invalid UTF-8 becomes U+FFFD (errors="replace", as for
     prompts given on the command line) or is refused (errors="strict")."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        raise InvalidArgument(f"{flag} {path}: no such file") from None
-    except IsADirectoryError:
-        raise InvalidArgument(f"{flag} {path}: is a directory; give a file") from None
-    except OSError as e:
-        raise InvalidArgument(f"{flag} {path}: cannot read: {e.strerror or e}") from None
+    data = read_file_bytes(path, f"{flag} {path}")
     if errors == "strict":
         try:
             return data.decode("utf-8")
