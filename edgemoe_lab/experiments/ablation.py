@@ -14,9 +14,12 @@ the expert loader has the other):
     + preloading             ... plus expert prediction and preloading (the runtime's defaults)
     + EdgeMoE cache policy   ... plus the paper's eviction score instead of LRU  (= EdgeMoE)
     IO-QEXP                  uniform int4 experts on demand (LRU), no preloading
+    EdgeMoE+cache-routing    = EdgeMoE, plus cache-aware routing (--cache-aware-routing 0.1; lossy:
+                             its quality cost is measured in edgemoe_lab/results/prefetch_pays.md)
     EdgeMoE+fallback         = EdgeMoE, plus int2 small copies read on a miss of an expert with
                              under half of the token's routing weight (--fallback-below 0.5;
                              lossy: its quality cost is measured in edgemoe_lab/results/fallback.md)
+    EdgeMoE+all              = EdgeMoE with both knobs
 
 Storage: the real disk (O_DIRECT, page cache dropped) and the store reader's bandwidth
 throttle at 90 MB/s (a Raspberry Pi's SD card) and 550 MB/s (a Jetson's SATA SSD). The
@@ -66,8 +69,10 @@ WORK = LAB_WORK / "ablation"
 
 CONDITIONS = {"disk": None, "90MB/s": "90MB/s", "550MB/s": "550MB/s"}
 ROWS = ["IO-FREE", "IO-EXP", "+ bitwidth plan", "+ preloading", "+ EdgeMoE cache policy", "IO-QEXP"]
-LOSSY = ["EdgeMoE+fallback"]  # bundled model only (the Switch-T runner takes no --fallback-below)
+# bundled model only (the Switch-T runner takes neither knob)
+LOSSY = ["EdgeMoE+cache-routing", "EdgeMoE+fallback", "EdgeMoE+all"]
 FALLBACK_BELOW = 0.5
+CACHE_ROUTING = 0.1  # the margin that paid in prefetch_pays.md
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
 
 
@@ -206,8 +211,13 @@ def configs(dirs: dict, budget: int) -> dict[str, tuple[Path, list]]:
         "+ preloading": (dirs["plan"], mem + ["--cache-policy", "lru"]),
         "+ EdgeMoE cache policy": (dirs["plan"], mem + ["--cache-policy", "edgemoe"]),
         "IO-QEXP": (dirs["int4"], mem + ["--cache-policy", "lru", "--no-prefetch"]),
-        **({"EdgeMoE+fallback": (dirs["plan-fb"], mem + ["--cache-policy", "edgemoe", "--fallback-below",
-                                                         FALLBACK_BELOW])} if "plan-fb" in dirs else {}),
+        **({"EdgeMoE+cache-routing": (dirs["plan"], mem + ["--cache-policy", "edgemoe", "--cache-aware-routing",
+                                                           CACHE_ROUTING]),
+            "EdgeMoE+fallback": (dirs["plan-fb"], mem + ["--cache-policy", "edgemoe", "--fallback-below",
+                                                         FALLBACK_BELOW]),
+            "EdgeMoE+all": (dirs["plan-fb"], mem + ["--cache-policy", "edgemoe", "--fallback-below", FALLBACK_BELOW,
+                                                    "--cache-aware-routing", CACHE_ROUTING])}
+           if "plan-fb" in dirs else {}),
     }
 
 
@@ -480,6 +490,10 @@ def main() -> None:
                 f"{format_bytes(s['decode_prefetch_wasted_bytes_per_token']) if pf else '-'} | {rec} | "
                 f"{format_bytes(s['rss_over_baseline_bytes'])} |")
         lines.append("")
+    if "EdgeMoE+cache-routing" in rows:
+        lines += [f"EdgeMoE+cache-routing is lossy (--cache-aware-routing {CACHE_ROUTING:g}: a cached expert whose "
+                  "router score is within the margin of a missing one's takes its place): its quality cost on this "
+                  "model (held-out perplexity) is in `prefetch_pays.md`. EdgeMoE+all has both knobs.", ""]
     if "EdgeMoE+fallback" in rows:
         n2 = plan_counts.get("int2", 0)
         lines += [f"EdgeMoE+fallback is lossy (--fallback-below {FALLBACK_BELOW:g}, int2 small copies): its "
