@@ -55,6 +55,7 @@ import time
 from pathlib import Path
 
 from edgemoe_lab import paths  # noqa: E402
+from edgemoe_lab.peer.machine import cpu_model
 
 ROOT = paths.ROOT
 WORK = paths.WORK / "compression"
@@ -126,16 +127,6 @@ def tol_name(t: float) -> str:
 def slug(name: str) -> str:
     return (name.replace(" + ", "+").replace(" ", "-").replace("%", "pct").replace("@", "at").replace(",", "")
             .replace("/", "-"))
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def source_fingerprint(*dirs: str) -> str:

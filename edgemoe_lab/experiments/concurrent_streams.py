@@ -33,7 +33,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import socket
 import statistics
 import subprocess
@@ -43,6 +42,7 @@ import time
 from pathlib import Path
 
 from edgemoe_lab import paths
+from edgemoe_lab.peer.machine import cpu_model
 
 ROOT = paths.ROOT
 WORK = paths.WORK / "concurrent"
@@ -348,16 +348,6 @@ def kernels(threads: int) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------- report
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def wait_quiet(limit: float) -> float:

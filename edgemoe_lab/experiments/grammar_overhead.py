@@ -37,6 +37,8 @@ from pathlib import Path
 
 import torch
 
+from edgemoe_lab.peer.machine import cpu_model
+
 SCHEMA = {
     "type": "object",
     "properties": {
@@ -396,12 +398,12 @@ def main(argv=None) -> None:
     versions = {n: md.version(dist.get(n, n)) for n in libs}
     requires = {n: sorted({re.match(r"[A-Za-z0-9_.\-]+", r).group(0) for r in md.requires(dist.get(n, n)) or []
                            if "extra ==" not in r}) for n in libs}
-    result = {"baseline_decode_ms": base, "versions": versions, "requires": requires, "rows": rows, "cpu": cpu_name(),
+    result = {"baseline_decode_ms": base, "versions": versions, "requires": requires, "rows": rows, "cpu": cpu_model(),
               "threads": 1, "runs": RUNS, "documents": DOCS, "command": "python -m edgemoe_lab.experiments.grammar_overhead " +
               " ".join(argv if argv is not None else sys.argv[1:])}
     Path(args.out + ".json").write_text(json.dumps(result, indent=1))
     lines = ["# Constrained JSON decoding: per-token overhead on CPU\n",
-             f"CPU: {cpu_name()}, 1 thread. Bundled model decode step in the same run: {base:.2f} ms/token "
+             f"CPU: {cpu_model()}, 1 thread. Bundled model decode step in the same run: {base:.2f} ms/token "
              "(the % column is the grammar's time per token relative to it; a real MoE's step is 10-1000x "
              "longer). Other engineers' jobs shared the 2 cores, so compare rows, not absolute numbers.",
              f"Versions: {', '.join(f'{k} {v}' for k, v in versions.items())}.",
@@ -419,16 +421,6 @@ def main(argv=None) -> None:
               "", "```", f"PYTHONPATH=. {result['command']}", "```"]
     Path(args.out + ".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 if __name__ == "__main__":
