@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..cpu import linear
-from .moe import MoEBlock
+from .moe import MoEBlock, slots_by_expert
 from .routers import Router
 
 
@@ -145,17 +145,9 @@ class CapacityMoEBlock(MoEBlock):
                 for e, expert in self.provider.experts(self.layer, list(slot), route_x, ids):
                     slots[slot[e]] = expert(x)[0]
         else:
-            key = flat.masked_fill(flat < 0, E)  # dropped slots sort last
-            order = torch.argsort(key, stable=True)  # (N*k,)
-            counts = torch.bincount(key, minlength=E + 1).tolist()[:E]
-            starts, wanted, pos = {}, [], 0
-            for e, c in enumerate(counts):
-                if c:
-                    starts[e] = (pos, pos + c)
-                    wanted.append(e)
-                pos += c
-            if wanted:
-                for e, expert in self.provider.experts(self.layer, wanted, route_x, ids):
+            order, starts = slots_by_expert(flat, E)
+            if starts:
+                for e, expert in self.provider.experts(self.layer, list(starts), route_x, ids):
                     a, b = starts[e]
                     sel = order[a:b]  # slot indices routed to e
                     slots[sel] = expert(x[sel // k])

@@ -153,6 +153,21 @@ RoutingHook = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
 ExpertHook = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 
+
+def slots_by_expert(flat: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, dict[int, tuple[int, int]]]:
+    """Group the (token, slot) entries of `flat` (N*k,) expert ids (-1: a dropped slot) by
+    expert: `order` (N*k,) lists slot indices expert by expert (stable, dropped slots last),
+    and `starts[e] = (a, b)` is expert e's range in it, for the experts some slot picked,
+    in ascending id order."""
+    key = flat.masked_fill(flat < 0, num_experts)  # dropped slots sort last
+    order = torch.argsort(key, stable=True)  # (N*k,)
+    starts, pos = {}, 0
+    for e, c in enumerate(torch.bincount(key, minlength=num_experts + 1).tolist()[:num_experts]):
+        if c:
+            starts[e] = (pos, pos + c)
+        pos += c
+    return order, starts
+
 class MoEBlock(nn.Module):
     """Router + routed experts from a provider, plus an optional always-on shared expert,
     optionally scaled by sigmoid(shared_gate(x)) (Qwen2-MoE).
@@ -214,15 +229,8 @@ class MoEBlock(nn.Module):
                 i = slot[e]
                 slots[i] = expert(x * weights[0, i] if on_input else x)[0]
         else:
-            key = flat.masked_fill(flat < 0, E) if adaptive else flat  # dropped slots sort last
-            order = torch.argsort(key, stable=True)  # (N*k,)
-            counts = torch.bincount(key, minlength=E + 1).tolist()[:E]
-            starts, wanted, pos = {}, [], 0
-            for e, c in enumerate(counts):
-                if c:
-                    starts[e] = (pos, pos + c)
-                    wanted.append(e)
-                pos += c
+            order, starts = slots_by_expert(flat, E)
+            wanted = list(starts)
             w_flat = weights.reshape(-1, 1)  # (N*k, 1)
             for e, expert in self.provider.experts(self.layer, wanted, route_x, ids):
                 a, b = starts[e]
