@@ -312,12 +312,28 @@ def int8_mm(x: torch.Tensor, w: Int8Matrix, out_dtype: torch.dtype | None = None
     # bf16 matmul only pays (and is only worth its rounding) for large batches
     dt = MATMUL_DTYPE if m > packed_max_batch(act) else torch.float32
     xd = x.to(dt)
-    y = torch.empty(m, w.q.shape[0], dtype=dt)
-    for n0 in range(0, w.q.shape[0], DEQUANT_ROWS):
-        n1 = min(w.q.shape[0], n0 + DEQUANT_ROWS)
-        wt = (w.q[n0:n1].float() * w.scale[n0:n1].float().unsqueeze(1)).to(dt)  # (rows, K)
+    n = w.q.shape[0]
+    y = torch.empty(m, n, dtype=dt)
+    rows = min(DEQUANT_ROWS, n)
+    buf = torch.empty(rows, k, dtype=dt) if lib is not None else None  # (rows, K), reused
+    for n0 in range(0, n, rows):
+        n1 = min(n, n0 + rows)
+        wt = _dequant8_rows(lib, w, n0, n1, dt, buf)  # (rows, K)
         y[:, n0:n1] = linear(xd, wt)  # (M, n1-n0); bucketed rows, see edgemoe.cpu
     return y.to(out_dtype)
+
+
+def _dequant8_rows(lib, w: Int8Matrix, n0: int, n1: int, dt: torch.dtype, buf: torch.Tensor | None) -> torch.Tensor:
+    """Rows [n0, n1) of scale * q in dt: one C pass (em_dequant8) into `buf` when the
+    kernel library is built, else torch's cast-multiply-cast (the same values: the product
+    of an int8 and a bf16/fp32 scale is exact in fp32, rounded once to dt)."""
+    if lib is not None and buf is not None and w.scale.dtype in (torch.float32, torch.bfloat16):
+        out = buf[: n1 - n0]
+        rc = lib.em_dequant8(w.q.data_ptr(), w.scale.data_ptr(), _DTYPES[w.scale.dtype], n0, n1, w.q.shape[1],
+                             out.data_ptr(), _DTYPES[dt], torch.get_num_threads())
+        if rc == 0:
+            return out
+    return (w.q[n0:n1].float() * w.scale[n0:n1].float().unsqueeze(1)).to(dt)  # (rows, K)
 
 
 def _int8pack(x: torch.Tensor, w: Int8Matrix, out_dtype: torch.dtype) -> torch.Tensor:

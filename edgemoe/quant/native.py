@@ -332,6 +332,7 @@ def load(path: Path) -> ctypes.CDLL:
         ("em_qmm", qmm_args),
         ("em_qmm8", qmm_args),
         ("em_dequant", [ptr, ptr, ptr, i64, i64, i64, i64, i32, i64, ptr, i32, i32]),
+        ("em_dequant8", [ptr, ptr, i32, i64, i64, i64, ptr, i32, i32]),
         ("em_quantize", [ptr, i64, i64, i64, i32, i64, i32, i32, ptr, ptr, ptr, i32]),
         ("em_mxfp4_mm", mx_args),
         ("em_mxfp4_mm8", mx_args),

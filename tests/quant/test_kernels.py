@@ -169,6 +169,32 @@ def test_int8_mm_matches_reference(m, k, path, monkeypatch):
         assert_matches(y.float(), x.bfloat16().float(), wd, 1e-2)
 
 
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("scale_dtype", [torch.bfloat16, torch.float32, torch.float16])
+def test_int8_dequant_in_c_is_exact(scale_dtype, out_dtype, monkeypatch):
+    """The large-batch int8 path dequantizes in C (em_dequant8): bit for bit what torch's
+    cast-multiply-cast gives, chunked (DEQUANT_ROWS smaller than N) or not; fp16 scales
+    take the torch path."""
+    need_native()
+    torch.manual_seed(0)
+    w = K.quantize_int8(torch.randn(300, 192) * 0.05, scale_dtype)
+    lib = N.get()
+    buf = torch.empty(300, 192, dtype=out_dtype)
+    for n0, n1 in ((0, 300), (7, 129)):
+        ref = (w.q[n0:n1].float() * w.scale[n0:n1].float().unsqueeze(1)).to(out_dtype)
+        assert torch.equal(K._dequant8_rows(lib, w, n0, n1, out_dtype, buf), ref)
+    monkeypatch.setattr(K, "INT8_NATIVE_MAX_BATCH", 0)
+    monkeypatch.setattr(K, "PACKED_MAX_BATCH_BF16_CPU_INT16", 0)
+    monkeypatch.setattr(K, "DEQUANT_ROWS", 128)
+    x = torch.randn(40, 192)
+    y = K.int8_mm(x, w, torch.float32)
+    K.use_native(False)
+    try:
+        assert torch.equal(y, K.int8_mm(x, w, torch.float32))
+    finally:
+        K.use_native(True)
+
+
 def test_portable_c_path():
     """The plain-C inner loops (what CPUs without a SIMD variant get), via the dispatcher;
     tests/quant/test_isa_paths.py covers every variant."""

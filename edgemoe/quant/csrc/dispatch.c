@@ -251,6 +251,42 @@ int em_expert8(const void *x, int xdt, int64_t M, int64_t H, int64_t I, const in
     return g_impl->expert8(x, xdt, M, H, I, d13, d2, act, y, ydt, nthreads);
 }
 
+/* ------------------------------------------------------------------ int8 dequantize */
+
+/* Rows [n0, n1) of an int8 per-row matrix, out[n - n0][k] = q[n][k] * scale[n], as fp32
+ * (odt 0) or bf16 (odt 1, rounded to nearest even as torch rounds); scales fp32 or bf16. The prefill path of the
+ * resident int8 layers: one pass over the codes instead of torch's three (cast, multiply,
+ * cast). Plain C the compiler vectorises with the baseline ISA; it is bound by memory. */
+int em_dequant8(const int8_t *q, const void *scale, int sdt, int64_t n0, int64_t n1, int64_t K, void *out, int odt,
+                int nthreads) {
+    (void)nthreads;
+    if (sdt < 0 || sdt > 1 || odt < 0 || odt > 1) return -2; /* fp16 scales: the caller uses torch */
+#pragma omp parallel for schedule(static) num_threads(nthreads) if ((n1 - n0) * K >= (1 << 18))
+    for (int64_t n = n0; n < n1; n++) {
+        float s;
+        if (sdt == 0) {
+            s = ((const float *)scale)[n];
+        } else {
+            const uint32_t b = (uint32_t)((const uint16_t *)scale)[n] << 16;
+            __builtin_memcpy(&s, &b, 4);
+        }
+        const int8_t *row = q + n * K;
+        if (odt == 0) {
+            float *o = (float *)out + (n - n0) * K;
+            for (int64_t k = 0; k < K; k++) o[k] = (float)row[k] * s;
+        } else {
+            uint16_t *o = (uint16_t *)out + (n - n0) * K;
+            for (int64_t k = 0; k < K; k++) {
+                const float v = (float)row[k] * s;
+                uint32_t b;
+                __builtin_memcpy(&b, &v, 4);
+                o[k] = (uint16_t)((b + 0x7fffu + ((b >> 16) & 1u)) >> 16);
+            }
+        }
+    }
+    return 0;
+}
+
 /* ------------------------------------------------------------------ memory bandwidth */
 
 /* Reads n bytes (n a multiple of 64, p 64-byte aligned) on nthreads threads and returns a

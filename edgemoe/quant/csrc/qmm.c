@@ -307,7 +307,7 @@ int EM_API(qmm)(const void *x, int xdt, int64_t M, int64_t K, const uint8_t *w, 
     const int64_t nblk = (N + EM_NB - 1) / EM_NB;
     /* Dynamic: a thread the OS preempts (cores shared with other work) does not hold the
      * others up at the barrier; work items are small enough that the cost is noise. */
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads) if (N * Kp * M >= EM_PAR_MIN)
+#pragma omp parallel for schedule(guided) num_threads(nthreads) if (N * Kp * M >= EM_PAR_MIN)
     for (int64_t ib = 0; ib < nblk; ib++) {
         const int64_t n0 = ib * EM_NB, n1 = n0 + EM_NB < N ? n0 + EM_NB : N;
         /* Activation rows outer, weight rows inner: the 4 activation rows stay in L1/L2 while
@@ -464,7 +464,7 @@ int EM_API(mxfp4_mm)(const void *x, int xdt, int64_t M, int64_t K, const uint8_t
             xr[m * Kp + k] = src < K ? load_act(x, xdt, m * K + src) : 0.f;
         }
     const int64_t nblk = (N + EM_NB - 1) / EM_NB;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads) if (N * Kp * M >= EM_PAR_MIN)
+#pragma omp parallel for schedule(guided) num_threads(nthreads) if (N * Kp * M >= EM_PAR_MIN)
     for (int64_t ib = 0; ib < nblk; ib++) {
         const int64_t n0 = ib * EM_NB, n1 = n0 + EM_NB < N ? n0 + EM_NB : N;
         for (int64_t m0 = 0; m0 < M; m0 += EM_MR) {

@@ -491,7 +491,7 @@ int EM_API(qmm8)(const void *x, int xdt, int64_t M, int64_t K, const uint8_t *w,
     x8_order(bits, EM_BLOCK, ord);
     quantize_x8(x, xdt, M, K, Kp, EM_BLOCK, ord, G, xq, xs, xsum, nthreads);
     const int64_t nblk = (N + EM_NB - 1) / EM_NB;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads) if (N * Kp * M >= EM_PAR_MIN)
+#pragma omp parallel for schedule(guided) num_threads(nthreads) if (N * Kp * M >= EM_PAR_MIN)
     for (int64_t ib = 0; ib < nblk; ib++) {
         const int64_t n0 = ib * EM_NB, n1 = n0 + EM_NB < N ? n0 + EM_NB : N;
         for (int64_t m0 = 0; m0 < M; m0 += EM_MR) {
@@ -595,7 +595,7 @@ int EM_API(mxfp4_mm8)(const void *x, int xdt, int64_t M, int64_t K, const uint8_
     x8_order(1, 32, ord);
     quantize_x8(x, xdt, M, K, Kp, 32, ord, 0, xq, xs, NULL, nthreads);
     const int64_t nblk = (N + EM_NB - 1) / EM_NB;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads) if (N * Kp * M >= EM_PAR_MIN)
+#pragma omp parallel for schedule(guided) num_threads(nthreads) if (N * Kp * M >= EM_PAR_MIN)
     for (int64_t ib = 0; ib < nblk; ib++) {
         const int64_t n0 = ib * EM_NB, n1 = n0 + EM_NB < N ? n0 + EM_NB : N;
         for (int64_t m0 = 0; m0 < M; m0 += EM_MR) {
