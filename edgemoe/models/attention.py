@@ -16,6 +16,7 @@ from torch import nn
 
 from ..cpu import Linear
 from ..errors import ContextLengthError
+from ..fastops import attend_one
 from .norms import RMSNorm
 from .rope import RoPE
 from .rope import temperature_scales  # noqa: F401 (also imported from here)
@@ -41,6 +42,24 @@ class KVCache:
         self.offset = 0
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self._room(k, v)
+        self.k[:, :, self.offset : end] = k
+        self.v[:, :, self.offset : end] = v
+        self.offset = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+    def attend_one(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor | None:
+        """Append one position (k, v (1, KV, 1, D)) and attend with q (1, heads, 1, D) over
+        the whole cache in one C call (fastops.attend_one): (1, heads, 1, Dv), or None,
+        with nothing appended, when the kernel cannot take it."""
+        end = self._room(k, v)
+        out = attend_one(q, k, v, self.k, self.v, self.offset, scale)
+        if out is not None:
+            self.offset = end
+        return out
+
+    def _room(self, k: torch.Tensor, v: torch.Tensor) -> int:
+        """Make the buffers hold positions up to offset + T; returns that end."""
         B, H, T, D = k.shape  # (B, KV, T, D)
         end = self.offset + T
         if self.capacity is not None and end > self.capacity:
@@ -55,10 +74,7 @@ class KVCache:
                 new_k[:, :, : self.offset] = self.k[:, :, : self.offset]
                 new_v[:, :, : self.offset] = self.v[:, :, : self.offset]
             self.k, self.v = new_k, new_v
-        self.k[:, :, self.offset : end] = k
-        self.v[:, :, self.offset : end] = v
-        self.offset = end
-        return self.k[:, :, :end], self.v[:, :, :end]
+        return end
 
     def trim(self, n: int) -> None:
         """Forget the last n positions (used to reuse a prompt prefix)."""
@@ -174,11 +190,16 @@ class Attention(nn.Module):
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache | None, T: int,
                 offset: int) -> torch.Tensor:
-        """Append k, v (B, kv, T, D) to the cache and attend with q (B, heads, T, D): (B, heads, T, D)."""
+        """Append k, v (B, kv, T, D) to the cache and attend with q (B, heads, T, D): (B, heads, T, D).
+        One position over a plain KV cache is one C call (KVCache.attend_one)."""
         s = self.spec
+        mask, causal = self._mask(T, offset, q.device)
+        if T == 1 and mask is None and type(cache) is KVCache and not s.sinks:
+            out = cache.attend_one(q, k, v, s.scale)  # (1, heads, 1, D); None: not taken, nothing appended
+            if out is not None:
+                return out
         if cache is not None:
             k, v = cache.update(k, v)  # (B, kv, offset+T, D)
-        mask, causal = self._mask(T, offset, q.device)
         if s.sinks:
             q, k, v, mask, causal = add_sink(q, k, v, mask, causal, self.sinks, s.scale)
         if T == 1 and (mask is None or mask.dtype == torch.bool):

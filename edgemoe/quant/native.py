@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 CSRC = Path(__file__).with_name("csrc")
 KERNEL_SOURCES = ("qmm.c", "qmm8.c")  # compiled once per variant
 DISPATCH_SOURCE = "dispatch.c"  # compiled once, with the baseline flags of the target
+DECODE_SOURCE = "decode.c"  # small decode-step ops (edgemoe/fastops.py), baseline flags too
 HEADERS = ("em_common.h",)
 ABI = 4  # must match EM_ABI in em_common.h and dispatch.c
 
@@ -233,7 +234,7 @@ def compiler() -> str:
 
 def sources_digest() -> bytes:
     h = hashlib.sha256()
-    for name in (*HEADERS, *KERNEL_SOURCES, DISPATCH_SOURCE):
+    for name in (*HEADERS, *KERNEL_SOURCES, DISPATCH_SOURCE, DECODE_SOURCE):
         h.update(name.encode() + b"\0" + (CSRC / name).read_bytes())
     return h.digest()
 
@@ -305,13 +306,15 @@ def build(variants=None, extra: dict | None = None, cc: str | None = None) -> Pa
             for name, err in failed.items():
                 log.info("edgemoe: kernel variant %s left out of the build: %s", name, err)
             have = [f"-DEM_HAVE_{n}" for n in built if n != "generic"]
-            disp = tmp / "dispatch.o"
-            res = _run_all([[cc, *flags, *have, "-c", str(CSRC / DISPATCH_SOURCE), "-o", str(disp)]])[0]
-            if res.returncode != 0:
-                errors.append(f"[dispatch {' '.join(flags)}] {' '.join(res.stderr.split())[-300:]}")
+            disp, dec = tmp / "dispatch.o", tmp / "decode.o"
+            res = _run_all([[cc, *flags, *have, "-c", str(CSRC / DISPATCH_SOURCE), "-o", str(disp)],
+                            [cc, *flags, "-c", str(CSRC / DECODE_SOURCE), "-o", str(dec)]])
+            bad = [r for r in res if r.returncode != 0]
+            if bad:
+                errors.append(f"[dispatch {' '.join(flags)}] {' '.join(bad[0].stderr.split())[-300:]}")
                 continue
             so = tmp / "lib.so"
-            res = _run_all([[cc, *flags, "-shared", "-o", str(so), str(disp), *map(str, objs), "-lm"]])[0]
+            res = _run_all([[cc, *flags, "-shared", "-o", str(so), str(disp), str(dec), *map(str, objs), "-lm"]])[0]
             if res.returncode != 0:
                 errors.append(f"[link {' '.join(flags)}] {' '.join(res.stderr.split())[-300:]}")
                 continue
@@ -333,6 +336,8 @@ def load(path: Path) -> ctypes.CDLL:
         ("em_qmm8", qmm_args),
         ("em_dequant", [ptr, ptr, ptr, i64, i64, i64, i64, i32, i64, ptr, i32, i32]),
         ("em_dequant8", [ptr, ptr, i32, i64, i64, i64, ptr, i32, i32]),
+        ("em_rmsnorm", [ptr, i32, i64, i64, ptr, ctypes.c_float, ptr]),
+        ("em_attend1", [ptr, ptr, ptr, i32, ptr, ptr, i64, i64, i64, i64, i64, i64, ctypes.c_float, ptr, i32]),
         ("em_quantize", [ptr, i64, i64, i64, i32, i64, i32, i32, ptr, ptr, ptr, i32]),
         ("em_mxfp4_mm", mx_args),
         ("em_mxfp4_mm8", mx_args),

@@ -1,0 +1,64 @@
+"""Small decode-step ops as one C call each (quant/csrc/decode.c), with torch fallbacks.
+
+At one token per step an RMSNorm over 2048 values or one position's attention costs a
+decode step far more in torch's per-op overhead (5-15 us an op, 6-10 ops each) than in
+arithmetic (edgemoe_lab/results/decode_profile.md). The C versions round where the torch
+ops round, so they agree with them up to the order of fp32 sums; every caller takes the
+same path for the same shapes, so offloaded, cached and batched runs compute what the
+in-RAM run does. Without the kernel library (no C compiler) the torch versions run.
+
+Model code imports these (models/ may not import edgemoe.quant); the library comes from
+quant/native.py, loaded on first use.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_DT = {torch.float32: 0, torch.bfloat16: 1}
+_C_ROWS = 64  # rms_norm: up to this many rows in C (decode steps, batched ones too); prefill in torch
+
+
+def _lib():
+    from .quant import native
+
+    return native.get() if not native.library.disabled else None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """weight * (x / sqrt(mean(x^2) + eps)) over the last dimension: normalised in fp32,
+    rounded to x's dtype, then scaled (as the reference models do)."""
+    if x.dtype in _DT and weight.dtype == x.dtype and x.is_contiguous() and x.numel() <= _C_ROWS * x.shape[-1]:
+        lib = _lib()
+        if lib is not None:
+            out = torch.empty_like(x)
+            H = x.shape[-1]
+            if lib.em_rmsnorm(x.data_ptr(), _DT[x.dtype], x.numel() // H, H, weight.contiguous().data_ptr(),
+                              float(eps), out.data_ptr()) == 0:
+                return out
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kbuf: torch.Tensor, vbuf: torch.Tensor,
+               pos: int, scale: float | None) -> torch.Tensor | None:
+    """Write one position's k (1, kv, 1, D) and v (1, kv, 1, Dv) into the cache buffers
+    kbuf (1, kv, cap, D) / vbuf at `pos`, then attend with q (1, heads, 1, D) over positions
+    0..pos as `models.attention.decode_attention` does: (1, heads, 1, Dv). None when the C
+    kernel cannot take it (the caller then runs the torch ops)."""
+    dt = _DT.get(q.dtype)
+    if (dt is None or not (k.dtype == v.dtype == kbuf.dtype == vbuf.dtype == q.dtype) or q.shape[0] != 1
+            or not (kbuf.is_contiguous() and vbuf.is_contiguous())):
+        return None
+    lib = _lib()
+    if lib is None:
+        return None
+    heads, D = q.shape[1], q.shape[-1]
+    kvh, cap, Dv = kbuf.shape[1], kbuf.shape[2], vbuf.shape[-1]
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    out = torch.empty(1, heads, 1, Dv, dtype=q.dtype)
+    rc = lib.em_attend1(q.data_ptr(), k.data_ptr(), v.data_ptr(), dt, kbuf.data_ptr(), vbuf.data_ptr(), cap, pos,
+                        heads, kvh, D, Dv, float(scale if scale is not None else D**-0.5), out.data_ptr(),
+                        torch.get_num_threads())
+    return out if rc == 0 else None
