@@ -27,9 +27,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help='per-expert formats: {"version": 1, "default": "bf16", "experts": {"<layer>.<expert>": "int4"}}')
     p.add_argument("--dtype", default=None, help="dtype of the resident weights and of compute: auto (default), "
                                                  "float32, bfloat16, float16")
-    p.add_argument("--resident", choices=("float", "int8"), default=None,
-                   help="non-expert weights: float (default, in --dtype) or int8 (attention, shared-expert, dense-MLP "
-                        "and untied LM-head linears as per-channel int8; embeddings, norms and routers stay float)")
+    p.add_argument("--resident", choices=("float", "int8", "int4"), default=None,
+                   help="non-expert weights: float (default, in --dtype), int8 (attention, shared-expert, dense-MLP "
+                        "and untied LM-head linears as per-channel int8; embeddings, norms and routers stay float) "
+                        "or int4 (the same layers as the experts' int4: 64 weights per fp16 scale, about half "
+                        "int8's bytes)")
     fb = p.add_mutually_exclusive_group()
     fb.add_argument("--fallback-bits", type=int, choices=(2, 3), default=None,
                     help="also store a small copy of every expert at 2 or 3 bits (int2, int3: 64 weights per "
@@ -67,7 +69,8 @@ def main(argv: list[str]) -> int:
     total = result.resident_bytes + result.store_bytes
     formats = ", ".join(f"{n} x{c}" for n, c in sorted(result.formats.items()))
     eprint(f"converted {args.hf_dir} -> {result.out} in {result.seconds:.1f} s ({result.model_type}, {result.dtype})")
-    int8 = f" ({len(result.resident_int8)} linear layers int8)" if result.resident_int8 else ""
+    int8 = (f" ({len(result.resident_int8)} linear layers int8)" if result.resident_int8 else
+            f" ({len(result.resident_int4)} linear layers int4)" if result.resident_int4 else "")
     eprint(f"  resident weights  {format_bytes(result.resident_bytes):>10}  resident.safetensors{int8}")
     eprint(f"  expert store      {format_bytes(result.store_bytes):>10}  experts.bin: {result.experts} experts ({formats})")
     if result.fallback_format is not None:

@@ -173,6 +173,7 @@ def _converted(path, dtype) -> dict:
         "dtype": str(dt).removeprefix("torch."),
         "resident_bytes": resident_nbytes(path, manifest, dt, fp32),
         "resident_int8_layers": len(manifest.resident_int8),
+        "resident_int4_layers": len(manifest.resident_int4),
         "expert_bytes": sum(e.size for e in manifest.experts if e.shares is None),  # a shared blob once
         "shared_experts": sum(1 for e in manifest.experts if e.shares is not None),
         "expert_cache_bytes": manifest.expert_bytes,
@@ -275,7 +276,8 @@ def format_info(i: dict) -> str:
         ("parameters", f"{_params(p['total'])} total, {_params(p['active'])} active per token "
                        f"(resident {_params(p['resident'])}, experts {_params(p['experts'])})"),
         ("resident", f"{format_bytes(i['resident_bytes'])} in RAM as {i['dtype']}"
-                     + (f" ({i['resident_int8_layers']} linear layers int8)" if i.get("resident_int8_layers") else "")),
+                     + (f" ({i['resident_int8_layers']} linear layers int8)" if i.get("resident_int8_layers") else "")
+                     + (f" ({i['resident_int4_layers']} linear layers int4)" if i.get("resident_int4_layers") else "")),
     ]
     n_experts = sum(b["experts"] for b in i["bits_histogram"])
     if i["kind"] == "converted":

@@ -11,7 +11,7 @@ cycle, function-level imports included):
     formats.py   the Format interface, the float formats, the expert bias layout
     experts.py   int8 and 2/3/4-bit group-wise expert formats and their name grammar
     mxfp4.py     the MXFP4 expert format (gpt-oss) and its kernel
-    linear.py    Int8Linear for non-expert weights; resident.py: their storage
+    linear.py    Int8Linear, Int4Linear for non-expert weights; resident.py: their storage
 
 Importing the package registers every format and name grammar in the registry, in the
 order of the loop below (the order of the table).

@@ -24,7 +24,7 @@ from ..cpu import ONEDNN_RESERVE, prefill_onednn
 from ..errors import BudgetError, EdgeMoEError, InvalidArgument, StoreError
 from ..models import get_family
 from ..models.moe import check_cache_aware_routing, set_cache_aware_routing
-from ..quant.resident import swap_int8_
+from ..quant.resident import kept_as_stored, swap_int4_, swap_int8_
 from ..store.manifest import ALIGN, Manifest, read_manifest
 from ..store.reader import ExpertStore, check_manifest, manifest_dtype, read_resident
 from ..store.tensorfile import TensorFileError, element_size, read_header
@@ -61,8 +61,8 @@ def min_cache_bytes(manifest: Manifest, top_k: int) -> int:
 
 
 def resident_nbytes(path: Path, manifest: Manifest, dtype: torch.dtype, fp32: set[str] | frozenset = frozenset()) -> int:
-    """Bytes the resident weights take in RAM at `dtype` (the names in `fp32` in float32),
-    from the file header alone."""
+    """Bytes the resident weights take in RAM at `dtype` (the names in `fp32` in float32,
+    the int4 layers' fp16 scales as stored), from the file header alone."""
     try:
         infos, _ = read_header(path / manifest.resident_file)
     except FileNotFoundError:
@@ -71,9 +71,10 @@ def resident_nbytes(path: Path, manifest: Manifest, dtype: torch.dtype, fp32: se
     except TensorFileError as e:
         raise StoreError(f"{e}; the resident weights are corrupted, re-run 'edgemoe convert'") from None
     total = 0
+    stored = kept_as_stored(manifest.resident_int4)
     for name, i in infos.items():
         numel = i.nbytes // element_size(i.dtype)
-        elem = element_size(torch.float32 if name in fp32 else dtype)
+        elem = element_size(i.dtype if name in stored else torch.float32 if name in fp32 else dtype)
         total += numel * elem if i.dtype.is_floating_point else i.nbytes
     return total
 
@@ -253,6 +254,8 @@ def load_converted(path: str | Path, config: RuntimeConfig | None = None, **opti
         tensors = read_resident(path, manifest, dt, model.fp32_names())
         if manifest.resident_int8:  # resident linear layers stored as int8 (convert --resident int8)
             swap_int8_(model, manifest.resident_int8, dt, str(manifest.path))
+        if manifest.resident_int4:  # ... or as int4 (convert --resident int4)
+            swap_int4_(model, manifest.resident_int4, dt, str(manifest.path))
         try:
             load_resident(model, tensors, str(path / manifest.resident_file))
         except EdgeMoEError as e:

@@ -95,6 +95,7 @@ class ConvertResult:
     source_bytes: int
     copied: list[str] = field(default_factory=list)
     resident_int8: list[str] = field(default_factory=list)  # resident linear layers stored as int8
+    resident_int4: list[str] = field(default_factory=list)  # resident linear layers stored as int4
     recovered: list[str] = field(default_factory=list)  # what `recover` did before converting
     added_error: dict = field(default_factory=dict)  # GGUF source: error re-quantizing added, per type -> format
     fallback_format: str | None = None  # the small copies' format (--fallback-bits), None without them
@@ -382,8 +383,8 @@ def convert(src: str | Path, out: str | Path, *, bits: int | None = None, fmt: s
             resident: str | None = None, force: bool = False, progress: bool = False,
             fallback_bits: int | None = None, fallback_format: str | None = None) -> ConvertResult:
     """Convert the Hugging Face checkpoint at `src` into an offloadable model at `out`.
-    resident: "float" (default: the resident weights in the compute dtype) or "int8"
-    (resident linear layers as int8, see quant/resident.py). fallback_bits (2 or 3) or
+    resident: "float" (default: the resident weights in the compute dtype), "int8" or
+    "int4" (resident linear layers as int8 or group-wise int4, see quant/resident.py). fallback_bits (2 or 3) or
     fallback_format (a format name): also store a small copy of every expert in that
     format, which the runtime may read instead on a miss (manifest version 5)."""
     t0 = time.perf_counter()
@@ -479,7 +480,8 @@ def convert(src: str | Path, out: str | Path, *, bits: int | None = None, fmt: s
 
         # Same checks as loading would do (names, shapes), so a bad checkpoint fails now.
         load_resident(ckpt.build(), tensors, str(src))
-        int8 = quantize_resident(ckpt.build(), tensors, dt) if resident == "int8" else []
+        quantized = quantize_resident(ckpt.build(), tensors, dt, resident) if resident in ("int8", "int4") else []
+        int8, int4 = (quantized, []) if resident == "int8" else ([], quantized)
         resident_bytes = write_tensors(tmp / RESIDENT_NAME, tensors, {"format": "pt"})
         crcs = {name: crc32_of(t) for name, t in tensors.items()}
         del tensors
@@ -500,8 +502,9 @@ def convert(src: str | Path, out: str | Path, *, bits: int | None = None, fmt: s
             store_file=STORE_NAME, store_bytes=store_bytes,
             formats={n: infos[n] for n in sorted({e.format for e in entries} | ({fb_fmt.name} if fb_fmt else set()))},
             experts=entries, created_by=f"edgemoe {__version__}", resident_int8=int8, expert_biases=biases,
-            version=manifest_version(int8, biases, any(e.shares is not None for e in entries), fallback is not None),
-            fallback=fallback,
+            version=manifest_version(int8, biases, any(e.shares is not None for e in entries), fallback is not None,
+                                     int4),
+            fallback=fallback, resident_int4=int4,
         )
         manifest.write(tmp / MANIFEST_NAME)
         _fsync_dir(tmp)
@@ -519,7 +522,7 @@ def convert(src: str | Path, out: str | Path, *, bits: int | None = None, fmt: s
         out=out, model_type=args.model_type, dtype=dtype_name(dt), resident_bytes=resident_bytes,
         store_bytes=store_bytes, experts=len(entries), formats=dict(Counter(e.format for e in entries)),
         seconds=time.perf_counter() - t0, baseline_rss_bytes=baseline, peak_rss_bytes=peak_rss_bytes(),
-        source_bytes=source_bytes, copied=copied, resident_int8=int8, recovered=recovered,
+        source_bytes=source_bytes, copied=copied, resident_int8=int8, resident_int4=int4, recovered=recovered,
         added_error=gguf_src.added_error() if gguf_src is not None else {},
         fallback_format=fb_fmt.name if fb_fmt is not None else None,
         fallback_bytes=fallback.bytes if fallback is not None else 0,

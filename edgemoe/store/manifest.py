@@ -18,6 +18,7 @@ Manifest, version 1 (all sizes and offsets in bytes):
       "resident": {"file": "resident.safetensors", "bytes": N,
                    "tensors": {"<name>": {"crc32": C}, ...},
                    "int8": ["layers.0.attn.q", ...]},        # version 2 only, see below
+                   (or "int4": [...], version 6)
       "store": {"file": "experts.bin", "bytes": N, "header_bytes": 4096},
       "formats": {"bf16": {"tag": "", "bits": 16.0, "bytes": B,      # B = payload bytes of one expert
                            "parts": [{"name": "w13", "dtype": "bfloat16", "shape": [2I, H], "offset": 0}, ...]}},
@@ -60,6 +61,12 @@ an expert that shares a blob shares its fallback blob with the same owner.
                    "experts": [{"layer": 0, "expert": 0, "format": "int2", "offset": 4096,
                                 "size": B, "crc32": C}, ...]}
 
+Version 6 adds `resident.int4` (`edgemoe convert --resident int4`, see quant/resident.py):
+resident linear layers stored as the experts' int4 layout, packed codes `<name>.qweight`
+(N, Kp/2) uint8 and group scales `<name>.qscale` (N, Kp/64) fp16, instead of
+`<name>.weight`. It is written only when that list is not empty (older readers refuse the
+model instead of misloading it); a layer is in at most one of `int8` and `int4`.
+
 Plan, version 1 (`edgemoe convert --plan PLAN.json`): which storage format each expert gets.
 
     {"version": 1, "default": "bf16", "layers": {"3": "int8"}, "experts": {"3.5": "int4"}}
@@ -85,7 +92,7 @@ from .names import CONVERTED_NAMES, MANIFEST_NAME, RESIDENT_NAME, STORE_NAME, is
 FALLBACK_NAME = "experts.fallback.bin"  # the small copies' store file (version 5)
 
 MANIFEST_FORMAT = "edgemoe-converted-model"
-MANIFEST_VERSION = 5  # the newest version this edgemoe reads; it writes the oldest that describes the model
+MANIFEST_VERSION = 6  # the newest version this edgemoe reads; it writes the oldest that describes the model
 PLAN_VERSION = 1
 ALIGN = 4096  # blob offsets, blob lengths and cache slots: what O_DIRECT needs
 PART_ALIGN = 64  # tensors inside a blob: a cache line, enough for any SIMD kernel
@@ -261,6 +268,7 @@ class Manifest:
     version: int = 1
     path: Path | None = field(default=None, compare=False)
     fallback: FallbackStore | None = None  # small copies of the experts (version 5)
+    resident_int4: list[str] = field(default_factory=list)  # resident linear layers stored as int4 (version 6)
 
     # --- derived views
 
@@ -284,7 +292,8 @@ class Manifest:
             "alignment": ALIGN,
             "resident": {"file": self.resident_file, "bytes": self.resident_bytes,
                          "tensors": {k: {"crc32": v} for k, v in self.resident_tensors.items()},
-                         **({"int8": list(self.resident_int8)} if self.resident_int8 else {})},
+                         **({"int8": list(self.resident_int8)} if self.resident_int8 else {}),
+                         **({"int4": list(self.resident_int4)} if self.resident_int4 else {})},
             "store": {"file": self.store_file, "bytes": self.store_bytes, "header_bytes": HEADER_BYTES},
             "formats": {k: v.to_dict() for k, v in self.formats.items()},
             "experts": [e.to_dict() for e in self.experts],
@@ -380,6 +389,12 @@ def _parse(d: dict, path: Path) -> Manifest:
     biases = _biases(d.get("expert_biases"), src) if d["version"] >= 3 else None
     if not isinstance(int8, list) or not all(isinstance(n, str) and n for n in int8):
         raise StoreError(f"{src}: resident.int8 must be a list of layer names")
+    int4 = res.get("int4", []) if d["version"] >= 6 else []
+    if not isinstance(int4, list) or not all(isinstance(n, str) and n for n in int4):
+        raise StoreError(f"{src}: resident.int4 must be a list of layer names")
+    both = sorted(set(int8) & set(int4))
+    if both:
+        raise StoreError(f"{src}: resident layer {both[0]!r} is listed as both int8 and int4")
     if not isinstance(d["model_type"], str):
         raise StoreError(f"{src}: model_type must be a string, got {d['model_type']!r}")
     config = d["config"]
@@ -393,7 +408,7 @@ def _parse(d: dict, path: Path) -> Manifest:
         resident_file=_filename(res["file"], src), resident_bytes=_int(res["bytes"], "resident bytes", src),
         resident_tensors=tensors, store_file=_filename(store["file"], src), store_bytes=store_bytes,
         formats=formats, experts=experts, created_by=str(d.get("created_by", "")), resident_int8=int8,
-        expert_biases=biases, version=d["version"], path=path, fallback=fallback,
+        expert_biases=biases, version=d["version"], path=path, fallback=fallback, resident_int4=int4,
     )
 
 
@@ -483,9 +498,11 @@ def _biases(value, src: str) -> ExpertBiases | None:
 
 
 def manifest_version(resident_int8: list[str], biases: ExpertBiases | None, shared: bool = False,
-                     fallback: bool = False) -> int:
+                     fallback: bool = False, resident_int4: list[str] | tuple = ()) -> int:
     """The oldest manifest version that describes a model (so older readers load what
     they can and refuse what they would misread)."""
+    if resident_int4:
+        return 6
     return 5 if fallback else 4 if shared else 3 if biases is not None else 2 if resident_int8 else 1
 
 

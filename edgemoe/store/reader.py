@@ -22,6 +22,7 @@ import torch
 from ..errors import EdgeMoEError, StoreError
 from ..experts import Expert
 from ..quant.formats import for_experts, get_format
+from ..quant.resident import kept_as_stored
 from .manifest import (
     ALIGN,
     HEADER_BYTES,
@@ -266,7 +267,8 @@ class ExpertStore:
 def read_resident(directory: str | Path, manifest: Manifest, dtype: torch.dtype | None = None,
                   fp32: set[str] | frozenset = frozenset()) -> dict[str, torch.Tensor]:
     """Read every resident tensor into its own memory (pread, no mmap), checking each
-    against the manifest's checksum. Casts to `dtype` if given and different."""
+    against the manifest's checksum. Casts to `dtype` if given and different (not the
+    int4 layers' fp16 scales: quant.resident.kept_as_stored)."""
     path = Path(directory) / manifest.resident_file
     src = str(path)
     try:
@@ -287,6 +289,7 @@ def read_resident(directory: str | Path, manifest: Manifest, dtype: torch.dtype 
             diff = sorted(set(infos) ^ set(manifest.resident_tensors))
             raise StoreError(f"{src}: tensors do not match the manifest (e.g. {diff[0]!r}); re-run 'edgemoe convert'")
         out = {}
+        stored = kept_as_stored(manifest.resident_int4)
         for name in sorted(infos, key=lambda n: infos[n].start):
             try:
                 t = read_tensor(f.fileno(), infos[name], path)
@@ -297,6 +300,8 @@ def read_resident(directory: str | Path, manifest: Manifest, dtype: torch.dtype 
                 raise StoreError(f"{src}: tensor {name!r}: checksum mismatch; the resident weights are corrupted, "
                                  "re-run 'edgemoe convert'")
             want = torch.float32 if name in fp32 else dtype  # names in fp32 stay fp32 (see Transformer.fp32_names)
+            if name in stored:
+                want = None
             out[name] = t.to(want) if want is not None and t.is_floating_point() and t.dtype != want else t
     return out
 

@@ -13,6 +13,12 @@ the same switch for the resident layers, in one process, the path toggled betwee
   tokens/s with the two paths alternating, median ratio over the rounds.
 
     python -m edgemoe_lab.experiments.resident_act --model PATH --rounds 5 -o edgemoe_lab/results/resident_act.md
+
+--resident-formats instead compares the resident weights' storage (float, int8, int4;
+`convert --resident`) on the bundled model, each against float, and appends that section
+to the -o file:
+
+    python -m edgemoe_lab.experiments.resident_act --resident-formats --threads 1 -o edgemoe_lab/results/resident_act.md
 """
 
 from __future__ import annotations
@@ -99,6 +105,113 @@ def quality(tokens: int | None, emit) -> None:
     emit()
 
 
+def _vs(ref: torch.Tensor, other: torch.Tensor) -> tuple[float, float, float]:
+    """Logits (..., V) against a reference: relative RMS difference, top-1 agreement, KL(ref || other)."""
+    lr, lo = ref.log_softmax(-1), other.log_softmax(-1)
+    kl = float((lr.exp() * (lr - lo)).sum(-1).mean())
+    top1 = float((ref.argmax(-1) == other.argmax(-1)).float().mean())
+    return float((other - ref).norm() / ref.norm()), top1, kl
+
+
+def _prefix(a: list[int], b: list[int]) -> int:
+    """Tokens two greedy continuations share before they first differ."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def resident_formats(tokens: int | None, emit) -> None:
+    """The bundled model converted with int4 experts and each resident storage format
+    (float, int8, int4), each compared with float in the same process."""
+    from edgemoe import assets
+    from edgemoe.api import load
+    from edgemoe.evaluate import eval_tokens, perplexity, read_text
+    from edgemoe.quant import kernels as K
+    from edgemoe.store.convert import convert
+    from edgemoe.store.manifest import read_manifest
+
+    text = read_text(assets.HELDOUT_TEXT, "held-out text")
+    kinds = ("float", "int8", "int4")
+    res = {}
+    with tempfile.TemporaryDirectory(prefix="resident-formats-") as tmp:
+        for kind in kinds:
+            out = Path(tmp, kind)
+            convert(assets.MODEL_DIR, out, fmt="int4", resident=kind, force=True)
+            m = read_manifest(out)
+            with packed_everywhere(), load(out) as eng:
+                ctx = eng.model.args.max_position_embeddings
+                ids = eval_tokens(eng.tokenizer, text, ctx, tokens, str(assets.HELDOUT_TEXT))
+                ppl = perplexity(eng.model, ids, ctx, batch=8)
+                win = torch.tensor(ids[: 4 * ctx]).view(4, ctx)
+                with torch.inference_mode():
+                    logits = eng.model(win).float()  # (4, ctx, V)
+            with load(out) as eng:  # the default dispatch
+                greedy = [eng.generate(p, max_tokens=64, temperature=0, ignore_eos=True).token_ids for p in PROMPTS]
+            layers = len(m.resident_int8) + len(m.resident_int4)
+            res[kind] = (ppl, logits, greedy, m.resident_bytes, layers)
+    p0, l0, g0, _, _ = res["float"]
+    emit(f"`edgemoe convert --format int4 --resident float|int8|int4` of the bundled model; held-out text "
+         f"`{assets.HELDOUT_TEXT.name}`, {p0['tokens']:,} tokens, packed C kernels forced at every batch (the decode "
+         f"path). Activations: resident int8 layers {K.RESIDENT_ACTIVATIONS} (kernels.RESIDENT_ACTIVATIONS), "
+         f"int4 layers and experts {K.ACTIVATIONS} (kernels.ACTIVATIONS). Logits: the first 4 windows, against "
+         f"float. Greedy: {len(PROMPTS)} prompts x 64 tokens (EOS ignored) with the default dispatch; 'same' counts "
+         f"prompts identical to float's, 'agree' is the share of the 64 tokens before the first difference "
+         f"(mean over prompts). Resident bytes: resident.safetensors (this model ties its LM head to the "
+         f"embedding, which stays float, so the quantized layers are the attention projections only).")
+    emit()
+    emit("| resident | layers | resident bytes | ppl | change | logits rel. RMS diff | top-1 agree | KL (nats) "
+         "| greedy same | greedy agree |")
+    emit("|---|---|---|---|---|---|---|---|---|---|")
+    for kind in kinds:
+        p, lg, g, nbytes, layers = res[kind]
+        rms, top1, kl = _vs(l0, lg)
+        same = sum(a == b for a, b in zip(g0, g))
+        agree = statistics.mean(_prefix(a, b) / len(a) for a, b in zip(g0, g))
+        emit(f"| {kind} | {layers} | {nbytes:,} | {p['ppl']:.3f} | {100 * (p['ppl'] / p0['ppl'] - 1):+.2f}% "
+             f"| {rms:.2e} | {100 * top1:.2f}% | {kl:.2e} | {same}/{len(PROMPTS)} | {100 * agree:.1f}% |")
+    emit()
+
+
+def layer_speed(emit, shapes=((2048, 2048), (2048, 512)), rounds: int = 7, calls: int = 200) -> None:
+    """One resident layer at batch 1 (decode) on random weights: bf16 nn.Linear, Int8Linear,
+    Int4Linear, the three alternating in every round; median microseconds per call."""
+    from torch import nn
+
+    from edgemoe.quant.linear import Int4Linear, Int8Linear
+
+    emit(f"Layer speed, batch 1, bf16 activations, random weights of the bench model's attention shapes (K, N); "
+         f"{rounds} rounds of {calls} calls, the three layers alternating; median us per call; torch threads "
+         f"{torch.get_num_threads()}. Bytes: what the layer holds.")
+    emit()
+    emit("| K x N | bf16 us | int8 us | int4 us | int8 / int4 time | bf16 bytes | int8 bytes | int4 bytes |")
+    emit("|---|---|---|---|---|---|---|---|")
+    gen = torch.Generator().manual_seed(0)
+    for k, n in shapes:
+        lin = nn.Linear(k, n, bias=False).requires_grad_(False)
+        lin.weight.copy_(torch.randn(n, k, generator=gen) * 0.02)
+        lin = lin.bfloat16()
+        layers = {"bf16": lin, "int8": Int8Linear.from_linear(lin), "int4": Int4Linear.from_linear(lin)}
+        x = torch.randn(1, k, generator=gen).bfloat16()
+        t = {name: [] for name in layers}
+        with torch.inference_mode():
+            for _ in range(rounds):
+                for name, m in layers.items():
+                    for _ in range(calls // 10):
+                        m(x)
+                    t0 = time.perf_counter()
+                    for _ in range(calls):
+                        m(x)
+                    t[name].append((time.perf_counter() - t0) / calls * 1e6)
+        med = {name: statistics.median(v) for name, v in t.items()}
+        nb = {name: sum(b.nbytes for b in m.state_dict().values()) for name, m in layers.items()}
+        emit(f"| {k} x {n} | {med['bf16']:.1f} | {med['int8']:.1f} | {med['int4']:.1f} | "
+             f"{med['int8'] / med['int4']:.2f}x | {nb['bf16']:,} | {nb['int8']:,} | {nb['int4']:,} |")
+    emit()
+
+
 def speed(model: str, rounds: int, tokens: int, threads: int | None, emit) -> None:
     from edgemoe.api import load
     from edgemoe.quant import kernels as K
@@ -136,6 +249,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=32, help="decoded tokens per speed run")
     ap.add_argument("--threads", type=int, default=None, help="threads for the speed rows (default: torch's)")
     ap.add_argument("--acc-tokens", type=int, default=None, help="held-out tokens (default: all)")
+    ap.add_argument("--resident-formats", action="store_true",
+                    help="compare resident float / int8 / int4 on the bundled model instead, appending to -o")
     ap.add_argument("-o", "--out", type=Path, required=True)
     args = ap.parse_args(argv)
     lines: list[str] = []
@@ -145,6 +260,27 @@ def main(argv=None) -> int:
         print(s, flush=True)
 
     from edgemoe.quant.native import isa
+
+    if args.resident_formats:
+        if args.model:
+            ap.error("--resident-formats runs on the bundled model; --model is for the speed rows")
+        if args.threads is not None:
+            torch.set_num_threads(args.threads)
+        emit()
+        emit("## Resident weights float vs int8 vs int4 (bundled model: int4 experts, bf16)")
+        emit()
+        emit(f"Generated by `python -m edgemoe_lab.experiments.resident_act {' '.join(argv or sys.argv[1:])}` on "
+             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Machine: {cpu_model()}, {os.cpu_count()} CPUs, "
+             f"edgemoe kernels: {isa()}; torch threads {torch.get_num_threads()}; load average "
+             f"{os.getloadavg()[0]:.1f}.")
+        emit()
+        resident_formats(args.acc_tokens, emit)
+        if args.threads is not None:
+            torch.set_num_threads(args.threads)  # load() picked its own for the small model
+        layer_speed(emit)
+        old = args.out.read_text() if args.out.exists() else ""
+        args.out.write_text(old + "\n".join(lines) + "\n")
+        return 0
 
     emit("# Resident int8 layers: int8 vs int16 activations")
     emit()

@@ -160,13 +160,14 @@ class Bench:
             self.unavailable["transformers"] = ("--model is a GGUF file; transformers runs a Hugging Face directory "
                                                 "(give the checkpoint's directory to compare with it)")
         resident = ["--resident", opts.resident]
+        tag = model.resident_tag(resident)  # "" for int8: the names of existing work directories
         if gguf_in and opts.bits is None:
             label = "gguf"  # the converter's default plan: the file's own precision
-            quant = self.ensure_store(hf, f"edgemoe-gguf-{hf.stem}", resident)
+            quant = self.ensure_store(hf, f"edgemoe-gguf{tag}-{hf.stem}", resident)
         else:
             bits = opts.bits or 4
             label = f"int{bits}"
-            quant = self.ensure_store(hf, f"edgemoe-int{bits}-{hf.name}", ["--bits", str(bits), *resident])
+            quant = self.ensure_store(hf, f"edgemoe-int{bits}{tag}-{hf.name}", ["--bits", str(bits), *resident])
         stores = {"quant": quant}
         if any(c.store == "bf16" for c in cfgs):
             stores["bf16"] = self.ensure_store(hf, f"edgemoe-bf16-{hf.name}", ["--bits", "16"])
@@ -177,7 +178,8 @@ class Bench:
         edgemoe_size = (quant / RESIDENT_NAME).stat().st_size + (quant / STORE_NAME).stat().st_size
         meta["edgemoe_store"] = {"path": str(quant), "bytes": edgemoe_size,
                                  "resident_bytes": (quant / RESIDENT_NAME).stat().st_size,
-                                 "resident_format": "int8 linear layers" if opts.resident == "int8" else "bf16",
+                                 "resident_format": (f"{opts.resident} linear layers"
+                                                     if opts.resident in ("int8", "int4") else "bf16"),
                                  "expert_bytes": (quant / STORE_NAME).stat().st_size,
                                  "expert_format": sorted({e["format"] for e in man["experts"]})}
         return hf, quant, stores, label, edgemoe_size

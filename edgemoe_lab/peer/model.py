@@ -85,6 +85,15 @@ def ensure_store(work: Path, hf: Path, name: str, flags: list[str], log) -> Path
     return out
 
 
+def resident_tag(resident: list[str]) -> str:
+    """The part of a store's directory name that tells its resident weights apart: "" for
+    int8 (bench's default; the names of existing work directories stay valid), else
+    "-res<kind>" (e.g. "-resint4"), so stores with other resident weights are not
+    converted over each other. `resident`: the convert flags, ["--resident", kind]."""
+    kind = resident[resident.index("--resident") + 1] if "--resident" in resident else "float"
+    return "" if kind == "int8" else f"-res{kind}"
+
+
 def plan_store(work: Path, hf: Path, kind: str, plan: Path, resident: list[str], log) -> Path:
     """A store of a plan kind (configs.PLAN_STORES) converted once: "plan" with the per-expert
     bitwidth plan, "plan-fallback" with it and the small copies of --fallback-bits."""
@@ -93,10 +102,11 @@ def plan_store(work: Path, hf: Path, kind: str, plan: Path, resident: list[str],
     if kind not in PLAN_STORES:
         raise ValueError(f"store kind {kind!r} is not one of {PLAN_STORES}")
     flags = ["--plan", str(plan.resolve())]
-    name = f"edgemoe-plan-{hf.name}"
+    tag = resident_tag(resident)
+    name = f"edgemoe-plan{tag}-{hf.name}"
     if kind == "plan-fallback":
         flags += ["--fallback-bits", str(FALLBACK_BITS)]
-        name = f"edgemoe-plan-fb{FALLBACK_BITS}-{hf.name}"
+        name = f"edgemoe-plan-fb{FALLBACK_BITS}{tag}-{hf.name}"
     return ensure_store(work, hf, name, flags + resident, log)
 
 

@@ -82,4 +82,4 @@ def test_bad_int8_layer_names_are_refused(stores, tmp_path):
 def test_bad_resident_option(stores, tmp_path):
     _, hf, _, _ = stores
     with pytest.raises(EdgeMoEError, match="resident weights format"):
-        make_converted(hf, tmp_path / "x", resident="int4")
+        make_converted(hf, tmp_path / "x", resident="int2")
