@@ -59,10 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default=None, help="prompt text (default: a short Python snippet)")
     p.add_argument("--timeout", type=float, default=300, help="time limit of one run in seconds (default 300)")
     p.add_argument("--threads", type=int, default=None, help="threads for every engine (default: all CPUs)")
-    p.add_argument("--resident", choices=("int8", "int4", "float"), default="int8",
-                   help="non-expert weights of the quantized edgemoe stores (IO-QEXP, LRU-only, EdgeMoE, IO-FREE): "
-                        "int8 (default; llama.cpp's GGUF quantizes attention too), int4 (the experts' int4 layout, "
-                        "about half int8's bytes, near Q4_0's) or float (bf16); IO-EXP stays bf16")
+    p.add_argument("--resident", choices=("int8", "int4", "float"), default=None,
+                   help="non-expert weights of the quantized edgemoe stores (IO-QEXP, LRU-only, EdgeMoE, IO-FREE), "
+                        "as llama.cpp's GGUF quantizes attention too: int4 (the experts' int4 layout, near Q4_0's "
+                        "bytes; the default with --bits 4), int8 (the default with --bits 8 and for a GGUF --model "
+                        "kept at its own precision) or float (bf16); IO-EXP stays bf16")
     p.add_argument("--plan", default=None, metavar="PLAN.json",
                    help="per-expert bitwidth plan for the full EdgeMoE configuration (edgemoe convert --plan)")
     p.add_argument("--no-cgroup", action="store_true", help="run without memory cgroups (no limits enforced)")

@@ -105,13 +105,14 @@ def aggregate(rows: list[dict]) -> dict:
     return out
 
 
-def ratio_stats(rows: list[dict], num: tuple[str, str], den: tuple[str, str], budget: str) -> Stat | None:
-    """decode tok/s of `num` over `den` (engine, config) at `budget`, taken within each
-    repeat (both finished), then median/min/max over repeats."""
+def ratio_stats(rows: list[dict], num: tuple[str, str], den: tuple[str, str], budget: str,
+                key: str = "decode_tok_s") -> Stat | None:
+    """`key` (decode or prefill tok/s) of `num` over `den` (engine, config) at `budget`,
+    taken within each repeat (both finished), then median/min/max over repeats."""
     def by_rep(ec):
-        return {r["repeat"]: r["decode_tok_s"] for r in rows
+        return {r["repeat"]: r[key] for r in rows
                 if (r["engine"], r["config"]) == ec and r["budget"] == budget and r["status"] == "ok"
-                and r["decode_tok_s"]}
+                and r[key]}
 
     a, b = by_rep(num), by_rep(den)
     return stat(a[k] / b[k] for k in a if k in b)

@@ -90,3 +90,11 @@ def timing_fields(prompt_tokens: int, generated: int, prefill_s: float, decode_s
         "prefill_tok_s": round(prompt_tokens / prefill_s, 4) if prefill_s > 0 else None,
         "decode_tok_s": round(n / decode_s, 4) if n > 0 and decode_s > 0 else None,
     }
+
+
+def context_size(prompt_tokens: int, new_tokens: int) -> int:
+    """The context window every engine gets for a run: the prompt plus the generated
+    tokens, rounded up to a multiple of 256 (llama.cpp's n_ctx; edgemoe's ctx_size), so
+    neither engine reserves memory for a longer context than the other."""
+    return (prompt_tokens + new_tokens + 255) // 256 * 256
+

@@ -15,7 +15,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _report import Progress, load_spec, timing_fields, write_result  # noqa: E402
+from _report import Progress, context_size, load_spec, timing_fields, write_result  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
@@ -28,9 +28,12 @@ def main(argv: list[str]) -> int:
     from edgemoe.generate import stream_generate
     from edgemoe.errors import EdgeMoEError
 
+    forced = spec.get("forced_ids")
+    n = len(forced) if forced is not None else int(spec["max_tokens"])
+    runtime = {"ctx_size": _ctx_size(spec["model"], len(spec["prompt_ids"]) + n), **(spec.get("runtime") or {})}
     t0 = time.perf_counter()
     try:
-        engine = load(spec["model"], memory=spec.get("memory"), **(spec.get("runtime") or {}))
+        engine = load(spec["model"], memory=spec.get("memory"), **runtime)
     except EdgeMoEError as e:  # e.g. a budget below what the model needs: a result, not a crash
         write_result(result_path, {"ok": False, "status": "refused", "error": str(e)})
         return 0
@@ -42,8 +45,6 @@ def main(argv: list[str]) -> int:
         recorder = TraceRecorder(engine.model)
 
     prompt = list(spec["prompt_ids"])
-    forced = spec.get("forced_ids")
-    n = len(forced) if forced is not None else int(spec["max_tokens"])
     agree = [0, 0]  # greedy choice == forced token, tokens compared
     greedy: list[int] = []  # the engine's own greedy choice at each position
 
@@ -90,6 +91,14 @@ def main(argv: list[str]) -> int:
     }
     write_result(result_path, result)
     return 0
+
+
+def _ctx_size(model: str, tokens: int) -> int:
+    """llama.cpp's context for the run (context_size), capped at the model's positions."""
+    from edgemoe.store.manifest import read_manifest
+    from edgemoe.store.reader import check_manifest
+
+    return min(context_size(tokens, 0), check_manifest(read_manifest(model)).max_position_embeddings)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _report import Progress, load_spec, timing_fields, write_result  # noqa: E402
+from _report import Progress, context_size, load_spec, timing_fields, write_result  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
@@ -47,7 +47,7 @@ def main(argv: list[str]) -> int:
         return 0
     n_vocab = C.llama_vocab_n_tokens(C.llama_model_get_vocab(model))
     cp = C.llama_context_default_params()
-    n_ctx = (len(prompt) + len(forced) + 255) // 256 * 256
+    n_ctx = context_size(len(prompt), len(forced))
     cp.n_ctx = n_ctx
     cp.n_batch = n_ctx
     cp.n_seq_max = 1
