@@ -160,9 +160,9 @@ class Bench:
             self.unavailable["transformers"] = ("--model is a GGUF file; transformers runs a Hugging Face directory "
                                                 "(give the checkpoint's directory to compare with it)")
         # Resident layers at the experts' bits, as the GGUF type quantizes attention (Q4_0: int4, Q8_0: int8).
-        kind = opts.resident or ("int8" if opts.bits == 8 or (gguf_in and opts.bits is None) else "int4")
-        meta["resident"] = kind
-        resident = ["--resident", kind]
+        res_kind = opts.resident or ("int8" if opts.bits == 8 or (gguf_in and opts.bits is None) else "int4")
+        meta["resident"] = res_kind
+        resident = ["--resident", res_kind]
         tag = model.resident_tag(resident)  # "" for int8: the names of existing work directories
         if gguf_in and opts.bits is None:
             label = "gguf"  # the converter's default plan: the file's own precision
@@ -181,7 +181,8 @@ class Bench:
         edgemoe_size = (quant / RESIDENT_NAME).stat().st_size + (quant / STORE_NAME).stat().st_size
         meta["edgemoe_store"] = {"path": str(quant), "bytes": edgemoe_size,
                                  "resident_bytes": (quant / RESIDENT_NAME).stat().st_size,
-                                 "resident_format": (f"{kind} linear layers" if kind in ("int8", "int4") else "bf16"),
+                                 "resident_format": (f"{res_kind} linear layers" if res_kind in ("int8", "int4")
+                                                     else "bf16"),
                                  "expert_bytes": (quant / STORE_NAME).stat().st_size,
                                  "expert_format": sorted({e["format"] for e in man["experts"]})}
         return hf, quant, stores, label, edgemoe_size
