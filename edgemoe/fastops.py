@@ -19,10 +19,16 @@ _DT = {torch.float32: 0, torch.bfloat16: 1}
 _C_ROWS = 64  # rms_norm: up to this many rows in C (decode steps, batched ones too); prefill in torch
 
 
-def _lib():
-    from .quant import native
+_native = None  # edgemoe.quant.native, imported on first use
 
-    return native.get() if not native.library.disabled else None
+
+def _lib():
+    global _native
+    if _native is None:
+        from .quant import native
+
+        _native = native
+    return _native.library.get()  # None when switched off or not built
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

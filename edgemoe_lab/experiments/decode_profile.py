@@ -61,6 +61,8 @@ def classify(frame: str) -> str:
     if re.search(r"\.py:\d+\)$", frame) or "libpython" in frame:
         return "Python interpreter"
     symbol, _, lib = frame.rpartition(" (")
+    if "libgomp" in lib:  # unsymbolized libgomp addresses are its barrier and spin loops
+        return "thread waits"
     for name, pattern in KERNEL_CLASSES:
         if re.search(pattern, symbol):
             return name
