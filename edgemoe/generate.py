@@ -27,26 +27,36 @@ def provider_of(model: Transformer):
 class PromptCache:
     """A KV cache plus the token ids it holds, so that a follow-up prompt sharing a prefix
     (the next chat turn) only prefills the new part. `capacity` is the context size in
-    tokens (None: grow as needed). `layers` gives the layer caches to use instead of new ones."""
+    tokens (None: grow as needed). `layers` gives the layer caches to use instead of new ones.
+
+    It also keeps the logits of the last prefilled prompt's final position (`end_logits`):
+    the same prompt again (a retried or repeated request) then runs no forward at all and
+    gets exactly the first request's logits, instead of recomputing its last token in a
+    one-position forward, whose fp32 sums run in another order than the prompt's forward."""
 
     def __init__(self, model: Transformer, capacity: int | None = None, layers: list | None = None):
         self.capacity = capacity
         self.layers: list[KVCache] = model.make_cache(capacity) if layers is None else layers
         self.tokens: list[int] = []
+        self.end_logits: tuple[int, torch.Tensor] | None = None  # (position, its logits (1, 1, V))
 
     def clear(self) -> None:
         """Forget every position (the buffers stay allocated)."""
         for c in self.layers:
             c.trim(c.offset)
         self.tokens = []
+        self.end_logits = None
 
     def reuse(self, prompt: Sequence[int]) -> int:
         """Trim the cache to its longest common prefix with `prompt`; returns its length.
-        At least one prompt token is always left to prefill."""
+        At least one prompt token is left to prefill, unless the cache holds the whole
+        prompt and the logits of its last position (then len(prompt): see `end_logits`)."""
         n = 0
-        limit = min(len(self.tokens), len(prompt) - 1)
+        limit = min(len(self.tokens), len(prompt))
         while n < limit and self.tokens[n] == prompt[n]:
             n += 1
+        if not (n == len(prompt) and self.end_logits is not None and self.end_logits[0] == n - 1):
+            n = min(n, len(prompt) - 1)
         # A recurrent layer's state cannot go back to an earlier position: unless the whole
         # cached sequence is kept, the prompt is recomputed from the start.
         if any(not getattr(c, "can_trim", True) and c.offset > n for c in self.layers):
@@ -54,6 +64,8 @@ class PromptCache:
         for c in self.layers:
             c.trim(c.offset - n)
         self.tokens = list(prompt[:n])
+        if self.end_logits is not None and self.end_logits[0] >= n:
+            self.end_logits = None
         return n
 
 
@@ -75,6 +87,8 @@ def prefill(model: Transformer, prompt: Sequence[int], cache: PromptCache, prefi
         if vocab:  # every row's logits are kept for scoring: bound them to SCORE_ELEMENTS per chunk
             prefill_chunk = max(1, min(prefill_chunk, SCORE_ELEMENTS // vocab))
     start = cache.reuse(prompt)
+    if start == len(prompt):  # the whole prompt and its last logits are cached
+        return cache.end_logits[1].clone()  # (1, 1, V); a copy: logits processors may work in place
     todo = torch.tensor([list(prompt[start:])], dtype=torch.long)  # (1, T)
     provider = provider_of(model)
     logits = None
@@ -87,6 +101,7 @@ def prefill(model: Transformer, prompt: Sequence[int], cache: PromptCache, prefi
         if prompt_logits is not None:
             prompt_logits(start + i, logits[0].float())
     cache.tokens = list(prompt)
+    cache.end_logits = (len(prompt) - 1, logits[:, -1:].clone())  # (1, 1, V)
     return logits
 
 

@@ -100,6 +100,25 @@ def test_prompt_cache_prefills_only_the_new_suffix(tok):
     assert model.positions_processed - first == len(follow) - (len(prompt) + 2)
 
 
+def test_the_same_prompt_again_runs_no_forward_and_gets_the_same_logits(tok):
+    """A repeated prompt takes the first request's cached last logits (no one-position
+    recompute, whose sums would run in another order); a shorter prefix of the cache has
+    no logits kept, so its last token is recomputed."""
+    prompt = tok.encode("def f(): return 1")
+    model = ScriptedModel(len(prompt), [5, 6, 7], tok.vocab_size)
+    cache = PromptCache(model)
+    first = list(generate_step(model, prompt, max_tokens=3, cache=cache, logprobs=True))
+    done = model.positions_processed
+    again = list(generate_step(model, prompt, max_tokens=3, cache=cache, logprobs=True))
+    assert model.positions_processed - done == 2  # the two decode steps only: no prompt position
+    assert [t for t, _ in again] == [t for t, _ in first]
+    assert torch.equal(again[0][1], first[0][1])  # the first token's distribution, bit for bit
+    done = model.positions_processed
+    model.prompt_len = len(prompt) - 2
+    list(generate_step(model, prompt[:-2], max_tokens=1, cache=cache))
+    assert model.positions_processed - done == 1  # a cached prefix without kept logits: its last token again
+
+
 def test_real_model_stream_equals_generate_and_reports_stats(tiny_mixtral):
     engine = edgemoe.load(tiny_mixtral)
     res = engine.generate("def add(a, b):", max_tokens=12, ignore_eos=True)
