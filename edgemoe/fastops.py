@@ -68,3 +68,50 @@ def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kbuf: torch.Te
                         heads, kvh, D, Dv, float(scale if scale is not None else D**-0.5), out.data_ptr(),
                         torch.get_num_threads())
     return out if rc == 0 else None
+
+
+def kernel_key() -> tuple:
+    """The kernel settings a fused call's matrix descriptions depend on (quant/kernels.py's
+    activation paths, the library switched on or off): descriptions made under another key
+    are made again."""
+    from .quant import kernels
+
+    lib = _lib()
+    return (id(lib), kernels.ACTIVATIONS, kernels.RESIDENT_ACTIVATIONS, kernels.INT8PACK_PREFERRED)
+
+
+class AttnHalfArgs:
+    """The matrix descriptions of one attention module for `attn_half`, as a ctypes array
+    kept between calls (rebuilt only when a description changes: another kernel setting)."""
+
+    def __init__(self):
+        self.key: tuple | None = None
+        self.array = None
+
+    def get(self, descs: tuple):
+        if descs != self.key:
+            import ctypes
+
+            flat = [v for d in descs for v in d]
+            self.key, self.array = descs, (ctypes.c_int64 * len(flat))(*flat)
+        return self.array
+
+
+def attn_half(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, mats, heads: int, kv_heads: int,
+              head_dim: int, cos: torch.Tensor, sin: torch.Tensor, kbuf: torch.Tensor, vbuf: torch.Tensor, pos: int,
+              scale: float | None) -> torch.Tensor | None:
+    """x + o(attention(rope(q(n)), rope(k(n)), v(n))), n = rms_norm(x), for one position
+    of one sequence (x (1, 1, H)) in one C call (csrc/decode.c em_attn_half1), appending k
+    and v to kbuf / vbuf (1, kv, cap, D) at `pos`: the same kernels, in the same order and
+    rounding, as the module-by-module path. `mats`: the ctypes array of the q, k, v and o
+    descriptions (AttnHalfArgs). None when the C library is not there."""
+    lib = _lib()
+    dt = _DT.get(x.dtype)
+    if lib is None or dt is None:
+        return None
+    out = torch.empty_like(x)  # (1, 1, H)
+    rc = lib.em_attn_half1(x.data_ptr(), dt, x.shape[-1], norm_weight.data_ptr(), float(eps), mats, heads,
+                           kv_heads, head_dim, cos.data_ptr(), sin.data_ptr(), kbuf.data_ptr(), vbuf.data_ptr(),
+                           kbuf.shape[2], pos, float(scale if scale is not None else head_dim**-0.5), out.data_ptr(),
+                           torch.get_num_threads())
+    return out if rc == 0 else None

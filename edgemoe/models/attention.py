@@ -16,7 +16,7 @@ from torch import nn
 
 from ..cpu import Linear
 from ..errors import ContextLengthError
-from ..fastops import attend_one
+from ..fastops import AttnHalfArgs, attend_one, attn_half, kernel_key
 from .norms import RMSNorm
 from .rope import RoPE
 from .rope import temperature_scales  # noqa: F401 (also imported from here)
@@ -61,6 +61,11 @@ class KVCache:
     def _room(self, k: torch.Tensor, v: torch.Tensor) -> int:
         """Make the buffers hold positions up to offset + T; returns that end."""
         B, H, T, D = k.shape  # (B, KV, T, D)
+        return self.room(B, H, T, D, v.shape[-1], k.dtype)
+
+    def room(self, B: int, H: int, T: int, D: int, Dv: int, dtype: torch.dtype) -> int:
+        """Make the buffers (B, H, capacity, D / Dv) of `dtype` hold positions up to
+        offset + T; returns that end."""
         end = self.offset + T
         if self.capacity is not None and end > self.capacity:
             raise ContextLengthError(
@@ -68,8 +73,8 @@ class KVCache:
                 "(--ctx-size / ctx_size)")
         if self.k is None or end > self.k.shape[2]:
             cap = self.capacity or (end + self.STEP - 1) // self.STEP * self.STEP
-            new_k = k.new_empty(B, H, cap, D)
-            new_v = v.new_empty(B, H, cap, v.shape[-1])
+            new_k = torch.empty(B, H, cap, D, dtype=dtype)
+            new_v = torch.empty(B, H, cap, Dv, dtype=dtype)
             if self.k is not None:
                 new_k[:, :, : self.offset] = self.k[:, :, : self.offset]
                 new_v[:, :, : self.offset] = self.v[:, :, : self.offset]
@@ -133,9 +138,46 @@ class Attention(nn.Module):
         self.rope = rope
         if s.sinks:
             self.sinks = nn.Parameter(torch.empty(s.heads))
+        self._half: bool | None = None  # decode_half: whether this layer's options qualify (decided once)
 
     def make_cache(self, capacity: int | None) -> KVCache:
         return KVCache(capacity)
+
+    def decode_half(self, x: torch.Tensor, norm: nn.Module, cache) -> torch.Tensor | None:
+        """x + self(norm(x), cache) for one position of one sequence (x (1, 1, H)) in one C
+        call (fastops.attn_half), or None when this layer or call does not qualify: a plain
+        RMSNorm, GQA with standard RoPE and nothing else of the spec's options, q/k/v/o on
+        the int4/int8 kernels without biases, a plain KV cache of x's dtype. Its results are
+        those of the module-by-module path, bit for bit."""
+        if self._half is None:
+            s = self.spec
+            plain = not (s.fused_qkv or s.query_gate or s.qk_norm or s.clip_qkv is not None or s.sliding_window
+                         or s.chunk or s.temperature is not None or s.sinks or s.output_gate or s.qkv_bias or s.o_bias)
+            rope = self.rope
+            self._half = bool(plain and s.use_rope and type(rope) is RoPE and rope.dim == s.head_dim
+                              and not rope.interleaved and s.heads % s.kv_heads == 0)
+            self._half_args, self._half_key, self._half_mats = AttnHalfArgs(), None, None
+        if not self._half or type(cache) is not KVCache or type(norm) is not RMSNorm or norm.weight.dtype != x.dtype:
+            return None
+        mods = (self.q, self.k, self.v, self.o)
+        key = (kernel_key(), *mods, *(w.data_ptr() if (w := getattr(m, "qweight", None)) is not None else 0
+                                      for m in mods))
+        if key != self._half_key:  # the descriptions, made again only when a setting or a weight changed
+            descs = tuple(getattr(m, "decode_desc", lambda: None)() for m in mods)
+            self._half_key, self._half_mats = key, None if None in descs else self._half_args.get(descs)
+        if self._half_mats is None or not x.is_contiguous():
+            return None
+        s = self.spec
+        pos = cache.offset
+        if cache.k is not None and (cache.k.dtype != x.dtype or cache.k.shape[0] != 1):
+            return None
+        cache.room(1, s.kv_heads, 1, s.head_dim, s.head_dim, x.dtype)
+        cos, sin = self.rope.tables(pos + 1, x.dtype)  # (n, D) each
+        out = attn_half(x, norm.weight, norm.eps, self._half_mats, s.heads, s.kv_heads, s.head_dim,
+                        cos[pos], sin[pos], cache.k, cache.v, pos, s.scale)
+        if out is not None:
+            cache.offset = pos + 1
+        return out
 
     def kv_bytes_per_token(self, elem: int) -> int:
         """Bytes one cached position takes (keys and values) at `elem` bytes per value."""

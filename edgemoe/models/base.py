@@ -376,7 +376,9 @@ class DecoderLayer(nn.Module):
         self.norm2 = RMSNorm(hidden, eps)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), cache)
+        one = x.shape[0] == 1 and x.shape[1] == 1 and type(self.attn) is Attention  # not MLA, not a subclass
+        h = self.attn.decode_half(x, self.norm1, cache) if one else None
+        x = h if h is not None else x + self.attn(self.norm1(x), cache)  # (1, 1, H): one C call when it qualifies
         return x + self.mlp(self.norm2(x))
 
 

@@ -381,6 +381,27 @@ def matrix_desc(w) -> ctypes.Array | None:
     return (ctypes.c_int64 * 8)(*vals)
 
 
+def row_desc(w, act: str | None) -> tuple[int, ...] | None:
+    """The arguments a one-row call on `w` passes to em_qmm8 / em_qmm now, as the 11 int64
+    csrc/decode.c's em_attn_half1 reads ({codes, scale, zero, scale dtype, per_row, N, K,
+    Kp, bits, G, int8 activations}), or None when such a call would not take the C kernel
+    (no library, torch's int8pack path, an unaligned K). `act` as for qmm_packed / int8_mm."""
+    if native.library.disabled or native.get() is None:
+        return None
+    if isinstance(w, QMatrix):
+        if w.spec.bits not in (2, 3, 4):
+            return None
+        return (w.packed.data_ptr(), w.scale.data_ptr(), w.zero.data_ptr() if w.zero is not None else 0,
+                _DTYPES[torch.float16], 0, w.n, w.k, w.kp, w.spec.bits, w.spec.group, int(_act8(act)))
+    if isinstance(w, Int8Matrix):
+        k = w.q.shape[1]
+        if INT8PACK_PREFERRED or k % INT8_XGROUP or w.scale.dtype not in _DTYPES:
+            return None
+        return (w.q.data_ptr(), w.scale.data_ptr(), 0, _DTYPES[w.scale.dtype], 1, w.q.shape[0], k, k, 8,
+                INT8_XGROUP, int(_act8(act)))
+    return None
+
+
 def fused_ok(m: int, w) -> bool:
     """Whether an expert call of m rows on weights like `w` takes em_expert8 now: the C
     kernel built, int8 activations, and a batch the packed kernels take."""

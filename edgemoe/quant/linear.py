@@ -70,6 +70,13 @@ class Int8Linear(nn.Module):
             y = y + self.bias.to(y.dtype)
         return y.reshape(*shape[:-1], self.out_features)
 
+    def decode_desc(self) -> tuple[int, ...] | None:
+        """What a one-row forward passes to the C kernel (kernels.row_desc), for the fused
+        decode call of an attention half (edgemoe.fastops.attn_half); None: not fusable."""
+        if self.bias is not None:
+            return None
+        return kernels.row_desc(Int8Matrix(self.qweight, self.scale), kernels.RESIDENT_ACTIVATIONS)
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
 
@@ -128,6 +135,13 @@ class Int4Linear(nn.Module):
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*shape[:-1], self.out_features)
+
+    def decode_desc(self) -> tuple[int, ...] | None:
+        """What a one-row forward passes to the C kernel (kernels.row_desc), for the fused
+        decode call of an attention half (edgemoe.fastops.attn_half); None: not fusable."""
+        if self.bias is not None:
+            return None
+        return kernels.row_desc(self.matrix(), None)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int4 g{self.spec.group}"

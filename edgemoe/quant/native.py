@@ -338,6 +338,8 @@ def load(path: Path) -> ctypes.CDLL:
         ("em_dequant8", [ptr, ptr, i32, i64, i64, i64, ptr, i32, i32]),
         ("em_rmsnorm", [ptr, i32, i64, i64, ptr, ctypes.c_float, ptr]),
         ("em_attend1", [ptr, ptr, ptr, i32, ptr, ptr, i64, i64, i64, i64, i64, i64, ctypes.c_float, ptr, i32]),
+        ("em_attn_half1", [ptr, i32, i64, ptr, ctypes.c_float, ptr, i64, i64, i64, ptr, ptr, ptr, ptr, i64, i64,
+                           ctypes.c_float, ptr, i32]),
         ("em_quantize", [ptr, i64, i64, i64, i32, i64, i32, i32, ptr, ptr, ptr, i32]),
         ("em_mxfp4_mm", mx_args),
         ("em_mxfp4_mm8", mx_args),

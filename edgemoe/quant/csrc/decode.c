@@ -127,3 +127,70 @@ int em_attend1(const void *q, const void *k, const void *v, int dt, void *kc, vo
     }
     return rc;
 }
+
+/* ------------------------------------------------------------------ the attention half of a layer */
+
+/* The dispatched kernels (dispatch.c). */
+int em_qmm(const void *x, int xdt, int64_t M, int64_t K, const uint8_t *w, const void *scale, int sdt, int per_row,
+           const uint16_t *zero, int64_t N, int64_t Kp, int bits, int64_t G, void *y, int ydt, int nthreads);
+int em_qmm8(const void *x, int xdt, int64_t M, int64_t K, const uint8_t *w, const void *scale, int sdt, int per_row,
+            const uint16_t *zero, int64_t N, int64_t Kp, int bits, int64_t G, void *y, int ydt, int nthreads);
+
+/* One matrix as the attention half takes it, 11 int64: {codes, scale, zero (0: none), scale
+ * dtype, per_row, N, K, Kp, bits, G, int8 activations (1) or int16 (0)}: the arguments the
+ * Python path (quant/kernels.py) passes to em_qmm8 / em_qmm for one row. */
+enum { M_CODES, M_SCALE, M_ZERO, M_SDT, M_PERROW, M_N, M_K, M_KP, M_BITS, M_G, M_ACT8, M_LEN };
+
+static int mm1(const int64_t *m, const void *x, int dt, void *y, int nthreads) {
+    int (*fn)(const void *, int, int64_t, int64_t, const uint8_t *, const void *, int, int, const uint16_t *, int64_t,
+              int64_t, int, int64_t, void *, int, int) = m[M_ACT8] ? em_qmm8 : em_qmm;
+    return fn(x, dt, 1, m[M_K], (const uint8_t *)(intptr_t)m[M_CODES], (const void *)(intptr_t)m[M_SCALE],
+              (int)m[M_SDT], (int)m[M_PERROW], (const uint16_t *)(intptr_t)m[M_ZERO], m[M_N], m[M_KP], (int)m[M_BITS],
+              m[M_G], y, dt, nthreads);
+}
+
+/* RoPE on `rows` rows of D values in place, as models/rope.py's _rotate computes it in dt:
+ * x * cos + rotate_half(x) * sin, each product and the sum rounded to dt. */
+static void rope_rows(void *t, int dt, int64_t rows, int64_t D, const void *cosr, const void *sinr, float *tmp) {
+    const int64_t half = D / 2;
+    for (int64_t r = 0; r < rows; r++) {
+        for (int64_t i = 0; i < D; i++) tmp[i] = ld(t, dt, r * D + i);
+        for (int64_t i = 0; i < D; i++) {
+            const float rot = i < half ? -tmp[i + half] : tmp[i - half];
+            const float a = rnd(tmp[i] * ld(cosr, dt, i), dt), b = rnd(rot * ld(sinr, dt, i), dt);
+            st(t, dt, r * D + i, a + b);
+        }
+    }
+}
+
+/* out = x + o(attention(rope(q(n)), rope(k(n)), v(n))) with n = rmsnorm(x): the attention
+ * half of a pre-norm decoder layer for one position of one sequence, as
+ * models/base.py DecoderLayer + models/attention.py Attention compute it (the same kernels
+ * in the same order, rounding to dt where they round), appending k and v to the cache at
+ * `pos`. x, nw, out (H); mats 4 x M_LEN (q, k, v, o); cos/sin rows (D) of position pos;
+ * kc (kvh, cap, D), vc (kvh, cap, D). Returns 0, or a kernel's error code. */
+int em_attn_half1(const void *x, int dt, int64_t H, const void *nw, float eps, const int64_t *mats, int64_t heads,
+                  int64_t kvh, int64_t D, const void *cosr, const void *sinr, void *kc, void *vc, int64_t cap, int64_t pos,
+                  float scale, void *out, int nthreads) {
+    if (dt != 0 && dt != 1) return -2;
+    const size_t el = dt == 1 ? 2 : 4;
+    const int64_t nq = heads * D, nkv = kvh * D;
+    char *buf = (char *)malloc((size_t)(H + 2 * nq + 2 * nkv + H) * el + (size_t)D * sizeof(float) + 64);
+    if (!buf) return -1;
+    char *xn = buf, *q = xn + H * el, *k = q + nq * el, *v = k + nkv * el, *att = v + nkv * el, *o = att + nq * el;
+    float *tmp = (float *)(o + H * el);
+    int rc = em_rmsnorm(x, dt, 1, H, nw, eps, xn);
+    if (!rc) rc = mm1(mats, xn, dt, q, nthreads);
+    if (!rc) rc = mm1(mats + M_LEN, xn, dt, k, nthreads);
+    if (!rc) rc = mm1(mats + 2 * M_LEN, xn, dt, v, nthreads);
+    if (!rc) {
+        rope_rows(q, dt, heads, D, cosr, sinr, tmp);
+        rope_rows(k, dt, kvh, D, cosr, sinr, tmp);
+        rc = em_attend1(q, k, v, dt, kc, vc, cap, pos, heads, kvh, D, D, scale, att, nthreads);
+    }
+    if (!rc) rc = mm1(mats + 3 * M_LEN, att, dt, o, nthreads);
+    if (!rc)
+        for (int64_t i = 0; i < H; i++) st(out, dt, i, ld(x, dt, i) + ld(o, dt, i));
+    free(buf);
+    return rc;
+}
