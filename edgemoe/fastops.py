@@ -55,7 +55,7 @@ def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kbuf: torch.Te
     kernel cannot take it (the caller then runs the torch ops)."""
     dt = _DT.get(q.dtype)
     if (dt is None or not (k.dtype == v.dtype == kbuf.dtype == vbuf.dtype == q.dtype) or q.shape[0] != 1
-            or not (kbuf.is_contiguous() and vbuf.is_contiguous())):
+            or kbuf.shape[0] != 1 or not (kbuf.is_contiguous() and vbuf.is_contiguous())):
         return None
     lib = _lib()
     if lib is None:
