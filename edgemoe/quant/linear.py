@@ -36,7 +36,29 @@ from .quantize import QuantSpec, Quantized, dequantize, pack, quantize, unpack
 FLOAT_LINEARS = (nn.Linear, Linear)
 
 
-class Int8Linear(nn.Module):
+class QuantLinear(nn.Module):
+    """What the quantized linear layers share: the forward through their matrix's kernel
+    (`_mm` on rows), the bias, and the description of a one-row call for the fused decode
+    call of an attention half (edgemoe.fastops.attn_half)."""
+
+    def _mm(self, x: torch.Tensor) -> torch.Tensor:  # (M, K) -> (M, N)
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = self._mm(x.reshape(-1, shape[-1]))  # (M, N)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def decode_desc(self) -> tuple[int, ...] | None:
+        """What a one-row forward passes to the C kernel (kernels.row_desc); None: not fusable."""
+        if self.bias is not None:
+            return None
+        return kernels.row_desc(self.matrix(), self.activations())
+
+
+class Int8Linear(QuantLinear):
     """Drop-in for a bias-optional nn.Linear with an int8 weight."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, scale_dtype=torch.bfloat16):
@@ -62,20 +84,15 @@ class Int8Linear(nn.Module):
         """The weight the layer computes with, (N, K) fp32 (for tests and debugging)."""
         return self.qweight.float() * self.scale.float().unsqueeze(1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        y = int8_mm(x.reshape(-1, shape[-1]), Int8Matrix(self.qweight, self.scale), x.dtype,
-                    act=kernels.RESIDENT_ACTIVATIONS)  # (M, N)
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
-        return y.reshape(*shape[:-1], self.out_features)
+    def matrix(self) -> Int8Matrix:
+        """The weight as a kernels.Int8Matrix view of the buffers (no copy)."""
+        return Int8Matrix(self.qweight, self.scale)
 
-    def decode_desc(self) -> tuple[int, ...] | None:
-        """What a one-row forward passes to the C kernel (kernels.row_desc), for the fused
-        decode call of an attention half (edgemoe.fastops.attn_half); None: not fusable."""
-        if self.bias is not None:
-            return None
-        return kernels.row_desc(Int8Matrix(self.qweight, self.scale), kernels.RESIDENT_ACTIVATIONS)
+    def activations(self) -> str:
+        return kernels.RESIDENT_ACTIVATIONS
+
+    def _mm(self, x: torch.Tensor) -> torch.Tensor:
+        return int8_mm(x, self.matrix(), x.dtype, act=self.activations())  # (M, N)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
@@ -91,7 +108,7 @@ def quantize_int4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return pack(qz.q, INT4_SPEC.bits).contiguous(), qz.scale.contiguous()
 
 
-class Int4Linear(nn.Module):
+class Int4Linear(QuantLinear):
     """Drop-in for a bias-optional nn.Linear with a group-wise symmetric int4 weight."""
 
     spec = INT4_SPEC
@@ -129,19 +146,11 @@ class Int4Linear(nn.Module):
         codes = unpack(self.qweight, self.spec.bits)  # (N, Kp)
         return dequantize(Quantized(codes, self.qscale, None, self.spec, self.in_features))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        y = qmm(x.reshape(-1, shape[-1]), self.matrix(), x.dtype)  # (M, N)
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
-        return y.reshape(*shape[:-1], self.out_features)
+    def activations(self) -> str | None:
+        return None  # the experts' path (kernels.ACTIVATIONS)
 
-    def decode_desc(self) -> tuple[int, ...] | None:
-        """What a one-row forward passes to the C kernel (kernels.row_desc), for the fused
-        decode call of an attention half (edgemoe.fastops.attn_half); None: not fusable."""
-        if self.bias is not None:
-            return None
-        return kernels.row_desc(self.matrix(), None)
+    def _mm(self, x: torch.Tensor) -> torch.Tensor:
+        return qmm(x, self.matrix(), x.dtype)  # (M, N)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int4 g{self.spec.group}"

@@ -60,10 +60,27 @@ def packed_everywhere():
 PROMPTS = ["def fibonacci(n):", "class Stack:", "import os\n\ndef main():", "    for i in range("]
 
 
+def heldout(model_dir: Path, text: str, tokens: int | None):
+    """Held-out perplexity of a converted model with the packed kernels forced at every
+    batch (the decode path), and the logits (4, ctx, V) of its first 4 windows."""
+    from edgemoe import assets
+    from edgemoe.api import load
+    from edgemoe.evaluate import eval_tokens, perplexity
+
+    with packed_everywhere(), load(model_dir) as eng:
+        ctx = eng.model.args.max_position_embeddings
+        ids = eval_tokens(eng.tokenizer, text, ctx, tokens, str(assets.HELDOUT_TEXT))
+        ppl = perplexity(eng.model, ids, ctx, batch=8)
+        win = torch.tensor(ids[: 4 * ctx]).view(4, ctx)
+        with torch.inference_mode():
+            logits = eng.model(win).float()  # (4, ctx, V)
+    return ppl, logits
+
+
 def quality(tokens: int | None, emit) -> None:
     from edgemoe import assets
     from edgemoe.api import load
-    from edgemoe.evaluate import eval_tokens, perplexity, read_text
+    from edgemoe.evaluate import read_text
     from edgemoe.quant import kernels as K
     from edgemoe.store.convert import convert
 
@@ -74,13 +91,7 @@ def quality(tokens: int | None, emit) -> None:
         res = {}
         for act in ("int16", "int8"):
             K.RESIDENT_ACTIVATIONS = act
-            with packed_everywhere(), load(out) as eng:
-                ctx = eng.model.args.max_position_embeddings
-                ids = eval_tokens(eng.tokenizer, text, ctx, tokens, str(assets.HELDOUT_TEXT))
-                ppl = perplexity(eng.model, ids, ctx, batch=8)
-                win = torch.tensor(ids[: 4 * ctx]).view(4, ctx)
-                with torch.inference_mode():
-                    logits = eng.model(win).float()  # (4, ctx, V)
+            ppl, logits = heldout(out, text, tokens)
             with load(out) as eng:  # the default dispatch, only the resident activations switched
                 greedy = [eng.generate(p, max_tokens=64, temperature=0).token_ids for p in PROMPTS]
             res[act] = (ppl, logits, greedy)
@@ -128,7 +139,7 @@ def resident_formats(tokens: int | None, emit) -> None:
     (float, int8, int4), each compared with float in the same process."""
     from edgemoe import assets
     from edgemoe.api import load
-    from edgemoe.evaluate import eval_tokens, perplexity, read_text
+    from edgemoe.evaluate import read_text
     from edgemoe.quant import kernels as K
     from edgemoe.store.convert import convert
     from edgemoe.store.manifest import read_manifest
@@ -141,13 +152,7 @@ def resident_formats(tokens: int | None, emit) -> None:
             out = Path(tmp, kind)
             convert(assets.MODEL_DIR, out, fmt="int4", resident=kind, force=True)
             m = read_manifest(out)
-            with packed_everywhere(), load(out) as eng:
-                ctx = eng.model.args.max_position_embeddings
-                ids = eval_tokens(eng.tokenizer, text, ctx, tokens, str(assets.HELDOUT_TEXT))
-                ppl = perplexity(eng.model, ids, ctx, batch=8)
-                win = torch.tensor(ids[: 4 * ctx]).view(4, ctx)
-                with torch.inference_mode():
-                    logits = eng.model(win).float()  # (4, ctx, V)
+            ppl, logits = heldout(out, text, tokens)
             with load(out) as eng:  # the default dispatch
                 greedy = [eng.generate(p, max_tokens=64, temperature=0, ignore_eos=True).token_ids for p in PROMPTS]
             layers = len(m.resident_int8) + len(m.resident_int4)
