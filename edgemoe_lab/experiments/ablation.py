@@ -63,7 +63,7 @@ import time
 from pathlib import Path
 
 from edgemoe_lab.paths import RESULTS, WORK as LAB_WORK
-from edgemoe_lab.peer.machine import drop_caches, wait_quiet
+from edgemoe_lab.peer.machine import drop_caches, quiet_repeat
 
 WORK = LAB_WORK / "ablation"
 
@@ -375,10 +375,7 @@ def main() -> None:
     quiet = []
     for rep in range(opts.repeats):
         if opts.wait_quiet:
-            q = wait_quiet(opts.wait_quiet, threshold=0.1, sample_s=5.0)
-            waited, busy = q["waited_s"], q["cpu_busy"]
-            quiet.append({"waited_s": waited, "cpu_busy_before": busy})
-            print(f"repeat {rep + 1}: waited {waited:.0f} s for idle CPUs (busy {100 * busy:.0f}%)", flush=True)
+            quiet.append(quiet_repeat(opts.wait_quiet, rep))
         order = rows[rep % len(rows):] + rows[: rep % len(rows)]
         for cond in conds:
             for name in order:

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from edgemoe_lab import paths
-from edgemoe_lab.peer.machine import drop_caches, wait_quiet
+from edgemoe_lab.peer.machine import drop_caches, quiet_repeat
 
 WORK = paths.WORK / "offload"
 RESULTS = paths.RESULTS
@@ -114,10 +114,7 @@ def main() -> None:
     quiet = []
     for rep in range(opts.repeats):
         if opts.wait_quiet:
-            q = wait_quiet(opts.wait_quiet, threshold=0.1, sample_s=5.0)
-            waited, busy = q["waited_s"], q["cpu_busy"]
-            quiet.append({"waited_s": waited, "cpu_busy_before": busy})
-            print(f"repeat {rep + 1}: waited {waited:.0f} s for idle CPUs (busy {100 * busy:.0f}%)", flush=True)
+            quiet.append(quiet_repeat(opts.wait_quiet, rep))
         for name, flags in configs.items():
             extra = ["--record-trace", trace] if name == "IO-FREE" and rep == 0 else []
             r = run([conv, *flags, *common, *extra])

@@ -51,6 +51,16 @@ def wait_quiet(limit_s: float, threshold: float = 0.15, sample_s: float = 3.0, l
     return {"waited_s": round(time.monotonic() - t0, 1), "cpu_busy": round(busy, 3), "quiet": busy <= threshold}
 
 
+def quiet_repeat(limit_s: float, rep: int) -> dict:
+    """Before repeat `rep` (0-based) of a lab experiment: wait up to `limit_s` for idle
+    CPUs (busy under 10 % over 5 s), print how long it took, and return the record the
+    experiments keep ({"waited_s", "cpu_busy_before"})."""
+    q = wait_quiet(limit_s, threshold=0.1, sample_s=5.0)
+    waited, busy = q["waited_s"], q["cpu_busy"]
+    print(f"repeat {rep + 1}: waited {waited:.0f} s for idle CPUs (busy {100 * busy:.0f}%)", flush=True)
+    return {"waited_s": waited, "cpu_busy_before": busy}
+
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
