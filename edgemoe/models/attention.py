@@ -271,9 +271,9 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
                      scale: float | None) -> torch.Tensor:
     """Attention of one query position, q (B, heads, 1, D), over k, v (B, kv, S, D) with
     query head h reading K/V head h // (heads / kv) (SDPA's enable_gqa), in fp32; `mask`
-    (1, S) bool marks the keys it may see. torch's CPU SDPA kernel has a fixed cost that
-    grows with S (150 us at S = 100, 750 us at 500 on a Zen 5 core) that these four ops do
-    not (40 us and 80 us), and a decode step calls it once per layer."""
+    (1, S) bool marks the keys it may see. torch's CPU SDPA kernel takes 5-10x as long for
+    one position (140 us at S = 100, 690 us at 500 against 55 and 100 us here, two Zen 5
+    cores: edgemoe_lab/results/decode_ops.md), and a decode step calls it once per layer."""
     B, H, _, D = q.shape
     kv = k.shape[1]
     qg = q.reshape(B, kv, H // kv, D).float()  # (B, kv, g, D)

@@ -48,9 +48,29 @@ static inline void st(void *p, int dt, int64_t i, float f) {
     }
 }
 
+/* n values of p from index i as fp32 into out: one loop per dtype, so that each vectorises. */
+static void load_row(const void *p, int dt, int64_t i, int64_t n, float *out) {
+    if (dt == 1) {
+        const uint16_t *h = (const uint16_t *)p + i;
+        uint32_t *u = (uint32_t *)out;
+        for (int64_t j = 0; j < n; j++) u[j] = (uint32_t)h[j] << 16;
+    } else {
+        memcpy(out, (const float *)p + i, (size_t)n * sizeof(float));
+    }
+}
+
+/* The attention of one K/V group gets AVX2 / AVX-512 copies picked at load time on x86-64
+ * (this file is otherwise built for the baseline ISA); the arithmetic is the same in every
+ * copy (fixed partial sums, no contraction), so the results are too. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
+#define EM_CLONES __attribute__((target_clones("avx512f", "avx2", "default"), noinline))
+#else
+#define EM_CLONES
+#endif
+
 /* Sum of a[0..n) * b[0..n) in fp32 with 16 independent partial sums (vectorisable without
  * reassociating a single chain). */
-static float dot_f32(const float *a, const float *b, int64_t n) {
+static inline float dot_f32(const float *a, const float *b, int64_t n) {
     float acc[16] = {0};
     int64_t i = 0;
     for (; i + 16 <= n; i += 16)
@@ -59,6 +79,35 @@ static float dot_f32(const float *a, const float *b, int64_t n) {
     for (; i < n; i++) t += a[i] * b[i];
     for (int j = 0; j < 16; j++) t += acc[j];
     return t;
+}
+
+/* y[0..n) += p * x[0..n) */
+static inline void axpy_f32(float *y, float p, const float *x, int64_t n) {
+    for (int64_t i = 0; i < n; i++) y[i] += p * x[i];
+}
+
+/* s[i] = exp(s[i] - mx) for i < n, with mx >= every s[i] (softmax): Cody-Waite reduction by
+ * ln 2 and a degree-6 polynomial (relative error about 2e-7, as expf's), in a loop the
+ * compiler vectorises; libm's expf is a call per value and was a third of a long-context
+ * attention. Arguments below -87 give 0. */
+static inline void exp_shifted(float *s, float mx, int64_t n) {
+    for (int64_t i = 0; i < n; i++) {
+        float x = s[i] - mx;
+        x = x < -87.f ? -87.f : x;
+        const float k = __builtin_floorf(x * 1.44269504f + 0.5f);
+        const float r = (x - k * 0.693145752f) - k * 1.42860677e-6f; /* ln 2 in two parts */
+        float p = 1.f / 720.f;
+        p = p * r + 1.f / 120.f;
+        p = p * r + 1.f / 24.f;
+        p = p * r + 1.f / 6.f;
+        p = p * r + 0.5f;
+        p = p * r + 1.f;
+        p = p * r + 1.f;
+        int32_t e = ((int32_t)k + 127) << 23;
+        float two_k;
+        memcpy(&two_k, &e, 4);
+        s[i] = s[i] - mx < -87.f ? 0.f : p * two_k;
+    }
 }
 
 /* RMSNorm of `rows` rows of H values, as edgemoe.models.norms.RMSNorm computes it:
@@ -74,6 +123,44 @@ int em_rmsnorm(const void *x, int dt, int64_t rows, int64_t H, const void *w, fl
         for (int64_t i = 0; i < H; i++) st(out, dt, r * H + i, ld(w, dt, i) * rnd(xf[i] * inv, dt));
     }
     free(xf);
+    return 0;
+}
+
+/* Query heads g * grp .. (g + 1) * grp - 1 over K/V head g's S cached positions (em_attend1):
+ * each cached row is converted once for the group, not once per query head. */
+EM_CLONES static int attend_group(const void *q, int dt, const void *kc, const void *vc, int64_t cap, int64_t S,
+                                  int64_t g, int64_t grp, int64_t D, int64_t Dv, float scale, void *out) {
+    const int64_t wide = D > Dv ? D : Dv;
+    float *buf = (float *)malloc((size_t)(grp * (S + D + Dv) + wide + 1) * sizeof(float));
+    if (!buf) return -1;
+    /* scores (grp, S), queries (grp, D), outputs (grp, Dv), one cached row */
+    float *s = buf, *qf = s + grp * S, *acc = qf + grp * D, *row = acc + grp * Dv;
+    for (int64_t j = 0; j < grp; j++)
+        for (int64_t d = 0; d < D; d++) qf[j * D + d] = ld(q, dt, (g * grp + j) * D + d);
+    for (int64_t t = 0; t < S; t++) {
+        load_row(kc, dt, (g * cap + t) * D, D, row);
+        for (int64_t j = 0; j < grp; j++) s[j * S + t] = dot_f32(qf + j * D, row, D) * scale;
+    }
+    for (int64_t j = 0; j < grp; j++) {
+        float *sj = s + j * S, mx = -INFINITY, sum = 0.f, part[16] = {0};
+        for (int64_t t = 0; t < S; t++)
+            if (sj[t] > mx) mx = sj[t];
+        exp_shifted(sj, mx, S);
+        int64_t t = 0;
+        for (; t + 16 <= S; t += 16)
+            for (int p = 0; p < 16; p++) part[p] += sj[t + p];
+        for (; t < S; t++) sum += sj[t];
+        for (int p = 0; p < 16; p++) sum += part[p];
+        for (t = 0; t < S; t++) sj[t] /= sum;
+    }
+    for (int64_t i = 0; i < grp * Dv; i++) acc[i] = 0.f;
+    for (int64_t t = 0; t < S; t++) {
+        load_row(vc, dt, (g * cap + t) * Dv, Dv, row);
+        for (int64_t j = 0; j < grp; j++) axpy_f32(acc + j * Dv, s[j * S + t], row, Dv);
+    }
+    for (int64_t j = 0; j < grp; j++)
+        for (int64_t d = 0; d < Dv; d++) st(out, dt, (g * grp + j) * Dv + d, acc[j * Dv + d]);
+    free(buf);
     return 0;
 }
 
@@ -94,37 +181,8 @@ int em_attend1(const void *q, const void *k, const void *v, int dt, void *kc, vo
     const int64_t S = pos + 1, grp = heads / kvh;
     int rc = 0;
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (heads * S * D >= (1 << 17))
-    for (int64_t h = 0; h < heads; h++) {
-        const int64_t g = h / grp;
-        const int64_t wide = D > Dv ? D : Dv;
-        float *buf = (float *)malloc((size_t)(S + D + Dv + wide + 1) * sizeof(float));
-        if (!buf) {
-            rc = -1;
-            continue;
-        }
-        float *s = buf, *qf = buf + S, *acc = qf + D, *row = acc + Dv; /* scores, query, output, one cached row */
-        for (int64_t d = 0; d < D; d++) qf[d] = ld(q, dt, h * D + d);
-        float mx = -INFINITY;
-        for (int64_t t = 0; t < S; t++) {
-            const int64_t base = (g * cap + t) * D;
-            for (int64_t d = 0; d < D; d++) row[d] = ld(kc, dt, base + d);
-            s[t] = dot_f32(qf, row, D) * scale;
-            if (s[t] > mx) mx = s[t];
-        }
-        float sum = 0.f;
-        for (int64_t t = 0; t < S; t++) {
-            s[t] = expf(s[t] - mx);
-            sum += s[t];
-        }
-        for (int64_t d = 0; d < Dv; d++) acc[d] = 0.f;
-        for (int64_t t = 0; t < S; t++) {
-            const float p = s[t] / sum;
-            const int64_t base = (g * cap + t) * Dv;
-            for (int64_t d = 0; d < Dv; d++) acc[d] += p * ld(vc, dt, base + d);
-        }
-        for (int64_t d = 0; d < Dv; d++) st(out, dt, h * Dv + d, acc[d]);
-        free(buf);
-    }
+    for (int64_t g = 0; g < kvh; g++)
+        if (attend_group(q, dt, kc, vc, cap, S, g, grp, D, Dv, scale, out)) rc = -1;
     return rc;
 }
 
