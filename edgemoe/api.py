@@ -340,9 +340,10 @@ _DEFAULT_THREADS = torch.get_num_threads()
 
 def decode_bytes_per_token(model: Transformer) -> int:
     """Approximate weight bytes one decode step reads: resident matrices (not the embedding
-    lookup, unless it doubles as the LM head) plus top-k routed experts per MoE layer."""
+    lookup, unless it doubles as the LM head) plus top-k routed experts per MoE layer.
+    Resident layers quantized to int8/int4 hold their weights as buffers: counted too."""
     args = model.args
-    params = sum(p.nbytes for p in model.parameters())
+    params = sum(p.nbytes for p in model.parameters()) + sum(b.nbytes for b in model.buffers())
     if not args.tie_word_embeddings:
         params -= model.embed.weight.nbytes
     elem = model.embed.weight.element_size()

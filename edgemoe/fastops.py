@@ -31,10 +31,17 @@ def _lib():
     return _native.library.get()  # None when switched off or not built
 
 
+def _grad(*ts) -> bool:
+    """Whether autograd would record an op on these tensors (the C calls keep no graph:
+    with gradients wanted, e.g. the profiler's Taylor estimate, the torch ops run)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """weight * (x / sqrt(mean(x^2) + eps)) over the last dimension: normalised in fp32,
     rounded to x's dtype, then scaled (as the reference models do)."""
-    if x.dtype in _DT and weight.dtype == x.dtype and x.is_contiguous() and x.numel() <= _C_ROWS * x.shape[-1]:
+    if (x.dtype in _DT and weight.dtype == x.dtype and x.is_contiguous() and x.numel() <= _C_ROWS * x.shape[-1]
+            and not _grad(x, weight)):
         lib = _lib()
         if lib is not None:
             out = torch.empty_like(x)
@@ -114,4 +121,53 @@ def attn_half(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, mats, head
                            kv_heads, head_dim, cos.data_ptr(), sin.data_ptr(), kbuf.data_ptr(), vbuf.data_ptr(),
                            kbuf.shape[2], pos, float(scale if scale is not None else head_dim**-0.5), out.data_ptr(),
                            torch.get_num_threads())
+    return out if rc == 0 else None
+
+
+def route_softmax(x: torch.Tensor, weight: torch.Tensor, top_k: int,
+                  norm_topk: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """Softmax top-k routing of x (N, H) with gate `weight` (E, H) in one C call
+    (csrc/decode.c em_route_softmax): (weights (N, k) in x's dtype, ids (N, k), logits (N, E)),
+    as models.routers.Router computes them (logits rounded to x's dtype, softmax in fp32, the
+    top k descending, renormalised with `norm_topk`), the gate's products summed in the C
+    code's own fixed order. None when it cannot take the call: more than _C_ROWS rows (the
+    caller's torch ops run; prefill), another dtype, or no kernel library."""
+    dt = _DT.get(x.dtype)
+    if (dt is None or weight.dtype != x.dtype or x.numel() > _C_ROWS * x.shape[-1] or not x.is_contiguous()
+            or _grad(x, weight)):
+        return None
+    lib = _lib()
+    if lib is None:
+        return None
+    N, (E, H) = x.numel() // x.shape[-1], weight.shape
+    logits = torch.empty(N, E, dtype=x.dtype)
+    weights = torch.empty(N, top_k, dtype=x.dtype)
+    ids = torch.empty(N, top_k, dtype=torch.int64)
+    if lib.em_route_softmax(x.data_ptr(), dt, N, H, weight.contiguous().data_ptr(), E, top_k, int(norm_topk),
+                            logits.data_ptr(), weights.data_ptr(), ids.data_ptr()) != 0:
+        return None
+    return weights, ids, logits
+
+
+def combine(slots: torch.Tensor, weights: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor | None:
+    """One token's k expert outputs slots (k, H) weighted by weights (1, k) and summed,
+    (1, H), plus `residual` (any shape of H values) when given, in that shape: what
+    `(slots.view(1, k, H) * weights.unsqueeze(-1)).sum(dim=1)` (+ residual) computes in torch,
+    rounded where it rounds, in one C call. None when the C library cannot take it, and for
+    more than four fp32 slots: torch then sums some columns in another order (bf16 sums,
+    of any length, and fp32 ones of up to four rows run in slot order, which the C code
+    follows; tests/test_fastops.py checks it)."""
+    dt = _DT.get(slots.dtype)
+    if (dt is None or weights.dtype != slots.dtype or not slots.is_contiguous() or (dt == 0 and slots.shape[0] > 4)
+            or (residual is not None and (residual.dtype != slots.dtype or not residual.is_contiguous()))
+            or _grad(slots, weights, residual)):
+        return None
+    lib = _lib()
+    if lib is None:
+        return None
+    k, H = slots.shape
+    out = torch.empty(1, H, dtype=slots.dtype) if residual is None else torch.empty_like(residual)
+    w = weights.contiguous()
+    rc = lib.em_combine1(slots.data_ptr(), w.data_ptr(), dt, k, H,
+                         None if residual is None else residual.data_ptr(), out.data_ptr())
     return out if rc == 0 else None

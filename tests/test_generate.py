@@ -167,6 +167,10 @@ def test_thread_count_choice(tiny_mixtral):
     with pytest.raises(InvalidArgument):
         edgemoe.load(tiny_mixtral, threads=0)
     torch.set_num_threads(1)
+    # Quantized resident layers hold their weights as buffers (Int8Linear, Int4Linear): counted too.
+    before = decode_bytes_per_token(engine.model)
+    engine.model.layers[0].attn.register_buffer("codes", torch.zeros(12345, dtype=torch.uint8))
+    assert decode_bytes_per_token(engine.model) == before + 12345
 
 
 def test_generate_step_yields_the_models_logprobs(tok):

@@ -22,6 +22,7 @@ from ..cpu import Linear, linear
 from ..errors import ModelLoadError
 from ..experts import ACTIVATIONS, glu
 from .attention import Attention, KVCache
+from .moe import MoEBlock
 from .norms import RMSNorm
 
 # ----------------------------------------------------------------------------- config
@@ -379,6 +380,8 @@ class DecoderLayer(nn.Module):
         one = x.shape[0] == 1 and x.shape[1] == 1 and type(self.attn) is Attention  # not MLA, not a subclass
         h = self.attn.decode_half(x, self.norm1, cache) if one else None
         x = h if h is not None else x + self.attn(self.norm1(x), cache)  # (1, 1, H): one C call when it qualifies
+        if one and type(self.mlp) is MoEBlock:  # the residual add joins the experts' combine
+            return self.mlp(self.norm2(x), residual=x)
         return x + self.mlp(self.norm2(x))
 
 

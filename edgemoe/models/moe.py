@@ -16,6 +16,7 @@ from torch import nn
 
 from ..errors import InvalidArgument
 from ..experts import Expert
+from ..fastops import combine
 from .routers import Router
 
 
@@ -187,19 +188,29 @@ class MoEBlock(nn.Module):
         self.hook: RoutingHook | None = None
         self.expert_hook: ExpertHook | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """The block's output for x (..., H); with `residual` (x's shape), residual + that
+        output (DecoderLayer's add, done in the experts' combine on a decode step)."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # (N, H)
         weights, ids, logits = self.router(x)  # (N, k), (N, k), (N, E)
         if self.hook is not None:
             self.hook(self.layer, ids, weights, logits)
+        if residual is not None and self.shared is None and self.expert_hook is None:
+            return self._routed(x, weights, ids, x, residual)  # residual's shape
         out = self.routed(x, weights, ids)  # (N, H)
+        if residual is not None:
+            return residual + self._shared(x, out).reshape(shape)
+        return self._shared(x, out).reshape(shape)
+
+    def _shared(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """out (N, H) plus the shared expert's output on x (N, H), if the block has one."""
         if self.shared is not None:
             s = self.shared(x)  # (N, H)
             if self.shared_gate is not None:
                 s = torch.sigmoid(self.shared_gate(x)) * s
             out = out + s
-        return out.reshape(shape)
+        return out
 
     def routed(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
                route_x: torch.Tensor | None = None) -> torch.Tensor:
@@ -212,7 +223,9 @@ class MoEBlock(nn.Module):
         return out
 
     def _routed(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
-                route_x: torch.Tensor) -> torch.Tensor:
+                route_x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """The weighted routed experts on x (N, H): (N, H), or residual + that in residual's
+        shape when given."""
         N, k = ids.shape
         E = self.num_experts
         flat = ids.reshape(-1)  # (N*k,); -1 marks a slot dropped by adaptive gating
@@ -237,6 +250,12 @@ class MoEBlock(nn.Module):
                 sel = order[a:b]  # slot indices routed to e
                 xin = x[sel // k]  # (n, H)
                 slots[sel] = expert(xin * w_flat[sel] if on_input else xin)
+        if N == 1 and not on_input:  # one C call; rounds as the torch lines below do, bit for bit
+            out = combine(slots, weights, residual)  # (1, H) or residual's shape
+            if out is not None:
+                return out
         if on_input:
-            return slots.view(N, k, -1).sum(dim=1)  # (N, H)
-        return (slots.view(N, k, -1) * weights.unsqueeze(-1)).sum(dim=1)  # (N, H)
+            out = slots.view(N, k, -1).sum(dim=1)  # (N, H)
+        else:
+            out = (slots.view(N, k, -1) * weights.unsqueeze(-1)).sum(dim=1)  # (N, H)
+        return out if residual is None else residual + out.reshape(residual.shape)

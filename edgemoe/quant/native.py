@@ -340,6 +340,8 @@ def load(path: Path) -> ctypes.CDLL:
         ("em_attend1", [ptr, ptr, ptr, i32, ptr, ptr, i64, i64, i64, i64, i64, i64, ctypes.c_float, ptr, i32]),
         ("em_attn_half1", [ptr, i32, i64, ptr, ctypes.c_float, ptr, i64, i64, i64, ptr, ptr, ptr, ptr, i64, i64,
                            ctypes.c_float, ptr, i32]),
+        ("em_route_softmax", [ptr, i32, i64, i64, ptr, i64, i64, i32, ptr, ptr, ptr]),
+        ("em_combine1", [ptr, ptr, i32, i64, i64, ptr, ptr]),
         ("em_quantize", [ptr, i64, i64, i64, i32, i64, i32, i32, ptr, ptr, ptr, i32]),
         ("em_mxfp4_mm", mx_args),
         ("em_mxfp4_mm8", mx_args),

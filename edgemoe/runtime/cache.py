@@ -157,6 +157,8 @@ class ExpertCache:
         self._loader: Loader | None = None
         self._built: dict[tuple[str, int, int], Expert] = {}  # see expert()
         self._demand = 0  # reads (and holds) the compute thread is waiting on: background reads pause
+        self._blobs = len({e.blob_key for e in store.entries.values()})  # distinct blobs in the store
+        self._ready = 0  # READY entries (holds_all)
         sizes = {e.length for e in store.entries.values()}
         self._uniform = sizes.pop() if len(sizes) == 1 else 0  # the one blob size, if all are equal
         self._bw: float | None = None  # measured read rate, bytes/s (an exponential average)
@@ -179,6 +181,11 @@ class ExpertCache:
     def used(self) -> int:
         """Bytes of the slab taken by cached or loading experts."""
         return self._alloc.capacity - self._alloc.free_bytes
+
+    def holds_all(self) -> bool:
+        """Whether every blob of the store is cached and ready: nothing is left to read
+        (a budget that holds the whole model, once it is warm)."""
+        return self._ready == self._blobs
 
     def blob_bytes(self, key: Key) -> int:
         """Bytes the expert takes in the slab when cached."""
@@ -561,6 +568,7 @@ class ExpertCache:
             raise
         with self._cond:
             e.state = READY
+            self._ready += 1
             self._policy.on_insert(e.key)
             self._cond.notify_all()
 
@@ -581,6 +589,7 @@ class ExpertCache:
 
     def _evict(self, key: Key) -> None:
         e = self._entries.pop(key)
+        self._ready -= e.state == READY
         self._alloc.release(e.offset, e.length)
         self._policy.on_evict(key)
         self._n.evictions += 1

@@ -28,7 +28,7 @@ from ..quant.resident import kept_as_stored, swap_int4_, swap_int8_
 from ..store.manifest import ALIGN, Manifest, read_manifest
 from ..store.reader import ExpertStore, check_manifest, manifest_dtype, read_resident
 from ..store.tensorfile import TensorFileError, element_size, read_header
-from ..utils import format_bytes, return_large_frees_to_os, rss_bytes
+from ..utils import format_bytes, keep_frees_for_reuse, return_large_frees_to_os, rss_bytes
 from .cache import ExpertCache
 from .fallback import capacity as fallback_capacity, smallest_cache
 from .offload import OffloadedProvider
@@ -312,5 +312,6 @@ def load_converted(path: str | Path, config: RuntimeConfig | None = None, **opti
     attach_provider(model, provider)
     if cache_aware_routing is not None:
         set_cache_aware_routing(model, cache_aware_routing)
+    keep_frees_for_reuse(workspace)  # loaded: from here on, temporaries are reused (the workspace)
     info["load_s"] = round(time.perf_counter() - t0, 6)
     return model, info

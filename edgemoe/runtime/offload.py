@@ -191,7 +191,8 @@ class OffloadedProvider(ExpertProvider):
         blob = {int(e): cache.blob_key((layer, int(e))) for e in ids}
         keys = list(dict.fromkeys(blob.values()))
         pos = self.pos.get(layer, 0)
-        active = self.prefetch.active
+        # Every expert cached (the budget holds the model): nothing to predict or read ahead.
+        active = self.prefetch.active and not cache.holds_all()
         if active and (self.prefetch.pacing or self.prefetch.threshold is None):
             self._tick(pos)  # what pacing and the automatic threshold measure
         try:

@@ -52,8 +52,10 @@ static inline void st(void *p, int dt, int64_t i, float f) {
 static void load_row(const void *p, int dt, int64_t i, int64_t n, float *out) {
     if (dt == 1) {
         const uint16_t *h = (const uint16_t *)p + i;
-        uint32_t *u = (uint32_t *)out;
-        for (int64_t j = 0; j < n; j++) u[j] = (uint32_t)h[j] << 16;
+        for (int64_t j = 0; j < n; j++) {
+            const uint32_t u = (uint32_t)h[j] << 16;
+            memcpy(&out[j], &u, 4); /* not through a uint32_t pointer: out is read as float */
+        }
     } else {
         memcpy(out, (const float *)p + i, (size_t)n * sizeof(float));
     }
@@ -87,14 +89,20 @@ static inline void axpy_f32(float *y, float p, const float *x, int64_t n) {
 }
 
 /* s[i] = exp(s[i] - mx) for i < n, with mx >= every s[i] (softmax): Cody-Waite reduction by
- * ln 2 and a degree-6 polynomial (relative error about 2e-7, as expf's), in a loop the
- * compiler vectorises; libm's expf is a call per value and was a third of a long-context
- * attention. Arguments below -87 give 0. */
+ * ln 2 to the nearest integer k and a degree-6 polynomial (relative error about 2e-7, as
+ * expf's); libm's expf is a call per value and was a third of a long-context attention.
+ * Arguments below -87 (and NaN) give 0. Written without branches, floorf or pointer casts,
+ * each of which kept GCC from vectorising the loop for AVX2 and the baseline. */
 static inline void exp_shifted(float *s, float mx, int64_t n) {
     for (int64_t i = 0; i < n; i++) {
-        float x = s[i] - mx;
-        x = x < -87.f ? -87.f : x;
-        const float k = __builtin_floorf(x * 1.44269504f + 0.5f);
+        const float d = s[i] - mx;
+        const uint32_t keep = -(uint32_t)(d >= -87.f); /* all ones, or 0 below -87 and for NaN */
+        uint32_t b;
+        memcpy(&b, &d, 4);
+        b = (b & keep) | (0xc2ae0000u & ~keep); /* d, or -87 */
+        float x;
+        memcpy(&x, &b, 4);
+        const float k = (x * 1.44269504f + 12582912.f) - 12582912.f; /* nearest integer (|x log2 e| < 2^22) */
         const float r = (x - k * 0.693145752f) - k * 1.42860677e-6f; /* ln 2 in two parts */
         float p = 1.f / 720.f;
         p = p * r + 1.f / 120.f;
@@ -103,10 +111,13 @@ static inline void exp_shifted(float *s, float mx, int64_t n) {
         p = p * r + 0.5f;
         p = p * r + 1.f;
         p = p * r + 1.f;
-        int32_t e = ((int32_t)k + 127) << 23;
+        const int32_t e = ((int32_t)k + 127) << 23;
         float two_k;
         memcpy(&two_k, &e, 4);
-        s[i] = s[i] - mx < -87.f ? 0.f : p * two_k;
+        const float y = p * two_k;
+        memcpy(&b, &y, 4);
+        b &= keep;
+        memcpy(&s[i], &b, 4);
     }
 }
 
@@ -123,6 +134,105 @@ int em_rmsnorm(const void *x, int dt, int64_t rows, int64_t H, const void *w, fl
         for (int64_t i = 0; i < H; i++) st(out, dt, r * H + i, ld(w, dt, i) * rnd(xf[i] * inv, dt));
     }
     free(xf);
+    return 0;
+}
+
+/* ------------------------------------------------------------------ MoE routing and combine */
+
+/* logits[e] = sum_h x[h] * w[e][h] (fp32, fixed partial sums) for E rows of w in dt; row: H floats of scratch. */
+EM_CLONES static void gate_logits(const float *x, const void *w, int dt, int64_t E, int64_t H, float *row,
+                                  float *logits) {
+    for (int64_t e = 0; e < E; e++) {
+        load_row(w, dt, e * H, H, row);
+        logits[e] = dot_f32(x, row, H);
+    }
+}
+
+/* Softmax top-k routing (models/routers.py Router without bias, padding or adaptive gating) of
+ * `rows` rows x (rows, H) with gate w (E, H), all in dt: logits = rnd(x w^T); p = softmax of
+ * the logits in fp32; the k largest p, ties to the lower id, descending; with `norm` divided
+ * by their sum; weights rounded to dt. logits (rows, E) and weights (rows, k) in dt, ids
+ * (rows, k) int64. The gate products are summed in this file's own fixed order, so a row
+ * routes the same whatever the number of rows in the call. */
+int em_route_softmax(const void *x, int dt, int64_t rows, int64_t H, const void *w, int64_t E, int64_t k, int norm,
+                     void *logits, void *weights, int64_t *ids) {
+    if ((dt != 0 && dt != 1) || k < 1 || k > E) return -2;
+    float *buf = (float *)malloc((size_t)(2 * H + 2 * E + k + 1) * sizeof(float));
+    if (!buf) return -1;
+    float *xf = buf, *row = xf + H, *l = row + H, *p = l + E, *top = p + E;
+    for (int64_t r = 0; r < rows; r++) {
+        load_row(x, dt, r * H, H, xf);
+        gate_logits(xf, w, dt, E, H, row, l);
+        float mx = -INFINITY, sum = 0.f;
+        for (int64_t e = 0; e < E; e++) {
+            l[e] = rnd(l[e], dt);
+            st(logits, dt, r * E + e, l[e]);
+            if (l[e] > mx) mx = l[e];
+        }
+        for (int64_t e = 0; e < E; e++) sum += (p[e] = expf(l[e] - mx));
+        for (int64_t e = 0; e < E; e++) p[e] /= sum;
+        float tot = 0.f;
+        for (int64_t j = 0; j < k; j++) { /* selection: k is small */
+            int64_t best = -1;
+            for (int64_t e = 0; e < E; e++)
+                if (p[e] >= 0.f && (best < 0 || p[e] > p[best])) best = e;
+            if (best < 0) best = 0; /* NaN scores: torch would route somewhere too */
+            ids[r * k + j] = best;
+            top[j] = p[best];
+            tot += top[j];
+            p[best] = -1.f;
+        }
+        for (int64_t j = 0; j < k; j++) st(weights, dt, r * k + j, norm ? top[j] / tot : top[j]);
+    }
+    free(buf);
+    return 0;
+}
+
+/* rnd over n values in place, branch-free so that it vectorises. */
+static inline void rnd_row(float *f, int dt, int64_t n) {
+    if (dt != 1) return;
+    for (int64_t i = 0; i < n; i++) {
+        uint32_t u;
+        memcpy(&u, &f[i], 4);
+        const uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+        u = (u & 0x7fffffffu) > 0x7f800000u ? u : r; /* NaN stays NaN */
+        memcpy(&f[i], &u, 4);
+    }
+}
+
+/* out = rnd(rnd(sum_i rnd(slots[i] * w[i])) + res) over H values (res NULL: no residual):
+ * the weighted sum of one token's k expert outputs, as MoEBlock computes it in torch (each
+ * product rounded to dt, summed in fp32 in slot order, rounded), then the residual add.
+ * slots (k, H), w (k), res and out (H), all in dt. */
+int em_combine1(const void *slots, const void *w, int dt, int64_t k, int64_t H, const void *res, void *out) {
+    if ((dt != 0 && dt != 1) || k < 1) return -2;
+    float *buf = (float *)malloc((size_t)(2 * H + 1) * sizeof(float));
+    if (!buf) return -1;
+    float *acc = buf, *row = buf + H;
+    for (int64_t h = 0; h < H; h++) acc[h] = 0.f;
+    for (int64_t i = 0; i < k; i++) {
+        const float wi = ld(w, dt, i);
+        load_row(slots, dt, i * H, H, row);
+        for (int64_t h = 0; h < H; h++) row[h] *= wi;
+        rnd_row(row, dt, H);
+        for (int64_t h = 0; h < H; h++) acc[h] += row[h];
+    }
+    rnd_row(acc, dt, H);
+    if (res) {
+        load_row(res, dt, 0, H, row);
+        for (int64_t h = 0; h < H; h++) acc[h] += row[h];
+    }
+    if (dt == 1) {
+        rnd_row(acc, dt, H);
+        for (int64_t h = 0; h < H; h++) {
+            uint32_t u;
+            memcpy(&u, &acc[h], 4);
+            ((uint16_t *)out)[h] = (uint16_t)(u >> 16);
+        }
+    } else {
+        memcpy(out, acc, (size_t)H * sizeof(float));
+    }
+    free(buf);
     return 0;
 }
 
