@@ -81,10 +81,16 @@ def kernel_key() -> tuple:
     """The kernel settings a fused call's matrix descriptions depend on (quant/kernels.py's
     activation paths, the library switched on or off): descriptions made under another key
     are made again."""
-    from .quant import kernels
+    global _kernels
+    if _kernels is None:
+        from .quant import kernels
 
-    lib = _lib()
-    return (id(lib), kernels.ACTIVATIONS, kernels.RESIDENT_ACTIVATIONS, kernels.INT8PACK_PREFERRED)
+        _kernels = kernels
+    k = _kernels
+    return (id(_lib()), k.ACTIVATIONS, k.RESIDENT_ACTIVATIONS, k.INT8PACK_PREFERRED)
+
+
+_kernels = None  # edgemoe.quant.kernels, imported on first use
 
 
 class AttnHalfArgs:

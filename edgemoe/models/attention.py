@@ -159,11 +159,13 @@ class Attention(nn.Module):
             self._half_args, self._half_key, self._half_mats = AttnHalfArgs(), None, None
         if not self._half or type(cache) is not KVCache or type(norm) is not RMSNorm or norm.weight.dtype != x.dtype:
             return None
-        mods = (self.q, self.k, self.v, self.o)
-        key = (kernel_key(), *mods, *(w.data_ptr() if (w := getattr(m, "qweight", None)) is not None else 0
-                                      for m in mods))
+        # The descriptions' key, built from the module and buffer dicts (not nn.Module's
+        # attribute look-up, which was a tenth of a decode step's Python time).
+        mq = self._modules
+        q, k, v, o = mq["q"], mq["k"], mq["v"], mq["o"]
+        key = (kernel_key(), q, k, v, o, _codes_ptr(q), _codes_ptr(k), _codes_ptr(v), _codes_ptr(o))
         if key != self._half_key:  # the descriptions, made again only when a setting or a weight changed
-            descs = tuple(getattr(m, "decode_desc", lambda: None)() for m in mods)
+            descs = tuple(getattr(m, "decode_desc", lambda: None)() for m in (q, k, v, o))
             self._half_key, self._half_mats = key, None if None in descs else self._half_args.get(descs)
         if self._half_mats is None or not x.is_contiguous():
             return None
@@ -265,6 +267,12 @@ class Attention(nn.Module):
         if chunk is not None:
             allowed &= k_pos // chunk == q_pos // chunk
         return allowed, False
+
+
+def _codes_ptr(m: nn.Module) -> int:
+    """Where a quantized linear layer's codes are (0: not one), to notice replaced weights."""
+    w = m._buffers.get("qweight")
+    return 0 if w is None else w.data_ptr()
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,

@@ -391,6 +391,31 @@ class ExpertCache:
             self._n.miss_s += dt
         return e, False
 
+    def lease_cached(self, keys) -> dict[Key, Entry]:
+        """Lease every one of `keys`, all cached and READY (holds_all), as hits, under one
+        lock: what `acquire` does per key, for a layer whose experts are all in memory.
+        End the leases with `release_all`."""
+        with self._cond:
+            out = {key: self._entries.get(key) for key in keys}
+            for key, e in out.items():
+                if e is None or e.state != READY:  # checked before any lease is taken
+                    raise EdgeMoEError(f"lease_cached: expert {key} is not cached and ready")
+            for key, e in out.items():
+                e.leases += 1
+                self._policy.on_access(key)
+                self._n.hits += 1
+            return out
+
+    def release_all(self, entries) -> None:
+        """End the leases from `lease_cached`."""
+        with self._cond:
+            free = False
+            for entry in entries:
+                entry.leases -= 1
+                free |= entry.leases == 0
+            if free:
+                self._cond.notify_all()
+
     def release(self, entry: Entry) -> None:
         """End a lease from `acquire`."""
         with self._cond:

@@ -190,9 +190,18 @@ class OffloadedProvider(ExpertProvider):
         # Experts that share a blob (merged groups) are requested, cached and read once.
         blob = {int(e): cache.blob_key((layer, int(e))) for e in ids}
         keys = list(dict.fromkeys(blob.values()))
+        if cache.holds_all() and not (self._records or self._retired):
+            # Every blob is cached and none can be evicted (nothing is ever read again): no
+            # pins, prefetch or settling, one lock for the layer's leases (hits as before).
+            entries = cache.lease_cached(keys)
+            try:
+                for e, key in blob.items():
+                    yield e, cache.expert(entries[key])
+            finally:
+                cache.release_all(entries.values())
+            return
         pos = self.pos.get(layer, 0)
-        # Every expert cached (the budget holds the model): nothing to predict or read ahead.
-        active = self.prefetch.active and not cache.holds_all()
+        active = self.prefetch.active
         if active and (self.prefetch.pacing or self.prefetch.threshold is None):
             self._tick(pos)  # what pacing and the automatic threshold measure
         try:

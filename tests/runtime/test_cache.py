@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import edgemoe
-from edgemoe.errors import BudgetError
+from edgemoe.errors import BudgetError, EdgeMoEError
 from edgemoe.runtime.cache import DEMAND, PREFETCH, READY, CacheFull, ExpertCache
 from edgemoe.runtime.policies import PolicyContext, make_policy
 from edgemoe.runtime.slab import SlabAllocator
@@ -113,6 +113,28 @@ def test_hits_misses_and_capacity(mixed):
     s = cache.stats()
     assert s["misses"] == len(keys) and s["hits"] == 1 and s["evictions"] > 0
     assert s["cache_peak_bytes"] <= cache.capacity and cache.stats()["cache_touched_bytes"] <= cache.capacity
+    cache.close()
+
+
+def test_holds_all_once_every_blob_is_ready_and_leases_them_as_hits(mixed):
+    cache = new_cache(mixed, 10_000_000)  # room for every expert
+    keys = sorted(cache._store.entries)
+    for k in keys[:-1]:
+        use(cache, k)
+    assert not cache.holds_all()  # one is still on storage
+    with pytest.raises(EdgeMoEError, match="not cached"):
+        cache.lease_cached(keys[-2:])
+    assert all(cache._entries[k].leases == 0 for k in keys[:-1])  # a refused call leases nothing
+    use(cache, keys[-1])
+    assert cache.holds_all()
+    before = cache.stats()["hits"]
+    entries = cache.lease_cached(keys[:3])
+    assert [e.leases for e in entries.values()] == [1, 1, 1] and cache.stats()["hits"] == before + 3
+    x = torch.ones(1, 64)
+    assert all(torch.equal(cache.expert(entries[k])(x), use(cache, k)) for k in keys[:3])
+    cache.release_all(entries.values())
+    assert all(cache._entries[k].leases == 0 for k in keys[:3])
+    check_invariants(cache)
     cache.close()
 
 
