@@ -74,10 +74,37 @@ class QuantExpert:
         h = self._mm(x, self.w13, torch.float32)  # (N, 2I); fp32 so the product below is not rounded twice
         if self.b13 is not None:
             h = h + self.b13
+        if self.b2 is None and self._fused is not None:  # act(gate) * up in one C pass (large batches)
+            a = _glu_rows(h, self._fused[3], _down_input_dtype(x.shape[0], self.w2))  # (N, I)
+            if a is not None:
+                return self._mm(a, self.w2, x.dtype)  # (N, H)
         g, u = h.chunk(2, dim=-1)  # (N, I) x2
         if self.b2 is None:
             return self._mm(self.glu(g, u), self.w2, x.dtype)  # (N, H)
         return (self._mm(self.glu(g, u), self.w2, torch.float32) + self.b2).to(x.dtype)  # (N, H)
+
+
+def _down_input_dtype(m: int, w2) -> torch.dtype:
+    """The dtype the down matrix's kernel converts an m-row input to: the large-batch
+    dequantize + matmul paths' MATMUL_DTYPE for int4/int8 weights, else fp32 (kept as is)."""
+    if isinstance(w2, (QMatrix, Int8Matrix)) and m > kernels.packed_max_batch():
+        return kernels.MATMUL_DTYPE
+    return torch.float32
+
+
+def _glu_rows(h: torch.Tensor, act: int, dtype: torch.dtype) -> torch.Tensor | None:
+    """act(gate) * up of h (N, 2I) fp32, gate then up, as (N, I) in `dtype` (fp32 or bf16),
+    in one C pass (csrc/decode.c em_glu; `act` a kernels.FUSED_ACTS code); None without the
+    C library or for another dtype. Rounded once, where the torch ops would round when the
+    down matrix's kernel converts its input."""
+    lib = kernels.native.get()
+    if lib is None or dtype not in (torch.float32, torch.bfloat16) or not h.is_contiguous() or h.requires_grad:
+        return None
+    n, two_i = h.shape
+    out = torch.empty(n, two_i // 2, dtype=dtype)
+    rc = lib.em_glu(h.data_ptr(), n, two_i // 2, act, out.data_ptr(), int(dtype == torch.bfloat16),
+                    torch.get_num_threads())
+    return out if rc == 0 else None
 
 
 class UngatedQuantExpert(QuantExpert):

@@ -342,6 +342,7 @@ def load(path: Path) -> ctypes.CDLL:
                            ctypes.c_float, ptr, i32]),
         ("em_route_softmax", [ptr, i32, i64, i64, ptr, i64, i64, i32, ptr, ptr, ptr]),
         ("em_combine1", [ptr, ptr, i32, i64, i64, ptr, ptr]),
+        ("em_glu", [ptr, i64, i64, i32, ptr, i32, i32]),
         ("em_quantize", [ptr, i64, i64, i64, i32, i64, i32, i32, ptr, ptr, ptr, i32]),
         ("em_mxfp4_mm", mx_args),
         ("em_mxfp4_mm8", mx_args),

@@ -230,3 +230,45 @@ def test_mismatched_parts_are_refused():
         missing = {k: v for k, v in parts.items() if k != "w2.s"}
         with pytest.raises(StoreError, match="missing"):
             fmt.expert(missing, "silu", torch.float32)
+
+
+@pytest.mark.parametrize("act,code", [("silu", 0), ("gelu", 1), ("gelu_pytorch_tanh", 2), ("relu", 3)])
+def test_glu_rows_one_pass_matches_torch(act, code):
+    """The large-batch gated activation in one C pass: act(gate) * up as the torch ops give
+    it (fp32 to a few ulps, and 1e-5 absolute where erf's tail cancels against 1; bf16
+    within one rounding step)."""
+    from edgemoe.experts import glu
+    from edgemoe.quant.experts import _glu_rows
+
+    if K.native.get() is None:
+        pytest.skip("C kernel unavailable")
+    g = torch.Generator().manual_seed(7)
+    h = torch.randn(40, 2 * 96, generator=g) * 4  # (N, 2I) gate | up
+    h[0, :4] = torch.tensor([-200.0, 200.0, 0.0, -0.0])  # exp's clamps, and signed zero
+    ref = glu(act)(*h.chunk(2, dim=-1))  # (N, I) fp32
+    got = _glu_rows(h, code, torch.float32)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    got16 = _glu_rows(h, code, torch.bfloat16)
+    assert got16.dtype == torch.bfloat16
+    ulp = ref.abs().clamp_min(1e-30) * 2**-7
+    assert ((got16.float() - ref.to(torch.bfloat16).float()).abs() <= ulp * 1.01 + 1e-5).all()
+    assert _glu_rows(h.requires_grad_(), code, torch.float32) is None  # autograd: the torch ops
+
+
+def test_large_batch_expert_takes_the_one_pass_activation(monkeypatch):
+    import edgemoe.quant.experts as QE
+
+    if K.native.get() is None:
+        pytest.skip("C kernel unavailable")
+    fmt = get_format("int4")
+    hidden, inter = 128, 256
+    expert = fmt.expert(fmt.encode(*weights(hidden, inter, seed=9)), "silu", torch.bfloat16)
+    x = torch.randn(K.packed_max_batch() + 9, hidden).bfloat16()  # a batch past the packed kernels
+    calls = []
+    real = QE._glu_rows
+    monkeypatch.setattr(QE, "_glu_rows", lambda *a: calls.append(a[2]) or real(*a))
+    fast = expert(x)
+    assert calls == [QE._down_input_dtype(x.shape[0], expert.w2)]
+    monkeypatch.setattr(QE, "_glu_rows", lambda *a: None)  # the torch ops instead
+    slow = expert(x)
+    assert float((fast.float() - slow.float()).abs().max() / slow.float().abs().max()) < 1e-2

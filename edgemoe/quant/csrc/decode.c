@@ -61,6 +61,18 @@ static void load_row(const void *p, int dt, int64_t i, int64_t n, float *out) {
     }
 }
 
+/* rnd over n values in place, branch-free so that it vectorises. */
+static inline void rnd_row(float *f, int dt, int64_t n) {
+    if (dt != 1) return;
+    for (int64_t i = 0; i < n; i++) {
+        uint32_t u;
+        memcpy(&u, &f[i], 4);
+        const uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+        u = (u & 0x7fffffffu) > 0x7f800000u ? u : r; /* NaN stays NaN */
+        memcpy(&f[i], &u, 4);
+    }
+}
+
 /* The attention of one K/V group gets AVX2 / AVX-512 copies picked at load time on x86-64
  * (this file is otherwise built for the baseline ISA); the arithmetic is the same in every
  * copy (fixed partial sums, no contraction), so the results are too. */
@@ -137,6 +149,81 @@ int em_rmsnorm(const void *x, int dt, int64_t rows, int64_t H, const void *w, fl
     return 0;
 }
 
+/* ------------------------------------------------------------------ gated activation, large batches */
+
+/* exp(x) for x <= 88 (below -87: e^-87; a large x clamps at 88), vectorisable: the
+ * reduction and polynomial of exp_shifted. */
+static inline __attribute__((always_inline)) float exp_clamped(float x) {
+    const uint32_t lo = -(uint32_t)(x >= -87.f), hi = -(uint32_t)(x <= 88.f);
+    uint32_t b;
+    memcpy(&b, &x, 4);
+    b = (b & lo & hi) | (0xc2ae0000u & ~lo) | (0x42b00000u & ~hi & lo); /* x, -87 or 88 (NaN: -87) */
+    memcpy(&x, &b, 4);
+    const float k = (x * 1.44269504f + 12582912.f) - 12582912.f;
+    const float r = (x - k * 0.693145752f) - k * 1.42860677e-6f;
+    float p = 1.f / 720.f;
+    p = p * r + 1.f / 120.f;
+    p = p * r + 1.f / 24.f;
+    p = p * r + 1.f / 6.f;
+    p = p * r + 0.5f;
+    p = p * r + 1.f;
+    p = p * r + 1.f;
+    const int32_t e = ((int32_t)k + 127) << 23;
+    float two_k;
+    memcpy(&two_k, &e, 4);
+    return p * two_k;
+}
+
+/* One row: out[i] = rnd(act(g[i]) * u[i]); act 0 silu (g / (1 + e^-g)), 1 gelu (erf), 2 gelu
+ * (tanh), 3 relu, as em_act in qmm8.c. tmp: I floats. */
+EM_CLONES static void glu_row(const float *g, const float *u, int64_t I, int act, float *tmp, void *out, int dt) {
+    if (act == 0) {
+        for (int64_t i = 0; i < I; i++) tmp[i] = g[i] / (1.f + exp_clamped(-g[i])) * u[i];
+    } else if (act == 3) {
+        for (int64_t i = 0; i < I; i++) tmp[i] = (g[i] > 0.f ? g[i] : 0.f) * u[i];
+    } else if (act == 1) {
+        for (int64_t i = 0; i < I; i++) tmp[i] = 0.5f * g[i] * (1.f + erff(g[i] * 0.70710678118654752f)) * u[i];
+    } else {
+        for (int64_t i = 0; i < I; i++) {
+            const float x = g[i];
+            tmp[i] = 0.5f * x * (1.f + tanhf(0.79788456080286536f * (x + 0.044715f * x * x * x))) * u[i];
+        }
+    }
+    if (dt == 1) {
+        rnd_row(tmp, dt, I);
+        for (int64_t i = 0; i < I; i++) {
+            uint32_t b;
+            memcpy(&b, &tmp[i], 4);
+            ((uint16_t *)out)[i] = (uint16_t)(b >> 16);
+        }
+    } else {
+        memcpy(out, tmp, (size_t)I * sizeof(float));
+    }
+}
+
+/* The gated activation of M rows of an expert's fp32 gate|up product h (M, 2I): out (M, I)
+ * in dt, act(gate) * up rounded once. One pass where torch makes three (the activation,
+ * the product, the conversion) with two (M, I) fp32 temporaries. */
+int em_glu(const float *h, int64_t M, int64_t I, int act, void *out, int dt, int nthreads) {
+    if ((dt != 0 && dt != 1) || act < 0 || act > 3) return -2;
+    int rc = 0;
+#pragma omp parallel num_threads(nthreads) if (M * I >= (1 << 16))
+    {
+        float *tmp = (float *)malloc((size_t)(I + 1) * sizeof(float));
+        if (!tmp) {
+#pragma omp atomic write
+            rc = -1;
+        } else {
+#pragma omp for schedule(static)
+            for (int64_t m = 0; m < M; m++)
+                glu_row(h + m * 2 * I, h + m * 2 * I + I, I, act, tmp, (char *)out + (size_t)m * I * (dt == 1 ? 2 : 4),
+                        dt);
+            free(tmp);
+        }
+    }
+    return rc;
+}
+
 /* ------------------------------------------------------------------ MoE routing and combine */
 
 /* logits[e] = sum_h x[h] * w[e][h] (fp32, fixed partial sums) for E rows of w in dt; row: H floats of scratch. */
@@ -186,18 +273,6 @@ int em_route_softmax(const void *x, int dt, int64_t rows, int64_t H, const void 
     }
     free(buf);
     return 0;
-}
-
-/* rnd over n values in place, branch-free so that it vectorises. */
-static inline void rnd_row(float *f, int dt, int64_t n) {
-    if (dt != 1) return;
-    for (int64_t i = 0; i < n; i++) {
-        uint32_t u;
-        memcpy(&u, &f[i], 4);
-        const uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
-        u = (u & 0x7fffffffu) > 0x7f800000u ? u : r; /* NaN stays NaN */
-        memcpy(&f[i], &u, 4);
-    }
 }
 
 /* out = rnd(rnd(sum_i rnd(slots[i] * w[i])) + res) over H values (res NULL: no residual):
