@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..cpu import linear
+from ..cpu import bucket_rows, linear, onednn_used
 from . import native
 from .native import DTYPES as _DTYPES
 from .native import native_available, native_error, use_native  # noqa: F401 - re-exported
@@ -112,6 +112,7 @@ PACKED_MAX_BATCH_BF16_CPU_INT16 = 16  # int16 activations (and MXFP4's fp32 ones
 INT8PACK_MAX_BATCH = 4
 INT8PACK_MAX_BATCH_AVX512 = 64
 DEQUANT_ROWS = 1024  # weight rows dequantized per chunk on the large-batch path
+ROW_BLOCK_MIN = 16  # smallest block of activation rows one oneDNN matmul gets (row_blocks)
 
 
 # ----------------------------------------------------------------------------- dispatch
@@ -175,7 +176,7 @@ def qmm(x: torch.Tensor, w: QMatrix, out_dtype: torch.dtype | None = None) -> to
     if lib is None:
         return _dequant_matmul_torch(x, w).to(out_dtype)
     if x.shape[0] > packed_max_batch():
-        return _dequant_matmul_native(lib, x, w).to(out_dtype)
+        return _dequant_matmul_native(lib, x, w, out_dtype)
     return qmm_packed(x, w, out_dtype, lib)
 
 
@@ -225,20 +226,48 @@ def dequant_rows(w: QMatrix, n0: int, n1: int, dtype: torch.dtype = torch.float3
     return out
 
 
-def _dequant_matmul_native(lib, x: torch.Tensor, w: QMatrix) -> torch.Tensor:
+def row_blocks(m: int, dtype: torch.dtype) -> list[tuple[int, int]]:
+    """The row ranges [a, b) a matmul of m rows in `dtype` against one dequantized weight
+    chunk is split into. On oneDNN (edgemoe.cpu: it gets power-of-two row counts only,
+    padded by `linear`) m is cut into power-of-two blocks of at least ROW_BLOCK_MIN rows
+    (the last one cut short at m, which `linear` pads): 130 rows cost 128 + 2 rows, not 256
+    (1.5x faster; edgemoe_lab/results/prefill_profile.md). The blocks' rows came out bit for
+    bit those of the padded call wherever measured (oneDNN's kernels do not mix rows), but
+    a lone row takes torch's one-row kernel, so a last block of one row is taken as its
+    last two. Elsewhere one block."""
+    if m <= ROW_BLOCK_MIN or not onednn_used(dtype) or bucket_rows(m) == m:
+        return [(0, m)]
+    total, out = -(-m // ROW_BLOCK_MIN) * ROW_BLOCK_MIN, []
+    for bit in reversed(range(total.bit_length())):
+        if total >> bit & 1 and (a := out[-1][1] if out else 0) < m:
+            out.append((a, min(m, a + (1 << bit))))
+    if out[-1][1] - out[-1][0] == 1:  # torch computes a single row another way (not bit for bit)
+        out[-1] = (m - 2, m)  # so the last row goes with its neighbour, computed twice
+    return out
+
+
+def _matmul_blocks(y: torch.Tensor, xd: torch.Tensor, wt: torch.Tensor, n0: int, n1: int,
+                   blocks: list[tuple[int, int]]) -> None:
+    """y[:, n0:n1] = xd @ wt^T, one `linear` per row block (row_blocks)."""
+    for a, b in blocks:
+        y[a:b, n0:n1] = linear(xd[a:b], wt)  # (b-a, n1-n0)
+
+
+def _dequant_matmul_native(lib, x: torch.Tensor, w: QMatrix, out_dtype: torch.dtype) -> torch.Tensor:
     """Large batches: dequantize DEQUANT_ROWS weight rows at a time into one reused
     buffer (a few MiB, stays in cache) and let torch's matmul (MKL, oneDNN/AMX in bf16)
-    do the rest."""
+    do the rest; each block of the product goes straight into y in out_dtype."""
     dt = MATMUL_DTYPE
     xd = x.to(dt)
     m = xd.shape[0]
-    y = torch.empty(m, w.n, dtype=dt)  # (M, N)
+    y = torch.empty(m, w.n, dtype=out_dtype)  # (M, N)
     rows = min(DEQUANT_ROWS, w.n)
     buf = torch.empty(rows, w.k, dtype=dt)  # (rows, K)
+    blocks = row_blocks(m, dt)
     for n0 in range(0, w.n, rows):
         n1 = min(w.n, n0 + rows)
         wt = dequant_rows(w, n0, n1, dt, out=buf[: n1 - n0])
-        y[:, n0:n1] = linear(xd, wt)  # (M, n1-n0); bucketed rows, see edgemoe.cpu
+        _matmul_blocks(y, xd, wt, n0, n1, blocks)
     return y
 
 
@@ -313,14 +342,15 @@ def int8_mm(x: torch.Tensor, w: Int8Matrix, out_dtype: torch.dtype | None = None
     dt = MATMUL_DTYPE if m > packed_max_batch(act) else torch.float32
     xd = x.to(dt)
     n = w.q.shape[0]
-    y = torch.empty(m, n, dtype=dt)
+    y = torch.empty(m, n, dtype=out_dtype)  # (M, N), each block converted as it is stored
     rows = min(DEQUANT_ROWS, n)
     buf = torch.empty(rows, k, dtype=dt) if lib is not None else None  # (rows, K), reused
+    blocks = row_blocks(m, dt)
     for n0 in range(0, n, rows):
         n1 = min(n, n0 + rows)
         wt = _dequant8_rows(lib, w, n0, n1, dt, buf)  # (rows, K)
-        y[:, n0:n1] = linear(xd, wt)  # (M, n1-n0); bucketed rows, see edgemoe.cpu
-    return y.to(out_dtype)
+        _matmul_blocks(y, xd, wt, n0, n1, blocks)
+    return y
 
 
 def _dequant8_rows(lib, w: Int8Matrix, n0: int, n1: int, dt: torch.dtype, buf: torch.Tensor | None) -> torch.Tensor:
