@@ -87,7 +87,7 @@ def keep_frees_for_reuse(limit: int) -> bool:
     the heap for the next allocation, mmap only larger ones, and give the heap's free top
     back to the OS only past `limit`: the setting for generation, whose every prefill
     chunk allocates its activations anew. Served by fresh mmaps (return_large_frees_to_os)
-    they page-fault on every chunk: the bench model prefilled 1.33x faster kept in the heap
+    they page-fault on every chunk: the bench model prefilled 1.44x faster kept in the heap
     (edgemoe_lab/results/malloc_reuse.md). What stays is at most about `limit`, which
     the memory budget reserves as workspace. Process-wide; False without mallopt."""
     import ctypes

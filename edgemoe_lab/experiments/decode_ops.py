@@ -7,7 +7,8 @@ they replace, in the same process and interleaved.
    (KVCache.attend_one).
 2. With --model (a converted model with int4/int8 resident layers): decode tokens/s with
    the attention half of each layer as one C call (Attention.decode_half) and without
-   (the module-by-module path), alternating.
+   (the module-by-module path), alternating; and decode after 1500- and 3500-token prompts
+   with the C attention against torch's ops past 512 positions.
 
     python -m edgemoe_lab.experiments.decode_ops [--model DIR] [--threads N] -o OUT.md
 """
@@ -95,6 +96,41 @@ def decode_rows(model: str, rounds: int, tokens: int) -> list[str]:
             "", f"Ratio: **{f / m:.3f}x**."]
 
 
+def long_rows(model: str, positions: list[int], rounds: int, tokens: int = 32) -> list[str]:
+    """Decode after a long prompt with every layer's attention in C (the fused half and
+    KVCache.attend_one) against torch's four ops for positions past 512 (the module path
+    with attend_one declined), alternating in one process."""
+    import edgemoe
+    import edgemoe.models.attention as A
+
+    eng = edgemoe.load(model, mode="io-free", threads=torch.get_num_threads())
+    one, half, limit = A.attend_one, A.attn_half, [None]
+    A.attend_one = lambda q, k, v, kb, vb, pos, scale: (None if limit[0] is not None and pos >= limit[0]
+                                                          else one(q, k, v, kb, vb, pos, scale))
+    A.attn_half = lambda *a: None if limit[0] is not None and a[11] >= limit[0] else half(*a)
+    g = torch.Generator().manual_seed(0)
+    out = ["| prompt tokens | C attention tok/s | torch ops past 512 positions tok/s | C / torch |", "|---|---|---|---|"]
+    try:
+        for P in positions:
+            ids = torch.randint(5, eng.model.args.vocab_size - 1, (P,), generator=g).tolist()
+            res = {None: [], 512: []}
+            for _ in range(rounds):
+                for lim in res:
+                    limit[0] = lim
+                    first, n = None, 0
+                    for _ in eng.stream(ids, max_tokens=tokens + 1, temperature=0, ignore_eos=True):
+                        if first is None:
+                            first = time.perf_counter()
+                        n += 1
+                    res[lim].append((n - 1) / (time.perf_counter() - first))
+            c, t = statistics.median(res[None]), statistics.median(res[512])
+            out.append(f"| {P} | {c:.1f} | {t:.1f} | {c / t:.2f}x |")
+    finally:
+        A.attend_one, A.attn_half = one, half
+        eng.close()
+    return out
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="converted model for the decode rows (int4/int8 resident layers)")
@@ -117,6 +153,10 @@ def main(argv=None) -> None:
     if args.model:
         lines += ["", f"## Decode, `{args.model}` (io-free, {args.tokens} tokens after a 55-token prompt)", ""]
         lines += decode_rows(args.model, args.rounds, args.tokens)
+        lines += ["", f"## Decode after long prompts, `{args.model}` (io-free, 32 tokens; medians of 3 alternating rounds)",
+                  "", "The whole decode step, where the isolated ops above do not tell: torch's ops run in the",
+                  "engine's process (its allocator settings, caches shared with the weights' streams).", ""]
+        lines += long_rows(args.model, [1500, 3500], 3)
     text = "\n".join(lines) + "\n"
     Path(args.out).write_text(text)
     print(text)
