@@ -100,36 +100,42 @@ static inline void axpy_f32(float *y, float p, const float *x, int64_t n) {
     for (int64_t i = 0; i < n; i++) y[i] += p * x[i];
 }
 
-/* s[i] = exp(s[i] - mx) for i < n, with mx >= every s[i] (softmax): Cody-Waite reduction by
- * ln 2 to the nearest integer k and a degree-6 polynomial (relative error about 2e-7, as
- * expf's); libm's expf is a call per value and was a third of a long-context attention.
- * Arguments below -87 (and NaN) give 0. Written without branches, floorf or pointer casts,
- * each of which kept GCC from vectorising the loop for AVX2 and the baseline. */
+/* e^x for x in [-87, 88]: Cody-Waite reduction by ln 2 to the nearest integer k and a
+ * degree-6 polynomial (relative error about 2e-7, as expf's). Written without floorf,
+ * branches or pointer casts, each of which kept GCC from vectorising its callers' loops for
+ * AVX2 and the baseline. */
+static inline __attribute__((always_inline)) float exp_in_range(float x) {
+    const float k = (x * 1.44269504f + 12582912.f) - 12582912.f; /* nearest integer (|x log2 e| < 2^22) */
+    const float r = (x - k * 0.693145752f) - k * 1.42860677e-6f; /* ln 2 in two parts */
+    float p = 1.f / 720.f;
+    p = p * r + 1.f / 120.f;
+    p = p * r + 1.f / 24.f;
+    p = p * r + 1.f / 6.f;
+    p = p * r + 0.5f;
+    p = p * r + 1.f;
+    p = p * r + 1.f;
+    const int32_t e = ((int32_t)k + 127) << 23;
+    float two_k;
+    memcpy(&two_k, &e, 4);
+    return p * two_k;
+}
+
+/* x where mask is all ones, else `other` (bit patterns: a select GCC vectorises). */
+static inline __attribute__((always_inline)) float pick(float x, uint32_t mask, uint32_t other) {
+    uint32_t b;
+    memcpy(&b, &x, 4);
+    b = (b & mask) | (other & ~mask);
+    memcpy(&x, &b, 4);
+    return x;
+}
+
+/* s[i] = exp(s[i] - mx) for i < n, with mx >= every s[i] (softmax); libm's expf is a call
+ * per value and was a third of a long-context attention. Arguments below -87 (and NaN) give 0. */
 static inline void exp_shifted(float *s, float mx, int64_t n) {
     for (int64_t i = 0; i < n; i++) {
         const float d = s[i] - mx;
         const uint32_t keep = -(uint32_t)(d >= -87.f); /* all ones, or 0 below -87 and for NaN */
-        uint32_t b;
-        memcpy(&b, &d, 4);
-        b = (b & keep) | (0xc2ae0000u & ~keep); /* d, or -87 */
-        float x;
-        memcpy(&x, &b, 4);
-        const float k = (x * 1.44269504f + 12582912.f) - 12582912.f; /* nearest integer (|x log2 e| < 2^22) */
-        const float r = (x - k * 0.693145752f) - k * 1.42860677e-6f; /* ln 2 in two parts */
-        float p = 1.f / 720.f;
-        p = p * r + 1.f / 120.f;
-        p = p * r + 1.f / 24.f;
-        p = p * r + 1.f / 6.f;
-        p = p * r + 0.5f;
-        p = p * r + 1.f;
-        p = p * r + 1.f;
-        const int32_t e = ((int32_t)k + 127) << 23;
-        float two_k;
-        memcpy(&two_k, &e, 4);
-        const float y = p * two_k;
-        memcpy(&b, &y, 4);
-        b &= keep;
-        memcpy(&s[i], &b, 4);
+        s[i] = pick(exp_in_range(pick(d, keep, 0xc2ae0000u /* -87 */)), keep, 0u);
     }
 }
 
@@ -151,27 +157,10 @@ int em_rmsnorm(const void *x, int dt, int64_t rows, int64_t H, const void *w, fl
 
 /* ------------------------------------------------------------------ gated activation, large batches */
 
-/* exp(x) for x <= 88 (below -87: e^-87; a large x clamps at 88), vectorisable: the
- * reduction and polynomial of exp_shifted. */
+/* exp(x) with x clamped to [-87, 88] (NaN: -87), vectorisable. */
 static inline __attribute__((always_inline)) float exp_clamped(float x) {
     const uint32_t lo = -(uint32_t)(x >= -87.f), hi = -(uint32_t)(x <= 88.f);
-    uint32_t b;
-    memcpy(&b, &x, 4);
-    b = (b & lo & hi) | (0xc2ae0000u & ~lo) | (0x42b00000u & ~hi & lo); /* x, -87 or 88 (NaN: -87) */
-    memcpy(&x, &b, 4);
-    const float k = (x * 1.44269504f + 12582912.f) - 12582912.f;
-    const float r = (x - k * 0.693145752f) - k * 1.42860677e-6f;
-    float p = 1.f / 720.f;
-    p = p * r + 1.f / 120.f;
-    p = p * r + 1.f / 24.f;
-    p = p * r + 1.f / 6.f;
-    p = p * r + 0.5f;
-    p = p * r + 1.f;
-    p = p * r + 1.f;
-    const int32_t e = ((int32_t)k + 127) << 23;
-    float two_k;
-    memcpy(&two_k, &e, 4);
-    return p * two_k;
+    return exp_in_range(pick(pick(x, hi, 0x42b00000u /* 88 */), lo, 0xc2ae0000u /* -87 */));
 }
 
 /* One row: out[i] = rnd(act(g[i]) * u[i]); act 0 silu (g / (1 + e^-g)), 1 gelu (erf), 2 gelu
