@@ -252,6 +252,21 @@ def against_llama(new: Path, model: str, gguf: str, python: str, threads: int, t
             "median_ratio": statistics.median(r["ratio"] for r in rows)}
 
 
+def _ratio_table(title: str, note: str, other: str, rows: list[dict]) -> list[str]:
+    """A section of the report: each repeat's tok/s of `other` and of this tree, then the
+    median ratio per (threads, prompt tokens)."""
+    out = [title, "", note, "",
+           f"| threads | prompt tokens | repeat | first | {other} tok/s | new tok/s | new / {other} |",
+           "|---|---|---|---|---|---|---|"]
+    for c in rows:
+        for i, r in enumerate(c["repeats"]):
+            out.append(f"| {c['threads']} | {c['tokens']} | {i + 1} | {r['first']} | {r[other]:.1f} | "
+                       f"{r['new']:.1f} | {r['ratio']:.2f}x |")
+    out += ["", f"| threads | prompt tokens | median new / {other} |", "|---|---|---|"]
+    out += [f"| {c['threads']} | {c['tokens']} | **{c['median_ratio']:.2f}x** |" for c in rows]
+    return out + [""]
+
+
 def render(profiles: list[dict], comparisons: list[dict], command: str, model: str, base: str | None,
            loads: tuple, llama: list[dict] | None = None, gguf: str | None = None) -> str:
     from edgemoe.quant.native import cpu_id, isa
@@ -272,30 +287,13 @@ def render(profiles: list[dict], comparisons: list[dict], command: str, model: s
         "",
     ]
     if comparisons:
-        lines += [f"## Prefill tokens/s: this tree (new) against `{base}` (base)", "",
-                  "Best of three prefills per process, one process per tree and repeat, the order alternating.", "",
-                  "| threads | prompt tokens | repeat | first | base tok/s | new tok/s | new / base |",
-                  "|---|---|---|---|---|---|---|"]
-        for c in comparisons:
-            for i, r in enumerate(c["repeats"]):
-                lines.append(f"| {c['threads']} | {c['tokens']} | {i + 1} | {r['first']} | {r['base']:.1f} | "
-                             f"{r['new']:.1f} | {r['ratio']:.2f}x |")
-        lines += ["", "| threads | prompt tokens | median new / base |", "|---|---|---|"]
-        lines += [f"| {c['threads']} | {c['tokens']} | **{c['median_ratio']:.2f}x** |" for c in comparisons]
-        lines.append("")
+        lines += _ratio_table(f"## Prefill tokens/s: this tree (new) against `{base}` (base)",
+                              "Best of three prefills per process, one process per tree and repeat, the order "
+                              "alternating.", "base", comparisons)
     if llama:
-        lines += [f"## Prefill tokens/s: this tree against llama.cpp on `{gguf}`", "",
-                  "Best of three prefills per process (llama.cpp: one batch into a fresh context, weights "
-                  "memory-mapped and warm), the order alternating.", "",
-                  "| threads | prompt tokens | repeat | first | llama.cpp tok/s | new tok/s | new / llama.cpp |",
-                  "|---|---|---|---|---|---|---|"]
-        for c in llama:
-            for i, r in enumerate(c["repeats"]):
-                lines.append(f"| {c['threads']} | {c['tokens']} | {i + 1} | {r['first']} | {r['llama.cpp']:.1f} | "
-                             f"{r['new']:.1f} | {r['ratio']:.2f}x |")
-        lines += ["", "| threads | prompt tokens | median new / llama.cpp |", "|---|---|---|"]
-        lines += [f"| {c['threads']} | {c['tokens']} | **{c['median_ratio']:.2f}x** |" for c in llama]
-        lines.append("")
+        lines += _ratio_table(f"## Prefill tokens/s: this tree against llama.cpp on `{gguf}`",
+                              "Best of three prefills per process (llama.cpp: one batch into a fresh context, weights "
+                              "memory-mapped and warm), the order alternating.", "llama.cpp", llama)
     for p in profiles:
         which = "base" if base and p["tree"] == base else "this tree"
         lines += [f"## Profile ({which}): {p['tokens']} prompt tokens, {p['threads']} thread(s), {p['tok_s']:.1f} "

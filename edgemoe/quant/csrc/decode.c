@@ -73,6 +73,20 @@ static inline void rnd_row(float *f, int dt, int64_t n) {
     }
 }
 
+/* n fp32 values of f stored to out in dt (bf16: rounded as rnd, in place in f first). */
+static inline void store_row(float *f, int dt, int64_t n, void *out) {
+    if (dt != 1) {
+        memcpy(out, f, (size_t)n * sizeof(float));
+        return;
+    }
+    rnd_row(f, dt, n);
+    for (int64_t i = 0; i < n; i++) {
+        uint32_t u;
+        memcpy(&u, &f[i], 4);
+        ((uint16_t *)out)[i] = (uint16_t)(u >> 16);
+    }
+}
+
 /* The attention of one K/V group gets AVX2 / AVX-512 copies picked at load time on x86-64
  * (this file is otherwise built for the baseline ISA); the arithmetic is the same in every
  * copy (fixed partial sums, no contraction), so the results are too. */
@@ -178,16 +192,7 @@ EM_CLONES static void glu_row(const float *g, const float *u, int64_t I, int act
             tmp[i] = 0.5f * x * (1.f + tanhf(0.79788456080286536f * (x + 0.044715f * x * x * x))) * u[i];
         }
     }
-    if (dt == 1) {
-        rnd_row(tmp, dt, I);
-        for (int64_t i = 0; i < I; i++) {
-            uint32_t b;
-            memcpy(&b, &tmp[i], 4);
-            ((uint16_t *)out)[i] = (uint16_t)(b >> 16);
-        }
-    } else {
-        memcpy(out, tmp, (size_t)I * sizeof(float));
-    }
+    store_row(tmp, dt, I, out);
 }
 
 /* The gated activation of M rows of an expert's fp32 gate|up product h (M, 2I): out (M, I)
@@ -286,16 +291,7 @@ int em_combine1(const void *slots, const void *w, int dt, int64_t k, int64_t H, 
         load_row(res, dt, 0, H, row);
         for (int64_t h = 0; h < H; h++) acc[h] += row[h];
     }
-    if (dt == 1) {
-        rnd_row(acc, dt, H);
-        for (int64_t h = 0; h < H; h++) {
-            uint32_t u;
-            memcpy(&u, &acc[h], 4);
-            ((uint16_t *)out)[h] = (uint16_t)(u >> 16);
-        }
-    } else {
-        memcpy(out, acc, (size_t)H * sizeof(float));
-    }
+    store_row(acc, dt, H, out);
     free(buf);
     return 0;
 }
