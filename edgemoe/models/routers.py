@@ -89,7 +89,8 @@ class Router(nn.Module):
         return self.logits(x if x.dtype == w.dtype else x.to(w.dtype)).float()  # (N, E)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if type(self) is Router and self.bias is None and self.routable is None and self.adaptive is None:
+        if (type(self) is Router and self.bias is None and self.routable is None and self.adaptive is None
+                and getattr(self.logits, "__func__", None) is Router.logits):  # (not replaced on the instance)
             # Decode steps (up to fastops' row limit): one C call instead of seven torch ops,
             # the same for a row whatever the rows in the step (ties go to the lower id).
             out = route_softmax(x, self.weight, self.top_k, self.norm_topk)
