@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from edgemoe.checkpoint import load_hf
 from edgemoe.errors import ModelLoadError
 from edgemoe.models import FAMILIES
+from store.helpers import edit_manifest
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -341,19 +342,6 @@ def converted(good, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("converted") / "model"
     convert(good, out)
     return out
-
-
-def edit_manifest(path: Path, fn) -> Path:
-    """Edit manifest.json and re-sign it as the converter does, so that only the edit
-    itself can be refused."""
-    from edgemoe.store.manifest import _checksum
-
-    file = path / "manifest.json"
-    data = json.loads(file.read_text())
-    fn(data)
-    data["checksum"] = _checksum(data)
-    file.write_text(json.dumps(data))
-    return file
 
 
 @pytest.mark.parametrize(

@@ -67,6 +67,29 @@ def min_budget(converted: Path) -> int:
         engine.close()
 
 
+def offloaded_prompts(converted: Path) -> list[list[int]]:
+    """run_prompts on the converted model offloaded under its smallest budget (LRU cache):
+    what tests compare with the in-RAM tokens."""
+    engine = edgemoe.load(converted, memory=min_budget(converted), cache_policy="lru")
+    try:
+        return run_prompts(engine)
+    finally:
+        engine.close()
+
+
+def edit_manifest(path: Path, fn) -> Path:
+    """Edit the manifest.json of the converted model at `path` with fn(data) and re-sign it
+    as the converter does, so that only the edit itself can be refused."""
+    from edgemoe.store.manifest import _checksum
+
+    file = path / "manifest.json"
+    data = json.loads(file.read_text())
+    fn(data)
+    data["checksum"] = _checksum(data)
+    file.write_text(json.dumps(data))
+    return file
+
+
 def manifest(converted: Path) -> dict:
     return json.loads((converted / "manifest.json").read_text())
 

@@ -33,7 +33,7 @@ from cli.helpers import assert_clean_error, run_cli
 from store.gguf_helpers import (
     llama_cpp_permute, quantize_q4_k, reference_model, spm_tokenizer, write_gguf, write_spm_gguf,
 )
-from store.helpers import min_budget, run_prompts
+from store.helpers import min_budget, offloaded_prompts, run_prompts
 
 FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 TEXTS = [CORPUS[:400], "héllo wörld ✓ 你好  spaces   and\ttabs\n\nnewlines 12345 don't",
@@ -275,11 +275,7 @@ def test_quantized_gguf_reads_exactly_and_requantizes_within_budget(quantized, q
     assert name == f"{qtype} -> {QUANT[qtype]}" and e["experts"] == 12
     assert 0 < e["rel_rms"] <= e["worst"] < (0.015 if qtype == "Q8_0" else 0.12)
     # Offloaded under a small budget: the same tokens as in RAM.
-    engine = edgemoe.load(r["out"], memory=min_budget(r["out"]), cache_policy="lru")
-    try:
-        assert run_prompts(engine) == want
-    finally:
-        engine.close()
+    assert offloaded_prompts(r["out"]) == want
     assert ckpt.expert_types()[(0, 0)] == (qtype,) * 3
 
 

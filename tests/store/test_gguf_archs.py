@@ -31,7 +31,7 @@ from edgemoe.store.gguf import GGUFCheckpoint
 from edgemoe.store.gguf_rope import _llama3_factors, llama3_from_factors
 
 from store.gguf_helpers import llama3_rope_freqs, mxfp4_repack, reference_model, rewrite_metadata, write_gguf
-from store.helpers import min_budget, run_prompts
+from store.helpers import offloaded_prompts, run_prompts
 
 pytestmark = pytest.mark.filterwarnings("ignore:Initializing zero-element tensors:UserWarning")
 
@@ -207,11 +207,7 @@ def in_ram_and_offloaded(out) -> None:
         want = run_prompts(engine)
     finally:
         engine.close()
-    engine = edgemoe.load(out, memory=min_budget(out), cache_policy="lru")
-    try:
-        assert run_prompts(engine) == want
-    finally:
-        engine.close()
+    assert offloaded_prompts(out) == want
 
 
 @torch.no_grad()

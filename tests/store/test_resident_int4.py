@@ -4,7 +4,6 @@ model; offloaded runs give the in-RAM tokens; bad names and options are refused.
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 
@@ -17,9 +16,9 @@ from edgemoe.cli.convert import build_parser as convert_parser
 from edgemoe.errors import StoreError
 from edgemoe.quant import kernels as K
 from edgemoe.quant.linear import Int4Linear, Int8Linear
-from edgemoe.store.manifest import _checksum, read_manifest
+from edgemoe.store.manifest import read_manifest
 
-from store.helpers import PROMPTS, make_checkpoint, make_converted, min_budget, run_prompts
+from store.helpers import PROMPTS, edit_manifest, make_checkpoint, make_converted, offloaded_prompts, run_prompts
 
 
 @pytest.fixture(scope="module", params=["qwen2_moe", "mixtral"])
@@ -84,21 +83,13 @@ def test_int4_resident_runs_close_to_float(stores):
         a.close()
         b.close()
     # Offloaded with the smallest cache: the same tokens as everything in RAM.
-    engine = edgemoe.load(q4, memory=min_budget(q4), cache_policy="lru")
-    try:
-        assert run_prompts(engine) == want
-    finally:
-        engine.close()
+    assert offloaded_prompts(q4) == want
 
 
 def _edit_manifest(src, dst, edit):
+    """A copy of the converted model `src` at `dst` with its manifest edited (and re-signed)."""
     shutil.copytree(src, dst)
-    path = dst / "manifest.json"
-    data = json.loads(path.read_text())
-    edit(data)
-    data["checksum"] = _checksum(data)
-    path.write_text(json.dumps(data))
-    return path
+    return edit_manifest(dst, edit)
 
 
 def test_bad_int4_layer_names_are_refused(stores, tmp_path):
