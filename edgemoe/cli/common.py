@@ -76,6 +76,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-prefetch-pacing", action="store_true",
                    help="queue every predicted expert, even those the link cannot deliver before their layer "
                         "(default: preload only what the measured read rate delivers in time)")
+    g.add_argument("--no-read-ahead", action="store_true",
+                   help="read a layer's missed experts in the compute thread, one at a time (default: the loader "
+                        "reads them one after another while the compute thread works with the experts it has; "
+                        "off with --cache-policy belady)")
     g.add_argument("--cache-aware-routing", type=float, default=None, metavar="MARGIN",
                    help="lossy: when a token's chosen expert is not in memory, use an expert that is, if its routing "
                         "probability is within MARGIN of the chosen one's (0 to 1, e.g. 0.1; fewer reads, slightly "
@@ -197,6 +201,7 @@ def runtime_config(args: argparse.Namespace, **options) -> RuntimeConfig:
         prefetch_threads=getattr(args, "prefetch_threads", None),
         prefetch_threshold=getattr(args, "prefetch_threshold", None),
         prefetch_pacing=False if getattr(args, "no_prefetch_pacing", False) else None,
+        read_ahead=False if getattr(args, "no_read_ahead", False) else None,
         cache_aware_routing=getattr(args, "cache_aware_routing", None),
         fallback_below=getattr(args, "fallback_below", None),
         **options,

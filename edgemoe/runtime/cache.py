@@ -67,13 +67,13 @@ from ..errors import BudgetError, EdgeMoEError
 from ..experts import Expert
 from ..store.manifest import ALIGN, ExpertEntry
 from ..store.reader import ExpertStore, ReadAborted
-from .loader import DEMAND, PREFETCH, Loader, LoadFuture
+from .loader import DEMAND, PREFETCH, READAHEAD, Loader, LoadFuture
 from .policies import Key, Policy
 from .slab import Slab, SlabAllocator, views_only
 from .stats import CacheStats, Throttle
 
 __all__ = ["CacheCounters", "CacheFull", "DEMAND", "Entry", "ExpertCache", "LOADING", "LoadFuture", "PREFETCH",
-           "READY"]
+           "READAHEAD", "READY"]
 
 LOADING, READY = "loading", "ready"
 
@@ -108,6 +108,7 @@ class Entry:
     leases: int = 0
     guard: int = -1  # protected from background evictions while the cache's clock is below this
     urgent: bool = True  # its read goes ahead of background reads (a demand waits for it)
+    readahead: bool = False  # a miss read by the loader for the compute thread's next use (`read_ahead`)
 
 
 @dataclass
@@ -356,16 +357,21 @@ class ExpertCache:
                 if e.state == READY:
                     e.leases += 1
                     self._policy.on_access(key)
+                    dt = time.perf_counter() - t0 if waited else 0.0
+                    if e.readahead:  # a miss read ahead for this use (counted when reserved)
+                        e.readahead = False
+                        self._n.stall_s += dt
+                        self._n.miss_s += dt
+                        return e, False
                     self._n.hits += 1
-                    if waited:
-                        self._n.stall_s += time.perf_counter() - t0
+                    self._n.stall_s += dt
                     return e, True
                 # Being read by another thread (a prefetch): waiting beats reading it twice,
                 # and from now on that read goes ahead of other background reads.
                 e.urgent = True
                 self._cond.notify_all()  # if its read was paused for a demand, it resumes
                 waited = True
-                self._n.waits += 1
+                self._n.waits += not e.readahead
                 self._demand += 1  # other background reads pause meanwhile
                 try:
                     self._cond.wait()
@@ -447,13 +453,16 @@ class ExpertCache:
 
     # ----------------------------------------------------------------- loads
 
-    def load(self, key: Key, wait: bool = False, guard: int = -1, urgent: bool = False, abort=None) -> bool:
+    def load(self, key: Key, wait: bool = False, guard: int = -1, urgent: bool = False, abort=None,
+             readahead: bool = False) -> bool:
         """Make `key` cached without leasing it (what background loads do). Returns False
         if it was already there. Without `wait` it never blocks on other loads, evicts no
         guarded expert, and raises CacheFull when only protected experts could make room.
         `guard` guards the expert (present or loaded) until that request. An `urgent`
         (demand) load may evict guarded experts and reads ahead of the others; `abort`
-        is checked between chunks of a throttled read (see ExpertStore.read_into)."""
+        is checked between chunks of a throttled read (see ExpertStore.read_into).
+        `readahead` (urgent): a miss read for the compute thread (`read_ahead`): the
+        expert is pinned once, present or read, and a read counts as a miss."""
         with self._cond:
             if not (wait or urgent) and self._demand:  # demand first: start once it is served
                 t0 = time.perf_counter()
@@ -466,14 +475,24 @@ class ExpertCache:
             e = self._entries.get(key)
             if e is not None:
                 e.guard = max(e.guard, guard)
+                e.pins += readahead
                 return False
             e = self._reserve(key, wait=wait, background=not (wait or urgent))
             e.guard, e.urgent = guard, urgent
-            self._n.background_loads += 1
+            if readahead:
+                e.pins, e.readahead = 1, True
+                self._n.misses += 1
+            else:
+                self._n.background_loads += 1
         self._fill(e, abort=abort)
-        with self._cond:
-            self._n.background_bytes += e.length
+        if not readahead:
+            with self._cond:
+                self._n.background_bytes += e.length
         return True
+
+    def _queued(self, key: Key, guard: int, priority: int, abort) -> bool:
+        """A load the background loader runs (see `submit_many` and `read_ahead`)."""
+        return self.load(key, guard=guard, urgent=priority <= DEMAND, abort=abort, readahead=priority == READAHEAD)
 
     def load_all(self) -> None:
         """Read every expert of the store (IO-FREE: the capacity must hold them all)."""
@@ -492,8 +511,16 @@ class ExpertCache:
         """Queue several background loads, (key, priority, guard) each, with one wake-up."""
         with self._cond:
             if self._loader is None:
-                self._loader = Loader(self.load, self._loader_threads)
+                self._loader = Loader(self._queued, self._loader_threads)
         return self._loader.submit_many(items)
+
+    def read_ahead(self, keys) -> list[LoadFuture]:
+        """Have the loader read these misses, in this order and ahead of every other queued
+        load, while the compute thread works on what it has: each expert is pinned once
+        when its load succeeds (whether it read it or found it cached; the caller unpins
+        it after `acquire`), and counts as a miss, not a hit, at that `acquire`. A load
+        that finds no room fails with CacheFull and pins nothing: `acquire` then reads it."""
+        return self.submit_many([(key, READAHEAD, -1) for key in keys])
 
     def _reserve(self, key: Key, wait: bool, background: bool = False) -> Entry:
         """Find room (see "Making room" in the module notes) and register `key` as

@@ -95,7 +95,7 @@ def _doc(text: str, default=None, **kw):
 # Options of the offloaded runtime: a Hugging Face directory (everything in RAM) takes none.
 OFFLOAD_OPTIONS = ("memory", "cache_policy", "mode", "trace", "verify", "direct_io", "read_throttle", "prefetch",
                    "predictor", "prefetch_experts", "prefetch_layers", "prefetch_threads", "prefetch_threshold",
-                   "prefetch_pacing", "cache_aware_routing", "fallback_below")
+                   "prefetch_pacing", "read_ahead", "cache_aware_routing", "fallback_below")
 
 
 @dataclass(frozen=True)
@@ -163,6 +163,11 @@ class RuntimeConfig:
     prefetch_pacing: bool | None = _doc(
         "False queues every predicted expert, even those the link cannot deliver before their layer (default: "
         "preload only what the measured read rate delivers in time).")
+    read_ahead: bool | None = _doc(
+        "False reads a layer's missed experts in the compute thread, one at a time; by default (io-exp) a layer "
+        "that misses experts has the background loader read them one after another while the compute thread "
+        "works with the experts it already has. Off by default with cache_policy='belady': the oracle's misses "
+        "are the optimum for one read at a time, and read-ahead pins change what it may evict.")
     cache_aware_routing: float | None = _doc(
         "lossy: a margin in (0, 1]; a chosen expert that is not in memory is swapped for one that is and whose "
         "routing probability is within the margin (fewer reads, slightly different output; io-exp only). None: "
@@ -210,7 +215,7 @@ class RuntimeConfig:
             raise InvalidArgument(f"adaptive gating mass must be in (0, 1], got {self.adaptive_gating}")
         if self.verify is not None and self.verify not in VERIFY:
             raise InvalidArgument(f"verify must be 'first' or 'always', got {self.verify!r}")
-        for name in ("direct_io", "prefetch"):
+        for name in ("direct_io", "prefetch", "read_ahead"):
             v = getattr(self, name)
             if v is not None and not isinstance(v, bool):
                 raise InvalidArgument(f"{name} must be True or False, got {v!r}")
@@ -238,6 +243,11 @@ class RuntimeConfig:
     def run_mode(self) -> str:
         """The mode in effect: io-exp unless io-free was asked for."""
         return self.mode or DEFAULT_MODE
+
+    @property
+    def reads_ahead(self) -> bool:
+        """Whether the loader reads a layer's misses ahead: as asked, else on except with Belady."""
+        return self.read_ahead if self.read_ahead is not None else self.policy != "belady"
 
     @property
     def verify_mode(self) -> str:

@@ -18,9 +18,9 @@ from typing import Callable
 
 from .policies import Key
 
-DEMAND, PREFETCH = 0, 10  # loader priorities: lower runs first
+READAHEAD, DEMAND, PREFETCH = -1, 0, 10  # loader priorities: lower runs first; up to DEMAND urgent
 
-# load(key, guard=, urgent=, abort=) -> True if it read the expert, False if it was cached.
+# load(key, guard=, priority=, abort=) -> True if it read the expert, False if it was cached.
 LoadFn = Callable[..., bool]
 
 
@@ -143,7 +143,7 @@ class Loader:
                 return
             try:
                 urgent = r.priority <= DEMAND
-                r.value = self.load(r.key, guard=r.guard, urgent=urgent,
+                r.value = self.load(r.key, guard=r.guard, priority=r.priority,
                                     abort=None if urgent else (lambda: r.aborted))
             except BaseException as e:  # delivered to whoever asks the request
                 r.error = e

@@ -294,7 +294,7 @@ def load_converted(path: str | Path, config: RuntimeConfig | None = None, **opti
         **pf.describe(),
         "cache_aware_routing": cache_aware_routing,
     }
-    provider = OffloadedProvider(cache, info, args.moe_layers(), pf)
+    provider = OffloadedProvider(cache, info, args.moe_layers(), pf, read_ahead=config.reads_ahead)
     if fb_cache is not None:
         provider.use_fallback(fb_cache, config.fallback_below)
         info["fallback_below"] = config.fallback_below

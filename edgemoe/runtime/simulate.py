@@ -20,7 +20,9 @@ time, experts already cached are served first, each miss is read and inserted, e
 the policy's victim among the cached experts (the current request's experts that are
 already served may go, as in the runtime, which releases them after use). Policies are
 the runtime's own classes (edgemoe.runtime.policies), Belady included: the trace is its
-own future. Every expert is assumed to be the same size (`expert_bytes`).
+own future. Every expert is assumed to be the same size (`expert_bytes`). This is the
+runtime with --no-read-ahead: read-ahead keeps a layer's cached experts pinned until its
+misses are in, which can change a few evictions at small budgets.
 """
 
 from __future__ import annotations

@@ -101,7 +101,7 @@ class Bench:
         hf, quant, stores, label, edgemoe_size = self.prepare_model(meta, engines, cfgs)
         gguf = self.check_peers(meta, hf, cfgs)
         size = self.model_size(meta, hf, gguf, edgemoe_size, label)
-        forced, trace, overhead = self.reference_run(meta, hf, quant, label)
+        forced, trace, overhead, reserved = self.reference_run(meta, hf, quant, label)
 
         # Disk bandwidth.
         machine.drop_caches()
@@ -116,8 +116,10 @@ class Bench:
 
         adds = opts.limit_adds_overhead if opts.limit_adds_overhead is not None else opts.model == "bundled"
         self.adds_overhead = adds
-        # Each engine's process overhead (added to its limit with --limit-adds-overhead).
-        self.overheads = {"edgemoe": overhead + MARGIN, "transformers": (transformers_base or 0) + MARGIN,
+        # Each engine's memory besides the model's bytes (added to its limit with
+        # --limit-adds-overhead): for edgemoe its process overhead and its KV and workspace
+        # reservations, for llama.cpp its peak RSS less the GGUF (which holds the same).
+        self.overheads = {"edgemoe": overhead + reserved + MARGIN, "transformers": (transformers_base or 0) + MARGIN,
                           "llama.cpp": 64 << 20}  # replaced by the measurement of the first unlimited llama.cpp run
         meta["limit_adds_overhead"] = adds
         budgets: list[float | None] = ([] if opts.no_unlimited else [None]) + fractions
@@ -229,10 +231,11 @@ class Bench:
         meta["size_bytes"], meta["size_of"] = size, size_what
         return size
 
-    def reference_run(self, meta: dict, hf: Path, quant: Path, label: str) -> tuple[list[int], Path, int]:
+    def reference_run(self, meta: dict, hf: Path, quant: Path, label: str) -> tuple[list[int], Path, int, int]:
         """The token stream: the prompt, then the greedy tokens of an unconstrained IO-FREE
         run, which also records the routing trace (for Belady) and measures edgemoe's
-        process overhead. Returns (forced token ids, trace path, overhead bytes)."""
+        process overhead. Returns (forced token ids, trace path, overhead bytes, bytes of the KV
+        cache and workspace reserved inside --memory)."""
         from edgemoe.tokenizer import Tokenizer
 
         opts = self.opts
@@ -248,15 +251,22 @@ class Bench:
         forced = ref["token_ids"]
         es = ref["engine_stats"]
         overhead = ref["proc_status"]["VmHWM"] - es["budget_used_bytes"]
+        # Inside --memory but not model bytes: what llama.cpp's measured overhead holds too
+        # (its KV cache and compute buffers), so with --limit-adds-overhead its limit adds them.
+        reserved = es["kv_bytes"] + es["workspace_bytes"]
         meta["token_stream"] = {"prompt_tokens": len(self.prompt_ids), "generated_tokens": len(forced),
                                 "prompt": opts.prompt or DEFAULT_PROMPT, "prompt_ids": self.prompt_ids,
                                 "forced_ids": forced}
         meta["edgemoe_overhead"] = {
             "bytes": overhead, "margin_bytes": MARGIN, "baseline_rss_bytes": es["baseline_rss_bytes"],
-            "how": "peak RSS of the unconstrained reference run minus the model bytes it held (resident weights + "
-                   "experts): the interpreter, torch, tokenizer, activations and KV cache. edgemoe's --memory is "
-                   "the cgroup limit minus this overhead minus the margin, so that the whole process fits the limit."}
-        return forced, trace, overhead
+            "reserved_bytes": reserved,
+            "how": "peak RSS of the unconstrained reference run minus what its --memory accounting held (resident "
+                   "weights, experts, and the KV cache and compute workspace it reserves): the interpreter, torch "
+                   "and tokenizer. edgemoe's --memory is the cgroup limit minus this overhead minus the margin, so "
+                   "that the whole process fits the limit. reserved_bytes: the KV cache and workspace reservations, "
+                   "which --limit-adds-overhead adds to edgemoe's limit as llama.cpp's measured overhead holds its "
+                   "KV cache and compute buffers."}
+        return forced, trace, overhead, reserved
 
     def run_all(self, meta: dict, cfgs: list[C.Config], budgets: list[float | None], run: _Runs) -> list[dict]:
         """Every runnable configuration at every budget, `--repeats` times, engines

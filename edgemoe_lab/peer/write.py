@@ -17,6 +17,18 @@ GOALS = {"100%": 1.0, "50%": 8.0, "25%": 10.0}  # edgemoe / llama.cpp decode spe
 LLAMA = ("llama.cpp", "llama.cpp")
 
 
+
+def _reserved_note(m: dict) -> str:
+    """How edgemoe's KV cache and workspace reservations enter its limit."""
+    reserved = m["edgemoe_overhead"].get("reserved_bytes")
+    if not reserved:
+        return ""
+    if m.get("limit_adds_overhead"):
+        return (f"Its limit adds its KV cache and compute workspace reservations ({format_bytes(reserved)}) to the "
+                "budget, as llama.cpp's adds its measured KV cache and compute buffers, so `--memory` = budget + "
+                f"{format_bytes(reserved)} and the budget is the model's bytes for both engines. ")
+    return f"`--memory` holds its KV cache and compute workspace reservations ({format_bytes(reserved)}). "
+
 def base_agreements(rows: list[dict]) -> None:
     """Set each lossy row's `base_agreement`: the share of positions where its greedy choice
     equals its lossless base configuration's (same budget, the same repeat where there is
@@ -238,8 +250,8 @@ def markdown(meta, rows, summary, labels, bounds, goal_rows, ratios, plots, bw, 
         "greedy choice.",
         "",
         f"edgemoe's `--memory` = limit − {format_bytes(m['edgemoe_overhead']['bytes'])} measured process overhead "
-        f"(python + torch baseline {format_bytes(m['edgemoe_overhead']['baseline_rss_bytes'])}, activations, KV cache) "
-        f"− {format_bytes(m['edgemoe_overhead']['margin_bytes'])} margin. "
+        f"(python + torch baseline {format_bytes(m['edgemoe_overhead']['baseline_rss_bytes'])}, tokenizer) "
+        f"− {format_bytes(m['edgemoe_overhead']['margin_bytes'])} margin. " + _reserved_note(m) +
         + (f"transformers' accelerate `max_memory` = limit − {format_bytes(m['transformers_overhead_bytes'])} "
            "(its interpreter with torch, transformers and accelerate imported) − margin − 10%." if
            m.get("transformers_overhead_bytes") else ""),

@@ -262,6 +262,87 @@ def test_demand_waits_for_an_expert_being_loaded_in_background(mixed):
     cache.close()
 
 
+def test_read_ahead_pins_counts_misses_and_goes_first(mixed):
+    """The loader reads misses for the compute thread: ahead of queued prefetches, in
+    order, each pinned once until its acquire, and counted as a miss there, not a hit."""
+    cache = new_cache(mixed, 10 * 73728)
+    store = cache._store
+    gate, started, order = threading.Event(), threading.Event(), []
+    real = store.read_into
+
+    def read_into(entry, buf, **kw):
+        order.append(entry.key)
+        if len(order) == 1:
+            started.set()
+            gate.wait(10)
+        return real(entry, buf, **kw)
+
+    store.read_into = read_into
+    keys = sorted(store.entries)
+    first = cache.submit(keys[0], PREFETCH)
+    assert started.wait(10)
+    later = cache.submit(keys[1], PREFETCH)
+    use(cache, keys[4])  # cached before the read-ahead asks for it: pinned, not read
+    ahead = cache.read_ahead([keys[2], keys[3], keys[4]])
+    gate.set()
+    assert [f.result(timeout=30) for f in ahead] == [True, True, False]
+    assert later.result(timeout=30) and first.result(timeout=30)
+    assert order == [keys[0], keys[4], keys[2], keys[3], keys[1]]  # read-aheads before the queued prefetch
+    assert [cache._entries[k].pins for k in keys[2:5]] == [1, 1, 1]
+    before = cache.stats()
+    for k in keys[2:5]:
+        entry, hit = cache.acquire(k)
+        assert hit == (k == keys[4])  # the read ones are misses (counted when reserved)
+        cache.release(entry)
+        cache.unpin([k])
+    after = cache.stats()
+    assert after["hits"] == before["hits"] + 1 and after["misses"] == before["misses"]
+    assert before["misses"] == 3 and before["background_loads"] == 2  # keys 4, 2, 3 missed; 0, 1 prefetched
+    assert all(cache._entries[k].pins == 0 for k in keys[2:5])
+    use(cache, keys[2])  # read ahead once: from then on a plain hit
+    assert cache.stats()["hits"] == after["hits"] + 1
+    with cache._cond:
+        check_invariants(cache)
+    cache.close()
+
+
+def test_read_ahead_without_room_fails_and_pins_nothing(mixed):
+    cache = new_cache(mixed, 73728)  # one fp32 expert
+    keys = sorted(k for k, e in cache._store.entries.items() if e.length == 73728)
+    entry, _ = cache.acquire(keys[0])  # leased: the read-ahead cannot evict it
+    (fut,) = cache.read_ahead([keys[1]])
+    with pytest.raises(CacheFull):
+        fut.result(timeout=30)
+    assert keys[1] not in cache
+    cache.release(entry)
+    entry, hit = cache.acquire(keys[1])  # the compute thread reads it itself
+    assert not hit and entry.pins == 0
+    cache.release(entry)
+    cache.close()
+
+
+def test_slab_asks_for_huge_pages():
+    """The slab's mapping carries MADV_HUGEPAGE (VmFlags "hg" in smaps) on Linux."""
+    from edgemoe.runtime.slab import Slab
+
+    slab = Slab(8 << 20)
+    if not hasattr(__import__("mmap"), "MADV_HUGEPAGE"):
+        assert slab.huge_pages is False
+        return
+    assert slab.huge_pages
+    flags = None
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and ":" not in head:
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            inside = lo <= slab.address < hi
+        elif line.startswith("VmFlags:") and inside:
+            flags = line.split()[1:]
+            break
+    assert flags is not None and "hg" in flags
+    slab.close()
+
+
 def test_concurrent_demand_and_background_loads(mixed):
     """Random on-demand uses in this thread while a background thread loads other
     experts into a small cache: no overlap, no corruption, no deadlock."""

@@ -34,12 +34,12 @@ CASES = [
     (["--dtype", "float32", "--memory", "800MB", "-t", "1", "--adaptive-gating", "0.8", "-c", "128", "--no-onednn",
       "--mode", "io-exp", "--cache-policy", "lru", "--verify", "always", "--no-direct-io",
       "--read-throttle", "90MB/s", "--predictor", "gate", "--prefetch-experts", "3", "--prefetch-layers", "2",
-      "--prefetch-threads", "2", "--prefetch-threshold", "0.3", "--no-prefetch-pacing",
+      "--prefetch-threads", "2", "--prefetch-threshold", "0.3", "--no-prefetch-pacing", "--no-read-ahead",
       "--cache-aware-routing", "0.1", "--fallback-below", "0.3"],
      dict(dtype="float32", memory=800_000_000, threads=1, adaptive_gating=0.8, ctx_size=128, onednn=False,
           mode="io-exp", cache_policy="lru", verify="always", direct_io=False, read_throttle=90_000_000,
           predictor="gate", prefetch_experts=3, prefetch_layers=2, prefetch_threads=2, prefetch_threshold=0.3,
-          prefetch_pacing=False, cache_aware_routing=0.1, fallback_below=0.3)),
+          prefetch_pacing=False, read_ahead=False, cache_aware_routing=0.1, fallback_below=0.3)),
     (["--cache-policy", "belady", "--trace", "routing.npz", "--no-prefetch", "--mode", "io-free", "--memory", "1.5GB"],
      dict(cache_policy="belady", trace=Path("routing.npz"), prefetch=False, mode="io-free", memory="1.5GB")),
     ([], {}),
@@ -62,6 +62,12 @@ def test_the_cases_set_every_option():
     for _, options in CASES:
         seen |= set(options)
     assert seen | {"plan", "parallel"} == set(NAMES)
+
+
+def test_read_ahead_defaults_on_except_with_belady():
+    assert RuntimeConfig().reads_ahead and not RuntimeConfig(read_ahead=False).reads_ahead
+    assert not RuntimeConfig(cache_policy="belady").reads_ahead
+    assert RuntimeConfig(cache_policy="belady", read_ahead=True).reads_ahead
 
 
 def test_sizes_and_rates_are_kept_in_bytes():
@@ -96,6 +102,7 @@ INVALID = [
     (dict(parallel=0), "parallel must be an integer from 1 to 64, got 0"),
     (dict(ctx_size=0), "ctx_size must be a positive integer, got 0"),
     (dict(direct_io="no"), "direct_io must be True or False, got 'no'"),
+    (dict(read_ahead=1), "read_ahead must be True or False, got 1"),
 ]
 
 

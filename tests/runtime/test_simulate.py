@@ -120,11 +120,13 @@ def recorded(tmp_path_factory, tokenizer_dir):
 
 @pytest.mark.parametrize("policy", ["lru", "lfu", "edgemoe"])
 def test_replay_matches_the_real_cache(recorded, policy):
-    """With preloading off and equal expert sizes, the replay's hits and misses are the
-    runtime's own, at the smallest budget and with room for three more experts."""
+    """With preloading and read-ahead off and equal expert sizes, the replay's hits and
+    misses are the runtime's own, at the smallest budget and with room for three more
+    experts."""
     conv, low = recorded
     for extra in (0, 3):
-        engine = edgemoe.load(conv, memory=low + extra * 36864, prefetch=False, cache_policy=policy)
+        engine = edgemoe.load(conv, memory=low + extra * 36864, prefetch=False, read_ahead=False,
+                              cache_policy=policy)
         try:
             rec = TraceRecorder(engine.model)
             hits = misses = 0
