@@ -251,7 +251,7 @@ def markdown(meta, rows, summary, labels, bounds, goal_rows, ratios, plots, bw, 
         "",
         f"edgemoe's `--memory` = limit − {format_bytes(m['edgemoe_overhead']['bytes'])} measured process overhead "
         f"(python + torch baseline {format_bytes(m['edgemoe_overhead']['baseline_rss_bytes'])}, tokenizer) "
-        f"− {format_bytes(m['edgemoe_overhead']['margin_bytes'])} margin. " + _reserved_note(m) +
+        f"− {format_bytes(m['edgemoe_overhead']['margin_bytes'])} margin. " + _reserved_note(m)
         + (f"transformers' accelerate `max_memory` = limit − {format_bytes(m['transformers_overhead_bytes'])} "
            "(its interpreter with torch, transformers and accelerate imported) − margin − 10%." if
            m.get("transformers_overhead_bytes") else ""),

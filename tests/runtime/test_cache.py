@@ -213,9 +213,9 @@ def test_expert_larger_than_cache_is_refused(mixed):
     cache.close()
 
 
-def test_background_loads_run_in_priority_order(mixed):
-    cache = new_cache(mixed, 10 * 73728)
-    store = cache._store
+def hold_first_read(store):
+    """Record the order of the store's reads and hold the first one until `gate` is set
+    (while the loader's queue fills); returns (gate, started, order)."""
     gate, started, order = threading.Event(), threading.Event(), []
     real = store.read_into
 
@@ -223,10 +223,17 @@ def test_background_loads_run_in_priority_order(mixed):
         order.append(entry.key)
         if len(order) == 1:
             started.set()
-            gate.wait(10)  # hold the loader on its first request while the queue fills
+            gate.wait(10)
         return real(entry, buf, **kw)
 
     store.read_into = read_into
+    return gate, started, order
+
+
+def test_background_loads_run_in_priority_order(mixed):
+    cache = new_cache(mixed, 10 * 73728)
+    store = cache._store
+    gate, started, order = hold_first_read(store)
     keys = sorted(store.entries)
     first = cache.submit(keys[0], PREFETCH)
     assert started.wait(10)
@@ -267,17 +274,7 @@ def test_read_ahead_pins_counts_misses_and_goes_first(mixed):
     order, each pinned once until its acquire, and counted as a miss there, not a hit."""
     cache = new_cache(mixed, 10 * 73728)
     store = cache._store
-    gate, started, order = threading.Event(), threading.Event(), []
-    real = store.read_into
-
-    def read_into(entry, buf, **kw):
-        order.append(entry.key)
-        if len(order) == 1:
-            started.set()
-            gate.wait(10)
-        return real(entry, buf, **kw)
-
-    store.read_into = read_into
+    gate, started, order = hold_first_read(store)
     keys = sorted(store.entries)
     first = cache.submit(keys[0], PREFETCH)
     assert started.wait(10)
