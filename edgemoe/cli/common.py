@@ -311,6 +311,9 @@ def _prefetch_line(p: "PrefetchStats", stall_tok: float) -> str:
     if threshold == "auto":
         threshold = f"auto (now {a.threshold_now:.2f})"
     pacing = "paced to the link" if a.pacing else "not paced"
+    decoded = a.decode_tokens_on + a.decode_tokens_off
+    if a.switched and decoded:  # on and off by measured speed (prefetch.DecodeSwitch)
+        pacing += f", on for {a.decode_tokens_on} of {decoded} decode tokens (measured: faster off for the others)"
     return (f"prefetch: {a.predictor} predictor, {a.experts} experts x {a.layers} layer(s) ahead, threshold "
             f"{threshold}, {pacing} | {a.hits} hits ({a.late} late), wasted {format_bytes(a.wasted_bytes)} | "
             f"predictor recall {100 * a.recall:.1f}% (decode {100 * a.decode_recall:.1f}%), precision "

@@ -54,6 +54,12 @@ What is worth reading (prefetch.py has the knobs):
 Without pacing, every admitted expert of the next `layers` (default 1) layers is queued,
 which with threshold 0 is the preloading this runtime had before (kept for comparison).
 
+Measured, not assumed. With the automatic threshold and pacing, each decode forward asks
+`prefetch.DecodeSwitch` whether to predict and preload at all: predicting costs every
+layer compute time (on the bundled model, a decode token with predictions and no reads
+ran 0.87-0.90x as fast), which a fast disk or a cache holding most experts leaves no stall
+to pay back. A forward that does not preload skips the measurements and settling too.
+
 What a queued or running prefetch may do:
 
 - Protection. The experts predicted for a later layer (cached or prefetched) are guarded
@@ -97,7 +103,7 @@ from ..store.reader import ReadAborted
 from ..utils import peak_rss_bytes
 from .cache import PREFETCH, CacheFull, ExpertCache, LoadFuture
 from .fallback import largest_shares
-from .prefetch import AUTO_FLOOR, AUTO_START, PrefetchConfig
+from .prefetch import AUTO_FLOOR, AUTO_START, DecodeSwitch, PrefetchConfig
 from .stats import CacheRouting, ExpertReads, FallbackReads, MemoryUse, OffloadStats, PrefetchActivity, PrefetchStats
 
 # Counters kept per phase (prefill / decode).
@@ -151,6 +157,8 @@ class OffloadedProvider(ExpertProvider):
         self._fb_below = 0.0
         self._weights: tuple[int, torch.Tensor] | None = None  # (layer, (N, k) routing weights) of the next request
         self.read_ahead = read_ahead
+        self._switch = DecodeSwitch() if self.prefetch.active and self.prefetch.switched else None
+        self._preload = self.prefetch.active  # whether this forward predicts and preloads
         self.reset_stats()
 
     # ----------------------------------------------------------------- forwards
@@ -166,6 +174,12 @@ class OffloadedProvider(ExpertProvider):
         self._clock = None  # layer times are measured within one forward
         self._account()
         self._phase = "decode" if num_tokens == 1 else "prefill"
+        if self._switch is not None:
+            if num_tokens == 1:
+                self._preload = self._switch.decode(time.perf_counter())
+            else:
+                self._switch.other()
+                self._preload = True
         self.tokens += num_tokens
         self.forwards += 1
         if num_tokens == 1:
@@ -209,7 +223,7 @@ class OffloadedProvider(ExpertProvider):
                 cache.release_all(entries.values())
             return
         pos = self.pos.get(layer, 0)
-        active = self.prefetch.active
+        active = self.prefetch.active and self._preload  # this forward predicts and preloads
         if active and (self.prefetch.pacing or self.prefetch.threshold is None):
             self._tick(pos)  # what pacing and the automatic threshold measure
         try:
@@ -233,9 +247,9 @@ class OffloadedProvider(ExpertProvider):
         ahead = {}
         if self.read_ahead and misses and len(misses) + len(present) > 1:
             ahead = dict(zip(misses, cache.read_ahead(misses)))
-            self.ra_layers += 1
         try:
-            self._settle(pos, set(keys), {(layer, e) for e in blob})
+            if active or self._records:
+                self._settle(pos, set(keys), {(layer, e) for e in blob})
             if active:
                 self._prefetch(pos, ids, x, rows)
         except BaseException:
@@ -603,6 +617,9 @@ class OffloadedProvider(ExpertProvider):
                 precision=ratio(tot["pred_hits"], tot["pred_predicted"]),
                 decode_recall=ratio(dec["pred_hits"], dec["pred_needed"]),
                 decode_precision=ratio(dec["pred_hits"], dec["pred_predicted"]),
+                switched=self._switch is not None,
+                decode_tokens_on=self._switch.on_tokens if self._switch is not None else decoded,
+                decode_tokens_off=self._switch.off_tokens if self._switch is not None else 0,
             )
         prefetch = PrefetchStats(cfg.active, activity, None if cfg.active or not cfg.reason else cfg.reason)
         margin = info.get("cache_aware_routing")
@@ -633,7 +650,8 @@ class OffloadedProvider(ExpertProvider):
         self.pf_reads = self.pf_cancelled = self.pf_not_started = self.pf_aborted = self.pf_no_room = 0
         self.pf_revoked = self.pf_late_skipped = self.pf_no_window = self.pf_unmeasured = self.pf_distance = 0
         self.pf_submitted = 0
-        self.ra_layers = 0  # layer requests whose misses the loader read ahead
+        if getattr(self, "_switch", None) is not None:
+            self._switch.on_tokens = self._switch.off_tokens = 0
         self.fb_uses = self.fb_saved = 0  # experts served from small copies; bytes their reads saved
         if self._fb is not None:
             self._fb.reset_stats()

@@ -189,6 +189,10 @@ class PrefetchActivity(_Snapshot):
     precision: float = stat(key="predictor_precision")
     decode_recall: float = stat(key="decode_predictor_recall")
     decode_precision: float = stat(key="decode_predictor_precision")
+    # Decode preloading switched on and off by measured speed (prefetch.DecodeSwitch).
+    switched: bool = stat(key="prefetch_switched")
+    decode_tokens_on: int = stat(key="decode_prefetch_on_tokens")
+    decode_tokens_off: int = stat(key="decode_prefetch_off_tokens")
 
 
 @dataclass(frozen=True, eq=False)

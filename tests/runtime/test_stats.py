@@ -31,7 +31,8 @@ PREFETCH_ON = ["prefetch", "predictor", "prefetch_layers", "prefetch_experts", "
                "prefetch_submitted", "prefetch_mean_distance", "decode_layer_ms", "read_bandwidth_bps",
                "background_paused", "decode_prefetch_hits", "decode_prefetch_late", "decode_prefetch_wasted_bytes",
                "decode_prefetch_wasted_bytes_per_token", "predictor_recall", "predictor_precision",
-               "decode_predictor_recall", "decode_predictor_precision"]
+               "decode_predictor_recall", "decode_predictor_precision", "prefetch_switched",
+               "decode_prefetch_on_tokens", "decode_prefetch_off_tokens"]
 PREFETCH_OFF = ["prefetch", "prefetch_off"]
 CACHE_ROUTING = ["cache_aware_routing", "routed_slots", "rerouted_slots", "reroute_rate", "rerouted_per_token",
                  "decode_reroute_rate", "decode_rerouted_per_token"]
@@ -105,7 +106,7 @@ def _synthetic(prefetch: bool) -> OffloadStats:
                        280_000_000, 7_000_000)
     activity = PrefetchActivity("gate", 3, 3, 20, 2_000_000, 15, 2, 300_000, 1, 1, 0, 0, "auto", 0.4321, 0.3, 0.7,
                                 True, 2, 1, 3, 2, 22, 1.05, 0.41, 500_000_000, 7, 6, 1, 100_000, 9_000, 0.8, 0.6,
-                                0.85, 0.55)
+                                0.85, 0.55, True, 4, 8)
     pf = PrefetchStats(True, activity, None) if prefetch else PrefetchStats(False, None, "off (--no-prefetch)")
     routing = CacheRouting(0.1, 240, 12, 0.05, 1.0, 0.04, 0.5) if prefetch else None
     throttle = Throttle(90_000_000, 0.5) if prefetch else Throttle(None, None)
@@ -113,12 +114,13 @@ def _synthetic(prefetch: bool) -> OffloadStats:
 
 
 # What cli/common.format_stats printed for these statistics when it parsed them by key
-# (the code before the statistics were typed, run on _synthetic(...).to_dict()).
+# (the code before the statistics were typed, run on _synthetic(...).to_dict()), plus the count of decode
+# tokens with preloading on, added with the switch (prefetch.DecodeSwitch).
 SUMMARY_ON = """\
 prompt: 7 tokens, 70.0 tok/s | decode: 12 tokens, 110.0 tok/s | peak RSS: 290.0 MB
 experts: io-exp, edgemoe cache | hit rate 75.0% (90 hits, 30 misses; decode 80.0%) | read 3.0 MB (250.0 KB/token, decode 120.0 KB/token, direct, throttled to 90.0 MB/s I/O) in 0.12 s | checksums (first) 0.00 s | stall 0.25 s
 memory: budget 10.0 MB | used 9.4 MB (resident 2.0 MB + cache 7.4 MB of 6.0 MB) | peak RSS 7.0 MB over a baseline of 280.0 MB
-prefetch: gate predictor, 3 experts x 3 layer(s) ahead, threshold auto (now 0.43), paced to the link | 15 hits (2 late), wasted 300.0 KB | predictor recall 80.0% (decode 85.0%), precision 60.0% | decode stall 10.00 ms/token
+prefetch: gate predictor, 3 experts x 3 layer(s) ahead, threshold auto (now 0.43), paced to the link, on for 4 of 12 decode tokens (measured: faster off for the others) | 15 hits (2 late), wasted 300.0 KB | predictor recall 80.0% (decode 85.0%), precision 60.0% | decode stall 10.00 ms/token
 cache-aware routing: margin 0.1 | 12 routed slots swapped to resident experts (5.0%, 1.00/token; decode 4.0%, 0.50/token)
 kv_bytes: 500.0 KB | workspace_bytes: 1.0 MB | demand_read_ms: 0.700 | decode_layer_ms: 0.410 | read_bandwidth_bps: 500000000 | background_paused: 7 | compact_bytes: 4.1 KB | trace_position: 42"""
 SUMMARY_OFF = """\
