@@ -213,9 +213,11 @@ def test_expert_larger_than_cache_is_refused(mixed):
     cache.close()
 
 
-def hold_first_read(store):
-    """Record the order of the store's reads and hold the first one until `gate` is set
-    (while the loader's queue fills); returns (gate, started, order)."""
+def hold_first_read(cache: ExpertCache):
+    """Record the order of the store's reads, submit the first expert as a prefetch and
+    hold its read until `gate` is set (while the loader's queue fills); returns (gate,
+    order, keys, that first request)."""
+    store = cache._store
     gate, started, order = threading.Event(), threading.Event(), []
     real = store.read_into
 
@@ -227,16 +229,15 @@ def hold_first_read(store):
         return real(entry, buf, **kw)
 
     store.read_into = read_into
-    return gate, started, order
+    keys = sorted(store.entries)
+    first = cache.submit(keys[0], PREFETCH)
+    assert started.wait(10)
+    return gate, order, keys, first
 
 
 def test_background_loads_run_in_priority_order(mixed):
     cache = new_cache(mixed, 10 * 73728)
-    store = cache._store
-    gate, started, order = hold_first_read(store)
-    keys = sorted(store.entries)
-    first = cache.submit(keys[0], PREFETCH)
-    assert started.wait(10)
+    gate, order, keys, first = hold_first_read(cache)
     later = [cache.submit(k, PREFETCH) for k in keys[1:4]]
     urgent = cache.submit(keys[5], DEMAND)
     gate.set()
@@ -273,11 +274,7 @@ def test_read_ahead_pins_counts_misses_and_goes_first(mixed):
     """The loader reads misses for the compute thread: ahead of queued prefetches, in
     order, each pinned once until its acquire, and counted as a miss there, not a hit."""
     cache = new_cache(mixed, 10 * 73728)
-    store = cache._store
-    gate, started, order = hold_first_read(store)
-    keys = sorted(store.entries)
-    first = cache.submit(keys[0], PREFETCH)
-    assert started.wait(10)
+    gate, order, keys, first = hold_first_read(cache)
     later = cache.submit(keys[1], PREFETCH)
     use(cache, keys[4])  # cached before the read-ahead asks for it: pinned, not read
     ahead = cache.read_ahead([keys[2], keys[3], keys[4]])
