@@ -108,7 +108,8 @@ class Entry:
     leases: int = 0
     guard: int = -1  # protected from background evictions while the cache's clock is below this
     urgent: bool = True  # its read goes ahead of background reads (a demand waits for it)
-    readahead: bool = False  # a miss read by the loader for the compute thread's next use (`read_ahead`)
+    readahead: bool = False  # reserved by `read_ahead` for the compute thread's next use, not yet acquired
+    claimed: bool = True  # a thread is filling it (a read-ahead entry waits unclaimed until the loader or acquire takes it)
 
 
 @dataclass
@@ -346,8 +347,11 @@ class ExpertCache:
 
     def acquire(self, key: Key) -> tuple[Entry, bool]:
         """The expert, READY and leased to the caller (release it after use), and whether
-        it was a hit. A miss is read in the calling thread; errors are raised here."""
+        it was a hit. A miss is read in the calling thread; errors are raised here. A
+        read-ahead entry (`read_ahead`) counts as a miss (when it was reserved): waited for
+        if the loader is reading it, read here if the loader has not started it."""
         t0 = time.perf_counter()
+        inserted = False  # the policy heard of it already
         with self._cond:
             waited = False
             while True:
@@ -358,16 +362,19 @@ class ExpertCache:
                     e.leases += 1
                     self._policy.on_access(key)
                     dt = time.perf_counter() - t0 if waited else 0.0
-                    if e.readahead:  # a miss read ahead for this use (counted when reserved)
+                    self._n.stall_s += dt
+                    if e.readahead:  # read ahead for this use: a miss, counted when reserved
                         e.readahead = False
-                        self._n.stall_s += dt
                         self._n.miss_s += dt
                         return e, False
                     self._n.hits += 1
-                    self._n.stall_s += dt
                     return e, True
-                # Being read by another thread (a prefetch): waiting beats reading it twice,
-                # and from now on that read goes ahead of other background reads.
+                if not e.claimed:  # reserved for read-ahead, not started: read it here
+                    e.claimed, e.readahead = True, False
+                    inserted = True  # by read_ahead
+                    break
+                # Being read by another thread (a prefetch or a read-ahead): waiting beats
+                # reading it twice, and from now on that read goes ahead of other background reads.
                 e.urgent = True
                 self._cond.notify_all()  # if its read was paused for a demand, it resumes
                 waited = True
@@ -379,12 +386,13 @@ class ExpertCache:
                     self._demand -= 1
                     if not self._demand:
                         self._cond.notify_all()
-            e = self._reserve(key, wait=True)
-            e.leases = 1
-            self._n.misses += 1
+            if e is None:
+                e = self._reserve(key, wait=True)
+                self._n.misses += 1
+            e.leases += 1
             self._demand += 1
         try:
-            self._fill(e)
+            self._fill(e, insert=not inserted)
         finally:
             with self._cond:
                 self._demand -= 1
@@ -453,16 +461,13 @@ class ExpertCache:
 
     # ----------------------------------------------------------------- loads
 
-    def load(self, key: Key, wait: bool = False, guard: int = -1, urgent: bool = False, abort=None,
-             readahead: bool = False) -> bool:
+    def load(self, key: Key, wait: bool = False, guard: int = -1, urgent: bool = False, abort=None) -> bool:
         """Make `key` cached without leasing it (what background loads do). Returns False
         if it was already there. Without `wait` it never blocks on other loads, evicts no
         guarded expert, and raises CacheFull when only protected experts could make room.
         `guard` guards the expert (present or loaded) until that request. An `urgent`
         (demand) load may evict guarded experts and reads ahead of the others; `abort`
-        is checked between chunks of a throttled read (see ExpertStore.read_into).
-        `readahead` (urgent): a miss read for the compute thread (`read_ahead`): the
-        expert is pinned once, present or read, and a read counts as a miss."""
+        is checked between chunks of a throttled read (see ExpertStore.read_into)."""
         with self._cond:
             if not (wait or urgent) and self._demand:  # demand first: start once it is served
                 t0 = time.perf_counter()
@@ -475,24 +480,26 @@ class ExpertCache:
             e = self._entries.get(key)
             if e is not None:
                 e.guard = max(e.guard, guard)
-                e.pins += readahead
                 return False
             e = self._reserve(key, wait=wait, background=not (wait or urgent))
             e.guard, e.urgent = guard, urgent
-            if readahead:
-                e.pins, e.readahead = 1, True
-                self._n.misses += 1
-            else:
-                self._n.background_loads += 1
+            self._n.background_loads += 1
         self._fill(e, abort=abort)
-        if not readahead:
-            with self._cond:
-                self._n.background_bytes += e.length
+        with self._cond:
+            self._n.background_bytes += e.length
         return True
 
     def _queued(self, key: Key, guard: int, priority: int, abort) -> bool:
         """A load the background loader runs (see `submit_many` and `read_ahead`)."""
-        return self.load(key, guard=guard, urgent=priority <= DEMAND, abort=abort, readahead=priority == READAHEAD)
+        if priority == READAHEAD:
+            with self._cond:
+                e = self._entries.get(key)
+                if e is None or e.claimed:  # acquire got to it first (or its read failed there)
+                    return False
+                e.claimed = True
+            self._fill(e, insert=False)
+            return True
+        return self.load(key, guard=guard, urgent=priority <= DEMAND, abort=abort)
 
     def load_all(self) -> None:
         """Read every expert of the store (IO-FREE: the capacity must hold them all)."""
@@ -514,13 +521,37 @@ class ExpertCache:
                 self._loader = Loader(self._queued, self._loader_threads)
         return self._loader.submit_many(items)
 
-    def read_ahead(self, keys) -> list[LoadFuture]:
-        """Have the loader read these misses, in this order and ahead of every other queued
-        load, while the compute thread works on what it has: each expert is pinned once
-        when its load succeeds (whether it read it or found it cached; the caller unpins
-        it after `acquire`), and counts as a miss, not a hit, at that `acquire`. A load
-        that finds no room fails with CacheFull and pins nothing: `acquire` then reads it."""
-        return self.submit_many([(key, READAHEAD, -1) for key in keys])
+    def read_ahead(self, keys) -> list[Key]:
+        """Misses the compute thread will ask for next, in this order: room for each is
+        reserved now, in the calling thread (evicting by the policy, as reading them one
+        by one would: the cache evolves the same way whatever the threads' timing), and the
+        loader reads them one after another, ahead of every other queued load, while the
+        caller computes with what it has. Returns the keys taken: each is pinned once
+        (unpin it after its `acquire`) and counts as a miss; `acquire` waits for one being
+        read, and reads one the loader has not started. Reserving stops at the first key
+        with no room (every other expert pinned, leased or loading): `acquire` reads that
+        one and those after it, in turn."""
+        taken: list[Key] = []
+        jobs = []
+        with self._cond:
+            for key in keys:
+                e = self._entries.get(key)
+                if e is not None:  # cached or being read meanwhile: just keep it
+                    e.pins += 1
+                    taken.append(key)
+                    continue
+                try:
+                    e = self._reserve(key, wait=False)
+                except CacheFull:
+                    break
+                e.pins, e.readahead, e.claimed = 1, True, False
+                self._n.misses += 1
+                self._policy.on_insert(key)  # here, not when its read ends: a fixed order
+                taken.append(key)
+                jobs.append((key, READAHEAD, -1))
+        if jobs:
+            self.submit_many(jobs)
+        return taken
 
     def _reserve(self, key: Key, wait: bool, background: bool = False) -> Entry:
         """Find room (see "Making room" in the module notes) and register `key` as
@@ -571,7 +602,7 @@ class ExpertCache:
         self._touched = max(self._touched, off + need)
         return e
 
-    def _fill(self, e: Entry, abort=None) -> None:
+    def _fill(self, e: Entry, abort=None, insert: bool = True) -> None:
         """Read and verify a LOADING entry outside the lock, then publish it as READY. On
         failure the entry and its room are given back and the error propagates."""
         store = self._store
@@ -621,7 +652,8 @@ class ExpertCache:
         with self._cond:
             e.state = READY
             self._ready += 1
-            self._policy.on_insert(e.key)
+            if insert:
+                self._policy.on_insert(e.key)
             self._cond.notify_all()
 
     def _victim_that_fits(self, victims: list[Key], need: int) -> Key | None:

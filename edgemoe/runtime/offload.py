@@ -4,16 +4,17 @@ and preloads the experts that later layers are predicted to use.
 Serving a layer. For one layer's request it pins the experts that are already cached (so
 that loading the others cannot evict them), yields those first, then yields the misses in
 order. With read-ahead (the default; RuntimeConfig.read_ahead) a layer that misses
-experts and has more than one to compute hands its misses to the cache's loader at once
-(`ExpertCache.read_ahead`, ahead of any prefetch): the loader reads them one after another
-while this thread computes with the experts it already has, so the link is busy during
-that compute and only the last miss's compute follows its read (bench model at 25 %:
-prefill 1.3x, decode 1.0-1.3x; edgemoe_lab/results/huge_pages.md). A miss the loader
-found no room for (CacheFull) is read in the calling thread when its turn comes, as every
-miss is without read-ahead. Each expert is leased while the block computes with it and
-released when the next one is requested, so a prefill that needs more distinct experts
-than the cache holds simply reuses the room of experts it has finished with; the slab is
-never exceeded.
+experts and has more than one to compute hands its misses to the cache at once
+(`ExpertCache.read_ahead`): room for them is reserved then, in this thread, so the cache
+evolves the same whatever the threads' timing, and the loader reads them one after
+another, ahead of any prefetch, while this thread computes with the experts it already
+has. Only the last miss's compute then follows its read (bench model in a 25 % cgroup:
+prefill 1.4x, decode 1.04x; edgemoe_lab/results/huge_pages.md). A miss that found no room,
+or that the loader has not started when its turn comes, is read in the calling thread,
+as every miss is without read-ahead. Each expert is leased while the block computes with
+it and released when the next one is requested, so a prefill that needs more distinct
+experts than the cache holds simply reuses the room of experts it has finished with; the
+slab is never exceeded.
 
 Preloading (the EdgeMoE pipeline). When MoE layer i has routed, before its experts
 compute, the provider asks the predictor (edgemoe.runtime.predict) to rank the experts of
@@ -244,17 +245,16 @@ class OffloadedProvider(ExpertProvider):
         # Read ahead: the loader reads the misses one after another while this thread
         # computes the experts it has, so only the last read's compute is not overlapped.
         misses = [k for k in keys if k not in present and k not in low]
-        ahead = {}
+        ahead: set = set()
         if self.read_ahead and misses and len(misses) + len(present) > 1:
-            ahead = dict(zip(misses, cache.read_ahead(misses)))
+            ahead = set(cache.read_ahead(misses))  # each pinned once until its acquire
         try:
             if active or self._records:
                 self._settle(pos, set(keys), {(layer, e) for e in blob})
             if active:
                 self._prefetch(pos, ids, x, rows)
         except BaseException:
-            cache.unpin(pinned)
-            self._end_read_ahead(ahead)
+            cache.unpin(pinned + list(ahead))
             if hold:
                 cache.release_background()
             self._drop_all(discard=True)
@@ -269,7 +269,8 @@ class OffloadedProvider(ExpertProvider):
                 src = self._fb if key in low else cache
                 entry, hit = src.acquire(key)
                 if key in ahead:  # leased now: its read-ahead pin can go
-                    self._end_read_ahead({key: ahead.pop(key)})
+                    ahead.discard(key)
+                    cache.unpin([key])
                 if key in low:
                     self.fb_uses += 1
                     if not hit:
@@ -293,18 +294,10 @@ class OffloadedProvider(ExpertProvider):
                 cache.release_background()
             if present:  # the caller stopped early (or a load failed): drop the remaining pins
                 cache.unpin(list(present))
-            if ahead:
-                self._end_read_ahead(ahead)
+            if ahead:  # the caller stopped early (or a load failed)
+                cache.unpin(list(ahead))
             if not ok:  # this forward is over: its prefetches are of no use, their errors moot
                 self._drop_all(discard=True)
-
-    def _end_read_ahead(self, ahead: dict) -> None:
-        """Drop the pins of these read-ahead loads: cancel a queued one (it pins nothing),
-        else wait for it to end and unpin it if it succeeded (a failed one pinned nothing;
-        `acquire` read the expert itself, or raised the error)."""
-        for key, f in ahead.items():
-            if not f.cancel() and f.exception() is None:
-                self.cache.unpin([key])
 
     def use_fallback(self, cache: ExpertCache, below: float) -> None:
         """Serve misses of experts whose share of each token's routing weight is below

@@ -271,19 +271,21 @@ def test_demand_waits_for_an_expert_being_loaded_in_background(mixed):
 
 
 def test_read_ahead_pins_counts_misses_and_goes_first(mixed):
-    """The loader reads misses for the compute thread: ahead of queued prefetches, in
-    order, each pinned once until its acquire, and counted as a miss there, not a hit."""
+    """Misses read ahead for the compute thread: room reserved at the call (in its
+    thread), read by the loader ahead of queued prefetches, in order, each pinned once
+    until its acquire and counted as a miss, not a hit."""
     cache = new_cache(mixed, 10 * 73728)
     gate, order, keys, first = hold_first_read(cache)
     later = cache.submit(keys[1], PREFETCH)
     use(cache, keys[4])  # cached before the read-ahead asks for it: pinned, not read
-    ahead = cache.read_ahead([keys[2], keys[3], keys[4]])
+    assert cache.read_ahead([keys[2], keys[3], keys[4]]) == keys[2:5]
+    assert [cache.state(k) for k in keys[2:5]] == ["loading", "loading", READY]  # reserved at once
+    before = cache.stats()
+    assert before["misses"] == 3 and before["background_loads"] == 1  # keys 4, 2, 3 missed; the prefetch of 1 queued
     gate.set()
-    assert [f.result(timeout=30) for f in ahead] == [True, True, False]
     assert later.result(timeout=30) and first.result(timeout=30)
     assert order == [keys[0], keys[4], keys[2], keys[3], keys[1]]  # read-aheads before the queued prefetch
     assert [cache._entries[k].pins for k in keys[2:5]] == [1, 1, 1]
-    before = cache.stats()
     for k in keys[2:5]:
         entry, hit = cache.acquire(k)
         assert hit == (k == keys[4])  # the read ones are misses (counted when reserved)
@@ -291,7 +293,6 @@ def test_read_ahead_pins_counts_misses_and_goes_first(mixed):
         cache.unpin([k])
     after = cache.stats()
     assert after["hits"] == before["hits"] + 1 and after["misses"] == before["misses"]
-    assert before["misses"] == 3 and before["background_loads"] == 2  # keys 4, 2, 3 missed; 0, 1 prefetched
     assert all(cache._entries[k].pins == 0 for k in keys[2:5])
     use(cache, keys[2])  # read ahead once: from then on a plain hit
     assert cache.stats()["hits"] == after["hits"] + 1
@@ -300,14 +301,34 @@ def test_read_ahead_pins_counts_misses_and_goes_first(mixed):
     cache.close()
 
 
-def test_read_ahead_without_room_fails_and_pins_nothing(mixed):
+def test_acquire_reads_a_read_ahead_the_loader_has_not_started(mixed):
+    """The loader is busy (held on a prefetch): acquire claims the reserved entry and reads
+    it itself, and the loader's job for it then does nothing."""
+    cache = new_cache(mixed, 10 * 73728)
+    gate, order, keys, first = hold_first_read(cache)
+    assert cache.read_ahead([keys[2], keys[3]]) == keys[2:4]
+    entry, hit = cache.acquire(keys[2])  # no deadlock: read here, while the loader waits
+    assert not hit and order == [keys[0], keys[2]]
+    cache.release(entry)
+    cache.unpin([keys[2]])
+    gate.set()
+    entry, hit = cache.acquire(keys[3])  # read by the loader (or here, if it was late), a miss either way
+    assert not hit
+    cache.release(entry)
+    cache.unpin([keys[3]])
+    assert first.result(timeout=30) and sorted(order) == sorted([keys[0], keys[2], keys[3]])
+    assert cache.stats()["misses"] == 2
+    with cache._cond:
+        check_invariants(cache)
+    cache.close()
+
+
+def test_read_ahead_without_room_stops_and_pins_nothing(mixed):
     cache = new_cache(mixed, 73728)  # one fp32 expert
     keys = sorted(k for k, e in cache._store.entries.items() if e.length == 73728)
     entry, _ = cache.acquire(keys[0])  # leased: the read-ahead cannot evict it
-    (fut,) = cache.read_ahead([keys[1]])
-    with pytest.raises(CacheFull):
-        fut.result(timeout=30)
-    assert keys[1] not in cache
+    assert cache.read_ahead([keys[1], keys[2]]) == []
+    assert keys[1] not in cache and keys[2] not in cache
     cache.release(entry)
     entry, hit = cache.acquire(keys[1])  # the compute thread reads it itself
     assert not hit and entry.pins == 0
