@@ -67,7 +67,7 @@ def run_one(ctl, limit: int | None, huge: bool, flags: list[str], a) -> dict:
         raise RuntimeError(f"generate failed ({proc.returncode}): {proc.stderr[-2000:]}")
     out = json.loads(proc.stdout)
     s = out["stats"]
-    return {"decode_tps": s["decode_tps"], "prompt_tps": s["prompt_tps"], "read_bps": s["read_bandwidth_bps"],
+    return {"decode_tps": s["decode_tps"], "prompt_tps": s["prompt_tps"], "read_bps": s.get("read_bandwidth_bps") or 0,
             "stall_ms": 1000 * s["decode_stall_s_per_token"], "mb_per_token": s["decode_bytes_read_per_token"] / 1e6,
             "ids": out["token_ids"], "cgroup_peak": peak}
 
