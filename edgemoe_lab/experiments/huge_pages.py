@@ -72,6 +72,26 @@ def run_one(ctl, limit: int | None, huge: bool, flags: list[str], a) -> dict:
             "ids": out["token_ids"], "cgroup_peak": peak}
 
 
+def run_variants(ctl, a, points, variants: dict) -> dict:
+    """Every variant (name -> (huge pages, flags)) at every point ((label, --memory, cgroup
+    limit or None)), `a.repeats` times, the variants' order rotated between repeats.
+    Returns {(label, variant): [rows]}, each row with its repeat."""
+    res: dict = {}
+    for rep in range(a.repeats):
+        for label, memory, limit in points:
+            names = list(variants)
+            names = names[rep % len(names):] + names[:rep % len(names)]
+            for name in names:
+                huge, flags = variants[name]
+                a.memory = memory
+                row = run_one(ctl, limit, huge, flags, a)
+                row["repeat"] = rep
+                res.setdefault((label, name), []).append(row)
+                print(f"repeat {rep + 1} {label:>18} {name:28s} decode {row['decode_tps']:6.2f} tok/s prefill "
+                      f"{row['prompt_tps']:6.1f} stall {row['stall_ms']:6.1f} ms/token", flush=True)
+    return res
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True)
@@ -87,18 +107,8 @@ def main(argv=None) -> int:
         sys.exit(f"huge_pages: needs a memory cgroup ({why})")
     t0 = time.time()
     load0 = os.getloadavg()
-    res: dict = {}  # (limit label, variant) -> [rows]
-    for rep in range(a.repeats):
-        for limit, label in ((a.limit, f"cgroup {format_bytes(a.limit)}"), (None, "no limit")):
-            names = list(VARIANTS)
-            names = names[rep % len(names):] + names[:rep % len(names)]  # rotate the order
-            for name in names:
-                huge, flags = VARIANTS[name]
-                row = run_one(ctl, limit, huge, flags, a)
-                row["repeat"] = rep
-                res.setdefault((label, name), []).append(row)
-                print(f"repeat {rep + 1} {label:>18} {name:24s} decode {row['decode_tps']:6.2f} tok/s "
-                      f"prefill {row['prompt_tps']:6.1f} read {row['read_bps'] / 1e9:.2f} GB/s", flush=True)
+    points = [(f"cgroup {format_bytes(a.limit)}", a.memory, a.limit), ("no limit", a.memory, None)]
+    res = run_variants(ctl, a, points, VARIANTS)
     ids = {tuple(r["ids"]) for rows in res.values() for r in rows}
     med = statistics.median
     L = ["# Huge pages under the expert slab; reading a layer's misses ahead (issue 16)", "",
@@ -124,12 +134,18 @@ def main(argv=None) -> int:
                      f"({min(dr):.2f}-{max(dr):.2f}) | {med(r['prompt_tps'] for r in rows):.1f} | {med(pr):.2f}x "
                      f"({min(pr):.2f}-{max(pr):.2f}) | {med(r['read_bps'] for r in rows) / 1e9:.2f} | "
                      f"{med(r['stall_ms'] for r in rows):.1f} | {med(r['mb_per_token'] for r in rows):.1f} |")
-    Path(a.out).write_text("\n".join(L) + "\n")
-    Path(a.out).with_suffix(".json").write_text(json.dumps(
+    write_report(a.out, L, res)
+    return 0
+
+
+def write_report(out: str, lines: list[str], res: dict) -> None:
+    """The markdown `lines` to `out`, and the runs (by (label, variant), without their
+    token ids) to the .json next to it."""
+    Path(out).write_text("\n".join(lines) + "\n")
+    Path(out).with_suffix(".json").write_text(json.dumps(
         {f"{k[0]} | {k[1]}": [{x: y for x, y in r.items() if x != "ids"} for r in v] for k, v in res.items()},
         indent=1))
-    print(f"wrote {a.out}")
-    return 0
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -16,16 +16,14 @@ tokens must be identical across variants (checked).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 
 from edgemoe.utils import format_bytes
-from edgemoe_lab.experiments.huge_pages import run_one
+from edgemoe_lab.experiments.huge_pages import run_variants, write_report
 from edgemoe_lab.peer import cgroup as cg
 from edgemoe_lab.peer.machine import cpu_model
 
@@ -55,18 +53,7 @@ def main(argv=None) -> int:
     if ctl is None:
         sys.exit(f"prefetch_bench: needs a memory cgroup ({why})")
     t0, load0 = time.time(), os.getloadavg()
-    res: dict = {}
-    for rep in range(a.repeats):
-        for label, memory, limit in points:
-            names = list(VARIANTS)
-            names = names[rep % len(names):] + names[:rep % len(names)]
-            for name in names:
-                a.memory = memory
-                row = run_one(ctl, limit, True, VARIANTS[name], a)
-                row["repeat"] = rep
-                res.setdefault((label, name), []).append(row)
-                print(f"repeat {rep + 1} {label:>4} {name:28s} decode {row['decode_tps']:6.2f} tok/s "
-                      f"stall {row['stall_ms']:6.1f} ms/token", flush=True)
+    res = run_variants(ctl, a, points, {name: (True, flags) for name, flags in VARIANTS.items()})
     ids = {tuple(r["ids"]) for rows in res.values() for r in rows}
     med = statistics.median
     L = ["# Preloading on the bench model out of RAM (issue 16, section 3)", "",
@@ -96,11 +83,7 @@ def main(argv=None) -> int:
         compute = med(1000 / r["decode_tps"] - r["stall_ms"] for r in b)
         L.append(f"| {label} | (regime) | compute {compute:.1f} ms vs stall {med(r['stall_ms'] for r in b):.1f} ms "
                  "per token without preloading | | | | |")
-    Path(a.out).write_text("\n".join(L) + "\n")
-    Path(a.out).with_suffix(".json").write_text(json.dumps(
-        {f"{k[0]} | {k[1]}": [{x: y for x, y in r.items() if x != "ids"} for r in v] for k, v in res.items()},
-        indent=1))
-    print(f"wrote {a.out}")
+    write_report(a.out, L, res)
     return 0
 
 
