@@ -47,7 +47,14 @@ on-demand path) reads a missing expert in the calling thread, so it never queues
 background requests; `submit` queues a load for the background loader in priority order
 and returns a LoadFuture that carries any error to whoever asks it.
 
-This module is longer than most (~500 lines) on purpose: every field of ExpertCache is
+Read-ahead. `read_ahead` takes the misses a layer will ask for next: it reserves their
+room at once, in the calling (compute) thread, so evictions happen in the same order
+whatever the threads' timing, and queues their reads for the loader ahead of everything
+else. A reserved entry is LOADING and unclaimed until the loader starts its read, or
+`acquire` reaches it first and reads it itself; either way it is read once and counts as
+one miss.
+
+This module is longer than most (~700 lines) on purpose: every field of ExpertCache is
 under its one lock, and the invariants (no overlap, what pins, leases and guards
 protect) span reserving, filling, evicting and compacting; split over files, each part
 would have to trust the others' locking.
