@@ -643,7 +643,7 @@ class OffloadedProvider(ExpertProvider):
         self.pf_reads = self.pf_cancelled = self.pf_not_started = self.pf_aborted = self.pf_no_room = 0
         self.pf_revoked = self.pf_late_skipped = self.pf_no_window = self.pf_unmeasured = self.pf_distance = 0
         self.pf_submitted = 0
-        if getattr(self, "_switch", None) is not None:
+        if self._switch is not None:
             self._switch.on_tokens = self._switch.off_tokens = 0
         self.fb_uses = self.fb_saved = 0  # experts served from small copies; bytes their reads saved
         if self._fb is not None:
