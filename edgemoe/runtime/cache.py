@@ -116,7 +116,7 @@ class Entry:
     guard: int = -1  # protected from background evictions while the cache's clock is below this
     urgent: bool = True  # its read goes ahead of background reads (a demand waits for it)
     readahead: bool = False  # reserved by `read_ahead` for the compute thread's next use, not yet acquired
-    claimed: bool = True  # a thread is filling it (a read-ahead entry waits unclaimed until the loader or acquire takes it)
+    claimed: bool = True  # a thread fills it (a read-ahead entry waits unclaimed for the loader or acquire)
 
 
 @dataclass

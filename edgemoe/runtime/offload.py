@@ -159,7 +159,7 @@ class OffloadedProvider(ExpertProvider):
         self._weights: tuple[int, torch.Tensor] | None = None  # (layer, (N, k) routing weights) of the next request
         self.read_ahead = read_ahead
         self._switch = DecodeSwitch() if self.prefetch.active and self.prefetch.switched else None
-        self._preload = self.prefetch.active  # whether this forward predicts and preloads
+        self._preload = self.prefetch.active  # whether this forward predicts and preloads (the switch's call)
         self.reset_stats()
 
     # ----------------------------------------------------------------- forwards
@@ -224,7 +224,7 @@ class OffloadedProvider(ExpertProvider):
                 cache.release_all(entries.values())
             return
         pos = self.pos.get(layer, 0)
-        active = self.prefetch.active and self._preload  # this forward predicts and preloads
+        active = self._preload  # this forward predicts and preloads (off without preloading)
         if active and (self.prefetch.pacing or self.prefetch.threshold is None):
             self._tick(pos)  # what pacing and the automatic threshold measure
         try:
